@@ -1,0 +1,100 @@
+"""The ``edufl`` command line.
+
+Exit status: 0 on success, 2 for a user mistake (bad data, bad option), with a
+message and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# A campus tool must not phone home: Flower telemetry, update checks and
+# per-run dependency installs are off unless the user turns them on.
+for _var, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+):
+    os.environ.setdefault(_var, _value)
+
+from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
+from federation.runconfig import CAMPUS_BY, STRATEGIES, ConfigError, RunConfig  # noqa: E402
+from federation.models import MODELS  # noqa: E402
+from federation.tasks import SPLITS, TASKS  # noqa: E402
+
+DEFAULTS = RunConfig()
+
+
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="run a federation (or a baseline) on one machine")
+    p.add_argument("--data", help="folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
+    p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated")
+    p.add_argument("--task", choices=TASKS, default=DEFAULTS.task)
+    p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds)
+    p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="expected batch size (Poisson sampling rate = batch/n)")
+    p.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate)
+    p.add_argument("--model", choices=MODELS, default=DEFAULTS.model)
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy)
+    p.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term weight")
+    p.add_argument("--target-epsilon", type=float, default=DEFAULTS.target_epsilon, help="each campus's ε for the whole run")
+    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
+    p.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-example clipping norm")
+    p.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (research baselines only)")
+    p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by)
+    p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
+    p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split)
+    p.add_argument("--test-fraction", type=float, default=DEFAULTS.test_fraction)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--out", default=DEFAULTS.out, help="results folder")
+
+
+def _run_simulate(args: argparse.Namespace) -> None:
+    from .simulate import simulate
+
+    cfg = RunConfig(
+        task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
+        dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
+        cutoff_day=args.cutoff_day, split=args.split, campus_by=args.campus_by, test_fraction=args.test_fraction,
+        seed=args.seed, out=args.out,
+    )
+    started = time.perf_counter()
+    tables = load_tables(resolve_data_dir(args.data))
+    for note in tables.notes:
+        print(f"note: {note}", file=sys.stderr)
+    simulate(cfg, tables, args.mode)
+    print(f"total wall time {time.perf_counter() - started:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edufl", description="Federated, differentially private learning analytics")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    data = sub.add_parser("data", help="get or check the OULAD tables").add_subparsers(dest="data_command", required=True)
+    dl = data.add_parser("download", help="download the official OULAD release into the user cache folder")
+    dl.add_argument("--url", default=None, help="alternative address of anonymisedData.zip")
+    check = data.add_parser("validate", help="check a folder of OULAD tables and report every problem")
+    check.add_argument("--data")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            _run_simulate(args)
+        elif args.data_command == "download":
+            print(f"OULAD tables saved in {download(**({'url': args.url} if args.url else {}))}")
+        else:
+            tables = load_tables(resolve_data_dir(args.data))
+            print(f"{tables.source}: OK ({', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())})")
+            for note in tables.notes:
+                print(f"note: {note}")
+    except (DataError, ConfigError) as err:
+        print(f"edufl: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""``edufl simulate``: one run on one machine, federated (Flower simulation engine) or a baseline.
+
+* ``federated``: the ServerApp and ClientApp of ``server/`` and ``clients/`` on
+  Flower's simulation engine (Ray backend). Each virtual campus reads only a
+  folder holding its own rows, written to a temporary directory that is
+  deleted at the end (raw rows are never written into the results folder).
+* ``centralized``: one model trained on all campuses' training rows pooled
+  (research only: pooling is what federation avoids), evaluated on every
+  campus's test rows; with DP, ε is that of the pooled dataset.
+* ``local``: every campus trains alone and is evaluated on its own test rows.
+
+All modes use the same features, splits, model, optimizer and DP-SGD code,
+and write the same results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from federation.data import Tables, campus_names, campus_slice, file_hashes, write_tables
+from federation.models import build_model
+from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.results import Report
+from federation.runconfig import RunConfig
+from federation.tasks import TaskData, build_task, feature_names, split
+from federation.training import evaluate, train
+
+MODES = ("federated", "centralized", "local")
+
+
+def simulate(cfg: RunConfig, tables: Tables, mode: str = "federated") -> dict:
+    """Run ``mode`` on ``tables`` split into campuses by ``cfg.campus_by``; returns the summary dict."""
+    names = campus_names(tables, cfg.campus_by)
+    report_config = {
+        "mode": mode, **cfg.to_flower(), "campuses": names,
+        "data": str(tables.source), "data_sha256": file_hashes(tables.source),
+    }
+    if mode == "federated":
+        return _federated(cfg, tables, names, report_config)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    campuses = {}
+    for name in names:
+        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name), cfg.cutoff_day)
+        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    return _baseline(cfg, campuses, mode, report_config)
+
+
+def _federated(cfg: RunConfig, tables: Tables, names: list[str], report_config: dict) -> dict:
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.telemetry import EventType
+    from flwr.simulation.run_simulation import _run_simulation
+
+    from clients.app import SIM_ENV, SIM_MANIFEST, app as client_app
+    from server.app import app as server_app
+
+    cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir:
+        for name in names:
+            write_tables(campus_slice(tables, cfg.campus_by, name), Path(sim_dir) / name)
+        (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
+        os.environ[SIM_ENV] = sim_dir  # inherited by the simulation engine's worker processes
+        # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
+        # internal entry point runs the same engine with the ServerApp's context given.
+        _run_simulation(
+            num_supernodes=len(names),
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower()),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    path = Path(cfg.out) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["config"].update(report_config)  # data provenance is known to the researcher, not the ServerApp
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _baseline(cfg: RunConfig, campuses: dict[str, tuple[TaskData, TaskData]], mode: str, report_config: dict) -> dict:
+    started = time.perf_counter()
+    report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
+    if not cfg.dp:
+        report.console.print("[bold red]WARNING: --no-dp: DIFFERENTIAL PRIVACY IS OFF for this run[/bold red]")
+    if mode == "centralized":
+        pooled = TaskData.concat([train_part for train_part, _ in campuses.values()])
+        groups = {"pooled": (pooled, list(campuses))}
+    else:
+        groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
+    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed) for g in groups}
+    histories = {g: [] for g in groups}
+    steps_done = {g: 0 for g in groups}
+    sigmas = {}
+    for g, (train_part, _) in groups.items():
+        spe = steps_per_epoch(len(train_part), cfg.batch_size)
+        if cfg.dp and len(train_part):
+            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), 1.0 / spe, cfg.num_rounds * cfg.local_epochs * spe)
+    for server_round in range(1, cfg.num_rounds + 1):
+        for g, (train_part, members) in groups.items():
+            if not len(train_part):
+                continue
+            result = train(
+                models[g], train_part, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, seed=cfg.seed * 1_000_003 + server_round,
+                noise_multiplier=sigmas.get(g), max_grad_norm=cfg.max_grad_norm, history=histories[g],
+            )
+            histories[g] = result.history
+            steps_done[g] += result.steps
+            eps = epsilon(result.history, cfg.delta) if cfg.dp else float("inf")
+            for name in members:
+                report.add_train(name, n_train=len(campuses[name][0]), loss=result.loss, epsilon=eps,
+                                 noise_multiplier=sigmas.get(g, float("nan")), sample_rate=result.sample_rate,
+                                 steps=steps_done[g])
+            for name in members:
+                train_part_c, test_part = campuses[name]
+                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part))
+        report.end_round(server_round, cfg.num_rounds)
+    state = models["pooled"].state_dict() if mode == "centralized" else None
+    return report.write(Path(cfg.out), state, time.perf_counter() - started)

@@ -1,0 +1,192 @@
+"""The results folder every mode writes: summary.json, rounds.csv, campuses.csv, model.pt, plot.png.
+
+The run's ε is the maximum over campuses (each campus's guarantee is about its
+own rows; averaging would understate the weakest one). Global metrics are
+weighted by each campus's number of test rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT
+
+METRICS = ("auc", "average_precision", "f1", "brier")
+NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that determine results."""
+    out = {"python": platform.python_version()}
+    for package in ("edufl", "flwr", "torch", "opacus", "numpy", "pandas", "scikit-learn"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _clean(value):
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def weighted(rows: list[dict], key: str, weight: str = "n_test") -> float:
+    """Mean of ``key`` over ``rows`` weighted by ``weight``, skipping NaN values (NaN if none)."""
+    pairs = [(r[key], r[weight]) for r in rows if r.get(key) is not None and math.isfinite(r[key]) and r[weight] > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+@dataclass
+class Report:
+    """Collects per-round, per-campus results of one run and writes the results folder.
+
+    ``config`` is stored as given under ``summary["config"]``; ``dp`` says whether DP was on.
+    """
+
+    config: dict
+    dp: bool
+    delta: float
+    console: Console = field(default_factory=Console)
+    train: dict[str, dict] = field(default_factory=dict)
+    evaluation: dict[str, dict] = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    _round_failures: list[dict] = field(default_factory=list)
+
+    def add_train(self, campus: str, *, n_train: int, loss: float, epsilon: float,
+                  noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Record a campus's training reply (ε is its total so far; ``inf`` without DP)."""
+        self.train[campus] = dict(n_train=int(n_train), train_loss=loss, epsilon=epsilon,
+                                  noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=int(steps))
+
+    def add_evaluation(self, campus: str, *, n_test: int, metrics: dict[str, float]) -> None:
+        """Record a campus's evaluation of the current global model on its test rows."""
+        self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in METRICS})
+
+    def add_failure(self, server_round: int, phase: str, reason: str) -> None:
+        """Record a campus that did not reply, or replied with an error, in ``phase``."""
+        entry = dict(round=server_round, phase=phase, reason=reason)
+        self.failures.append(entry)
+        self._round_failures.append(entry)
+        self.console.print(f"[yellow]round {server_round} {phase}: {reason}[/yellow]")
+
+    def end_round(self, server_round: int, num_rounds: int) -> dict:
+        """Close a round: compute its row and print the progress line."""
+        rows = self.campus_rows()
+        aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
+        train = [t for t in self.train.values() if t["n_train"] > 0]
+        loss_total = sum(t["n_train"] for t in train)
+        row = {
+            "round": server_round,
+            "train_loss": sum(t["train_loss"] * t["n_train"] for t in train) / loss_total if loss_total else float("nan"),
+            **{m: weighted(rows, m) for m in METRICS},
+            "worst_campus_auc": min(aucs) if aucs else float("nan"),
+            "epsilon_max": self.epsilon_max(),
+            "campuses_evaluated": len(self.evaluation),
+            "failures": len(self._round_failures),
+        }
+        self._round_failures = []
+        self.rounds.append(row)
+        eps = f"max ε {row['epsilon_max']:.3f}" if self.dp else "[bold red]NO DP[/bold red]"
+        self.console.print(
+            f"round {server_round:>3}/{num_rounds}  loss {row['train_loss']:.4f}  "
+            f"AUC {row['auc']:.4f}  worst-campus AUC {row['worst_campus_auc']:.4f}  {eps}"
+        )
+        return row
+
+    def epsilon_max(self) -> float:
+        """The run's ε: the maximum over campuses (``inf`` without DP, 0 before any release)."""
+        if not self.dp:
+            return float("inf")
+        return max((t["epsilon"] for t in self.train.values()), default=0.0)
+
+    def campus_rows(self) -> list[dict]:
+        """One row per campus that evaluated: latest metrics, counts and privacy spent."""
+        rows = []
+        for campus in sorted(self.evaluation):
+            t = self.train.get(campus, {})
+            rows.append({
+                "campus": campus,
+                "n_train": t.get("n_train", 0),
+                **self.evaluation[campus],
+                "epsilon": t.get("epsilon", 0.0) if self.dp else float("inf"),
+                "delta": self.delta if self.dp else None,
+                "noise_multiplier": t.get("noise_multiplier"),
+                "sample_rate": t.get("sample_rate"),
+                "steps": t.get("steps", 0),
+            })
+        return rows
+
+    def write(self, out: Path, state_dict: dict[str, torch.Tensor] | None, wall_time_s: float) -> dict:
+        """Write the results folder ``out`` and return the summary dict."""
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.campus_rows()
+        aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
+        summary = {
+            "config": self.config,
+            "versions": versions(),
+            "privacy": {
+                "dp": self.dp,
+                **({"warning": NO_DP_WARNING} if not self.dp else {}),
+                "epsilon": self.epsilon_max(),
+                "epsilon_is": "maximum over campuses",
+                "delta": self.delta if self.dp else None,
+                "accountant": ACCOUNTANT if self.dp else None,
+                "unit": PRIVACY_UNIT,
+                "scope": PRIVACY_SCOPE,
+            },
+            "rounds": self.rounds,
+            "campuses": rows,
+            "global": {**{m: weighted(rows, m) for m in METRICS}, "worst_campus_auc": min(aucs) if aucs else float("nan")},
+            "failures": self.failures,
+            "wall_time_s": wall_time_s,
+        }
+        (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+        pd.DataFrame(self.rounds).assign(dp=self.dp).to_csv(out / "rounds.csv", index=False)
+        pd.DataFrame(rows).assign(dp=self.dp).to_csv(out / "campuses.csv", index=False)
+        if state_dict is not None:
+            torch.save(state_dict, out / "model.pt")
+        self._plot(out / "plot.png")
+        return summary
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        frame = pd.DataFrame(self.rounds)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(frame["round"], frame["auc"], marker="o", label="weighted AUC")
+        ax.plot(frame["round"], frame["worst_campus_auc"], marker=".", linestyle="--", label="worst-campus AUC")
+        ax.set_xlabel("round")
+        ax.set_ylabel("AUC-ROC (test)")
+        if self.dp:
+            right = ax.twinx()
+            right.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="max ε")
+            right.set_ylabel(f"ε (max over campuses, δ={self.delta:g})")
+            right.legend(loc="lower right")
+            ax.set_title("Test AUC and privacy spent per round")
+        else:
+            ax.set_title("Test AUC per round — NO DIFFERENTIAL PRIVACY", color="red")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

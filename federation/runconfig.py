@@ -1,0 +1,118 @@
+"""The run configuration shared by coordinator and campuses, and the message keys they exchange.
+
+Flower carries the run configuration as a flat ``ConfigRecord`` with dashed
+keys (``target-epsilon``); :class:`RunConfig` is its typed, validated form.
+A campus re-validates every configuration it receives before touching data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .models import MODELS
+from .tasks import SPLITS, TASKS
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+CAMPUS_BY = ("module", "region")
+
+# Keys of records inside Flower messages (one place, used by both sides).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CAMPUS = "campus"
+NUM_EXAMPLES = "num-examples"
+STATE_PRIVACY = "privacy"
+
+
+class ConfigError(ValueError):
+    """A run configuration value outside its documented range, or an unknown key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a federated run (the ``[tool.flwr.app.config]`` keys, dashes as underscores).
+
+    Raises
+    ------
+    ConfigError
+        On any value outside its documented range (see :meth:`validate`).
+    """
+
+    task: str = "withdrawal"
+    num_rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.05
+    model: str = "mlp"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    dp: bool = True
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    cutoff_day: int = 60
+    split: str = "stratified"
+    campus_by: str = "module"
+    test_fraction: float = 0.2
+    seed: int = 0
+    min_campuses: int = 2
+    round_timeout: float = 3600.0
+    out: str = "results/run"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raises ConfigError naming the key and the allowed range."""
+        choices = {"task": TASKS, "model": MODELS, "strategy": STRATEGIES, "split": SPLITS, "campus_by": CAMPUS_BY}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        positive_ints = ("num_rounds", "local_epochs", "batch_size", "min_campuses")
+        for key in positive_ints:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected a whole number >= 1")
+        for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_key(key)} = {value!r}; expected a finite number > 0")
+        if not (0 < self.delta < 1):
+            raise ConfigError(f"delta = {self.delta!r}; expected a number in (0, 1)")
+        if not (0 < self.test_fraction < 1):
+            raise ConfigError(f"test-fraction = {self.test_fraction!r}; expected a number in (0, 1)")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ConfigError(f"proximal-mu = {self.proximal_mu!r}; expected a finite number >= 0")
+
+    def to_flower(self) -> dict[str, int | float | str | bool]:
+        """The flat dict with dashed keys that Flower's ConfigRecord and run config use."""
+        return {_key(k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_flower(cls, values: dict) -> RunConfig:
+        """Build from a Flower run config or ConfigRecord; unknown keys are refused.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key or an invalid value.
+        """
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known) - {"server-round"})
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                continue
+            kind = type(getattr(cls, known[key].name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if kind is not type(value):
+                raise ConfigError(f"{key} = {value!r}; expected a {kind.__name__}")
+            kwargs[known[key].name] = value
+        return cls(**kwargs)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,158 @@
+"""Learning tasks: turning one campus's tables into a labelled feature matrix, and splitting it.
+
+Task ``withdrawal`` (early warning at day D): will this registration end as
+"Withdrawn"? The population is every registration made before day D and not
+unregistered before day D; features use only information dated before D.
+Encodings are fixed by :mod:`federation.contract`, so every campus produces the
+same columns in the same order without seeing any other campus's data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .contract import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from .data import Tables
+
+TASKS = ("withdrawal",)
+SPLITS = ("stratified", "temporal")
+MISSING_SLOT = "<missing>"
+
+
+def feature_names() -> list[str]:
+    """Column names of the feature matrix, in order (same on every campus)."""
+    names = [f"{col}={v}" for col, vocab in CATEGORICAL_FEATURES.items() for v in (*vocab, MISSING_SLOT)]
+    return names + list(NUMERIC_FEATURES)
+
+
+@dataclass
+class TaskData:
+    """A campus's examples for one task.
+
+    ``x`` is float32 of shape (n, len(feature_names())) with values in [0, 1];
+    ``y`` is float32 of shape (n,) with 1 = positive class; ``rows`` holds the
+    registration keys (code_module, code_presentation, id_student), one per example.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    rows: pd.DataFrame
+
+    def take(self, index: np.ndarray) -> TaskData:
+        return TaskData(self.x[index], self.y[index], self.rows.iloc[index].reset_index(drop=True))
+
+    @classmethod
+    def concat(cls, parts: list[TaskData]) -> TaskData:
+        """All rows of ``parts``, in order."""
+        return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                   pd.concat([p.rows for p in parts], ignore_index=True))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
+    mp = ["code_module", "code_presentation"]
+    key = [*mp, "id_student"]
+    assess = tables["assessments"][[*mp, "id_assessment", "date", "weight"]]
+    due = assess[assess["date"].notna() & (assess["date"] < cutoff_day)]
+    n_due = due.groupby(mp).size().rename("n_assessments_due").reset_index()
+
+    subs = tables["studentAssessment"]
+    subs = subs[subs["date_submitted"] < cutoff_day].merge(assess, on="id_assessment")
+    subs = subs.merge(population[key], on=key)
+    subs["late"] = subs["date"].notna() & (subs["date_submitted"] > subs["date"])
+    subs["due_before_cutoff"] = subs["date"].notna() & (subs["date"] < cutoff_day)
+    scored = subs[subs["score"].notna()].assign(ws=lambda d: d["weight"] * d["score"])
+    per = subs.groupby(key).agg(
+        n_submitted=("id_assessment", "size"),
+        n_banked=("is_banked", "sum"),
+        n_late=("late", "sum"),
+        n_due_submitted=("due_before_cutoff", "sum"),
+    )
+    score = scored.groupby(key).agg(mean_score=("score", "mean"), ws=("ws", "sum"), w=("weight", "sum"))
+    out = population[key].merge(n_due, on=mp, how="left").merge(per.reset_index(), on=key, how="left")
+    out = out.merge(score.reset_index(), on=key, how="left")
+    counts = ["n_assessments_due", "n_submitted", "n_banked", "n_late", "n_due_submitted"]
+    out[counts] = out[counts].fillna(0).astype(float)
+    out["n_missing_due"] = out["n_assessments_due"] - out["n_due_submitted"]
+    out["submitted_fraction_of_due"] = np.where(
+        out["n_assessments_due"] > 0, out["n_due_submitted"] / out["n_assessments_due"].clip(lower=1), 0.0
+    )
+    out["no_score_yet"] = out["mean_score"].isna().astype(float)
+    weighted = out["ws"] / out["w"].where(out["w"] > 0)
+    out["weighted_score"] = weighted.fillna(out["mean_score"]).fillna(0.0)
+    out["mean_score"] = out["mean_score"].fillna(0.0)
+    return out
+
+
+def withdrawal(tables: Tables, cutoff_day: int) -> TaskData:
+    """Examples for early warning of withdrawal at day ``cutoff_day`` (D).
+
+    Population: registrations with ``date_registration < D`` (or unknown) and
+    no ``date_unregistration < D``. Label: ``final_result == "Withdrawn"``.
+    Neither ``final_result`` nor ``date_unregistration`` enters a feature, and
+    only submissions with ``date_submitted < D`` and assessments due before D count.
+    """
+    key = ["code_module", "code_presentation", "id_student"]
+    info = tables["studentInfo"].merge(tables["studentRegistration"].drop(columns="_line"), on=key)
+    reg, unreg = info["date_registration"], info["date_unregistration"]
+    keep = (reg.isna() | (reg < cutoff_day)).to_numpy(bool) & (unreg.isna() | (unreg >= cutoff_day)).to_numpy(bool)
+    population = info[keep].sort_values(key).reset_index(drop=True)
+    behaviour = _assessment_behaviour(tables, population, cutoff_day)
+
+    numeric = pd.DataFrame(
+        {
+            "num_of_prev_attempts": population["num_of_prev_attempts"].astype(float),
+            "studied_credits": population["studied_credits"].astype(float),
+            "date_registration": population["date_registration"].astype(float).fillna(0.0),
+            "registration_missing": population["date_registration"].isna().astype(float),
+        }
+    )
+    for col in NUMERIC_FEATURES:
+        if col not in numeric:
+            numeric[col] = behaviour[col].to_numpy(float)
+    columns = []
+    for col, vocab in CATEGORICAL_FEATURES.items():
+        values = population[col].fillna(MISSING_SLOT).to_numpy(object)
+        columns += [(values == v).astype(np.float32) for v in (*vocab, MISSING_SLOT)]
+    for col, (low, high) in NUMERIC_FEATURES.items():
+        columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
+    x = np.stack(columns, axis=1) if len(population) else np.zeros((0, len(feature_names())), np.float32)
+    y = (population["final_result"] == "Withdrawn").to_numpy(np.float32)
+    return TaskData(x, y, population[key])
+
+
+def build_task(task: str, tables: Tables, cutoff_day: int) -> TaskData:
+    """Dispatch to the task builder named ``task`` (one of :data:`TASKS`)."""
+    if task != "withdrawal":
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return withdrawal(tables, cutoff_day)
+
+
+def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:
+    """Split a campus's examples into (train, test); the test part never leaves the campus.
+
+    ``stratified``: a seeded split keeping the positive rate in both parts
+    (falls back to a seeded random split when a class has fewer than 2 rows).
+    ``temporal``: train on 2013 presentations, test on 2014 presentations.
+    """
+    if kind == "temporal":
+        year = data.rows["code_presentation"].str[:4].to_numpy()
+        return data.take(np.flatnonzero(year == "2013")), data.take(np.flatnonzero(year == "2014"))
+    if kind != "stratified":
+        raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng(seed)
+    test = []
+    classes = [np.flatnonzero(data.y == c) for c in (0, 1)]
+    if min(len(c) for c in classes) < 2:
+        classes = [np.arange(len(data))]
+    for members in classes:
+        members = rng.permutation(members)
+        test.append(members[: int(round(test_fraction * len(members)))])
+    test_idx = np.sort(np.concatenate(test))
+    train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
+    return data.take(train_idx), data.take(test_idx)

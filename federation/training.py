@@ -1,0 +1,151 @@
+"""Local training (plain SGD or Opacus DP-SGD) and evaluation, shared by every mode.
+
+The same functions train a campus's model inside the Flower ClientApp and in
+the centralized and local-only baselines, so the modes differ only in which
+rows they see and how weights are combined.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from .privacy import ACCOUNTANT, History
+from .tasks import TaskData
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one local training call.
+
+    ``loss`` is the mean training loss (binary cross-entropy, nats) over the
+    batches of the call; ``history`` is the accountant history after it.
+    """
+
+    loss: float
+    steps: int
+    sample_rate: float
+    history: History
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Mean over the batch, and 0 (not NaN) for the empty batches Poisson sampling can draw.
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / max(len(y), 1)
+
+
+def train(
+    model: nn.Module,
+    data: TaskData,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float | None = None,
+    history: History = (),
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` with SGD, or DP-SGD when ``noise_multiplier`` is given.
+
+    DP-SGD (Opacus ``make_private``): Poisson sampling with rate
+    ``1 / ceil(n / batch_size)``, per-example clipping to ``max_grad_norm``,
+    Gaussian noise. Every step, empty batches included, is added to the
+    accountant history, which starts from ``history`` (the steps released in
+    earlier rounds) so ε composes over the whole run. The model is wrapped
+    afresh on each call, so Opacus hooks never stack across rounds.
+
+    FedProx (Li et al., MLSys 2020): with ``proximal_mu`` > 0 each step also
+    moves weights towards their starting values by ``learning_rate *
+    proximal_mu * (w - w_start)``; that term does not depend on data, so it is
+    applied after the private gradient step and costs no privacy.
+    """
+    torch.manual_seed(seed)
+    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    net = model
+    engine = None
+    if noise_multiplier is not None:
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        engine.accountant.history = list(history)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            net, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+            )
+    sample_rate = 1.0 / len(loader)
+    losses, steps = [], 0
+    net.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = _loss(net(x), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if len(y):
+                losses.append(float(loss))
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(model.parameters(), anchor):
+                        p.sub_(learning_rate * proximal_mu * (p - p0))
+    if engine is not None:
+        new_history = [tuple(h) for h in engine.accountant.history]
+        net.remove_hooks()  # the caller's model leaves without Opacus hooks or attributes
+        net.cleanup()
+    else:
+        new_history = list(history)
+    return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, sample_rate, new_history)
+
+
+def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Predicted probabilities of the positive class, shape (n,)."""
+    model.eval()
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(x))).numpy().astype(np.float64)
+
+
+def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """Probability threshold maximising F1 on (y, p); 0.5 when y has no positives."""
+    if y.sum() == 0 or len(y) == 0:
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData) -> dict[str, float]:
+    """Test-set metrics of ``model``: ``auc`` (ROC), ``average_precision``,
+    ``f1`` at the threshold maximising F1 on ``train_data``, ``brier`` and
+    ``loss`` (BCE, nats). AUC and AP are NaN when the test set holds one class only."""
+    y = test_data.y.astype(np.float64)
+    p = predict(model, test_data.x)
+    threshold = best_f1_threshold(train_data.y, predict(model, train_data.x)) if len(train_data) else 0.5
+    both = 0 < y.sum() < len(y)
+    pred = p >= threshold
+    tp = float((pred & (y == 1)).sum())
+    f1 = 2 * tp / max(pred.sum() + y.sum(), 1)
+    eps = 1e-7
+    return {
+        "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "average_precision": float(average_precision_score(y, p)) if both else float("nan"),
+        "f1": float(f1),
+        "brier": float(brier_score_loss(y, p)) if len(y) else float("nan"),
+        "loss": float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan"),
+        "threshold": threshold,
+    }
