@@ -66,6 +66,7 @@ def _federated(cfg: RunConfig, tables: Tables, names: list[str], report_config: 
             write_tables(campus_slice(tables, cfg.campus_by, name), Path(sim_dir) / name)
         (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
         os.environ[SIM_ENV] = sim_dir  # inherited by the simulation engine's worker processes
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
         # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
         # internal entry point runs the same engine with the ServerApp's context given.
         _run_simulation(

@@ -43,7 +43,7 @@ class RunConfig:
     num_rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 64
-    learning_rate: float = 0.05
+    learning_rate: float = 0.3
     model: str = "mlp"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01

@@ -73,13 +73,16 @@ def train(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    model.train()
     net = model
     engine = None
     if noise_multiplier is not None:
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
-        engine.accountant.history = list(history)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            # Noise comes from torch's default generator, as in Opacus without secure_mode
+            # (see README, "Limitations"); the warning would repeat on every round.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=ACCOUNTANT)
+            engine.accountant.history = list(history)
             net, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -90,16 +93,18 @@ def train(
             )
     sample_rate = 1.0 / len(loader)
     losses, steps = [], 0
-    net.train()
     for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
             loss = _loss(net(x), y)
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus's backward hooks on the first layer, whose input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             optimizer.step()
             steps += 1
             if len(y):
-                losses.append(float(loss))
+                losses.append(loss.item())
             if anchor is not None:
                 with torch.no_grad():
                     for p, p0 in zip(model.parameters(), anchor):

@@ -1,0 +1,174 @@
+"""Loading and validating the OULAD tables: real files, and each kind of broken file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.contract import TABLES
+from federation.data import DataError, campus_names, campus_slice, load_tables, resolve_data_dir
+
+
+def test_loads_every_table_with_release_row_counts(tables):
+    assert {t.name: len(tables[t.name]) for t in TABLES} == {t.name: t.release_rows for t in TABLES}
+    info = tables["studentInfo"]
+    # '?' and blanks are missing values; the "10-20" quirk maps to the contract's band.
+    assert info["imd_band"].isna().sum() == 1111
+    assert (info["imd_band"] == "10-20%").sum() == 3516
+    assert tables["studentAssessment"]["score"].isna().sum() == 173
+    assert tables["studentRegistration"]["date_unregistration"].notna().sum() == 10072
+    assert tables.notes == []
+
+
+def test_campuses(tables):
+    assert campus_names(tables, "module") == ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF", "GGG"]
+    assert len(campus_names(tables, "region")) == 13
+    sizes = {c: len(campus_slice(tables, "module", c)["studentInfo"]) for c in campus_names(tables, "module")}
+    assert sizes["AAA"] == 748 and sum(sizes.values()) == 32593
+
+
+def test_slice_round_trips_through_files(aaa, aaa_dir):
+    again = load_tables(aaa_dir)
+    for t in TABLES:
+        assert len(again[t.name]) == len(aaa[t.name])
+    assert again["studentAssessment"]["score"].sum() == pytest.approx(aaa["studentAssessment"]["score"].sum())
+
+
+def test_bom_crlf_and_unquoted(aaa_dir):
+    path = aaa_dir / "studentInfo.csv"
+    text = path.read_text().replace('"', "")
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    info = load_tables(aaa_dir)["studentInfo"]
+    assert len(info) == 748 and info.columns[0] == "code_module"
+
+
+def _edit(path: Path, line: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[line - 1], lines[line - 1]
+    lines[line - 1] = lines[line - 1].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+
+def _problems(directory: Path) -> list[str]:
+    with pytest.raises(DataError) as err:
+        load_tables(directory)
+    return [str(p) for p in err.value.problems]
+
+
+def _score_line(path: Path) -> tuple[int, str]:
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if n > 1 and line.endswith(',"78.0"'):
+            return n, '"78.0"'
+    raise AssertionError("no score 78 found")
+
+
+def test_missing_file(aaa_dir):
+    (aaa_dir / "vle.csv").unlink()
+    with pytest.raises(DataError, match="vle.csv: file not found") as err:
+        load_tables(aaa_dir)
+    assert "edufl data download" in str(err.value)
+
+
+def test_missing_column(aaa_dir):
+    path = aaa_dir / "courses.csv"
+    _edit(path, 1, '"module_presentation_length"', '"length"')
+    assert _problems(aaa_dir) == ["courses.csv, line 1, column 'module_presentation_length': column is missing; "
+                                  "expected columns code_module, code_presentation, module_presentation_length"]
+
+
+def test_wrong_type_and_ranges(aaa_dir):
+    sa = aaa_dir / "studentAssessment.csv"
+    line, old = _score_line(sa)
+    _edit(sa, line, old, '"high"')
+    _edit(aaa_dir / "studentInfo.csv", 2, '"240"', '"0"')  # studied_credits
+    _edit(aaa_dir / "assessments.csv", 2, '"19"', '"19.5"')  # due day
+    problems = _problems(aaa_dir)
+    assert f"studentAssessment.csv, line {line}, column 'score': 'high' is not a number" in problems
+    assert "studentInfo.csv, line 2, column 'studied_credits': 0 is out of range; expected a value > 0" in problems
+    assert any(p.startswith("assessments.csv, line 2, column 'date': '19.5' is not a whole number") for p in problems)
+
+
+def test_score_out_of_range_and_bad_category(aaa_dir):
+    sa = aaa_dir / "studentAssessment.csv"
+    line, old = _score_line(sa)
+    _edit(sa, line, old, '"105"')
+    _edit(aaa_dir / "studentInfo.csv", 3, '"F"', '"X"')
+    problems = _problems(aaa_dir)
+    assert f"studentAssessment.csv, line {line}, column 'score': 105 is out of range; expected 0 to 100" in problems
+    assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'; expected one of F, M" in problems
+
+
+def test_broken_references(aaa_dir):
+    sa = aaa_dir / "studentAssessment.csv"
+    _edit(sa, 2, '"1752"', '"999999"')
+    problems = _problems(aaa_dir)
+    assert problems == ["studentAssessment.csv, line 2: assessment 999999 does not exist"]
+
+
+def test_student_not_registered_on_presentation(aaa_dir):
+    sa = aaa_dir / "studentAssessment.csv"
+    _edit(sa, 2, '"11391"', '"42"')
+    assert _problems(aaa_dir) == [
+        "studentAssessment.csv, line 2: student registered on the assessment's presentation "
+        "(module/presentation/student) AAA/2013J/42 does not exist"
+    ]
+
+
+def test_conflicting_duplicate_registration_and_exact_duplicate(aaa_dir):
+    path = aaa_dir / "studentRegistration.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    conflicting = lines[1].replace('"-159"', '"-100"')
+    path.write_text("".join([*lines, conflicting]))
+    assert _problems(aaa_dir) == [
+        f"studentRegistration.csv, line {len(lines) + 1}: conflicting duplicate of line 2 for "
+        "code_module/code_presentation/id_student = ('AAA', '2013J', 11391); expected one record per key"
+    ]
+    path.write_text("".join([*lines, lines[1]]))
+    tables = load_tables(aaa_dir)
+    assert len(tables["studentRegistration"]) == 748
+    assert tables.notes == ["studentRegistration.csv: 1 exact duplicate row(s) merged (lines 750...)"]
+
+
+def test_truncated_row(aaa_dir):
+    path = aaa_dir / "studentInfo.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[4] = ",".join(lines[4].split(",")[:7]) + "\n"
+    path.write_text("".join(lines))
+    assert _problems(aaa_dir) == ["studentInfo.csv, line 5: row has 7 fields; expected 12 (truncated or malformed row)"]
+
+
+def test_other_encoding_and_delimiter(aaa_dir):
+    info = aaa_dir / "studentInfo.csv"
+    info.write_bytes(info.read_text().replace("Scotland", "Sc\u00f6tland").encode("latin-1"))
+    problems = _problems(aaa_dir)
+    assert len(problems) == 1 and problems[0].startswith("studentInfo.csv, line ")
+    assert "is not UTF-8" in problems[0]
+    info.write_text((aaa_dir / "courses.csv").read_text())  # restore something valid below
+    courses = aaa_dir / "courses.csv"
+    courses.write_text(courses.read_text().replace(",", ";"))
+    assert _problems(aaa_dir)[0] == "courses.csv, line 1: columns are separated by ';'; expected ',' (comma-separated values)"
+
+
+def test_utf16(aaa_dir):
+    courses = aaa_dir / "courses.csv"
+    courses.write_bytes(courses.read_text().encode("utf-16"))
+    assert _problems(aaa_dir) == ["courses.csv: file is UTF-16 encoded; expected UTF-8 (save it as UTF-8 CSV)"]
+
+
+def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDUFL_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="edufl data download"):
+        resolve_data_dir(None)
+
+
+def test_cli_exit_code_2_without_traceback(aaa_dir):
+    _edit(aaa_dir / "studentInfo.csv", 3, '"F"', '"X"')
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "data", "validate", "--data", str(aaa_dir)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'" in done.stderr
+    assert "Traceback" not in done.stderr

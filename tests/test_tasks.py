@@ -1,0 +1,108 @@
+"""The withdrawal task: population, leakage, fixed vocabularies, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from federation.contract import CATEGORICAL_FEATURES
+from federation.data import Tables, campus_names, campus_slice
+from federation.tasks import MISSING_SLOT, feature_names, split, withdrawal
+
+D = 60
+
+
+def _future_scrambled(tables: Tables, cutoff: int) -> Tables:
+    """A copy where everything dated at or after ``cutoff``, and every outcome, is changed."""
+    f = {k: v.copy() for k, v in tables.frames.items()}
+    info = f["studentInfo"]
+    info["final_result"] = np.where(info["final_result"] == "Withdrawn", "Pass", "Withdrawn")
+    reg = f["studentRegistration"]
+    late = reg["date_unregistration"].notna() & (reg["date_unregistration"] >= cutoff)
+    reg.loc[late, "date_unregistration"] = reg.loc[late, "date_unregistration"] + 50
+    reg.loc[reg["date_unregistration"].isna(), "date_unregistration"] = pd.array([cutoff + 7], dtype="Int64")[0]
+    sa = f["studentAssessment"]
+    future = sa["date_submitted"] >= cutoff
+    sa.loc[future, "score"] = 100 - sa.loc[future, "score"].fillna(0)
+    sa.loc[future, "is_banked"] = 1 - sa.loc[future, "is_banked"]
+    # Assessment weights are course design, published at the start; due days at or after
+    # the cutoff may move without changing any feature.
+    a = f["assessments"]
+    due_late = a["date"].notna() & (a["date"] >= cutoff)
+    a.loc[due_late, "date"] = a.loc[due_late, "date"] + 30
+    return Tables(f, tables.source)
+
+
+def test_no_feature_uses_outcomes_or_data_dated_at_or_after_cutoff(tables):
+    campus = campus_slice(tables, "module", "DDD")
+    before = withdrawal(campus, D)
+    after = withdrawal(_future_scrambled(campus, D), D)
+    assert len(before) == len(after) > 5000
+    pd.testing.assert_frame_equal(before.rows, after.rows)
+    np.testing.assert_array_equal(before.x, after.x)
+    assert not np.array_equal(before.y, after.y)  # the scrambling did change the labels
+
+
+def test_population_excludes_unregistered_before_cutoff_and_late_registrations(tables):
+    data = withdrawal(tables, D)
+    key = ["code_module", "code_presentation", "id_student"]
+    reg = data.rows.merge(tables["studentRegistration"], on=key)
+    assert len(reg) == len(data)
+    assert not (reg["date_unregistration"] < D).any()
+    assert not (reg["date_registration"] >= D).any()
+    everyone = tables["studentRegistration"]
+    expected = ((everyone["date_registration"].isna() | (everyone["date_registration"] < D))
+                & (everyone["date_unregistration"].isna() | (everyone["date_unregistration"] >= D)))
+    assert len(data) == int(expected.sum()) == 26395
+    assert data.y.mean() == pytest.approx(0.1505, abs=1e-4)
+
+
+def test_assessment_features_for_a_known_student(tables):
+    # Student 11391 (AAA 2013J) submitted TMA 1752 (due 19) on day 18 with score 78.
+    data = withdrawal(campus_slice(tables, "module", "AAA"), 30)
+    row = data.rows.index[(data.rows["id_student"] == 11391) & (data.rows["code_presentation"] == "2013J")][0]
+    names = feature_names()
+    x = dict(zip(names, data.x[row]))
+    assert x["n_submitted"] == pytest.approx(1 / 20)
+    assert x["mean_score"] == pytest.approx(0.78)
+    assert x["n_assessments_due"] == pytest.approx(1 / 12)
+    assert x["n_missing_due"] == 0 and x["n_late"] == 0
+    assert x["gender=M"] == 1 and x["imd_band=90-100%"] == 1
+
+
+def test_vocabularies_identical_across_campuses(tables):
+    widths = set()
+    for campus in campus_names(tables, "region")[:4] + campus_names(tables, "module"):
+        by = "region" if " " in campus or campus in ("Ireland", "Scotland", "Wales") else "module"
+        data = withdrawal(campus_slice(tables, by, campus), D)
+        widths.add(data.x.shape[1])
+        start = 0
+        for col, vocab in CATEGORICAL_FEATURES.items():
+            block = data.x[:, start:start + len(vocab) + 1]
+            np.testing.assert_array_equal(block.sum(axis=1), 1.0)  # exactly one slot per category
+            start += len(vocab) + 1
+        assert data.x.min() >= 0 and data.x.max() <= 1
+    assert widths == {len(feature_names())}
+    assert f"imd_band={MISSING_SLOT}" in feature_names()
+
+
+def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
+    data = withdrawal(campus_slice(tables, "module", "BBB"), D)
+    train, test = split(data, "stratified", 0.2, seed=3)
+    again_train, _ = split(data, "stratified", 0.2, seed=3)
+    other_train, _ = split(data, "stratified", 0.2, seed=4)
+    keys = lambda d: set(map(tuple, d.rows.to_numpy()))  # noqa: E731
+    assert keys(train).isdisjoint(keys(test)) and len(train) + len(test) == len(data)
+    assert len(test) == pytest.approx(0.2 * len(data), abs=2)
+    assert abs(train.y.mean() - test.y.mean()) < 0.005
+    np.testing.assert_array_equal(train.x, again_train.x)
+    assert not np.array_equal(train.y, other_train.y) or not np.array_equal(train.x, other_train.x)
+
+
+def test_temporal_split(tables):
+    data = withdrawal(campus_slice(tables, "module", "FFF"), D)
+    train, test = split(data, "temporal", 0.2, seed=0)
+    assert set(train.rows["code_presentation"]) == {"2013B", "2013J"}
+    assert set(test.rows["code_presentation"]) == {"2014B", "2014J"}
+    assert len(train) + len(test) == len(data)
