@@ -40,6 +40,9 @@ def simulate(cfg: RunConfig, tables: Tables, mode: str = "federated") -> dict:
         "mode": mode, **cfg.to_flower(), "campuses": names,
         "data": str(tables.source), "data_sha256": file_hashes(tables.source),
     }
+    privacy = f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}" if cfg.dp else "NO DP"
+    print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
+          f"{cfg.model}, {cfg.num_rounds} rounds, {privacy}")
     if mode == "federated":
         return _federated(cfg, tables, names, report_config)
     if mode not in MODES:
@@ -87,8 +90,6 @@ def _federated(cfg: RunConfig, tables: Tables, names: list[str], report_config: 
 def _baseline(cfg: RunConfig, campuses: dict[str, tuple[TaskData, TaskData]], mode: str, report_config: dict) -> dict:
     started = time.perf_counter()
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
-    if not cfg.dp:
-        report.console.print("[bold red]WARNING: --no-dp: DIFFERENTIAL PRIVACY IS OFF for this run[/bold red]")
     if mode == "centralized":
         pooled = TaskData.concat([train_part for train_part, _ in campuses.values()])
         groups = {"pooled": (pooled, list(campuses))}

@@ -70,6 +70,10 @@ class Report:
     failures: list[dict] = field(default_factory=list)
     _round_failures: list[dict] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.dp:
+            self.console.print(f"[bold red]WARNING: --no-dp: {NO_DP_WARNING}[/bold red]")
+
     def add_train(self, campus: str, *, n_train: int, loss: float, epsilon: float,
                   noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Record a campus's training reply (ε is its total so far; ``inf`` without DP)."""
@@ -164,6 +168,9 @@ class Report:
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
         self._plot(out / "plot.png")
+        g = summary["global"]
+        privacy = f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g})" if self.dp else "[bold red]NO DP[/bold red]"
+        self.console.print(f"done: weighted AUC {g['auc']:.4f}, worst-campus AUC {g['worst_campus_auc']:.4f}, {privacy} -> {out}")
         return summary
 
     def _plot(self, path: Path) -> None:

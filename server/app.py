@@ -31,7 +31,7 @@ def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     total = sum(m[weight_key] for m in metrics)
     losses = [(m["train-loss"], m[weight_key]) for m in metrics if m[weight_key] > 0]
     return MetricRecord({
-        "train-loss": sum(l * w for l, w in losses) / total if total else float("nan"),
+        "train-loss": sum(loss * w for loss, w in losses) / total if total else float("nan"),
         "epsilon-max": max(m["epsilon"] for m in metrics),
     })
 
@@ -104,8 +104,6 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict:
     started = time.perf_counter()
     model = build_model(cfg.model, len(feature_names()), seed=cfg.seed)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
-    if not cfg.dp:
-        report.console.print("[bold red]WARNING: --no-dp: DIFFERENTIAL PRIVACY IS OFF for this run[/bold red]")
     strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds)
     config = ConfigRecord(cfg.to_flower())
     result = strategy.start(
@@ -113,14 +111,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict:
         timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
     )
     state = result.arrays.to_torch_state_dict() if len(result.arrays) else None
-    summary = report.write(Path(cfg.out), state, time.perf_counter() - started)
-    eps = summary["privacy"]["epsilon"]
-    report.console.print(
-        f"done: weighted AUC {summary['global']['auc']:.4f}, worst-campus AUC {summary['global']['worst_campus_auc']:.4f}, "
-        + (f"ε = {eps:.3f} (max over campuses, δ = {cfg.delta:g})" if cfg.dp else "[bold red]NO DP[/bold red]")
-        + f" -> {cfg.out}"
-    )
-    return summary
+    return report.write(Path(cfg.out), state, time.perf_counter() - started)
 
 
 @app.main()
