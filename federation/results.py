@@ -63,7 +63,7 @@ class Report:
     config: dict
     dp: bool
     delta: float
-    console: Console = field(default_factory=Console)
+    console: Console = field(default_factory=lambda: Console(soft_wrap=True))
     train: dict[str, dict] = field(default_factory=dict)
     evaluation: dict[str, dict] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)

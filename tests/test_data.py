@@ -172,3 +172,23 @@ def test_cli_exit_code_2_without_traceback(aaa_dir):
     assert done.returncode == 2
     assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _zip(directory: Path, target: Path) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(target, "w") as zf:
+        for t in TABLES:
+            zf.write(directory / t.file, f"anonymisedData/{t.file}")
+    return target.resolve().as_uri()
+
+
+def test_download_unpacks_and_checks_row_counts(data_dir, aaa_dir, tmp_path):
+    from federation.data import download
+
+    dest = download(_zip(data_dir, tmp_path / "release.zip"), tmp_path / "cache")
+    assert len(load_tables(dest)["studentAssessment"]) == 173912
+    with pytest.raises(DataError) as err:
+        download(_zip(aaa_dir, tmp_path / "partial.zip"), tmp_path / "cache2")
+    assert "studentInfo.csv: has 748 rows; the official release has 32593" in [str(p) for p in err.value.problems]
+    assert not (tmp_path / "cache2" / "studentInfo.csv").exists()  # nothing half-installed
