@@ -78,8 +78,14 @@ class ReportingStrategy(Strategy):
                 good.append((str(reply.content[CAMPUS]["name"]), reply.content[METRICS]))
         return good
 
+    @staticmethod
+    def _in_campus_order(replies: Iterable[Message]) -> list[Message]:
+        # Replies arrive in completion order; aggregating in campus order makes the
+        # floating-point sums, and so a run, reproducible.
+        return sorted(replies, key=lambda r: ("" if r.has_error() else str(r.content[CAMPUS]["name"]), r.metadata.src_node_id))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = self._in_campus_order(replies)
         for campus, m in self._ok(server_round, "train", replies):
             self.report.add_train(
                 campus, n_train=int(m[NUM_EXAMPLES]), loss=float(m["train-loss"]), epsilon=float(m["epsilon"]),
@@ -88,7 +94,7 @@ class ReportingStrategy(Strategy):
         return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = self._in_campus_order(replies)
         for campus, m in self._ok(server_round, "evaluate", replies):
             scores = {k: float(m[k.replace("_", "-")]) for k in ("auc", "average_precision", "f1", "brier")}
             self.report.add_evaluation(campus, n_test=int(m[NUM_EXAMPLES]), metrics=scores)

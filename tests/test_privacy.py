@@ -122,3 +122,13 @@ def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_di
     assert context.state[STATE_PRIVACY]["steps"] == state["steps"]  # nothing trained, nothing spent
     scores = evaluate_handler(_message(cfg, model, 2, "evaluate"), context).content[METRICS]
     assert scores["num-examples"] == 140 and 0 <= scores["auc"] <= 1 and 0 < scores["brier"] < 0.25
+
+
+def test_cached_accounting_equals_opacus_rdp_accountant():
+    from opacus.accountants import RDPAccountant
+
+    history = [(1.1, 0.01, 700), (0.8, 0.05, 30), (1.1, 0.01, 5)]
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    assert epsilon(history, 1e-5) == accountant.get_epsilon(1e-5)
+    assert epsilon([], 1e-5) == 0.0
