@@ -21,7 +21,8 @@ for _var, _value in (
     os.environ.setdefault(_var, _value)
 
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
-from federation.runconfig import CAMPUS_BY, STRATEGIES, ConfigError, RunConfig  # noqa: E402
+from federation.data import CAMPUS_BY
+from federation.runconfig import STRATEGIES, ConfigError, RunConfig  # noqa: E402
 from federation.models import MODELS  # noqa: E402
 from federation.tasks import SPLITS, TASKS  # noqa: E402
 
@@ -44,7 +45,9 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--delta", type=float, default=DEFAULTS.delta)
     p.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-example clipping norm")
     p.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (research baselines only)")
-    p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by)
+    p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by,
+                   help="campuses: module (7), region (13) or shard (--shards campuses by student hash)")
+    p.add_argument("--shards", type=int, default=DEFAULTS.shards, help="number of campuses with --campus-by shard")
     p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
     p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split)
     p.add_argument("--test-fraction", type=float, default=DEFAULTS.test_fraction)
@@ -59,14 +62,11 @@ def _run_simulate(args: argparse.Namespace) -> None:
         task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
         dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
-        cutoff_day=args.cutoff_day, split=args.split, campus_by=args.campus_by, test_fraction=args.test_fraction,
+        cutoff_day=args.cutoff_day, split=args.split, campus_by=args.campus_by, shards=args.shards, test_fraction=args.test_fraction,
         seed=args.seed, out=args.out,
     )
     started = time.perf_counter()
-    tables = load_tables(resolve_data_dir(args.data))
-    for note in tables.notes:
-        print(f"note: {note}", file=sys.stderr)
-    simulate(cfg, tables, args.mode)
+    simulate(cfg, resolve_data_dir(args.data), args.mode)
     print(f"total wall time {time.perf_counter() - started:.1f} s")
 
 

@@ -20,9 +20,10 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from federation.data import Tables, campus_names, campus_slice, file_hashes, write_tables
+from federation.data import Tables, campus_names, campus_slice, file_hashes, load_tables, write_tables
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
 from federation.results import Report
@@ -33,43 +34,93 @@ from federation.training import evaluate, train
 MODES = ("federated", "centralized", "local")
 
 
-def simulate(cfg: RunConfig, tables: Tables, mode: str = "federated") -> dict:
-    """Run ``mode`` on ``tables`` split into campuses by ``cfg.campus_by``; returns the summary dict."""
-    names = campus_names(tables, cfg.campus_by)
-    report_config = {
-        "mode": mode, **cfg.to_flower(), "campuses": names,
-        "data": str(tables.source), "data_sha256": file_hashes(tables.source),
-    }
+def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None) -> dict:
+    """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``).
+
+    Campuses are formed by ``cfg.campus_by``. Returns the summary dict written
+    to ``cfg.out/summary.json``.
+
+    Raises
+    ------
+    DataError
+        When the tables fail validation.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "federated":
+        return _federated(cfg, data_dir, tables)
+    tables = tables or load_tables(data_dir)
+    names = _announce(cfg, tables, mode)
+    campuses = {}
+    for name in names:
+        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name, cfg.shards), cfg.cutoff_day)
+        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    return _baseline(cfg, campuses, mode, _provenance(mode, cfg, tables, names))
+
+
+def _announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
+    for note in tables.notes:
+        print(f"note: {note}")
+    names = campus_names(tables, cfg.campus_by, cfg.shards)
     privacy = f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}" if cfg.dp else "NO DP"
     print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
           f"{cfg.model}, {cfg.num_rounds} rounds, {privacy}")
-    if mode == "federated":
-        return _federated(cfg, tables, names, report_config)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    campuses = {}
+    return names
+
+
+def _provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
+    return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source),
+            "data_sha256": file_hashes(tables.source)}
+
+
+def _start_ray(sim_dir: str) -> None:
+    """Start the simulation engine's backend (Ray); Flower's Ray backend uses it as it is.
+
+    Worker processes inherit this process's environment when Ray starts, so the
+    campus folder variable is set first. Ray must start in the main thread: its
+    processes are tied to the life of the thread that starts them.
+    """
+    import ray
+
+    from clients.app import SIM_ENV
+
+    os.environ[SIM_ENV] = sim_dir
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _write_campus_folders(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str) -> tuple[Tables, list[str]]:
+    from clients.app import SIM_MANIFEST
+
+    tables = tables or load_tables(data_dir)
+    names = _announce(cfg, tables, "federated")
     for name in names:
-        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name), cfg.cutoff_day)
-        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-    return _baseline(cfg, campuses, mode, report_config)
+        write_tables(campus_slice(tables, cfg.campus_by, name, cfg.shards), Path(sim_dir) / name)
+    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
+    return tables, names
 
 
-def _federated(cfg: RunConfig, tables: Tables, names: list[str], report_config: dict) -> dict:
+def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None) -> dict:
+    import ray
     from flwr.app import Context, RecordDict
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
-    from clients.app import SIM_ENV, SIM_MANIFEST, app as client_app
+    from clients.app import app as client_app
     from server.app import app as server_app
 
-    cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir:
-        for name in names:
-            write_tables(campus_slice(tables, cfg.campus_by, name), Path(sim_dir) / name)
-        (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
-        os.environ[SIM_ENV] = sim_dir  # inherited by the simulation engine's worker processes
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
+    with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
+        # Loading, validating and splitting the tables overlaps with Ray's start-up.
+        prepared = pool.submit(_write_campus_folders, cfg, data_dir, tables, sim_dir)
+        _start_ray(sim_dir)
+        try:
+            tables, names = prepared.result()
+        except BaseException:
+            ray.shutdown()
+            raise
+        cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
         # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
         # internal entry point runs the same engine with the ServerApp's context given.
         _run_simulation(
@@ -82,7 +133,7 @@ def _federated(cfg: RunConfig, tables: Tables, names: list[str], report_config: 
         )
     path = Path(cfg.out) / "summary.json"
     summary = json.loads(path.read_text())
-    summary["config"].update(report_config)  # data provenance is known to the researcher, not the ServerApp
+    summary["config"].update(_provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

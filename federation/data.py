@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ DATA_ENV = "EDUFL_DATA"
 OULAD_URL = "https://analyse.kmi.open.ac.uk/open_dataset/download"
 MAX_REPORTED = 25
 CAMPUS_COLUMNS = {"module": "code_module", "region": "region"}
+CAMPUS_BY = ("module", "region", "shard")
 LINE = "_line"  # column holding each row's line number in its file
 
 
@@ -307,15 +309,31 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return {t.file: hashlib.sha256((directory / t.file).read_bytes()).hexdigest() for t in TABLES}
 
 
-def campus_names(tables: Tables, campus_by: str) -> list[str]:
-    """Sorted campus names: the distinct ``code_module`` or ``region`` values."""
-    return sorted(tables["studentInfo"][CAMPUS_COLUMNS[campus_by]].unique())
+def campus_of(info: pd.DataFrame, campus_by: str, shards: int = 0) -> pd.Series:
+    """The campus of each studentInfo row.
+
+    ``module``: its ``code_module`` (7 campuses in OULAD); ``region``: its
+    ``region`` (13); ``shard``: ``S000`` ... one of ``shards`` campuses chosen by a
+    hash (CRC-32) of ``id_student``, so all of a student's rows share a campus
+    (used to study how a federation scales with many small campuses).
+    """
+    if campus_by == "shard":
+        if shards < 1:
+            raise ValueError(f"campus-by shard needs shards >= 1, got {shards}")
+        codes = [zlib.crc32(str(s).encode()) % shards for s in info["id_student"]]
+        return pd.Series([f"S{c:03d}" for c in codes], index=info.index)
+    return info[CAMPUS_COLUMNS[campus_by]]
 
 
-def campus_slice(tables: Tables, campus_by: str, campus: str) -> Tables:
+def campus_names(tables: Tables, campus_by: str, shards: int = 0) -> list[str]:
+    """Sorted names of the campuses that hold at least one registration."""
+    return sorted(campus_of(tables["studentInfo"], campus_by, shards).unique())
+
+
+def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -> Tables:
     """Only ``campus``'s rows of every table: what that campus would hold itself."""
     f = tables.frames
-    info = f["studentInfo"][f["studentInfo"][CAMPUS_COLUMNS[campus_by]] == campus]
+    info = f["studentInfo"][campus_of(f["studentInfo"], campus_by, shards) == campus]
     mp = ["code_module", "code_presentation"]
     student = [*mp, "id_student"]
     courses = f["courses"].merge(info[mp].drop_duplicates(), on=mp)

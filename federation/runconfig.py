@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .data import CAMPUS_BY
 from .models import MODELS
 from .tasks import SPLITS, TASKS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-CAMPUS_BY = ("module", "region")
 
 # Keys of records inside Flower messages (one place, used by both sides).
 ARRAYS = "arrays"
@@ -54,6 +54,7 @@ class RunConfig:
     cutoff_day: int = 60
     split: str = "stratified"
     campus_by: str = "module"
+    shards: int = 50
     test_fraction: float = 0.2
     seed: int = 0
     min_campuses: int = 2
@@ -69,7 +70,7 @@ class RunConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
-        positive_ints = ("num_rounds", "local_epochs", "batch_size", "min_campuses")
+        positive_ints = ("num_rounds", "local_epochs", "batch_size", "min_campuses", "shards")
         for key in positive_ints:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected a whole number >= 1")
