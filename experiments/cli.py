@@ -70,6 +70,21 @@ def _run_simulate(args: argparse.Namespace) -> None:
     print(f"total wall time {time.perf_counter() - started:.1f} s")
 
 
+def _run_experiment(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .study import Study, report, run
+
+    if args.experiment_command == "report":
+        if not (Path(args.dir) / "rows.csv").is_file():
+            raise ConfigError(f"{args.dir}: no rows.csv here; run `edufl experiment run CONFIG --out {args.dir}` first")
+        report(Path(args.dir))
+        return
+    config = Path(args.config)
+    out = Path(args.out) if args.out else Path("results") / Study.load(config).name
+    run(config, out, resolve_data_dir(args.data))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edufl", description="Federated, differentially private learning analytics")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,10 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--url", default=None, help="alternative address of anonymisedData.zip")
     check = data.add_parser("validate", help="check a folder of OULAD tables and report every problem")
     check.add_argument("--data")
+    exp = sub.add_parser("experiment", help="run a study from a TOML config, or rebuild its report")
+    exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
+    exp_run = exp_sub.add_parser("run", help="run every cell of the study not yet done (resumable)")
+    exp_run.add_argument("config", help="study config (TOML), e.g. experiments/configs/quick.toml")
+    exp_run.add_argument("--out", help="study folder (default: results/<study name>)")
+    exp_run.add_argument("--data")
+    exp_report = exp_sub.add_parser("report", help="rebuild tables and plots from a study folder's saved rows")
+    exp_report.add_argument("dir")
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
             _run_simulate(args)
+        elif args.command == "experiment":
+            _run_experiment(args)
         elif args.data_command == "download":
             print(f"OULAD tables saved in {download(**({'url': args.url} if args.url else {}))}")
         else:

@@ -1,0 +1,291 @@
+"""Reproducible studies: a TOML config expands into a grid of runs ("cells"), each run once.
+
+``edufl experiment run CONFIG [--out DIR]`` runs every cell not already done
+(so an interrupted study resumes where it stopped), then writes:
+
+* ``rows.csv``: one row per cell (one seed), global metrics and ε spent;
+* ``campus_rows.csv``: one row per cell and campus;
+* ``summary.csv`` and ``summary.md``: mean ± standard deviation over seeds;
+* ``privacy_utility.png``, ``auc_vs_cutoff.png``, ``campus_auc_<ε>.png``;
+* ``manifest.json``: config, seeds, git commit, library versions, data file
+  hashes, privacy parameters and accountant.
+
+``edufl experiment report DIR`` rebuilds the tables and plots from the saved
+rows alone (no data needed). Each cell's own results folder is kept under
+``cells/<cell id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+
+from federation.data import file_hashes, load_tables
+from federation.privacy import ACCOUNTANT
+from federation.results import METRICS, versions
+from federation.runconfig import ConfigError, RunConfig
+
+from .simulate import MODES, simulate
+
+NO_DP = "none"
+KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
+GLOBAL_METRICS = [*METRICS, "worst_campus_auc", "epsilon_spent", "wall_time_s"]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study's grid. ``epsilons`` holds target ε values and ``"none"`` for no DP;
+    ``settings`` holds any other run setting (dashed keys, as in ``[tool.flwr.app.config]``)."""
+
+    name: str
+    task: str = "withdrawal"
+    campus_by: tuple[str, ...] = ("module",)
+    cutoff_days: tuple[int, ...] = (60,)
+    modes: tuple[str, ...] = ("centralized", "local", "federated")
+    strategies: tuple[str, ...] = ("fedavg",)
+    epsilons: tuple[float | str, ...] = (3.0,)
+    seeds: tuple[int, ...] = (0,)
+    rounds: int = 10
+    local_epochs: int = 1
+    model: str = "mlp"
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Study:
+        """Read a study config (TOML, a ``[study]`` table).
+
+        Raises
+        ------
+        ConfigError
+            Naming the file and the key for unknown keys or invalid values.
+        """
+        try:
+            raw = tomllib.loads(path.read_text())["study"]
+        except (OSError, tomllib.TOMLDecodeError, KeyError) as err:
+            raise ConfigError(f"{path}: cannot read a [study] table ({err})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) in [study]: {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        study = cls(**values)
+        bad_modes = set(study.modes) - set(MODES)
+        if bad_modes:
+            raise ConfigError(f"{path}: modes {sorted(bad_modes)}; expected some of {', '.join(MODES)}")
+        for eps in study.epsilons:
+            if eps != NO_DP and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+                raise ConfigError(f"{path}: epsilons holds {eps!r}; expected numbers > 0 or \"{NO_DP}\"")
+        try:
+            for cell in study.cells():
+                cell.config(Path("."))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        return study
+
+    def cells(self) -> list[Cell]:
+        """Every run of the grid, in a fixed order."""
+        out = []
+        for campus_by in self.campus_by:
+            for cutoff in self.cutoff_days:
+                for mode in self.modes:
+                    for strategy in self.strategies if mode == "federated" else ("-",):
+                        for eps in self.epsilons:
+                            for seed in self.seeds:
+                                out.append(Cell(self, campus_by, cutoff, mode, strategy, eps, seed))
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a study."""
+
+    study: Study
+    campus_by: str
+    cutoff_day: int
+    mode: str
+    strategy: str
+    epsilon: float | str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        eps = "nodp" if self.epsilon == NO_DP else f"eps{self.epsilon:g}"
+        strategy = "" if self.strategy == "-" else f"-{self.strategy}"
+        return f"{self.campus_by}-d{self.cutoff_day}-{self.mode}{strategy}-{eps}-s{self.seed}"
+
+    def config(self, cells_dir: Path) -> RunConfig:
+        s = self.study
+        values = {
+            **s.settings, "task": s.task, "num-rounds": s.rounds, "local-epochs": s.local_epochs, "model": s.model,
+            "campus-by": self.campus_by, "cutoff-day": self.cutoff_day, "seed": self.seed,
+            "strategy": "fedavg" if self.strategy == "-" else self.strategy,
+            "dp": self.epsilon != NO_DP, "out": str(cells_dir / self.id),
+        }
+        if self.epsilon != NO_DP:
+            values["target-epsilon"] = float(self.epsilon)
+        return RunConfig.from_flower(values)
+
+    def keys(self) -> dict:
+        return {"cell": self.id, "campus_by": self.campus_by, "cutoff_day": self.cutoff_day, "mode": self.mode,
+                "strategy": self.strategy, "epsilon": str(self.epsilon), "seed": self.seed}
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+uncommitted-changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def run(config_path: Path, out: Path, data_dir: Path) -> Path:
+    """Run every cell of the study in ``config_path`` not yet done in ``out``; then report."""
+    study = Study.load(config_path)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    tables = load_tables(data_dir)
+    reference = RunConfig()
+    manifest = {
+        "config": {**asdict(study), "file": str(config_path)},
+        "seeds": list(study.seeds),
+        "git_commit": _git_commit(),
+        "versions": versions(),
+        "data": str(data_dir),
+        "data_sha256": file_hashes(data_dir),
+        "privacy": {
+            "mechanism": "DP-SGD (per-example clipping, Gaussian noise, Poisson sampling) on each campus",
+            "accountant": ACCOUNTANT,
+            "delta": study.settings.get("delta", reference.delta),
+            "max_grad_norm": study.settings.get("max-grad-norm", reference.max_grad_norm),
+            "target_epsilons": [e for e in study.epsilons if e != NO_DP],
+        },
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    cells = study.cells()
+    for i, cell in enumerate(cells, start=1):
+        done = cells_dir / cell.id / "cell.json"
+        if done.exists():
+            print(f"[{i}/{len(cells)}] {cell.id}: done before, skipped")
+            continue
+        print(f"[{i}/{len(cells)}] {cell.id}")
+        simulate(cell.config(cells_dir), data_dir, cell.mode, tables)
+        done.write_text(json.dumps(cell.keys()) + "\n")  # written last: the cell is complete
+    _collect(cells, cells_dir, out)
+    report(out)
+    return out
+
+
+def _collect(cells: list[Cell], cells_dir: Path, out: Path) -> None:
+    rows, campus_rows = [], []
+    for cell in cells:
+        summary = json.loads((cells_dir / cell.id / "summary.json").read_text())
+        eps = summary["privacy"]["epsilon"]
+        rows.append({**cell.keys(), **{m: summary["global"][m] for m in (*METRICS, "worst_campus_auc")},
+                     "epsilon_spent": eps, "wall_time_s": summary["wall_time_s"]})
+        for c in summary["campuses"]:
+            campus_rows.append({**cell.keys(), "campus": c["campus"], "n_train": c["n_train"], "n_test": c["n_test"],
+                                **{m: c[m] for m in METRICS}, "epsilon_spent": c["epsilon"]})
+    pd.DataFrame(rows).to_csv(out / "rows.csv", index=False)
+    pd.DataFrame(campus_rows).to_csv(out / "campus_rows.csv", index=False)
+
+
+def _label(row) -> str:
+    return row["mode"] if row["strategy"] == "-" else f"{row['mode']} ({row['strategy']})"
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation (ddof 1; 0 for one seed) of every metric over seeds."""
+    grouped = rows.groupby(KEYS, sort=False)[GLOBAL_METRICS]
+    table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
+    table["seeds"] = grouped.size()
+    return table.reset_index()
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cols = ["auc", "worst_campus_auc", "average_precision", "f1", "brier", "epsilon_spent"]
+    head = "| campuses | day | mode | ε target | " + " | ".join(cols) + " | seeds |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for _, r in table.iterrows():
+        cells = [f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if pd.notna(r[c + "_mean"]) else "—" for c in cols]
+        lines.append(f"| {r['campus_by']} | {r['cutoff_day']} | {_label(r)} | {r['epsilon']} | " + " | ".join(cells) + f" | {r['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path) -> None:
+    """Write ``summary.csv``, ``summary.md`` and the plots of study folder ``out`` from its saved rows."""
+    rows = pd.read_csv(out / "rows.csv", dtype={"epsilon": str})
+    campus_rows = pd.read_csv(out / "campus_rows.csv", dtype={"epsilon": str})
+    table = summarise(rows)
+    table.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(_markdown(table))
+    _plots(table, campus_rows, out)
+    print(f"study report: {out / 'summary.md'}, {len(rows)} runs")
+
+
+def _eps_value(eps: str) -> float:
+    return math.inf if eps == NO_DP else float(eps)
+
+
+def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    table = table.assign(label=table.apply(_label, axis=1), eps=table["epsilon"].map(_eps_value))
+    days = sorted(table["cutoff_day"].unique())
+    day = 60 if 60 in days else days[len(days) // 2]
+    finite = sorted(e for e in table["eps"].unique() if math.isfinite(e))
+    no_dp_x = (max(finite) * 2.5) if finite else 1.0
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    at_day = table[table["cutoff_day"] == day]
+    for ax, metric, title in ((axes[0], "auc", "weighted AUC"), (axes[1], "worst_campus_auc", "worst-campus AUC")):
+        for label, g in at_day.groupby("label"):
+            g = g.sort_values("eps")
+            x = [e if math.isfinite(e) else no_dp_x for e in g["eps"]]
+            ax.errorbar(x, g[f"{metric}_mean"], yerr=g[f"{metric}_std"], marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks([*finite, no_dp_x], [f"{e:g}" for e in finite] + ["no DP"])
+        ax.minorticks_off()
+        ax.set_xlabel("target ε per campus (δ as in manifest)")
+        ax.set_title(f"{title}, day {day}")
+    axes[0].set_ylabel("test AUC-ROC (mean ± sd over seeds)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "privacy_utility.png", dpi=110)
+    plt.close(fig)
+
+    eps_values = sorted(table["epsilon"].unique(), key=_eps_value)
+    fig, axes = plt.subplots(1, len(eps_values), figsize=(4.5 * len(eps_values), 4), sharey=True, squeeze=False)
+    for ax, eps in zip(axes[0], eps_values, strict=True):
+        for label, g in table[table["epsilon"] == eps].groupby("label"):
+            g = g.sort_values("cutoff_day")
+            ax.errorbar(g["cutoff_day"], g["auc_mean"], yerr=g["auc_std"], marker="o", capsize=3, label=label)
+        ax.set_title("no DP" if eps == NO_DP else f"ε = {eps}")
+        ax.set_xlabel("cutoff day D")
+    axes[0][0].set_ylabel("weighted test AUC-ROC")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "auc_vs_cutoff.png", dpi=110)
+    plt.close(fig)
+
+    at_day = campus_rows[campus_rows["cutoff_day"] == day].assign(label=lambda d: d.apply(_label, axis=1))
+    for eps in eps_values:
+        means = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])["auc"].mean().unstack("label")
+        ax = means.plot.bar(figsize=(max(6, 0.6 * len(means) + 3), 4), rot=0)
+        ax.set_ylabel("test AUC-ROC (mean over seeds)")
+        ax.set_ylim(0.4, max(0.8, float(means.max().max()) + 0.05))
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"AUC per campus, day {day}, " + ("no DP" if eps == NO_DP else f"ε = {eps}"))
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / f"campus_auc_{'nodp' if eps == NO_DP else 'eps' + eps}.png", dpi=110)
+        plt.close(ax.figure)
