@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     dl.add_argument("--url", default=None, help="alternative address of anonymisedData.zip")
     check = data.add_parser("validate", help="check a folder of OULAD tables and report every problem")
     check.add_argument("--data")
+    b = sub.add_parser("bench", help="time a DP federation against centralized DP-SGD, and at 50 and 200 campuses")
+    b.add_argument("--data")
+    b.add_argument("--rounds", type=int, default=10)
+    b.add_argument("--shards", default="50,200", help="comma-separated campus counts for the scaling runs ('' for none)")
     exp = sub.add_parser("experiment", help="run a study from a TOML config, or rebuild its report")
     exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
     exp_run = exp_sub.add_parser("run", help="run every cell of the study not yet done (resumable)")
@@ -108,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_simulate(args)
         elif args.command == "experiment":
             _run_experiment(args)
+        elif args.command == "bench":
+            from .bench import bench
+
+            bench(resolve_data_dir(args.data), args.rounds, tuple(int(n) for n in args.shards.split(",") if n))
         elif args.data_command == "download":
             print(f"OULAD tables saved in {download(**({'url': args.url} if args.url else {}))}")
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -69,6 +70,7 @@ class Report:
     rounds: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     _round_failures: list[dict] = field(default_factory=list)
+    _started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         if not self.dp:
@@ -105,6 +107,7 @@ class Report:
             "epsilon_max": self.epsilon_max(),
             "campuses_evaluated": len(self.evaluation),
             "failures": len(self._round_failures),
+            "elapsed_s": time.perf_counter() - self._started,
         }
         self._round_failures = []
         self.rounds.append(row)
