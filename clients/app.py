@@ -40,7 +40,7 @@ app = ClientApp()
 
 
 class PrivacyBudgetExceeded(RuntimeError):
-    """A requested round would take the campus's ε past its target."""
+    """A requested round would take the campus's ε past its target, or change the run's privacy settings."""
 
 
 @dataclass
@@ -98,6 +98,22 @@ def _campus_record(campus: Campus) -> ConfigRecord:
     return ConfigRecord({"name": campus.name})
 
 
+# Settings that fix this campus's privacy guarantee for a run: taken from the first
+# round's request and never changed by a later one.
+PRIVACY_CONTRACT = ("dp", "target-epsilon", "delta", "max-grad-norm", "num-rounds", "local-epochs", "batch-size")
+
+
+def _check_contract(cfg: RunConfig, state: ConfigRecord, campus: str, server_round: int) -> None:
+    requested = {k: cfg.to_flower()[k] for k in PRIVACY_CONTRACT}
+    agreed = {k: state[f"contract.{k}"] for k in PRIVACY_CONTRACT if f"contract.{k}" in state}
+    changed = {k: (agreed[k], v) for k, v in requested.items() if k in agreed and agreed[k] != v}
+    if changed:
+        detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise PrivacyBudgetExceeded(f"campus {campus} refuses round {server_round}: the run's privacy settings changed ({detail})")
+    for k, v in requested.items():
+        state[f"contract.{k}"] = v
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model locally; reply with weights, counts, loss and ε so far."""
@@ -106,6 +122,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     campus = load_campus(context.node_config, cfg)
     model = _model(cfg, msg)
     state = context.state.get(STATE_PRIVACY, ConfigRecord())
+    _check_contract(cfg, state, campus.name, server_round)
     history = list(zip(state.get("sigma", []), state.get("q", []), state.get("steps", [])))
     n = len(campus.train)
     sigma = q = float("nan")
@@ -132,13 +149,15 @@ def train_handler(msg: Message, context: Context) -> Message:
             history=history, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         )
         loss, history, steps_total = result.loss, result.history, steps_total + result.steps
-        if cfg.dp:
-            context.state[STATE_PRIVACY] = ConfigRecord({
-                "noise-multiplier": sigma,
-                "sigma": [float(h[0]) for h in history],
-                "q": [float(h[1]) for h in history],
-                "steps": [int(h[2]) for h in history],
-            })
+        if cfg.dp and epsilon(history, cfg.delta) > cfg.target_epsilon:  # fail closed: never released
+            raise PrivacyBudgetExceeded(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
+        state.update({
+            "noise-multiplier": sigma,
+            "sigma": [float(h[0]) for h in history],
+            "q": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        })
+    context.state[STATE_PRIVACY] = state
     eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
     metrics = MetricRecord({
         NUM_EXAMPLES: n, "train-loss": loss, "epsilon": eps, "delta": cfg.delta,

@@ -282,6 +282,7 @@ def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
     for eps in eps_values:
         means = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])["auc"].mean().unstack("label")
         ax = means.plot.bar(figsize=(max(6, 0.6 * len(means) + 3), 4), rot=0)
+        ax.legend(title="mode")
         ax.set_ylabel("test AUC-ROC (mean over seeds)")
         ax.set_ylim(0.4, max(0.8, float(means.max().max()) + 0.05))
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")

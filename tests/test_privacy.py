@@ -132,3 +132,25 @@ def test_cached_accounting_equals_opacus_rdp_accountant():
     accountant.history = list(history)
     assert epsilon(history, 1e-5) == accountant.get_epsilon(1e-5)
     assert epsilon([], 1e-5) == 0.0
+
+
+def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, task_identity):
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(aaa_dir), "campus": "AAA"},
+                      state=RecordDict(), run_config={})
+    cfg = RunConfig(num_rounds=5, target_epsilon=1.0, model="logistic")
+    model = build_model(cfg.model, len(feature_names()))
+    first = train_handler(_message(cfg, model, 1), context).content[METRICS]["epsilon"]
+    for loosened in (RunConfig(num_rounds=5, target_epsilon=1e6, model="logistic"),
+                     RunConfig(num_rounds=5, target_epsilon=1.0, dp=False, model="logistic"),
+                     RunConfig(num_rounds=50, target_epsilon=1.0, model="logistic")):
+        with pytest.raises(PrivacyBudgetExceeded, match="privacy settings changed"):
+            train_handler(_message(loosened, model, 2), context)
+    second = train_handler(_message(cfg, model, 2), context).content[METRICS]["epsilon"]
+    assert 0 < first < second <= 1.0
+
+
+def test_client_app_without_dp_reports_infinite_epsilon(aaa_dir, task_identity):
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(aaa_dir)}, state=RecordDict(), run_config={})
+    cfg = RunConfig(num_rounds=1, dp=False, model="logistic")
+    reply = train_handler(_message(cfg, build_model(cfg.model, len(feature_names())), 1), context)
+    assert reply.content[METRICS]["epsilon"] == math.inf and reply.content[CAMPUS]["name"] == "AAA"
