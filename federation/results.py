@@ -54,6 +54,12 @@ def weighted(rows: list[dict], key: str, weight: str = "n_test") -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
+def global_metrics(rows: list[dict]) -> dict[str, float]:
+    """Test-row-weighted metrics over campus ``rows`` and the lowest campus AUC."""
+    aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
+    return {**{m: weighted(rows, m) for m in METRICS}, "worst_campus_auc": min(aucs) if aucs else float("nan")}
+
+
 @dataclass
 class Report:
     """Collects per-round, per-campus results of one run and writes the results folder.
@@ -70,6 +76,7 @@ class Report:
     rounds: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     _round_failures: list[dict] = field(default_factory=list)
+    _evaluated_now: set[str] = field(default_factory=set)
     _started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -85,6 +92,7 @@ class Report:
     def add_evaluation(self, campus: str, *, n_test: int, metrics: dict[str, float]) -> None:
         """Record a campus's evaluation of the current global model on its test rows."""
         self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in METRICS})
+        self._evaluated_now.add(campus)
 
     def add_failure(self, server_round: int, phase: str, reason: str) -> None:
         """Record a campus that did not reply, or replied with an error, in ``phase``."""
@@ -94,22 +102,21 @@ class Report:
         self.console.print(f"[yellow]round {server_round} {phase}: {reason}[/yellow]")
 
     def end_round(self, server_round: int, num_rounds: int) -> dict:
-        """Close a round: compute its row and print the progress line."""
-        rows = self.campus_rows()
-        aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
+        """Close a round: its row (metrics over the campuses that evaluated in it) and progress line."""
+        rows = [r for r in self.campus_rows() if r["campus"] in self._evaluated_now]
         train = [t for t in self.train.values() if t["n_train"] > 0]
         loss_total = sum(t["n_train"] for t in train)
         row = {
             "round": server_round,
             "train_loss": sum(t["train_loss"] * t["n_train"] for t in train) / loss_total if loss_total else float("nan"),
-            **{m: weighted(rows, m) for m in METRICS},
-            "worst_campus_auc": min(aucs) if aucs else float("nan"),
+            **global_metrics(rows),
             "epsilon_max": self.epsilon_max(),
-            "campuses_evaluated": len(self.evaluation),
+            "campuses_evaluated": len(rows),
             "failures": len(self._round_failures),
             "elapsed_s": time.perf_counter() - self._started,
         }
         self._round_failures = []
+        self._evaluated_now = set()
         self.rounds.append(row)
         eps = f"max ε {row['epsilon_max']:.3f}" if self.dp else "[bold red]NO DP[/bold red]"
         self.console.print(
@@ -145,7 +152,6 @@ class Report:
         """Write the results folder ``out`` and return the summary dict."""
         out.mkdir(parents=True, exist_ok=True)
         rows = self.campus_rows()
-        aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
         summary = {
             "config": self.config,
             "versions": versions(),
@@ -161,7 +167,7 @@ class Report:
             },
             "rounds": self.rounds,
             "campuses": rows,
-            "global": {**{m: weighted(rows, m) for m in METRICS}, "worst_campus_auc": min(aucs) if aucs else float("nan")},
+            "global": global_metrics(rows),
             "failures": self.failures,
             "wall_time_s": wall_time_s,
         }
