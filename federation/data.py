@@ -95,8 +95,11 @@ def _parse(path: Path, table: Table) -> pd.DataFrame:
     header = [h.strip() for h in next(reader, [])]
     expected = [c.name for c in table.columns]
     if len(header) == 1 and expected[0] in header[0]:
-        delim = next((d for d in (";", "\t", "|") if d in header[0]), header[0][len(expected[0]):][:1])
-        raise DataError([Problem(path.name, 1, None, f"columns are separated by {delim!r}; expected ',' (comma-separated values)")])
+        try:
+            delim = repr(csv.Sniffer().sniff(text.partition("\n")[0], delimiters=";\t|: ").delimiter)
+        except csv.Error:
+            delim = "another character"
+        raise DataError([Problem(path.name, 1, None, f"columns are separated by {delim}; expected ',' (comma-separated values)")])
     missing = [c for c in expected if c not in header]
     if missing:
         raise DataError([Problem(path.name, 1, c, f"column is missing; expected columns {', '.join(expected)}") for c in missing])
