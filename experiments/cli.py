@@ -30,44 +30,55 @@ DEFAULTS = RunConfig()
 
 
 def _simulate_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="run a federation (or a baseline) on one machine")
+    p = sub.add_parser("simulate", help="run a federation (or a baseline) on one machine",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
-    p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated")
-    p.add_argument("--task", choices=TASKS, default=DEFAULTS.task)
-    p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds)
-    p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
+    p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated",
+                   help="federated (Flower simulation engine), centralized (pooled rows, research only) or local (each campus alone)")
+    p.add_argument("--task", choices=TASKS, default=DEFAULTS.task, help="prediction task")
+    p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds, help="federation rounds")
+    p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs, help="epochs of local training per round")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="expected batch size (Poisson sampling rate = batch/n)")
-    p.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate)
-    p.add_argument("--model", choices=MODELS, default=DEFAULTS.model)
-    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy)
+    p.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate, help="SGD learning rate on each campus")
+    p.add_argument("--model", choices=MODELS, default=DEFAULTS.model, help="MLP (64-32) or logistic regression")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="Flower aggregation strategy")
     p.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term weight")
     p.add_argument("--target-epsilon", type=float, default=DEFAULTS.target_epsilon, help="each campus's ε for the whole run")
-    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
+    p.add_argument("--delta", type=float, default=DEFAULTS.delta, help="δ of each campus's (ε, δ) guarantee")
     p.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-example clipping norm")
     p.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (research baselines only)")
     p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by,
                    help="campuses: module (7), region (13) or shard (--shards campuses by student hash)")
     p.add_argument("--shards", type=int, default=DEFAULTS.shards, help="number of campuses with --campus-by shard")
     p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
-    p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split)
-    p.add_argument("--test-fraction", type=float, default=DEFAULTS.test_fraction)
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split,
+                   help="stratified held-out test rows per campus, or temporal (train 2013, test 2014)")
+    p.add_argument("--test-fraction", type=float, default=DEFAULTS.test_fraction, help="share of each campus's rows held out")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for splits, initial weights, sampling and noise")
     p.add_argument("--out", default=DEFAULTS.out, help="results folder")
 
 
 def _run_simulate(args: argparse.Namespace) -> None:
     from .simulate import simulate
 
-    cfg = RunConfig(
+    try:
+        cfg = _simulate_config(args)
+    except ConfigError as err:  # name the option the user typed
+        key, _, rest = str(err).partition(" ")
+        raise ConfigError(f"--{'rounds' if key == 'num-rounds' else key} {rest}") from None
+    started = time.perf_counter()
+    simulate(cfg, resolve_data_dir(args.data), args.mode)
+    print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
+
+
+def _simulate_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
         task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
         dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
         cutoff_day=args.cutoff_day, split=args.split, campus_by=args.campus_by, shards=args.shards, test_fraction=args.test_fraction,
         seed=args.seed, out=args.out,
     )
-    started = time.perf_counter()
-    simulate(cfg, resolve_data_dir(args.data), args.mode)
-    print(f"total wall time {time.perf_counter() - started:.1f} s")
 
 
 def _run_experiment(args: argparse.Namespace) -> None:

@@ -64,12 +64,12 @@ def _announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     names = campus_names(tables, cfg.campus_by, cfg.shards)
     privacy = f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}" if cfg.dp else "NO DP"
     print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
-          f"{cfg.model}, {cfg.num_rounds} rounds, {privacy}")
+          f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}")
     return names
 
 
 def _provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
-    return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source),
+    return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source.resolve()),
             "data_sha256": file_hashes(tables.source)}
 
 

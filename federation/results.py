@@ -163,7 +163,7 @@ class Report:
                 "delta": self.delta if self.dp else None,
                 "accountant": ACCOUNTANT if self.dp else None,
                 "unit": PRIVACY_UNIT,
-                "scope": PRIVACY_SCOPE,
+                **({"scope": PRIVACY_SCOPE} if self.dp else {}),
             },
             "rounds": self.rounds,
             "campuses": rows,
@@ -172,8 +172,10 @@ class Report:
             "wall_time_s": wall_time_s,
         }
         (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
-        pd.DataFrame(self.rounds).assign(dp=self.dp).to_csv(out / "rounds.csv", index=False)
-        pd.DataFrame(rows).assign(dp=self.dp).to_csv(out / "campuses.csv", index=False)
+        # As in summary.json, no ε applies without DP: an empty cell, not "inf".
+        for name, table in (("rounds.csv", self.rounds), ("campuses.csv", rows)):
+            frame = pd.DataFrame(table).replace([math.inf, -math.inf], math.nan)
+            frame.assign(dp=self.dp).to_csv(out / name, index=False)
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
         self._plot(out / "plot.png")
@@ -187,12 +189,15 @@ class Report:
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         frame = pd.DataFrame(self.rounds)
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(frame["round"], frame["auc"], marker="o", label="weighted AUC")
         ax.plot(frame["round"], frame["worst_campus_auc"], marker=".", linestyle="--", label="worst-campus AUC")
         ax.set_xlabel("round")
+        ax.set_xlim(0.5, frame["round"].max() + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel("AUC-ROC (test)")
         if self.dp:
             right = ax.twinx()
