@@ -25,7 +25,7 @@ from pathlib import Path
 
 from federation.data import Tables, campus_names, campus_slice, file_hashes, load_tables, write_tables
 from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.privacy import PRIVACY_UNIT_SHORT, DPSettings, calibrate_noise, epsilon, steps_per_epoch
 from federation.results import Report
 from federation.runconfig import RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
@@ -62,7 +62,8 @@ def _announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     for note in tables.notes:
         print(f"note: {note}")
     names = campus_names(tables, cfg.campus_by, cfg.shards)
-    privacy = f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}" if cfg.dp else "NO DP"
+    privacy = (f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
+               if cfg.dp else "NO DP")
     print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
           f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}")
     return names

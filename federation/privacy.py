@@ -24,8 +24,9 @@ from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANT = "rdp"
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+PRIVACY_UNIT_SHORT = "one registration row"
 PRIVACY_UNIT = (
-    "one registration row (a student in one module presentation). edufl reports this "
+    f"{PRIVACY_UNIT_SHORT} (a student in one module presentation). edufl reports this "
     "registration-level ε. A student registered in k presentations on one campus has k rows; "
     "rows per student are not bounded, so a student-level guarantee follows only by group "
     "privacy: (k·ε, k·exp((k-1)·ε)·δ)."

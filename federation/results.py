@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT
+from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT
 
 METRICS = ("auc", "average_precision", "f1", "brier")
 NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
@@ -175,12 +175,13 @@ class Report:
         # As in summary.json, no ε applies without DP: an empty cell, not "inf".
         for name, table in (("rounds.csv", self.rounds), ("campuses.csv", rows)):
             frame = pd.DataFrame(table).replace([math.inf, -math.inf], math.nan)
-            frame.assign(dp=self.dp).to_csv(out / name, index=False)
+            frame.assign(dp=self.dp, privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None).to_csv(out / name, index=False)
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
         self._plot(out / "plot.png")
         g = summary["global"]
-        privacy = f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g})" if self.dp else "[bold red]NO DP[/bold red]"
+        privacy = (f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g}, per {PRIVACY_UNIT_SHORT})"
+                   if self.dp else "[bold red]NO DP[/bold red]")
         self.console.print(f"done: weighted AUC {g['auc']:.4f}, worst-campus AUC {g['worst_campus_auc']:.4f}, {privacy} -> {out}")
         return summary
 
@@ -202,7 +203,7 @@ class Report:
         if self.dp:
             right = ax.twinx()
             right.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="max ε")
-            right.set_ylabel(f"ε (max over campuses, δ={self.delta:g})")
+            right.set_ylabel(f"ε (max over campuses, δ={self.delta:g}, per {PRIVACY_UNIT_SHORT})")
             right.legend(loc="lower right")
             ax.set_title("Test AUC and privacy spent per round")
         else:

@@ -55,7 +55,9 @@ def test_federated_dp_run_beats_constant_predictor_on_every_campus(tables, data_
     assert summary["global"]["auc"] > 0.55
     assert (out / "model.pt").stat().st_size > 0
     with (out / "campuses.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 7
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and {r["privacy_unit"] for r in rows} == {"one registration row"}
+    assert "privacy unit: one registration row" in done.stdout and "per one registration row" in done.stdout
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
