@@ -104,7 +104,8 @@ PRIVACY_CONTRACT = ("dp", "target-epsilon", "delta", "max-grad-norm", "num-round
 
 
 def _check_contract(cfg: RunConfig, state: ConfigRecord, campus: str, server_round: int) -> None:
-    requested = {k: cfg.to_flower()[k] for k in PRIVACY_CONTRACT}
+    values = cfg.to_flower()
+    requested = {k: values[k] for k in PRIVACY_CONTRACT}
     agreed = {k: state[f"contract.{k}"] for k in PRIVACY_CONTRACT if f"contract.{k}" in state}
     changed = {k: (agreed[k], v) for k, v in requested.items() if k in agreed and agreed[k] != v}
     if changed:
@@ -128,6 +129,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     sigma = q = float("nan")
     steps_total = int(sum(state.get("steps", [])))
     loss = float("nan")
+    eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
     if n > 0:
         steps_round = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
         q = 1.0 / steps_per_epoch(n, cfg.batch_size)
@@ -149,7 +151,8 @@ def train_handler(msg: Message, context: Context) -> Message:
             history=history, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         )
         loss, history, steps_total = result.loss, result.history, steps_total + result.steps
-        if cfg.dp and epsilon(history, cfg.delta) > cfg.target_epsilon:  # fail closed: never released
+        eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
+        if cfg.dp and eps > cfg.target_epsilon:  # fail closed: never released
             raise PrivacyBudgetExceeded(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
         state.update({
             "noise-multiplier": sigma,
@@ -158,7 +161,6 @@ def train_handler(msg: Message, context: Context) -> Message:
             "steps": [int(h[2]) for h in history],
         })
     context.state[STATE_PRIVACY] = state
-    eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
     metrics = MetricRecord({
         NUM_EXAMPLES: n, "train-loss": loss, "epsilon": eps, "delta": cfg.delta,
         "noise-multiplier": sigma, "sample-rate": q, "steps": steps_total,

@@ -12,6 +12,7 @@ composition of the full step history.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -71,11 +72,19 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(n_examples / batch_size))
 
 
+@contextlib.contextmanager
+def _best_order_is_largest_ok():
+    # Opacus warns when the best RDP order is the largest one tried: the bound is then
+    # looser than it could be, never smaller than the true ε.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
 def calibrate_noise(settings: DPSettings, sample_rate: float, total_steps: int) -> float:
     """The smallest noise multiplier (found by Opacus's search, tolerance 0.01 in ε) such that
     ``total_steps`` steps at ``sample_rate`` spend at most ``settings.target_epsilon``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _best_order_is_largest_ok():
         return get_noise_multiplier(
             target_epsilon=settings.target_epsilon,
             target_delta=settings.delta,
@@ -104,9 +113,6 @@ def epsilon(history: History, delta: float) -> float:
     if not history:
         return 0.0
     rdp = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
-    with warnings.catch_warnings():
-        # Raised when the best RDP order is the largest one tried: the bound is then
-        # looser than it could be, never smaller than the true ε.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _best_order_is_largest_ok():
         eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)

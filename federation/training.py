@@ -76,11 +76,14 @@ def train(
     model.train()
     net = model
     engine = None
-    if noise_multiplier is not None:
-        with warnings.catch_warnings():
-            # Noise comes from torch's default generator, as in Opacus without secure_mode
-            # (see README, "Limitations"); the warning would repeat on every round.
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    losses, steps = [], 0
+    with warnings.catch_warnings():
+        # Noise comes from torch's default generator, as in Opacus without secure_mode
+        # (see README, "Limitations"); the warning would repeat on every round.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        # Opacus's backward hooks on the first layer, whose input needs no gradient.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if noise_multiplier is not None:
             engine = PrivacyEngine(accountant=ACCOUNTANT)
             engine.accountant.history = list(history)
             net, optimizer, loader = engine.make_private(
@@ -91,24 +94,20 @@ def train(
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
             )
-    sample_rate = 1.0 / len(loader)
-    losses, steps = [], 0
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad()
-            loss = _loss(net(x), y)
-            with warnings.catch_warnings():
-                # Opacus's backward hooks on the first layer, whose input needs no gradient.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(epochs):
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = _loss(net(x), y)
                 loss.backward()
-            optimizer.step()
-            steps += 1
-            if len(y):
-                losses.append(loss.item())
-            if anchor is not None:
-                with torch.no_grad():
-                    for p, p0 in zip(model.parameters(), anchor):
-                        p.sub_(learning_rate * proximal_mu * (p - p0))
+                optimizer.step()
+                steps += 1
+                if len(y):
+                    losses.append(loss.item())
+                if anchor is not None:
+                    with torch.no_grad():
+                        for p, p0 in zip(model.parameters(), anchor):
+                            p.sub_(learning_rate * proximal_mu * (p - p0))
+    sample_rate = 1.0 / len(loader)
     if engine is not None:
         new_history = [tuple(h) for h in engine.accountant.history]
         net.remove_hooks()  # the caller's model leaves without Opacus hooks or attributes

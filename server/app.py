@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from federation.models import build_model
-from federation.results import Report
+from federation.results import METRICS as METRICS_REPORTED, Report
 from federation.runconfig import CAMPUS, METRICS, NUM_EXAMPLES, RunConfig
 from federation.tasks import feature_names
 
@@ -96,7 +96,7 @@ class ReportingStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = self._in_campus_order(replies)
         for campus, m in self._ok(server_round, "evaluate", replies):
-            scores = {k: float(m[k.replace("_", "-")]) for k in ("auc", "average_precision", "f1", "brier")}
+            scores = {k: float(m[k.replace("_", "-")]) for k in METRICS_REPORTED}
             self.report.add_evaluation(campus, n_test=int(m[NUM_EXAMPLES]), metrics=scores)
         self.report.end_round(server_round, self.num_rounds)
         return self.inner.aggregate_evaluate(server_round, replies)
