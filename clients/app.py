@@ -29,12 +29,9 @@ from flwr.clientapp import ClientApp
 from federation.data import load_tables
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig
+from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, SIM_ENV, SIM_MANIFEST, STATE_PRIVACY, RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import evaluate, train
-
-SIM_ENV = "EDUFL_SIM_DIR"
-SIM_MANIFEST = "campuses.json"
 
 app = ClientApp()
 

@@ -4,13 +4,14 @@
   Flower's simulation engine (Ray backend). Each virtual campus reads only a
   folder holding its own rows, written to a temporary directory that is
   deleted at the end (raw rows are never written into the results folder).
-* ``centralized``: one model trained on all campuses' training rows pooled
-  (research only: pooling is what federation avoids), evaluated on every
-  campus's test rows; with DP, ε is that of the pooled dataset.
-* ``local``: every campus trains alone and is evaluated on its own test rows.
+* ``centralized`` and ``local``: the baselines of :mod:`experiments.baselines`.
 
 All modes use the same features, splits, model, optimizer and DP-SGD code,
 and write the same results folder.
+
+Start-up order (federated): the engine's processes start first, in the main
+thread, while a worker thread imports torch, Opacus and Flower, validates the
+tables and writes the campus folders; this module itself imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ import json
 import logging
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from federation.data import Tables, campus_names, campus_slice, file_hashes, load_tables, write_tables
-from federation.models import build_model
-from federation.privacy import PRIVACY_UNIT_SHORT, DPSettings, calibrate_noise, epsilon, steps_per_epoch
-from federation.results import Report
-from federation.runconfig import RunConfig
-from federation.tasks import TaskData, build_task, feature_names, split
-from federation.training import evaluate, train
+from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 
 MODES = ("federated", "centralized", "local")
 
@@ -49,16 +44,16 @@ def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Ta
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "federated":
         return _federated(cfg, data_dir, tables)
+    from .baselines import baseline  # torch, Opacus and scikit-learn load here
+
     tables = tables or load_tables(data_dir)
-    names = _announce(cfg, tables, mode)
-    campuses = {}
-    for name in names:
-        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name, cfg.shards), cfg.cutoff_day)
-        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-    return _baseline(cfg, campuses, mode, _provenance(mode, cfg, tables, names))
+    return baseline(cfg, tables, announce(cfg, tables, mode), mode)
 
 
-def _announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
+def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
+    """Print the data notes and a one-line description of the run; return the campus names."""
+    from federation.privacy import PRIVACY_UNIT_SHORT
+
     for note in tables.notes:
         print(f"note: {note}")
     names = campus_names(tables, cfg.campus_by, cfg.shards)
@@ -69,7 +64,8 @@ def _announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     return names
 
 
-def _provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
+def provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
+    """The results folder's record of what ran on which data (mode, settings, campuses, file hashes)."""
     return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source.resolve()),
             "data_sha256": file_hashes(tables.source)}
 
@@ -83,11 +79,9 @@ def _start_ray(sim_dir: str) -> None:
     one idle worker per core at once, and the ClientApp actors are placed on
     them; asking Ray to import the ClientApp's module in those workers as they
     start (``RAY_preload_python_modules``) lets the imports (torch, Opacus,
-    Flower: about 3 s) overlap with loading the tables here.
+    Flower: about 3 s) overlap with the work of this process.
     """
     import ray
-
-    from clients.app import SIM_ENV
 
     if ray.is_initialized():
         ray.shutdown()  # its workers would still see another run's campus folders
@@ -108,40 +102,40 @@ def _start_ray(sim_dir: str) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _write_campus_folders(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str) -> tuple[Tables, list[str]]:
-    from clients.app import SIM_MANIFEST
-
-    tables = tables or load_tables(data_dir)
-    names = _announce(cfg, tables, "federated")
-    for name in names:
-        write_tables(campus_slice(tables, cfg.campus_by, name, cfg.shards), Path(sim_dir) / name)
-    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
-    return tables, names
-
-
-def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None) -> dict:
-    import ray
-    from flwr.app import Context, RecordDict
+def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str):
+    """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
     from clients.app import app as client_app
     from server.app import app as server_app
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    tables = tables or load_tables(data_dir)
+    names = announce(cfg, tables, "federated")
+    for name in names:
+        write_tables(campus_slice(tables, cfg.campus_by, name, cfg.shards), Path(sim_dir) / name)
+    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
+    return tables, names, _run_simulation, client_app, server_app
+
+
+def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None) -> dict:
+    import ray
+
     with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
-        # Loading, validating and splitting the tables overlaps with Ray's start-up.
-        prepared = pool.submit(_write_campus_folders, cfg, data_dir, tables, sim_dir)
+        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir)
         _start_ray(sim_dir)
         try:
-            tables, names = prepared.result()
+            tables, names, run_simulation, client_app, server_app = prepared.result()
         except BaseException:
             ray.shutdown()
             raise
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.telemetry import EventType
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
         cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
         # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
         # internal entry point runs the same engine with the ServerApp's context given.
-        _run_simulation(
+        run_simulation(
             num_supernodes=len(names),
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
@@ -151,46 +145,6 @@ def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None) -> dict:
         )
     path = Path(cfg.out) / "summary.json"
     summary = json.loads(path.read_text())
-    summary["config"].update(_provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
+    summary["config"].update(provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _baseline(cfg: RunConfig, campuses: dict[str, tuple[TaskData, TaskData]], mode: str, report_config: dict) -> dict:
-    started = time.perf_counter()
-    report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
-    if mode == "centralized":
-        pooled = TaskData.concat([train_part for train_part, _ in campuses.values()])
-        groups = {"pooled": (pooled, list(campuses))}
-    else:
-        groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
-    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed) for g in groups}
-    histories = {g: [] for g in groups}
-    steps_done = {g: 0 for g in groups}
-    sigmas = {}
-    for g, (train_part, _) in groups.items():
-        spe = steps_per_epoch(len(train_part), cfg.batch_size)
-        if cfg.dp and len(train_part):
-            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), 1.0 / spe, cfg.num_rounds * cfg.local_epochs * spe)
-    for server_round in range(1, cfg.num_rounds + 1):
-        for g, (train_part, members) in groups.items():
-            if not len(train_part):
-                continue
-            result = train(
-                models[g], train_part, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=cfg.seed * 1_000_003 + server_round,
-                noise_multiplier=sigmas.get(g), max_grad_norm=cfg.max_grad_norm, history=histories[g],
-            )
-            histories[g] = result.history
-            steps_done[g] += result.steps
-            eps = epsilon(result.history, cfg.delta) if cfg.dp else float("inf")
-            for name in members:
-                report.add_train(name, n_train=len(campuses[name][0]), loss=result.loss, epsilon=eps,
-                                 noise_multiplier=sigmas.get(g, float("nan")), sample_rate=result.sample_rate,
-                                 steps=steps_done[g])
-            for name in members:
-                train_part_c, test_part = campuses[name]
-                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part))
-        report.end_round(server_round, cfg.num_rounds)
-    state = models["pooled"].state_dict() if mode == "centralized" else None
-    return report.write(Path(cfg.out), state, time.perf_counter() - started)

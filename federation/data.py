@@ -29,7 +29,6 @@ DATA_ENV = "EDUFL_DATA"
 OULAD_URL = "https://analyse.kmi.open.ac.uk/open_dataset/download"
 MAX_REPORTED = 25
 CAMPUS_COLUMNS = {"module": "code_module", "region": "region"}
-CAMPUS_BY = ("module", "region", "shard")
 LINE = "_line"  # column holding each row's line number in its file
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-MODELS = ("mlp", "logistic")
+from .runconfig import MODELS
 
 
 def build_model(name: str, n_features: int, seed: int = 0) -> nn.Module:

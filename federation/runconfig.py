@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .data import CAMPUS_BY
-from .models import MODELS
-from .tasks import SPLITS, TASKS
-
+# Allowed values of the run's choices. They live here, with no heavy imports, so
+# that the command line starts (and the simulation engine with it) before torch loads.
+TASKS = ("withdrawal",)
+SPLITS = ("stratified", "temporal")
+MODELS = ("mlp", "logistic")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+CAMPUS_BY = ("module", "region", "shard")
 
 # Keys of records inside Flower messages (one place, used by both sides).
 ARRAYS = "arrays"
@@ -23,6 +25,11 @@ METRICS = "metrics"
 CAMPUS = "campus"
 NUM_EXAMPLES = "num-examples"
 STATE_PRIVACY = "privacy"
+
+# Simulation only: the folder of per-campus data folders, and the manifest in it
+# mapping each virtual SuperNode's partition-id to its campus.
+SIM_ENV = "EDUFL_SIM_DIR"
+SIM_MANIFEST = "campuses.json"
 
 
 class ConfigError(ValueError):

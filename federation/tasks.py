@@ -16,9 +16,8 @@ import pandas as pd
 
 from .contract import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from .data import Tables
+from .runconfig import SPLITS, TASKS
 
-TASKS = ("withdrawal",)
-SPLITS = ("stratified", "temporal")
 MISSING_SLOT = "<missing>"
 
 

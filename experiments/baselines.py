@@ -1,0 +1,75 @@
+"""The research baselines of ``edufl simulate`` (no Flower, no network).
+
+* ``centralized``: one model trained on all campuses' training rows pooled
+  (research only: pooling is what federation avoids), evaluated on every
+  campus's test rows; with DP, ε is that of the pooled dataset.
+* ``local``: every campus trains alone and is evaluated on its own test rows.
+
+Both train with the federated run's features, splits, model, optimizer and
+DP-SGD code, for ``num_rounds * local_epochs`` epochs, evaluating after each
+round's worth of epochs, and write the same results folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from federation.data import Tables, campus_slice
+from federation.models import build_model
+from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.results import Report
+from federation.runconfig import RunConfig
+from federation.tasks import TaskData, build_task, feature_names, split
+from federation.training import evaluate, train
+
+from .simulate import provenance
+
+
+def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dict:
+    """Train the ``centralized`` or ``local`` baseline on campuses ``names`` of ``tables``.
+
+    Returns the summary dict written to ``cfg.out/summary.json``.
+    """
+    started = time.perf_counter()
+    campuses = {}
+    for name in names:
+        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name, cfg.shards), cfg.cutoff_day)
+        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    report_config = provenance(mode, cfg, tables, names)
+    report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
+    if mode == "centralized":
+        pooled = TaskData.concat([train_part for train_part, _ in campuses.values()])
+        groups = {"pooled": (pooled, list(campuses))}
+    else:
+        groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
+    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed) for g in groups}
+    histories = {g: [] for g in groups}
+    steps_done = {g: 0 for g in groups}
+    sigmas = {}
+    for g, (train_part, _) in groups.items():
+        spe = steps_per_epoch(len(train_part), cfg.batch_size)
+        if cfg.dp and len(train_part):
+            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), 1.0 / spe, cfg.num_rounds * cfg.local_epochs * spe)
+    for server_round in range(1, cfg.num_rounds + 1):
+        for g, (train_part, members) in groups.items():
+            if not len(train_part):
+                continue
+            result = train(
+                models[g], train_part, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, seed=cfg.seed * 1_000_003 + server_round,
+                noise_multiplier=sigmas.get(g), max_grad_norm=cfg.max_grad_norm, history=histories[g],
+            )
+            histories[g] = result.history
+            steps_done[g] += result.steps
+            eps = epsilon(result.history, cfg.delta) if cfg.dp else float("inf")
+            for name in members:
+                report.add_train(name, n_train=len(campuses[name][0]), loss=result.loss, epsilon=eps,
+                                 noise_multiplier=sigmas.get(g, float("nan")), sample_rate=result.sample_rate,
+                                 steps=steps_done[g])
+            for name in members:
+                train_part_c, test_part = campuses[name]
+                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part))
+        report.end_round(server_round, cfg.num_rounds)
+    state = models["pooled"].state_dict() if mode == "centralized" else None
+    return report.write(Path(cfg.out), state, time.perf_counter() - started)
