@@ -20,11 +20,9 @@ for _var, _value in (
 ):
     os.environ.setdefault(_var, _value)
 
+# Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
-from federation.data import CAMPUS_BY
-from federation.runconfig import STRATEGIES, ConfigError, RunConfig  # noqa: E402
-from federation.models import MODELS  # noqa: E402
-from federation.tasks import SPLITS, TASKS  # noqa: E402
+from federation.runconfig import CAMPUS_BY, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
 
 DEFAULTS = RunConfig()
 
