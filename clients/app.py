@@ -1,34 +1,45 @@
 """The campus side: a Flower ClientApp that trains with DP-SGD on the campus's own rows.
 
-Where a campus's data comes from:
+Where a campus's data, state and policy come from:
 
-* deployment: the SuperNode's node config, ``--node-config "data-dir='DIR' campus='NAME'"``;
-  the ClientApp reads only ``DIR``;
+* deployment: the SuperNode's node config,
+  ``--node-config "data-dir='DIR' campus='NAME' state-dir='STATE' policy='FILE'"``;
+  the ClientApp reads only ``DIR``. ``state-dir`` (default ``~/.edufl/campuses/NAME``)
+  holds the privacy ledger; ``policy`` is the campus policy file (the safe
+  defaults of :class:`federation.policy.CampusPolicy` without one);
 * simulation (``edufl simulate``): each virtual SuperNode's ``partition-id``
-  picks one campus folder from the manifest in ``$EDUFL_SIM_DIR``, which holds
-  one folder per campus with only that campus's rows.
+  picks one campus from the manifest in ``$EDUFL_SIM_DIR``, which holds one
+  folder per campus with only that campus's rows, the folder under which each
+  campus keeps its state, and the policy file, if the researcher gave one.
 
 Privacy is enforced here, not trusted from the coordinator: every requested
-configuration is validated, the noise multiplier is calibrated by the campus
-for the whole run, and a round whose steps would take this campus's ε past the
-target is refused before any training.
+configuration is validated and checked against the campus policy, the noise
+multiplier is calibrated by the campus for the whole run (never below the
+policy's floor), a round whose steps would take the run's ε past its target,
+or the dataset's ε past the policy's total budget, is refused before any
+training, and every release is written to the privacy ledger before the reply
+leaves the campus.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import zlib
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.data import load_tables
+from federation.data import file_hashes, load_tables
+from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.policy import CampusPolicy
+from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
 from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, SIM_ENV, SIM_MANIFEST, STATE_PRIVACY, RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import evaluate, train
@@ -36,13 +47,24 @@ from federation.training import evaluate, train
 app = ClientApp()
 
 
-class PrivacyBudgetExceeded(RuntimeError):
-    """A requested round would take the campus's ε past its target, or change the run's privacy settings."""
+class CampusRefusal(RuntimeError):
+    """A requested round would break the campus's policy, take an ε past its limit, or change the run's privacy settings."""
+
+
+@dataclass(frozen=True)
+class CampusSetup:
+    """What the campus operator configured: name, data folder, state folder and policy (None: no policy)."""
+
+    name: str
+    data_dir: Path
+    state_dir: Path
+    policy: CampusPolicy | None
 
 
 @dataclass
 class Campus:
     name: str
+    dataset: str  # SHA-256 over the data files: the identity the privacy ledger is keyed by
     train: TaskData
     test: TaskData
 
@@ -50,33 +72,38 @@ class Campus:
 _CAMPUS_CACHE: dict[tuple, Campus] = {}
 
 
-def campus_source(node_config: dict) -> tuple[str, Path]:
-    """(campus name, data folder) for this SuperNode.
+def campus_setup(node_config: dict) -> CampusSetup:
+    """This SuperNode's campus setup (see the module docstring).
 
     Raises
     ------
     RuntimeError
         When the node config names no data folder and this is not an edufl simulation.
+    PolicyError
+        When the policy file cannot be used.
     """
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"]))
-        return str(node_config.get("campus", data_dir.name)), data_dir
+        name = str(node_config.get("campus", data_dir.name))
+        state = Path(str(node_config.get("state-dir", Path.home() / ".edufl" / "campuses" / name)))
+        return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")))
     if "partition-id" in node_config and os.environ.get(SIM_ENV):
         root = Path(os.environ[SIM_ENV])
-        names = json.loads((root / SIM_MANIFEST).read_text())
-        name = names[int(node_config["partition-id"])]
-        return name, root / name
+        manifest = json.loads((root / SIM_MANIFEST).read_text())
+        name = manifest["campuses"][int(node_config["partition-id"])]
+        policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
+        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
 
 
-def load_campus(node_config: dict, cfg: RunConfig) -> Campus:
+def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process)."""
-    name, data_dir = campus_source(node_config)
-    key = (str(data_dir), cfg.task, cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
+    key = (str(setup.data_dir), cfg.task, cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
     if key not in _CAMPUS_CACHE:
-        data = build_task(cfg.task, load_tables(data_dir), cfg.cutoff_day)
+        data = build_task(cfg.task, load_tables(setup.data_dir), cfg.cutoff_day)
         train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-        _CAMPUS_CACHE[key] = Campus(name, train_part, test_part)
+        dataset = hashlib.sha256(json.dumps(file_hashes(setup.data_dir), sort_keys=True).encode()).hexdigest()
+        _CAMPUS_CACHE[key] = Campus(setup.name, dataset, train_part, test_part)
     return _CAMPUS_CACHE[key]
 
 
@@ -107,60 +134,92 @@ def _check_contract(cfg: RunConfig, state: ConfigRecord, campus: str, server_rou
     changed = {k: (agreed[k], v) for k, v in requested.items() if k in agreed and agreed[k] != v}
     if changed:
         detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise PrivacyBudgetExceeded(f"campus {campus} refuses round {server_round}: the run's privacy settings changed ({detail})")
+        raise CampusRefusal(f"campus {campus} refuses round {server_round}: the run's privacy settings changed ({detail})")
     for k, v in requested.items():
         state[f"contract.{k}"] = v
 
 
+def _check_policy(setup: CampusSetup, cfg: RunConfig, server_round: int) -> None:
+    found = setup.policy.check(cfg) if setup.policy else []
+    if found:
+        detail = "; ".join(f"{key}: {why}" for key, why in found)
+        raise CampusRefusal(f"campus {setup.name} refuses round {server_round}: the request breaks its policy ({detail})")
+
+
+def _check_budget(setup: CampusSetup, cfg: RunConfig, campus: Campus, ledger: PrivacyLedger, run_history: History,
+                  planned: tuple[float, float, int], server_round: int) -> None:
+    projected = epsilon([*run_history, planned], cfg.delta)
+    if projected > cfg.target_epsilon:
+        raise CampusRefusal(
+            f"campus {campus.name} refuses round {server_round}: its ε would reach {projected:.3f}, "
+            f"above target-epsilon {cfg.target_epsilon} (spent so far {epsilon(run_history, cfg.delta):.3f})"
+        )
+    if setup.policy:
+        limits = setup.policy.privacy
+        spent = ledger.history(campus.dataset)
+        total = epsilon([*spent, planned], limits.delta)
+        if total > limits.total_epsilon_budget:
+            raise CampusRefusal(
+                f"campus {campus.name} refuses round {server_round}: privacy.total_epsilon_budget: the dataset's ε over "
+                f"all runs would reach {total:.3f} > {limits.total_epsilon_budget:g} (spent {epsilon(spent, limits.delta):.3f})"
+            )
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the received global model locally; reply with weights, counts, loss and ε so far."""
+    """Train the received global model locally; reply with weights, counts, loss and the run's ε so far.
+
+    The release is recorded in the campus's privacy ledger before the reply is returned.
+
+    Raises
+    ------
+    CampusRefusal
+        Before any training, when the request breaks the campus policy, changes
+        the run's privacy settings, or would take an ε past its limit (Flower
+        sends the coordinator an error reply with the message).
+    ConfigError
+        On an unknown or invalid configuration key.
+    """
     cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
     server_round = int(msg.content[CONFIG]["server-round"])
-    campus = load_campus(context.node_config, cfg)
+    setup = campus_setup(context.node_config)
+    _check_policy(setup, cfg, server_round)
+    campus = load_campus(setup, cfg)
     model = _model(cfg, msg)
     state = context.state.get(STATE_PRIVACY, ConfigRecord())
     _check_contract(cfg, state, campus.name, server_round)
-    history = list(zip(state.get("sigma", []), state.get("q", []), state.get("steps", [])))
-    n = len(campus.train)
-    sigma = q = float("nan")
-    steps_total = int(sum(state.get("steps", [])))
-    loss = float("nan")
-    eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
-    if n > 0:
-        steps_round = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
-        q = 1.0 / steps_per_epoch(n, cfg.batch_size)
-        if cfg.dp:
-            settings = DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm)
-            sigma = float(state["noise-multiplier"]) if "noise-multiplier" in state else calibrate_noise(
-                settings, q, cfg.num_rounds * steps_round
-            )
-            projected = epsilon([*history, (sigma, q, steps_round)], cfg.delta)
-            if projected > cfg.target_epsilon:
-                raise PrivacyBudgetExceeded(
-                    f"campus {campus.name} refuses round {server_round}: its ε would reach {projected:.3f}, "
-                    f"above target-epsilon {cfg.target_epsilon} (spent so far {epsilon(history, cfg.delta):.3f})"
-                )
-        result = train(
-            model, campus.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate, seed=round_seed(cfg, campus.name, server_round),
-            noise_multiplier=sigma if cfg.dp else None, max_grad_norm=cfg.max_grad_norm,
-            history=history, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-        )
-        loss, history, steps_total = result.loss, result.history, steps_total + result.steps
-        eps = epsilon(history, cfg.delta) if cfg.dp else math.inf
-        if cfg.dp and eps > cfg.target_epsilon:  # fail closed: never released
-            raise PrivacyBudgetExceeded(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
-        state.update({
-            "noise-multiplier": sigma,
-            "sigma": [float(h[0]) for h in history],
-            "q": [float(h[1]) for h in history],
-            "steps": [int(h[2]) for h in history],
-        })
     context.state[STATE_PRIVACY] = state
+    run = cfg.run_name or str(context.run_id)
+    n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
+    with closing(PrivacyLedger(setup.state_dir)) as ledger:
+        history = ledger.history(campus.dataset, run)
+        if n > 0:
+            spe = steps_per_epoch(n, cfg.batch_size)
+            q = 1.0 / spe
+            if cfg.dp:
+                # σ is fixed for the run by its first round: calibrated so that all of the
+                # run's steps spend at most target-epsilon, never below the policy's floor.
+                sigma = history[0][0] if history else calibrate_noise(
+                    DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), q, cfg.num_rounds * cfg.local_epochs * spe)
+                sigma = setup.policy.noise_multiplier(sigma) if setup.policy else sigma
+                _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * spe), server_round)
+            result = train(
+                model, campus.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, seed=round_seed(cfg, campus.name, server_round),
+                noise_multiplier=sigma if cfg.dp else None, max_grad_norm=cfg.max_grad_norm,
+                proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+            )
+            loss = result.loss
+            released = (sigma if cfg.dp else 0.0, result.sample_rate, result.steps)  # as the accountant saw it
+            eps = epsilon([*history, released], cfg.delta)
+            if cfg.dp and eps > cfg.target_epsilon:  # fail closed: never released
+                raise CampusRefusal(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
+            ledger.record(Release(campus.dataset, campus.name, run, server_round, cfg.task, "dp-sgd" if cfg.dp else "none",
+                                  *released, eps, cfg.delta))
+            history.append(released)
     metrics = MetricRecord({
-        NUM_EXAMPLES: n, "train-loss": loss, "epsilon": eps, "delta": cfg.delta,
-        "noise-multiplier": sigma, "sample-rate": q, "steps": steps_total,
+        NUM_EXAMPLES: n, "train-loss": loss, "epsilon": epsilon(history, cfg.delta), "delta": cfg.delta,
+        "noise-multiplier": sigma, "sample-rate": q, "steps": int(sum(h[2] for h in history)),
     })
     content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus)})
     return Message(content=content, reply_to=msg)
@@ -168,9 +227,20 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this campus's held-out test rows."""
+    """Evaluate the received global model on this campus's held-out test rows.
+
+    Raises
+    ------
+    CampusRefusal
+        Under a policy, when there are fewer test rows than its ``release.min_cohort_size``.
+    """
     cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
-    campus = load_campus(context.node_config, cfg)
+    setup = campus_setup(context.node_config)
+    campus = load_campus(setup, cfg)
+    k = setup.policy.release.min_cohort_size if setup.policy else 1
+    if len(campus.test) < k:
+        raise CampusRefusal(f"campus {campus.name} refuses to release metrics on {len(campus.test)} test rows: "
+                            f"release.min_cohort_size is {k}")
     scores = evaluate(_model(cfg, msg), campus.train, campus.test)
     metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k.replace("_", "-"): v for k, v in scores.items() if k != "threshold"}})
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus)}), reply_to=msg)

@@ -29,11 +29,15 @@ from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 MODES = ("federated", "centralized", "local")
 
 
-def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None) -> dict:
+def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None,
+             policy: Path | None = None) -> dict:
     """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``).
 
-    Campuses are formed by ``cfg.campus_by``. Returns the summary dict written
-    to ``cfg.out/summary.json``.
+    Campuses are formed by ``cfg.campus_by``. Federated: every virtual campus
+    keeps its privacy ledger under ``cfg.out/campuses/<campus>/`` and, when
+    ``policy`` (a campus policy file) is given, enforces it; without one, the
+    research settings of ``cfg`` (no DP, a large ε) run as asked. Returns the
+    summary dict written to ``cfg.out/summary.json``.
 
     Raises
     ------
@@ -43,7 +47,7 @@ def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Ta
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "federated":
-        return _federated(cfg, data_dir, tables)
+        return _federated(cfg, data_dir, tables, policy)
     from .baselines import baseline  # torch, Opacus and scikit-learn load here
 
     tables = tables or load_tables(data_dir)
@@ -102,7 +106,7 @@ def _start_ray(sim_dir: str) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str):
+def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None):
     """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
 
@@ -113,15 +117,17 @@ def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str
     names = announce(cfg, tables, "federated")
     for name in names:
         write_tables(campus_slice(tables, cfg.campus_by, name, cfg.shards), Path(sim_dir) / name)
-    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(names))
+    manifest = {"campuses": names, "state-root": str(Path(cfg.out).resolve() / "campuses"),
+                "policy": str(policy.resolve()) if policy else None}
+    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))
     return tables, names, _run_simulation, client_app, server_app
 
 
-def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None) -> dict:
+def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None) -> dict:
     import ray
 
     with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir)
+        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy)
         _start_ray(sim_dir)
         try:
             tables, names, run_simulation, client_app, server_app = prepared.result()

@@ -105,13 +105,15 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 
 def epsilon(history: History, delta: float) -> float:
-    """ε at ``delta`` spent by all steps in ``history`` (0.0 for an empty history).
+    """ε at ``delta`` spent by all steps in ``history`` (0.0 for an empty history, ∞ if any σ is 0).
 
     The same computation as Opacus's ``RDPAccountant.get_epsilon`` over that
     history (same orders, same conversion), with the per-step RDP cached.
     """
     if not history:
         return 0.0
+    if any(float(s) == 0.0 for s, _, _ in history):
+        return math.inf  # a release without noise has no finite guarantee
     rdp = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
     with _best_order_is_largest_ok():
         eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)

@@ -40,6 +40,10 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every setting of a federated run (the ``[tool.flwr.app.config]`` keys, dashes as underscores).
 
+    ``run_name`` is the coordinator's name for the run: campuses key their
+    privacy ledger by it, so a resumed run keeps spending the same run budget.
+    Empty means Flower's run id.
+
     Raises
     ------
     ConfigError
@@ -67,6 +71,7 @@ class RunConfig:
     min_campuses: int = 2
     round_timeout: float = 3600.0
     out: str = "results/run"
+    run_name: str = ""
 
     def __post_init__(self) -> None:
         self.validate()

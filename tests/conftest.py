@@ -37,3 +37,11 @@ def aaa_dir(aaa: Tables, tmp_path: Path) -> Path:
     """A fresh folder holding campus AAA's rows in the OULAD file format, safe to corrupt."""
     write_tables(aaa, tmp_path / "AAA")
     return tmp_path / "AAA"
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a Flower runtime need a task identity, as in run_simulation."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0

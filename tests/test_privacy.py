@@ -3,18 +3,22 @@ no stacked hooks or reset accountant across rounds, and campus-side enforcement.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from clients.app import PrivacyBudgetExceeded, evaluate_handler, train_handler
+from clients.app import CampusRefusal, evaluate_handler, train_handler
+from federation.ledger import PrivacyLedger
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, STATE_PRIVACY, RunConfig
+from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, SIM_ENV, SIM_MANIFEST, RunConfig
 from federation.tasks import TaskData, feature_names, split, withdrawal
 from federation.training import train
 
@@ -93,18 +97,14 @@ def _message(cfg: RunConfig, model, server_round: int, kind: str = "train") -> M
     return Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type=kind)
 
 
-@pytest.fixture
-def task_identity():
-    """Messages built outside a Flower runtime need a task identity, as in run_simulation."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+def _campus_context(aaa_dir: Path, **node_config) -> Context:
+    config = {"data-dir": str(aaa_dir), "campus": "AAA", "state-dir": str(aaa_dir.parent / "state"), **node_config}
+    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
 
 
 def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_dir, task_identity):
     cfg = RunConfig(num_rounds=2, target_epsilon=1.0, model="logistic")
-    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(aaa_dir), "campus": "AAA"},
-                      state=RecordDict(), run_config={})
+    context = _campus_context(aaa_dir)
     model = build_model(cfg.model, len(feature_names()))
     spent = []
     for server_round in (1, 2):
@@ -115,11 +115,14 @@ def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_di
         spent.append(metrics["epsilon"])
         model.load_state_dict(reply.content[ARRAYS].to_torch_state_dict())
     assert 0 < spent[0] < spent[1] <= 1.0
-    state = context.state[STATE_PRIVACY]
-    assert epsilon(list(zip(state["sigma"], state["q"], state["steps"])), cfg.delta) == pytest.approx(spent[1])
-    with pytest.raises(PrivacyBudgetExceeded, match="campus AAA refuses round 3"):
+    ledger = PrivacyLedger(aaa_dir.parent / "state")
+    releases = ledger.releases()
+    assert [(r.campus, r.run_id, r.server_round, r.mechanism) for r in releases] == [("AAA", "1", 1, "dp-sgd"), ("AAA", "1", 2, "dp-sgd")]
+    assert [r.epsilon for r in releases] == spent  # what was reported is what was recorded
+    assert epsilon(ledger.history(releases[0].dataset), cfg.delta) == pytest.approx(spent[1])
+    with pytest.raises(CampusRefusal, match="campus AAA refuses round 3"):
         train_handler(_message(cfg, model, 3), context)
-    assert context.state[STATE_PRIVACY]["steps"] == state["steps"]  # nothing trained, nothing spent
+    assert len(ledger.releases()) == 2  # nothing trained, nothing spent
     scores = evaluate_handler(_message(cfg, model, 2, "evaluate"), context).content[METRICS]
     assert scores["num-examples"] == 140 and 0 <= scores["auc"] <= 1 and 0 < scores["brier"] < 0.25
 
@@ -135,22 +138,75 @@ def test_cached_accounting_equals_opacus_rdp_accountant():
 
 
 def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, task_identity):
-    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(aaa_dir), "campus": "AAA"},
-                      state=RecordDict(), run_config={})
+    context = _campus_context(aaa_dir)
     cfg = RunConfig(num_rounds=5, target_epsilon=1.0, model="logistic")
     model = build_model(cfg.model, len(feature_names()))
     first = train_handler(_message(cfg, model, 1), context).content[METRICS]["epsilon"]
-    for loosened in (RunConfig(num_rounds=5, target_epsilon=1e6, model="logistic"),
-                     RunConfig(num_rounds=5, target_epsilon=1.0, dp=False, model="logistic"),
-                     RunConfig(num_rounds=50, target_epsilon=1.0, model="logistic")):
-        with pytest.raises(PrivacyBudgetExceeded, match="privacy settings changed"):
+    # each within the campus policy, but looser than what the run agreed at round 1
+    for loosened in (RunConfig(num_rounds=5, target_epsilon=2.0, model="logistic"),
+                     RunConfig(num_rounds=10, target_epsilon=1.0, model="logistic")):
+        with pytest.raises(CampusRefusal, match="privacy settings changed"):
             train_handler(_message(loosened, model, 2), context)
     second = train_handler(_message(cfg, model, 2), context).content[METRICS]["epsilon"]
     assert 0 < first < second <= 1.0
 
 
-def test_client_app_without_dp_reports_infinite_epsilon(aaa_dir, task_identity):
-    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(aaa_dir)}, state=RecordDict(), run_config={})
+def test_research_simulation_without_dp_reports_and_records_infinite_epsilon(aaa_dir, task_identity, monkeypatch):
+    # A virtual campus of `edufl simulate` without --policy: research baselines such as no DP run as asked.
+    (aaa_dir.parent / SIM_MANIFEST).write_text(json.dumps({"campuses": ["AAA"], "state-root": str(aaa_dir.parent / "campuses"), "policy": None}))
+    monkeypatch.setenv(SIM_ENV, str(aaa_dir.parent))
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     cfg = RunConfig(num_rounds=1, dp=False, model="logistic")
     reply = train_handler(_message(cfg, build_model(cfg.model, len(feature_names())), 1), context)
     assert reply.content[METRICS]["epsilon"] == math.inf and reply.content[CAMPUS]["name"] == "AAA"
+    [release] = PrivacyLedger(aaa_dir.parent / "campuses" / "AAA").releases()
+    assert (release.mechanism, release.noise_multiplier, release.epsilon, release.run_id) == ("none", 0.0, math.inf, "7")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(dp=False), "privacy.max_epsilon_per_run: the run asks for no differential privacy"),
+    (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run: target-epsilon 1e\\+06 > 3"),
+    (dict(delta=0.01), "privacy.delta: delta 0.01 > 1e-05"),
+    (dict(num_rounds=1000), "training.max_rounds: num-rounds 1000 > 50"),
+    (dict(task="at_risk"), "task = 'at_risk'; expected one of withdrawal"),
+    (dict(sneaky_key=1), "unknown configuration key\\(s\\): sneaky_key"),
+])
+def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, task_identity, change, named):
+    values = {**RunConfig(model="logistic").to_flower(), "server-round": 1}
+    values.update({k.replace("_", "-") if k != "sneaky_key" else k: v for k, v in change.items()})
+    msg = Message(RecordDict({ARRAYS: ArrayRecord(build_model("logistic", len(feature_names())).state_dict()),
+                              CONFIG: ConfigRecord(values)}), dst_node_id=1, message_type="train")
+    with pytest.raises(Exception, match=named):
+        train_handler(msg, _campus_context(aaa_dir))  # the default policy: a real campus always has one
+    assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing trained, nothing released
+
+
+def test_total_budget_is_spent_across_runs_and_restarts_then_refused(aaa_dir, task_identity, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[privacy]\nmax_epsilon_per_run = 1.0\ntotal_epsilon_budget = 2.5\n")
+    model = build_model("logistic", len(feature_names()))
+    finished = 0
+    with pytest.raises(CampusRefusal, match="privacy.total_epsilon_budget: the dataset's ε over all runs would reach"):
+        for run in range(1, 10):
+            cfg = RunConfig(num_rounds=2, target_epsilon=1.0, model="logistic", run_name=f"run-{run}")
+            context = _campus_context(aaa_dir, policy=str(policy))  # a fresh process each run: state is the ledger's
+            for server_round in (1, 2):
+                train_handler(_message(cfg, model, server_round), context)
+            finished = run
+    ledger = PrivacyLedger(aaa_dir.parent / "state")
+    releases = ledger.releases()
+    assert finished >= 2 and len(releases) in (2 * finished, 2 * finished + 1)  # refused before training, never after
+    reference = RDPAccountant()
+    reference.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in releases]
+    total = ledger.spent(releases[0].dataset, 1e-5)
+    assert total == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12) and total <= 2.5
+    assert all(ledger.spent(r.dataset, 1e-5, r.run_id) <= 1.0 for r in releases)
+
+
+def test_metrics_on_fewer_test_rows_than_the_cohort_minimum_are_not_released(aaa_dir, task_identity, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[release]\nmin_cohort_size = 1000\n")
+    cfg = RunConfig(model="logistic")
+    with pytest.raises(CampusRefusal, match="140 test rows: release.min_cohort_size is 1000"):
+        evaluate_handler(_message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
+                         _campus_context(aaa_dir, policy=str(policy)))

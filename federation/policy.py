@@ -1,0 +1,118 @@
+"""A campus's privacy policy: the limits its data steward sets, checked against every request.
+
+The policy is a TOML file kept by the campus (never sent by the coordinator).
+Every key is optional; a missing key takes the safe default below, and a
+campus always runs under a policy (``CampusPolicy()`` when no file is given)::
+
+    [privacy]
+    max_epsilon_per_run = 3.0     # ε of one run, at the policy's δ
+    total_epsilon_budget = 10.0   # ε over all runs on this campus's dataset
+    delta = 1e-5                  # δ of every guarantee (a run may ask for less)
+    min_noise_multiplier = 0.5    # DP-SGD noise never below this, whatever ε allows
+    [training]
+    max_rounds = 50
+    max_local_epochs = 5
+    allowed_tasks = ["withdrawal"]
+    [release]
+    min_cohort_size = 10          # no metric or statistic on fewer records
+
+A run configuration may only be stricter than the policy: :meth:`CampusPolicy.check`
+lists every key a request would loosen, so that the campus can refuse it, say
+why, and log the refusal.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .runconfig import TASKS, RunConfig
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be read, or holds an unknown key or a value out of range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrivacyLimits(_Section):
+    max_epsilon_per_run: float = Field(3.0, gt=0, allow_inf_nan=False)
+    total_epsilon_budget: float = Field(10.0, gt=0, allow_inf_nan=False)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    min_noise_multiplier: float = Field(0.5, ge=0, allow_inf_nan=False)
+
+
+class TrainingLimits(_Section):
+    max_rounds: int = Field(50, ge=1)
+    max_local_epochs: int = Field(5, ge=1)
+    allowed_tasks: tuple[str, ...] = TASKS
+
+
+class ReleaseLimits(_Section):
+    min_cohort_size: int = Field(10, ge=1)
+
+
+class CampusPolicy(_Section):
+    """The campus's limits (see the module docstring for the file format and defaults)."""
+
+    privacy: PrivacyLimits = PrivacyLimits()
+    training: TrainingLimits = TrainingLimits()
+    release: ReleaseLimits = ReleaseLimits()
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> CampusPolicy:
+        """The policy in the TOML file ``path`` (the safe defaults when ``path`` is None).
+
+        Raises
+        ------
+        PolicyError
+            When the file is missing or not TOML, or a key is unknown or out of
+            range; the message names the file and each offending key.
+        """
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PolicyError(f"{path}: policy file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise PolicyError(f"{path}: not a TOML file ({err})") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise PolicyError(f"{path}: {problems}") from None
+
+    def check(self, cfg: RunConfig) -> list[tuple[str, str]]:
+        """Every way ``cfg`` would loosen this policy, as (policy key, explanation) pairs.
+
+        An empty list means the request is within the policy. DP off, a run ε
+        above ``max_epsilon_per_run``, a δ above ``delta``, more rounds or local
+        epochs than allowed, or a task not allowed are each reported. The noise
+        floor and the total budget depend on the campus's data and ledger and
+        are enforced when a round is planned (see ``clients.app``).
+        """
+        p, t = self.privacy, self.training
+        found = []
+        if not cfg.dp:
+            found.append(("privacy.max_epsilon_per_run", "the run asks for no differential privacy (noise 0)"))
+        elif cfg.target_epsilon > p.max_epsilon_per_run:
+            found.append(("privacy.max_epsilon_per_run", f"target-epsilon {cfg.target_epsilon:g} > {p.max_epsilon_per_run:g}"))
+        if cfg.delta > p.delta:
+            found.append(("privacy.delta", f"delta {cfg.delta:g} > {p.delta:g}"))
+        if cfg.num_rounds > t.max_rounds:
+            found.append(("training.max_rounds", f"num-rounds {cfg.num_rounds} > {t.max_rounds}"))
+        if cfg.local_epochs > t.max_local_epochs:
+            found.append(("training.max_local_epochs", f"local-epochs {cfg.local_epochs} > {t.max_local_epochs}"))
+        if cfg.task not in t.allowed_tasks:
+            found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks)}"))
+        return found
+
+    def noise_multiplier(self, calibrated: float) -> float:
+        """The noise multiplier a round uses: the calibrated one, never below ``min_noise_multiplier``."""
+        return max(calibrated, self.privacy.min_noise_multiplier)
