@@ -26,11 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import zlib
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -38,27 +36,15 @@ from flwr.clientapp import ClientApp
 from federation.data import file_hashes, load_tables
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
-from federation.policy import CampusPolicy
 from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, SIM_ENV, SIM_MANIFEST, STATE_PRIVACY, RunConfig
+from federation.runconfig import ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import evaluate, train
 
-app = ClientApp()
+from .guard import release_guard
+from .node import CampusRefusal, CampusSetup, campus_setup
 
-
-class CampusRefusal(RuntimeError):
-    """A requested round would break the campus's policy, take an ε past its limit, or change the run's privacy settings."""
-
-
-@dataclass(frozen=True)
-class CampusSetup:
-    """What the campus operator configured: name, data folder, state folder and policy (None: no policy)."""
-
-    name: str
-    data_dir: Path
-    state_dir: Path
-    policy: CampusPolicy | None
+app = ClientApp(mods=[release_guard])
 
 
 @dataclass
@@ -70,30 +56,6 @@ class Campus:
 
 
 _CAMPUS_CACHE: dict[tuple, Campus] = {}
-
-
-def campus_setup(node_config: dict) -> CampusSetup:
-    """This SuperNode's campus setup (see the module docstring).
-
-    Raises
-    ------
-    RuntimeError
-        When the node config names no data folder and this is not an edufl simulation.
-    PolicyError
-        When the policy file cannot be used.
-    """
-    if "data-dir" in node_config:
-        data_dir = Path(str(node_config["data-dir"]))
-        name = str(node_config.get("campus", data_dir.name))
-        state = Path(str(node_config.get("state-dir", Path.home() / ".edufl" / "campuses" / name)))
-        return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")))
-    if "partition-id" in node_config and os.environ.get(SIM_ENV):
-        root = Path(os.environ[SIM_ENV])
-        manifest = json.loads((root / SIM_MANIFEST).read_text())
-        name = manifest["campuses"][int(node_config["partition-id"])]
-        policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
-        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy)
-    raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
 
 
 def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
@@ -232,15 +194,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     Raises
     ------
     CampusRefusal
-        Under a policy, when there are fewer test rows than its ``release.min_cohort_size``.
+        When the request breaks the campus policy, or there are fewer test rows
+        than its ``release.min_cohort_size``.
     """
     cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
     setup = campus_setup(context.node_config)
+    _check_policy(setup, cfg, int(msg.content[CONFIG]["server-round"]))
     campus = load_campus(setup, cfg)
     k = setup.policy.release.min_cohort_size if setup.policy else 1
     if len(campus.test) < k:
         raise CampusRefusal(f"campus {campus.name} refuses to release metrics on {len(campus.test)} test rows: "
                             f"release.min_cohort_size is {k}")
     scores = evaluate(_model(cfg, msg), campus.train, campus.test)
-    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k.replace("_", "-"): v for k, v in scores.items() if k != "threshold"}})
+    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k: scores[k.replace("-", "_")] for k in EVALUATE_METRICS[1:]}})
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus)}), reply_to=msg)

@@ -1,7 +1,7 @@
 """The ``edufl`` command line.
 
-Exit status: 0 on success, 2 for a user mistake (bad data, bad option), with a
-message and no traceback.
+Exit status: 0 on success, 2 for a user mistake (bad data, bad option, bad
+policy file), 3 when campuses refused a run; each with a message and no traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 # A campus tool must not phone home: Flower telemetry, update checks and
 # per-run dependency installs are off unless the user turns them on.
@@ -22,9 +23,14 @@ for _var, _value in (
 
 # Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
+from federation.policy import PolicyError  # noqa: E402
 from federation.runconfig import CAMPUS_BY, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
 
 DEFAULTS = RunConfig()
+
+
+class CampusesRefused(RuntimeError):
+    """One or more campuses refused the run, or blocked its replies (exit status 3)."""
 
 
 def _simulate_parser(sub) -> None:
@@ -33,6 +39,15 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--data", help="folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
     p.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated",
                    help="federated (Flower simulation engine), centralized (pooled rows, research only) or local (each campus alone)")
+    _run_settings(p)
+    p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by,
+                   help="campuses: module (7), region (13) or shard (--shards campuses by student hash)")
+    p.add_argument("--shards", type=int, default=DEFAULTS.shards, help="number of campuses with --campus-by shard")
+    p.add_argument("--policy", help="campus policy file (TOML) every virtual campus enforces (default: none, research settings run as asked)")
+
+
+def _run_settings(p: argparse.ArgumentParser) -> None:
+    """The run settings shared by `simulate` and `coordinator run`."""
     p.add_argument("--task", choices=TASKS, default=DEFAULTS.task, help="prediction task")
     p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds, help="federation rounds")
     p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs, help="epochs of local training per round")
@@ -45,9 +60,6 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--delta", type=float, default=DEFAULTS.delta, help="δ of each campus's (ε, δ) guarantee")
     p.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-example clipping norm")
     p.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (research baselines only)")
-    p.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by,
-                   help="campuses: module (7), region (13) or shard (--shards campuses by student hash)")
-    p.add_argument("--shards", type=int, default=DEFAULTS.shards, help="number of campuses with --campus-by shard")
     p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
     p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split,
                    help="stratified held-out test rows per campus, or temporal (train 2013, test 2014)")
@@ -59,24 +71,135 @@ def _simulate_parser(sub) -> None:
 def _run_simulate(args: argparse.Namespace) -> None:
     from .simulate import simulate
 
+    cfg = _run_config(args, campus_by=args.campus_by, shards=args.shards)
+    if args.policy and args.mode != "federated":
+        raise ConfigError(f"--policy is enforced by campuses, in federated runs only (not --mode {args.mode})")
+    started = time.perf_counter()
+    summary = simulate(cfg, resolve_data_dir(args.data), args.mode, policy=args.policy and Path(args.policy))
+    print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
+    refusals = sorted({f["reason"] for f in summary["failures"] if f["refused"]})
+    if refusals:
+        raise CampusesRefused("campuses refused the run:\n  " + "\n  ".join(refusals))
+
+
+def _run_config(args: argparse.Namespace, **extra) -> RunConfig:
+    """The RunConfig of the `_run_settings` options (and ``extra`` fields); errors name the option typed."""
     try:
-        cfg = _simulate_config(args)
-    except ConfigError as err:  # name the option the user typed
+        return RunConfig(
+            task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
+            dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
+            cutoff_day=args.cutoff_day, split=args.split, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
+            **extra,
+        )
+    except ConfigError as err:
         key, _, rest = str(err).partition(" ")
         raise ConfigError(f"--{'rounds' if key == 'num-rounds' else key} {rest}") from None
-    started = time.perf_counter()
-    simulate(cfg, resolve_data_dir(args.data), args.mode)
-    print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
 
 
-def _simulate_config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
-        dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
-        cutoff_day=args.cutoff_day, split=args.split, campus_by=args.campus_by, shards=args.shards, test_fraction=args.test_fraction,
-        seed=args.seed, out=args.out,
-    )
+def _certs_parser(sub) -> None:
+    p = sub.add_parser("certs", help="make a private CA, a SuperLink certificate and campus key pairs (demos and tests)")
+    p.add_argument("--out", required=True, help="folder for the files (existing files are kept)")
+    p.add_argument("--campuses", required=True, help="comma-separated campus names, e.g. AAA,BBB,CCC")
+    p.add_argument("--host", action="append", default=[],
+                   help="a DNS name or IP address campuses use to reach the coordinator (repeatable); "
+                        "localhost, 127.0.0.1 and ::1 are always included")
+
+
+def _run_certs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from federation.pki import make_pki
+
+    written = make_pki(Path(args.out), [c.strip() for c in args.campuses.split(",") if c.strip()], args.host)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{args.out}: give each campus ca.crt and its own campus-NAME.key; superlink.key and ca.key stay with the coordinator")
+
+
+def _tls_options(p: argparse.ArgumentParser, *, cert: bool, key: str | None) -> None:
+    p.add_argument("--pki", help="folder written by `edufl certs` (the flags below override its files)")
+    p.add_argument("--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")
+    if cert:
+        p.add_argument("--cert", help="SuperLink TLS certificate (PEM)")
+    if key:
+        p.add_argument("--key", help=key)
+    p.add_argument("--insecure", action="store_true", help="plaintext, no authentication: local experiments only")
+
+
+def _coordinator_parser(sub) -> None:
+    coord = sub.add_parser("coordinator", help="the coordinator: a Flower SuperLink, and federation runs on it")
+    c_sub = coord.add_subparsers(dest="coordinator_command", required=True)
+    s = c_sub.add_parser("start", help="start the SuperLink (TLS, campus authentication) in the foreground",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--port", type=int, default=9200, help="the one port for campuses, `flwr` and the ServerApp")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for campuses on other hosts)")
+    _tls_options(s, cert=True, key="SuperLink TLS private key (PEM)")
+    r = c_sub.add_parser("run", help="run a federation on a started coordinator and write its results folder",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    _tls_options(r, cert=False, key=None)
+    r.add_argument("--min-campuses", type=int, default=DEFAULTS.min_campuses, help="campuses needed for each round")
+    r.add_argument("--round-timeout", type=float, default=DEFAULTS.round_timeout,
+                   help="seconds a round waits for replies, and for --min-campuses to be connected")
+    r.add_argument("--wait", type=float, default=60.0, help="seconds to wait for --min-campuses to be online before starting")
+    _run_settings(r)
+
+
+def _run_coordinator(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from server.coordinator import RunFailed, run, start
+
+    pki, root_cert = args.pki and Path(args.pki), args.root_cert and Path(args.root_cert)
+    try:
+        if args.coordinator_command == "start":
+            start(port=args.port, host=args.host, pki=pki, root_cert=root_cert, cert=args.cert and Path(args.cert),
+                  key=args.key and Path(args.key), insecure=args.insecure)
+        else:
+            cfg = _run_config(args, min_campuses=args.min_campuses, round_timeout=args.round_timeout)
+            run(cfg, superlink=args.superlink, pki=pki, root_cert=root_cert, insecure=args.insecure, wait=args.wait)
+    except RunFailed as err:
+        raise SystemExit(f"edufl: {err}") from None
+
+
+def _campus_parser(sub) -> None:
+    campus = sub.add_parser("campus", help="a campus: check or export its data, start its SuperNode")
+    c_sub = campus.add_subparsers(dest="campus_command", required=True)
+    s = c_sub.add_parser("start", help="start this campus's SuperNode in the foreground (its ClientApp reads only --data)")
+    s.add_argument("--data", required=True, help="the campus's own OULAD-format export")
+    s.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    s.add_argument("--campus", help="campus name (default: the --data folder's name); picks campus-NAME.key in --pki")
+    _tls_options(s, cert=False, key="campus private key (OpenSSH format), registered on the coordinator")
+    s.add_argument("--rejoin-wait", type=float, default=75.0,
+                   help="seconds to keep retrying when the coordinator refuses this campus (after an unclean stop "
+                        "it holds the campus online for up to a minute)")
+    e = c_sub.add_parser("export-oulad", help="write one campus's slice of OULAD, as that campus's own export")
+    e.add_argument("--campus", required=True, help="campus name, e.g. AAA (a module code with --campus-by module)")
+    e.add_argument("--out", required=True, help="new folder for the campus's tables")
+    e.add_argument("--campus-by", choices=CAMPUS_BY, default=DEFAULTS.campus_by, help="how OULAD is split into campuses")
+    e.add_argument("--shards", type=int, default=DEFAULTS.shards, help="number of campuses with --campus-by shard")
+    e.add_argument("--data", help="folder with the full OULAD tables (default: $EDUFL_DATA, then the user cache)")
+    v = c_sub.add_parser("validate", help="check a campus folder before it joins and report every problem")
+    v.add_argument("--data", required=True, help="the campus's folder")
+
+
+def _run_campus(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from clients.campus import CampusRefused, export_oulad, start, validate
+
+    if args.campus_command == "validate":
+        validate(Path(args.data))
+    elif args.campus_command == "export-oulad":
+        export_oulad(args.campus, Path(args.out), resolve_data_dir(args.data), args.campus_by, args.shards)
+    else:
+        try:
+            start(data=Path(args.data), superlink=args.superlink, campus=args.campus, insecure=args.insecure,
+                  pki=args.pki and Path(args.pki), root_cert=args.root_cert and Path(args.root_cert),
+                  key=args.key and Path(args.key), rejoin_wait=args.rejoin_wait)
+        except CampusRefused as err:
+            raise SystemExit(f"edufl: {err}") from None
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
@@ -98,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edufl", description="Federated, differentially private learning analytics")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
+    _certs_parser(sub)
+    _coordinator_parser(sub)
+    _campus_parser(sub)
     data = sub.add_parser("data", help="get or check the OULAD tables").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="download the official OULAD release into the user cache folder")
     dl.add_argument("--url", default=None, help="alternative address of anonymisedData.zip")
@@ -121,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             _run_simulate(args)
         elif args.command == "experiment":
             _run_experiment(args)
+        elif args.command == "certs":
+            _run_certs(args)
+        elif args.command == "coordinator":
+            _run_coordinator(args)
+        elif args.command == "campus":
+            _run_campus(args)
         elif args.command == "bench":
             from .bench import bench
 
@@ -132,9 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tables.source}: OK ({', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())})")
             for note in tables.notes:
                 print(f"note: {note}")
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, PolicyError) as err:
         print(f"edufl: {err}", file=sys.stderr)
         return 2
+    except CampusesRefused as err:
+        print(f"edufl: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

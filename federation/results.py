@@ -75,6 +75,7 @@ class Report:
     evaluation: dict[str, dict] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    receipts: list[dict] = field(default_factory=list)
     _round_failures: list[dict] = field(default_factory=list)
     _evaluated_now: set[str] = field(default_factory=set)
     _started: float = field(default_factory=time.perf_counter)
@@ -94,12 +95,18 @@ class Report:
         self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in METRICS})
         self._evaluated_now.add(campus)
 
-    def add_failure(self, server_round: int, phase: str, reason: str) -> None:
-        """Record a campus that did not reply, or replied with an error, in ``phase``."""
-        entry = dict(round=server_round, phase=phase, reason=reason)
+    def add_failure(self, server_round: int, phase: str, reason: str, refused: bool = False) -> None:
+        """Record a campus that did not reply, or replied with an error, in ``phase``
+        (``refused``: the campus declined by its own rules, as opposed to a fault)."""
+        entry = dict(round=server_round, phase=phase, reason=reason, refused=refused)
         self.failures.append(entry)
         self._round_failures.append(entry)
         self.console.print(f"[yellow]round {server_round} {phase}: {reason}[/yellow]")
+
+    def add_receipt(self, server_round: int, phase: str, campus: str, payload_bytes: int, payload_sha256: str) -> None:
+        """Record what the coordinator received from a campus (digest as in :func:`federation.audit.payload_digest`)."""
+        self.receipts.append(dict(round=server_round, phase=phase, campus=campus, payload_bytes=payload_bytes,
+                                  payload_sha256=payload_sha256))
 
     def end_round(self, server_round: int, num_rounds: int) -> dict:
         """Close a round: its row (metrics over the campuses that evaluated in it) and progress line."""
@@ -169,6 +176,7 @@ class Report:
             "campuses": rows,
             "global": global_metrics(rows),
             "failures": self.failures,
+            "receipts": self.receipts,
             "wall_time_s": wall_time_s,
         }
         (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")

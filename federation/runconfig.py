@@ -25,6 +25,13 @@ METRICS = "metrics"
 CAMPUS = "campus"
 NUM_EXAMPLES = "num-examples"
 STATE_PRIVACY = "privacy"
+# Error codes of a campus's error replies: it refused the request (its policy,
+# its privacy budget, an invalid config), or its release guard blocked the reply.
+REFUSED = 4000
+BLOCKED = 4001
+# The metric keys of each reply: the campus's release guard lets no other key leave.
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
+EVALUATE_METRICS = (NUM_EXAMPLES, "auc", "average-precision", "f1", "brier", "loss")
 
 # Simulation only: the folder of per-campus data folders, and the manifest in it
 # mapping each virtual SuperNode's partition-id to its campus.

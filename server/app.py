@@ -17,9 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from federation.audit import payload_digest
 from federation.models import build_model
 from federation.results import METRICS as METRICS_REPORTED, Report
-from federation.runconfig import CAMPUS, METRICS, NUM_EXAMPLES, RunConfig
+from federation.runconfig import BLOCKED, CAMPUS, METRICS, NUM_EXAMPLES, REFUSED, RunConfig
 from federation.tasks import feature_names
 
 app = ServerApp()
@@ -54,28 +55,72 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     return FedAvg(**common)
 
 
-class ReportingStrategy(Strategy):
-    """Delegates every step to ``inner`` and records per-campus replies in ``report``."""
+class CampusesMissing(RuntimeError):
+    """Fewer than ``min-campuses`` campuses were connected when a round had to start."""
 
-    def __init__(self, inner: Strategy, report: Report, num_rounds: int):
+
+def await_campuses(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
+    """Return once ``needed`` SuperNodes are connected to ``grid``; poll once a second.
+
+    Flower's strategies wait for their minimum number of nodes without a limit;
+    a run must never wait forever.
+
+    Raises
+    ------
+    CampusesMissing
+        When fewer than ``needed`` are connected after ``timeout`` seconds; names the connected node ids.
+    """
+    deadline = time.monotonic() + timeout
+    while len(connected := sorted(grid.get_node_ids())) < needed:
+        if time.monotonic() >= deadline:
+            raise CampusesMissing(
+                f"round {server_round}: only {len(connected)} of the {needed} campuses needed (min-campuses) were "
+                f"connected after {timeout:g} s (connected node ids: {', '.join(map(str, connected)) or 'none'})"
+            )
+        time.sleep(1.0)
+
+
+class ReportingStrategy(Strategy):
+    """Delegates every step to ``inner`` and records per-campus replies in ``report``.
+
+    Before each phase it waits at most ``timeout`` seconds for ``min_campuses``
+    connected campuses (:func:`await_campuses`).
+    """
+
+    def __init__(self, inner: Strategy, report: Report, num_rounds: int, min_campuses: int, timeout: float):
         self.inner, self.report, self.num_rounds = inner, report, num_rounds
+        self.min_campuses, self.timeout = min_campuses, timeout
+        self._asked: set[int] = set()  # node ids sent the current phase's message
+
+    def _ask(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._asked = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        await_campuses(grid, self.min_campuses, self.timeout, server_round)
+        return self._ask(self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        await_campuses(grid, self.min_campuses, self.timeout, server_round)
+        return self._ask(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def _ok(self, server_round: int, phase: str, replies: list[Message]) -> list[tuple[str, MetricRecord]]:
         good = []
         for reply in replies:
             if reply.has_error():
-                self.report.add_failure(server_round, phase, f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                if reply.metadata.src_node_id in self._asked:  # else the SuperLink's: counted as no reply below
+                    self.report.add_failure(server_round, phase, f"node {reply.metadata.src_node_id}: {reply.error.reason}",
+                                            refused=reply.error.code in (REFUSED, BLOCKED))
             else:
-                good.append((str(reply.content[CAMPUS]["name"]), reply.content[METRICS]))
+                campus = str(reply.content[CAMPUS]["name"])
+                self.report.add_receipt(server_round, phase, campus, *payload_digest(reply.content))
+                good.append((campus, reply.content[METRICS]))
+        for node in sorted(self._asked - {r.metadata.src_node_id for r in replies}):
+            self.report.add_failure(server_round, phase, f"node {node}: no reply (disconnected, or past round-timeout)")
         return good
 
     @staticmethod
@@ -110,7 +155,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict:
     started = time.perf_counter()
     model = build_model(cfg.model, len(feature_names()), seed=cfg.seed)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
-    strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds)
+    strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout)
     config = ConfigRecord(cfg.to_flower())
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_rounds,

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from federation.audit import AuditLog
 from federation.data import campus_names, campus_slice
+from federation.ledger import PrivacyLedger
 from federation.tasks import split, withdrawal
 
-SUMMARY_KEYS = {"config", "versions", "privacy", "rounds", "campuses", "global", "failures", "wall_time_s"}
+SUMMARY_KEYS = {"config", "versions", "privacy", "rounds", "campuses", "global", "failures", "receipts", "wall_time_s"}
 CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", "brier", "epsilon", "delta"}
 
 
@@ -58,6 +60,16 @@ def test_federated_dp_run_beats_constant_predictor_on_every_campus(tables, data_
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 and {r["privacy_unit"] for r in rows} == {"one registration row"}
     assert "privacy unit: one registration row" in done.stdout and "per one registration row" in done.stdout
+    # Each virtual campus's ledger and audit log: what the coordinator received is exactly what campuses logged as sent.
+    logged, spent = set(), {}
+    for name in campuses:
+        records = AuditLog(out / "campuses" / name).records()
+        assert len(records) == 6 and all(r.sent for r in records)  # 3 rounds x (train, evaluate)
+        logged |= {(r.server_round, r.message_type, name, r.payload_sha256) for r in records}
+        [dataset] = PrivacyLedger(out / "campuses" / name).datasets()
+        spent[name] = PrivacyLedger(out / "campuses" / name).spent(dataset, 1e-5)
+    assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}
+    assert spent == pytest.approx({name: row["epsilon"] for name, row in campuses.items()})
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
@@ -81,3 +93,16 @@ def test_no_dp_says_so_in_every_output(data_dir, tmp_path):
     assert summary["privacy"]["dp"] is False and "DIFFERENTIAL PRIVACY IS OFF" in summary["privacy"]["warning"]
     assert len(summary["campuses"]) == 13 and all(c["epsilon"] is None for c in summary["campuses"])
     assert "dp" in (out / "campuses.csv").read_text().splitlines()[0].split(",")
+
+
+def test_campuses_refusing_a_run_under_their_policy_end_it_with_status_3_naming_them(data_dir, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[privacy]\nmax_epsilon_per_run = 1.0\n")
+    env = {**os.environ, "EDUFL_DATA": str(data_dir)}
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--out", str(tmp_path / "run"), "--rounds", "1",
+                           "--campus-by", "region", "--target-epsilon", "3", "--policy", str(policy)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "campuses refused the run" in done.stderr
+    assert "campus Wales refuses round 1: the request breaks its policy (privacy.max_epsilon_per_run: target-epsilon 3 > 1)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,49 @@
+"""Where a campus's data, state and policy come from (see :mod:`clients.app`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.policy import CampusPolicy
+from federation.runconfig import SIM_ENV, SIM_MANIFEST
+
+
+class CampusRefusal(RuntimeError):
+    """A requested round would break the campus's policy, take an ε past its limit, or change the run's privacy settings."""
+
+
+@dataclass(frozen=True)
+class CampusSetup:
+    """What the campus operator configured: name, data folder, state folder and policy (None: no policy)."""
+
+    name: str
+    data_dir: Path
+    state_dir: Path
+    policy: CampusPolicy | None
+
+
+def campus_setup(node_config: dict) -> CampusSetup:
+    """This SuperNode's campus setup (see :mod:`clients.app` for the node config keys and defaults).
+
+    Raises
+    ------
+    RuntimeError
+        When the node config names no data folder and this is not an edufl simulation.
+    PolicyError
+        When the policy file cannot be used.
+    """
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+        name = str(node_config.get("campus", data_dir.name))
+        state = Path(str(node_config.get("state-dir", Path.home() / ".edufl" / "campuses" / name)))
+        return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")))
+    if "partition-id" in node_config and os.environ.get(SIM_ENV):
+        root = Path(os.environ[SIM_ENV])
+        manifest = json.loads((root / SIM_MANIFEST).read_text())
+        name = manifest["campuses"][int(node_config["partition-id"])]
+        policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
+        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy)
+    raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")

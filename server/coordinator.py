@@ -1,0 +1,279 @@
+"""``edufl coordinator ...``: the coordinator on Flower's deployment engine.
+
+* :func:`start` runs a Flower SuperLink in the foreground: TLS and SuperNode
+  authentication on, no per-run dependency installation; once it listens,
+  every campus public key in the PKI folder is registered
+  (``flwr supernode register``), so only those campuses can connect.
+* :func:`run` launches the ServerApp (``server/app.py``) on a SuperLink with
+  ``flwr run``, streams its round lines and checks how the run ended.
+
+Both write a ``flwr`` connection named :data:`CONNECTION` into the Flower
+configuration (``$FLWR_HOME/config.toml``), so ``flwr ls edufl``,
+``flwr log RUN_ID edufl`` and ``flwr stop RUN_ID edufl`` work against the
+coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import tomli_w
+
+from federation.deploy import flwr_env, foreground, parse_address, probe_tls
+from federation.pki import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, registered_campuses, require
+from federation.runconfig import ConfigError, RunConfig
+
+CONNECTION = "edufl"
+NODES_FILE = "registered-nodes.json"  # campus name -> Flower node id, written by `coordinator start`
+INSECURE_WARNING = ("WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT campus authentication; "
+                    "model updates travel in plaintext and anyone who reaches the port can join. Local experiments only.")
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder whose pyproject.toml declares the Flower app
+# Flower's own log lines, which `flwr run --stream` prints twice; edufl shows the rest.
+_FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):|^Successfully installed")
+
+
+class RunFailed(RuntimeError):
+    """A federation run could not start, or ended without completing."""
+
+
+def _flwr(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["flwr", *args], capture_output=True, text=True, env=flwr_env())
+    if check and proc.returncode != 0:
+        raise RunFailed(f"`flwr {' '.join(args)}` failed: {_flwr_error(proc)}")
+    return proc
+
+
+def _flwr_error(proc: subprocess.CompletedProcess) -> str:
+    text = re.sub(r"[│╭╮╰╯─]", " ", proc.stdout + proc.stderr)
+    return " ".join(text.split()) or f"exit status {proc.returncode}"
+
+
+def connect(address: str, root_cert: Path | None) -> None:
+    """Point the ``flwr`` connection :data:`CONNECTION` at ``address`` (``root_cert`` None: plaintext)."""
+    from flwr.cli.flower_config import init_flwr_config, write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    init_flwr_config()
+    write_superlink_connection(SuperLinkConnection(
+        name=CONNECTION, address=address, insecure=True if root_cert is None else None,
+        root_certificates=None if root_cert is None else str(root_cert),
+    ))
+
+
+def _tls_files(pki: Path | None, root_cert: Path | None, cert: Path | None, key: Path | None) -> tuple[Path, Path, Path]:
+    if pki is None and None in (root_cert, cert, key):
+        raise ConfigError("give --pki DIR, or all of --root-cert, --cert and --key (or --insecure for plaintext)")
+    return (require(root_cert or Path(pki) / CA_CERT, "CA certificate (--root-cert)"),
+            require(cert or Path(pki) / SUPERLINK_CERT, "SuperLink certificate (--cert)"),
+            require(key or Path(pki) / SUPERLINK_KEY, "SuperLink private key (--key)"))
+
+
+def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None) -> list[str]:
+    """``flower-superlink`` on ``host:port`` (Fleet, Control and ServerApp APIs on that one port).
+
+    ``tls`` is (CA certificate, server certificate, server key); with it SuperNode
+    authentication is on. None: plaintext and no authentication.
+    """
+    command = ["flower-superlink", "--host", host, "--port", str(port), "--isolation", "subprocess",
+               "--disable-runtime-dependency-installation"]
+    if tls is None:
+        return [*command, "--insecure"]
+    ca, cert, key = tls
+    return [*command, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+            "--enable-supernode-auth"]
+
+
+def register(pki: Path) -> dict[str, str]:
+    """Register every campus public key in ``pki`` on the SuperLink of :data:`CONNECTION`.
+
+    A key registered before is kept. Returns campus -> node id for the keys
+    registered now, also saved as ``pki/registered-nodes.json``.
+
+    Raises
+    ------
+    RunFailed
+        When the SuperLink refuses a key for another reason than being registered already.
+    """
+    nodes_file = Path(pki) / NODES_FILE
+    nodes = json.loads(nodes_file.read_text()) if nodes_file.is_file() else {}
+    for campus, public_key in registered_campuses(pki).items():
+        proc = _flwr("supernode", "register", str(public_key), CONNECTION, "--name", campus, "--format", "json", check=False)
+        if proc.returncode == 0:
+            nodes[campus] = str(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+            print(f"coordinator: campus {campus} registered (node {nodes[campus]})", flush=True)
+        elif "already in use" in proc.stdout + proc.stderr:
+            print(f"coordinator: campus {campus} was registered before", flush=True)
+        else:
+            raise RunFailed(f"registering campus {campus} ({public_key}) failed: {_flwr_error(proc)}")
+    nodes_file.write_text(json.dumps(nodes, indent=2) + "\n")
+    return nodes
+
+
+def start(*, port: int, host: str = "127.0.0.1", pki: Path | None = None, root_cert: Path | None = None,
+          cert: Path | None = None, key: Path | None = None, insecure: bool = False) -> None:
+    """Run the coordinator's SuperLink in the foreground until it is stopped (Ctrl-C, SIGTERM).
+
+    Raises
+    ------
+    ConfigError, PKIError
+        On a missing certificate or key file.
+    RunFailed
+        When the SuperLink stops with an error or a campus key cannot be registered.
+    """
+    tls = None if insecure else _tls_files(pki, root_cert, cert, key)
+    if insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    connect(f"{local}:{port}", None if tls is None else tls[0])
+    failures: list[Exception] = []
+
+    def when_listening(line: str) -> None:
+        if "Application startup complete" not in line:
+            return
+        if insecure or pki is None:
+            print("coordinator: ready (register campus keys with `flwr supernode register KEY.pub edufl`)", flush=True)
+            return
+
+        def register_all():
+            try:
+                nodes = register(Path(pki))
+                print(f"coordinator: ready on {host}:{port} with TLS and campus authentication; "
+                      f"{len(nodes)} campus key(s) registered", flush=True)
+            except RunFailed as err:
+                failures.append(err)
+                print(f"edufl: {err}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=register_all, daemon=True).start()
+
+    status, _ = foreground(superlink_command(port, host, tls), on_line=when_listening)
+    if status not in (0, -15) or failures:
+        raise RunFailed(f"the SuperLink stopped with status {status}" if not failures else str(failures[0]))
+
+
+def _online_nodes() -> dict[str, str]:
+    listing = json.loads(_flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
+    return {str(n["node-id"]): n["status"] for n in listing["nodes"]}
+
+
+def _registered_nodes(pki: Path | None) -> dict[str, str]:
+    """Campus -> node id as recorded by `coordinator start` in ``pki`` (empty if not there)."""
+    path = Path(pki) / NODES_FILE if pki else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
+def _missing(pki: Path | None, nodes: dict[str, str]) -> str:
+    names = _registered_nodes(pki)
+    offline = [f"{campus} ({nodes.get(node, 'not registered')})" for campus, node in sorted(names.items())
+               if nodes.get(node) != "online"]
+    unnamed = [f"node {n} ({s})" for n, s in nodes.items() if s != "online" and n not in names.values()]
+    return ", ".join(offline + unnamed) or "every registered campus is online: register more campuses or lower --min-campuses"
+
+
+def await_campuses(needed: int, timeout: float, pki: Path | None) -> int:
+    """Wait at most ``timeout`` s until ``needed`` SuperNodes are online; returns how many are.
+
+    Raises
+    ------
+    RunFailed
+        Naming the campuses not online (by name where ``pki`` holds the registration record).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = _online_nodes()
+        online = sum(status == "online" for status in nodes.values())
+        if online >= needed:
+            return online
+        if time.monotonic() >= deadline:
+            raise RunFailed(f"only {online} campus(es) online after {timeout:g} s, {needed} needed (--min-campuses); "
+                            f"not online: {_missing(pki, nodes)}")
+        time.sleep(1.0)
+
+
+def run(cfg: RunConfig, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
+        insecure: bool = False, wait: float = 60.0) -> dict:
+    """Run ``cfg`` on the SuperLink at ``superlink`` and return the summary written to ``cfg.out``.
+
+    ``cfg.out`` is made absolute here: the ServerApp writes the results folder
+    on the coordinator's machine, at that path. Waits at most ``wait`` seconds
+    for ``cfg.min_campuses`` campuses to be online before launching.
+
+    Raises
+    ------
+    ConfigError, PKIError
+        On a bad address or a missing CA certificate.
+    RunFailed
+        When the SuperLink cannot be reached or trusted, too few campuses are
+        online, or the run does not complete.
+    """
+    host, port = parse_address(superlink)
+    if not insecure:
+        if pki is None and root_cert is None:
+            raise ConfigError("give --pki DIR or --root-cert FILE (or --insecure for plaintext)")
+        root_cert = require(root_cert or Path(pki) / CA_CERT, "CA certificate (--root-cert)")
+    else:
+        root_cert = None
+    try:
+        problem = probe_tls(host, port, root_cert)
+    except ConnectionError as err:
+        raise RunFailed(f"no coordinator at {superlink}: {err}") from None
+    if problem:
+        raise RunFailed(problem)
+    connect(superlink, root_cert)
+    online = await_campuses(cfg.min_campuses, wait, pki)
+    out = Path(cfg.out).resolve()
+    cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out)})
+    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; task {cfg.task}, {cfg.num_rounds} round(s), "
+          f"min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}", flush=True)
+    with tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
+        tomli_w.dump(cfg.to_flower(), overrides)
+        overrides.flush()
+        run_id = _launch(overrides.name)
+    listing = json.loads(_flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
+    if listing["status"] != "finished:completed":
+        details = listing.get("status-details", "")
+        raise RunFailed(f"run {run_id} ended as {listing['status']}"
+                        + (f" ({details})" if details and details != "N/A" else "")
+                        + f"; see `flwr log {run_id} {CONNECTION} --show`")
+    return _name_campuses(out / "summary.json", _registered_nodes(pki))
+
+
+def _name_campuses(summary_file: Path, nodes: dict[str, str]) -> dict:
+    """Put campus names next to the node ids in the run's recorded failures (the ServerApp knows only ids)."""
+    summary = json.loads(summary_file.read_text())
+    for campus, node in nodes.items():
+        for failure in summary["failures"]:
+            failure["reason"] = failure["reason"].replace(f"node {node}:", f"campus {campus} (node {node}):")
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _launch(run_config: str) -> str:
+    """``flwr run`` the app with ``run_config``, echoing the ServerApp's own lines; returns the run id."""
+    command = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(),
+                            bufsize=1, errors="replace")
+    run_id, lines = None, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if match := re.search(r"Successfully started run (\d+)", line):
+                run_id = match.group(1)
+                print(f"run {run_id} started (follow with `flwr log {run_id} {CONNECTION}`)", flush=True)
+            elif run_id and line.strip() and not _FLOWER_LOG.search(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    if run_id is None:
+        raise RunFailed(f"`flwr run` did not start a run: {' '.join(''.join(lines).split())[-2000:]}")
+    return run_id

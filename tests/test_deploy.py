@@ -1,0 +1,211 @@
+"""Flower's deployment engine with real processes on 127.0.0.1: one coordinator (SuperLink, TLS,
+campus authentication) and campuses AAA, BBB, CCC (SuperNodes), each reading only its own export.
+
+One coordinator serves the whole module; campus DDD is registered but never started. Every
+process is started in a process group of its own and the group is killed at teardown, even
+when a test fails. Ports are picked free at test time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from federation.data import campus_slice, write_tables
+from federation.deploy import flwr_env, free_port
+from federation.pki import make_pki
+from federation.tasks import build_task, split
+from server.app import CampusesMissing, await_campuses
+
+CAMPUSES = ("AAA", "BBB", "CCC")
+EDUFL = [sys.executable, "-m", "experiments.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Processes:
+    """Background processes of one test module, each with its output in a log file."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.running = logs, {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen([*EDUFL, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=flwr_env(),
+                                start_new_session=True)
+        self.running[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output(name):
+            if self.running[name].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{name} never printed {text!r}:\n{self.output(name)[-3000:]}")
+            time.sleep(0.5)
+
+    def kill(self, name: str) -> None:
+        proc = self.running.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the wrapper, its SuperLink/SuperNode and their children
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def kill_all(self) -> None:
+        for name in list(self.running):
+            self.kill(name)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tables):
+    root = tmp_path_factory.mktemp("deploy")
+    saved_home = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(root / "flwr-home")  # this module's own Flower configuration
+    make_pki(root / "pki", [*CAMPUSES, "DDD"])
+    make_pki(root / "other-pki", ["AAA"])  # a second CA and an unregistered key
+    for campus in CAMPUSES:
+        write_tables(campus_slice(tables, "module", campus), root / f"campus-{campus}")
+    procs = Processes(root)
+    port = free_port()
+    superlink = f"127.0.0.1:{port}"
+    try:
+        procs.start("coordinator", "coordinator", "start", "--pki", str(root / "pki"), "--port", str(port))
+        procs.wait_for("coordinator", "coordinator: ready")
+        for campus in CAMPUSES:
+            start_campus(procs, root, superlink, campus)
+        yield root, superlink, procs
+    finally:
+        procs.kill_all()
+        if saved_home is None:
+            os.environ.pop("FLWR_HOME")
+        else:
+            os.environ["FLWR_HOME"] = saved_home
+
+
+def start_campus(procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60) -> None:
+    procs.start(campus, "campus", "start", "--campus", campus, "--data", str(root / f"campus-{campus}"),
+                "--superlink", superlink, "--pki", str(root / "pki"))
+    procs.wait_for(campus, "SuperNode ID", timeout)
+
+
+def edufl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDUFL, *args], capture_output=True, text=True, cwd=REPO, env=flwr_env(), timeout=timeout)
+
+
+def coordinator_run(root: Path, superlink: str, out: str, *extra: str) -> subprocess.CompletedProcess:
+    return edufl("coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"), "--rounds", "2",
+                 "--out", str(root / out), *extra)
+
+
+def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
+    root, superlink, _ = deployment
+    result = coordinator_run(root, superlink, "run1", "--min-campuses", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round   1/2" in result.stdout and "round   2/2" in result.stdout
+    summary = json.loads((root / "run1" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [c["campus"] for c in summary["campuses"]] == list(CAMPUSES)
+    # each campus trained on exactly its own export's training rows
+    own = [split(build_task("withdrawal", campus_slice(tables, "module", c), 60), "stratified", 0.2, 0) for c in CAMPUSES]
+    assert [(c["n_train"], c["n_test"]) for c in summary["campuses"]] == [(len(tr), len(te)) for tr, te in own]
+    assert all(0 < c["epsilon"] <= 3.0 for c in summary["campuses"])
+    assert summary["failures"] == []
+    assert 0.5 < summary["global"]["auc"] < 1.0
+    with open(root / "run1" / "rounds.csv") as f:
+        assert [row["campuses_evaluated"] for row in csv.DictReader(f)] == ["3", "3"]
+    assert (root / "run1" / "model.pt").is_file()
+    runs = json.loads(subprocess.run(["flwr", "ls", "edufl", "--format", "json"], capture_output=True, text=True,
+                                     env=flwr_env()).stdout)["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"]
+
+
+def test_too_few_campuses_ends_with_the_missing_ones_named(deployment):
+    root, superlink, _ = deployment
+    started = time.monotonic()
+    result = coordinator_run(root, superlink, "run-few", "--min-campuses", "4", "--wait", "3")
+    assert result.returncode == 1
+    assert "only 3 campus(es) online after 3 s, 4 needed" in result.stderr
+    assert "not online: DDD (registered)" in result.stderr
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in result.stderr
+
+
+def test_server_app_never_waits_forever_for_campuses():
+    class Grid:
+        def get_node_ids(self):
+            return [7]
+
+    with pytest.raises(CampusesMissing, match=r"round 2: only 1 of the 2 campuses needed .* after 0.2 s .*: 7\)"):
+        await_campuses(Grid(), needed=2, timeout=0.2, server_round=2)
+
+
+def test_campus_with_an_unregistered_key_is_refused_on_both_sides(deployment):
+    root, superlink, procs = deployment
+    result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
+                   "--root-cert", str(root / "pki" / "ca.crt"), "--key", str(root / "other-pki" / "campus-AAA.key"),
+                   "--rejoin-wait", "0", timeout=120)
+    assert result.returncode == 1
+    assert "the coordinator refused this campus's key: it is not registered there" in result.stderr
+    assert "No SuperNode found with the given public key" in procs.output("coordinator")
+
+
+@pytest.mark.parametrize("tls, message", [
+    (["--insecure"], "uses TLS: drop --insecure"),
+    (["--root-cert", "other-pki/ca.crt", "--key", "pki/campus-AAA.key"], "does not vouch for (certificate signature failure)"),
+])
+def test_plaintext_or_a_wrong_ca_is_refused_before_connecting(deployment, tls, message):
+    root, superlink, _ = deployment
+    tls = [str(root / a) if "/" in a else a for a in tls]
+    result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
+                   *tls, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
+    root, superlink, _ = deployment
+    (aaa_dir / "vle.csv").unlink()
+    lines = (aaa_dir / "studentInfo.csv").read_text().splitlines()
+    lines[5] = lines[5].replace('"F"', '"X"').replace('"M"', '"X"')
+    (aaa_dir / "studentInfo.csv").write_text("\n".join(lines) + "\n")
+    result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", superlink,
+                   "--pki", str(root / "pki"), timeout=60)
+    assert result.returncode == 2
+    assert "vle.csv: file not found" in result.stderr
+    assert "campus AAA does not join with this folder" in result.stderr
+    assert "starting its SuperNode" not in result.stdout
+
+
+def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deployment):
+    root, superlink, procs = deployment
+    run = subprocess.Popen([*EDUFL, "coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"),
+                            "--rounds", "3", "--min-campuses", "2", "--round-timeout", "120", "--out", str(root / "run-kill")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=flwr_env(),
+                           start_new_session=True)
+    try:
+        while "started" not in (line := run.stdout.readline()):
+            assert line, "coordinator run ended before the run started"
+        time.sleep(8)  # inside round 1's training
+        procs.kill("BBB")
+        start_campus(procs, root, superlink, "BBB", timeout=150)  # refused until the SuperLink marks it offline
+        output, _ = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 0, output
+    summary = json.loads((root / "run-kill" / "summary.json").read_text())
+    dropped = [f for f in summary["failures"] if f["round"] == 1 and f["phase"] == "train"]
+    assert [f["reason"].split(":")[0].split(" (")[0] for f in dropped] == ["campus BBB"], summary["failures"]
+    assert summary["rounds"][-1]["campuses_evaluated"] == 3  # BBB is back by round 3
+    assert summary["rounds"][-1]["failures"] == 0
