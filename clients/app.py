@@ -162,7 +162,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                 # σ is fixed for the run by its first round: calibrated so that all of the
                 # run's steps spend at most target-epsilon, never below the policy's floor.
                 sigma = history[0][0] if history else calibrate_noise(
-                    DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), q, cfg.num_rounds * cfg.local_epochs * spe)
+                    DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), n, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
                 sigma = setup.policy.noise_multiplier(sigma) if setup.policy else sigma
                 _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * spe), server_round)
             result = train(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from federation.data import Tables, campus_slice
 from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.privacy import DPSettings, calibrate_noise, epsilon
 from federation.results import Report
 from federation.runconfig import RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
@@ -48,9 +48,9 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
     steps_done = {g: 0 for g in groups}
     sigmas = {}
     for g, (train_part, _) in groups.items():
-        spe = steps_per_epoch(len(train_part), cfg.batch_size)
         if cfg.dp and len(train_part):
-            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), 1.0 / spe, cfg.num_rounds * cfg.local_epochs * spe)
+            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), len(train_part),
+                                        cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
     for server_round in range(1, cfg.num_rounds + 1):
         for g, (train_part, members) in groups.items():
             if not len(train_part):

@@ -81,15 +81,17 @@ def _best_order_is_largest_ok():
         yield
 
 
-def calibrate_noise(settings: DPSettings, sample_rate: float, total_steps: int) -> float:
-    """The smallest noise multiplier (found by Opacus's search, tolerance 0.01 in ε) such that
-    ``total_steps`` steps at ``sample_rate`` spend at most ``settings.target_epsilon``."""
+def calibrate_noise(settings: DPSettings, n_examples: int, batch_size: int, epochs: int) -> float:
+    """The smallest noise multiplier (Opacus's search, tolerance 0.01 in ε) such that ``epochs``
+    epochs of DP-SGD over ``n_examples`` rows, at sampling rate ``1 / steps_per_epoch(n, batch)``,
+    spend at most ``settings.target_epsilon`` at ``settings.delta``."""
+    spe = steps_per_epoch(n_examples, batch_size)
     with _best_order_is_largest_ok():
         return get_noise_multiplier(
             target_epsilon=settings.target_epsilon,
             target_delta=settings.delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
+            sample_rate=1.0 / spe,
+            steps=epochs * spe,
             accountant=ACCOUNTANT,
         )
 

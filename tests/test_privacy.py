@@ -38,7 +38,7 @@ def aaa_train(aaa) -> TaskData:
 def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(aaa_train):
     settings = DPSettings(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0)
     spe = steps_per_epoch(len(aaa_train), 64)
-    sigma = calibrate_noise(settings, 1 / spe, 3 * 2 * spe)
+    sigma = calibrate_noise(settings, len(aaa_train), 64, 3 * 2)
     model = build_model("mlp", len(feature_names()))
     history = []
     for r in range(3):  # three rounds of two local epochs, one process
