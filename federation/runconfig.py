@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, fields
 
 # Allowed values of the run's choices. They live here, with no heavy imports, so
 # that the command line starts (and the simulation engine with it) before torch loads.
-TASKS = ("withdrawal",)
+TASKS = ("withdrawal", "at_risk")
 SPLITS = ("stratified", "temporal")
 MODELS = ("mlp", "logistic")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 CAMPUS_BY = ("module", "region", "shard")
+CENTRAL_DP = ("off", "fixed")
 
 # Keys of records inside Flower messages (one place, used by both sides).
 ARRAYS = "arrays"
@@ -51,6 +52,12 @@ class RunConfig:
     privacy ledger by it, so a resumed run keeps spending the same run budget.
     Empty means Flower's run id.
 
+    ``central_dp`` adds client-level (central) DP on the coordinator, on top of
+    each campus's DP-SGD: ``fixed`` clips each campus's update (new weights
+    minus the round's global weights) to L2 norm ``central_clipping_norm`` and
+    adds Gaussian noise of ``central_noise_multiplier`` times that norm to
+    their sum (the mean's noise is that divided by the number of campuses).
+
     Raises
     ------
     ConfigError
@@ -79,13 +86,17 @@ class RunConfig:
     round_timeout: float = 3600.0
     out: str = "results/run"
     run_name: str = ""
+    central_dp: str = "off"
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Check every field; raises ConfigError naming the key and the allowed range."""
-        choices = {"task": TASKS, "model": MODELS, "strategy": STRATEGIES, "split": SPLITS, "campus_by": CAMPUS_BY}
+        choices = {"task": TASKS, "model": MODELS, "strategy": STRATEGIES, "split": SPLITS, "campus_by": CAMPUS_BY,
+                   "central_dp": CENTRAL_DP}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -93,7 +104,8 @@ class RunConfig:
         for key in positive_ints:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected a whole number >= 1")
-        for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout"):
+        for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout", "central_noise_multiplier",
+                    "central_clipping_norm"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_key(key)} = {value!r}; expected a finite number > 0")
@@ -103,6 +115,10 @@ class RunConfig:
             raise ConfigError(f"test-fraction = {self.test_fraction!r}; expected a number in (0, 1)")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ConfigError(f"proximal-mu = {self.proximal_mu!r}; expected a finite number >= 0")
+        if self.central_dp != "off" and self.strategy == "fedadam":
+            # FedAdam's server step rescales the averaged update before the wrapper adds
+            # noise, so the noise would no longer match one campus's clipped influence.
+            raise ConfigError(f"central-dp = {self.central_dp!r} needs strategy fedavg or fedprox, not fedadam")
 
     def to_flower(self) -> dict[str, int | float | str | bool]:
         """The flat dict with dashed keys that Flower's ConfigRecord and run config use."""

@@ -1,7 +1,8 @@
 """Learning tasks: turning one campus's tables into a labelled feature matrix, and splitting it.
 
-Task ``withdrawal`` (early warning at day D): will this registration end as
-"Withdrawn"? The population is every registration made before day D and not
+Tasks ``withdrawal`` and ``at_risk`` (early warning at day D): will this
+registration end as "Withdrawn" (``withdrawal``), or as "Fail" or "Withdrawn"
+(``at_risk``)? The population is every registration made before day D and not
 unregistered before day D; features use only information dated before D.
 Encodings are fixed by :mod:`federation.contract`, so every campus produces the
 same columns in the same order without seeing any other campus's data.
@@ -19,6 +20,8 @@ from .data import Tables
 from .runconfig import SPLITS, TASKS
 
 MISSING_SLOT = "<missing>"
+# The final results that make an example positive, per task.
+POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn")}
 
 
 def feature_names() -> list[str]:
@@ -88,14 +91,22 @@ def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: 
     return out
 
 
-def withdrawal(tables: Tables, cutoff_day: int) -> TaskData:
-    """Examples for early warning of withdrawal at day ``cutoff_day`` (D).
+def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> TaskData:
+    """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal`` or ``at_risk``.
 
     Population: registrations with ``date_registration < D`` (or unknown) and
-    no ``date_unregistration < D``. Label: ``final_result == "Withdrawn"``.
+    no ``date_unregistration < D``. Label: ``final_result`` in
+    ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``).
     Neither ``final_result`` nor ``date_unregistration`` enters a feature, and
     only submissions with ``date_submitted < D`` and assessments due before D count.
+
+    Raises
+    ------
+    ValueError
+        For a task not in :data:`TASKS`.
     """
+    if task not in POSITIVE:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     key = ["code_module", "code_presentation", "id_student"]
     info = tables["studentInfo"].merge(tables["studentRegistration"].drop(columns="_line"), on=key)
     reg, unreg = info["date_registration"], info["date_unregistration"]
@@ -121,15 +132,13 @@ def withdrawal(tables: Tables, cutoff_day: int) -> TaskData:
     for col, (low, high) in NUMERIC_FEATURES.items():
         columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
     x = np.stack(columns, axis=1) if len(population) else np.zeros((0, len(feature_names())), np.float32)
-    y = (population["final_result"] == "Withdrawn").to_numpy(np.float32)
+    y = population["final_result"].isin(POSITIVE[task]).to_numpy(np.float32)
     return TaskData(x, y, population[key])
 
 
 def build_task(task: str, tables: Tables, cutoff_day: int) -> TaskData:
-    """Dispatch to the task builder named ``task`` (one of :data:`TASKS`)."""
-    if task != "withdrawal":
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    return withdrawal(tables, cutoff_day)
+    """The examples of ``task`` (one of :data:`TASKS`) at day ``cutoff_day``; ValueError for another task."""
+    return early_warning(tables, cutoff_day, task)
 
 
 def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:

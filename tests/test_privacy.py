@@ -19,7 +19,7 @@ from federation.ledger import PrivacyLedger
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
 from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, SIM_ENV, SIM_MANIFEST, RunConfig
-from federation.tasks import TaskData, feature_names, split, withdrawal
+from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import train
 
 
@@ -32,7 +32,7 @@ def _independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> fl
 
 @pytest.fixture(scope="module")
 def aaa_train(aaa) -> TaskData:
-    return split(withdrawal(aaa, 60), "stratified", 0.2, 0)[0]
+    return split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)[0]
 
 
 def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(aaa_train):

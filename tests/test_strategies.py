@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from federation.models import build_model
 from federation.runconfig import RunConfig
-from federation.tasks import feature_names, split, withdrawal
+from federation.tasks import build_task, feature_names, split
 from federation.training import train
 from server.app import build_strategy
 
@@ -22,7 +22,7 @@ def test_build_strategy(name, cls):
 
 
 def test_proximal_term_keeps_weights_near_the_global_model(aaa):
-    data = split(withdrawal(aaa, 60), "stratified", 0.2, 0)[0]
+    data = split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)[0]
     drift = {}
     for mu in (0.0, 5.0):
         model = build_model("mlp", len(feature_names()), seed=0)
