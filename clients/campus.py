@@ -5,7 +5,9 @@
   (``clients/app.py``) reads only that folder;
 * :func:`export_oulad` writes one campus's slice of OULAD, to play a
   campus's own export in demos and tests;
-* :func:`validate` checks a campus folder before it joins.
+* :func:`validate` checks a campus folder before it joins;
+* :func:`budget` and :func:`audit` show what a campus has released, from the
+  privacy ledger and the audit log in its state folder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from federation.data import DataError, Problem, Tables, campus_names, campus_slice, load_tables, write_tables
 from federation.deploy import free_port, foreground, parse_address, probe_tls
 from federation.pki import PKIError, check_campus_name, campus_key, require
+from federation.policy import CampusPolicy
+from federation.runconfig import ConfigError
 
 # What flower-supernode prints when the SuperLink turns it away, and what it means for a campus.
 _REFUSALS = {
@@ -76,24 +80,31 @@ def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module"
     return out
 
 
-def supernode_command(campus: str, data: Path, superlink: str, root_cert: Path | None, key: Path | None,
-                      runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line for ``campus`` reading only ``data`` (``root_cert`` None: plaintext)."""
+def supernode_command(campus: str, data: Path, state: Path, policy: Path | None, superlink: str,
+                      root_cert: Path | None, key: Path | None, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line for ``campus`` reading only ``data``, keeping its ledger and
+    audit log in ``state``, under ``policy`` (None: the safe defaults); ``root_cert`` None: plaintext."""
     tls = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     auth = [] if key is None else ["--auth-supernode-private-key", str(key)]
+    node_config = f"data-dir='{Path(data).resolve()}' campus='{campus}' state-dir='{Path(state).resolve()}'"
+    if policy is not None:
+        node_config += f" policy='{Path(policy).resolve()}'"
     return [
-        "flower-supernode", "--superlink", superlink, *tls, *auth,
-        "--node-config", f"data-dir='{Path(data).resolve()}' campus='{campus}'",
+        "flower-supernode", "--superlink", superlink, *tls, *auth, "--node-config", node_config,
         "--isolation", "subprocess", "--port", str(runtime_port),
     ]
 
 
-def start(*, data: Path, superlink: str, campus: str | None = None, pki: Path | None = None,
-          root_cert: Path | None = None, key: Path | None = None, insecure: bool = False,
-          rejoin_wait: float = REJOIN_WAIT_S) -> None:
+def start(*, data: Path, superlink: str, campus: str | None = None, state: Path | None = None,
+          policy: Path | None = None, pki: Path | None = None, root_cert: Path | None = None, key: Path | None = None,
+          insecure: bool = False, rejoin_wait: float = REJOIN_WAIT_S) -> None:
     """Check everything a campus needs, then run its SuperNode in the foreground until stopped.
 
-    ``campus`` defaults to the name of the ``data`` folder. With ``pki``, the
+    ``campus`` defaults to the name of the ``data`` folder. ``state`` is the
+    folder of the campus's privacy ledger and audit log (default
+    ``edufl-state/<campus>`` under the current directory); ``policy`` its
+    policy file (None: the safe defaults of
+    :class:`federation.policy.CampusPolicy`). With ``pki``, the
     CA certificate and the key come from the folder ``edufl certs`` wrote;
     ``root_cert`` and ``key`` override them. ``insecure``: plaintext, no
     authentication (local experiments only). A refused key is retried for
@@ -104,6 +115,8 @@ def start(*, data: Path, superlink: str, campus: str | None = None, pki: Path | 
     ------
     DataError
         When the data folder fails validation (the SuperNode is never started).
+    PolicyError
+        When the policy file cannot be used (the SuperNode is never started).
     ConfigError, PKIError
         On a bad address, campus name or missing key/certificate file.
     CampusRefused
@@ -111,6 +124,8 @@ def start(*, data: Path, superlink: str, campus: str | None = None, pki: Path | 
     """
     campus = check_campus_name(campus or Path(data).resolve().name)
     host, port = parse_address(superlink)
+    CampusPolicy.load(policy)
+    state = Path(state or Path("edufl-state") / campus).resolve()
     if not insecure:
         if pki is None and (root_cert is None or key is None):
             raise PKIError("give --pki DIR, or both --root-cert FILE and --key FILE (or --insecure for plaintext)")
@@ -131,10 +146,11 @@ def start(*, data: Path, superlink: str, campus: str | None = None, pki: Path | 
         problem = None
     if problem:
         raise CampusRefused(f"campus {campus} does not connect: {problem}")
-    print(f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'})")
+    print(f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'}); "
+          f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}")
     deadline = time.monotonic() + rejoin_wait
     while True:
-        status, tail = foreground(supernode_command(campus, data, superlink, root_cert, key, free_port()))
+        status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key, free_port()))
         refused = status != 0 and any("[code: 2004]" in line for line in tail)
         if not refused or time.monotonic() >= deadline:
             break
@@ -145,3 +161,113 @@ def start(*, data: Path, superlink: str, campus: str | None = None, pki: Path | 
         reasons = [why for marker, why in _REFUSALS.items() if any(marker in line for line in tail)]
         raise CampusRefused(f"campus {campus}: the SuperNode stopped with status {status}"
                             + (f": {reasons[0]}" if reasons else " (see its output above)"))
+
+
+def _state_file(state: Path, name: str, what: str) -> Path:
+    """``state / name``, which must exist (it is never created here).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--state`` when the folder or the file is missing.
+    """
+    path = Path(state) / name
+    if not Path(state).is_dir():
+        raise ConfigError(f"--state {state}: no such folder (a campus's state folder, as printed by `edufl campus start`)")
+    if not path.is_file():
+        raise ConfigError(f"--state {state}: no {what} here ({name}); this campus has not answered a run with this state folder")
+    return path
+
+
+def _show(renderable) -> None:
+    """Print a rich table or text; piped or captured output is 200 columns wide, so that no cell is cut short."""
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 200
+    console.print(renderable)
+
+
+def budget(state: Path, policy: Path | None = None) -> list[dict]:
+    """Print, per dataset in the campus's privacy ledger, what it has released and the ε spent; return the rows.
+
+    Each row: ``campus``, ``dataset`` (SHA-256 of the data files), ``runs``,
+    ``releases``, ``epsilon`` (RDP composition over all runs' releases, at the
+    policy's δ) and, with ``policy``, ``remaining`` (its total budget minus
+    ``epsilon``, never below 0). Without ``policy`` δ is the safe default's.
+
+    Raises
+    ------
+    ConfigError
+        When ``state`` holds no privacy ledger.
+    PolicyError
+        When the policy file cannot be used.
+    """
+    from contextlib import closing
+
+    from rich.table import Table
+
+    from federation.ledger import LEDGER_FILE, PrivacyLedger
+
+    limits = CampusPolicy.load(policy).privacy
+    _state_file(state, LEDGER_FILE, "privacy ledger")
+    with closing(PrivacyLedger(state)) as ledger:
+        rows = []
+        for dataset, campus in ledger.datasets().items():
+            releases = ledger.releases(dataset)
+            row = dict(campus=campus, dataset=dataset, runs=len({r.run_id for r in releases}), releases=len(releases),
+                       epsilon=ledger.spent(dataset, limits.delta))
+            if policy is not None:
+                row["remaining"] = max(limits.total_epsilon_budget - row["epsilon"], 0.0)
+            rows.append(row)
+    table = Table(title=f"privacy budget spent, {state} (ε at δ = {limits.delta:g}, over all runs)")
+    for column in ("campus", "dataset", "runs", "releases", "ε spent",
+                   *([f"ε remaining of {limits.total_epsilon_budget:g}"] if policy is not None else [])):
+        table.add_column(column, justify="left" if column in ("campus", "dataset") else "right")
+    for row in rows:
+        table.add_row(row["campus"], row["dataset"][:12], str(row["runs"]), str(row["releases"]), f"{row['epsilon']:.3f}",
+                      *([f"{row['remaining']:.3f}"] if policy is not None else []))
+    _show(table if rows else f"{state}: the privacy ledger holds no release yet (ε spent 0)")
+    return rows
+
+
+def audit(state: Path, run: str | None = None, fmt: str = "table") -> list[dict]:
+    """Print the campus's audit log (of one run with ``run``), as a table or one JSON object per line; return the records.
+
+    Each record as :func:`federation.audit.as_dict` gives it. Table columns:
+    time (UTC), run, round, message type, outcome (sent, blocked, refused or
+    failed), arrays sent, payload bytes, first 12 hex digits of the payload's
+    SHA-256, and the run's ε after a model update.
+
+    Raises
+    ------
+    ConfigError
+        When ``state`` holds no audit log, or it has no record of ``run``.
+    """
+    import json
+    from contextlib import closing
+
+    from federation.audit import AUDIT_FILE, AuditLog, as_dict
+
+    _state_file(state, AUDIT_FILE, "audit log")
+    with closing(AuditLog(state)) as log:
+        records = log.records(run)
+        if run is not None and not records:
+            runs = sorted({r.run_id for r in log.records()})
+            raise ConfigError(f"--run {run}: no audit record of this run in {state}; runs recorded: {', '.join(runs) or 'none'}")
+    if fmt == "json":
+        for record in records:
+            print(json.dumps(as_dict(record)))
+        return [as_dict(r) for r in records]
+    from rich.table import Table
+
+    table = Table(title=f"audit log, {state}" + (f", run {run}" if run else ""))
+    for column in ("time", "run", "round", "type", "outcome", "arrays", "bytes", "sha256", "ε"):
+        table.add_column(column, justify="right" if column in ("round", "arrays", "bytes", "ε") else "left")
+    for r in records:
+        outcome = "sent" if r.sent else r.reason.split(":")[0] if r.reason.startswith(("refused:", "failed:")) else "blocked"
+        table.add_row(r.recorded_at, r.run_id, str(r.server_round), r.message_type, outcome, str(len(r.arrays)),
+                      str(r.payload_bytes), r.payload_sha256[:12], f"{r.dp.epsilon:.3f}" if r.HasField("dp") else "")
+    _show(table if records else f"{state}: the audit log holds no record yet")
+    return [as_dict(r) for r in records]

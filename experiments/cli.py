@@ -24,7 +24,7 @@ for _var, _value in (
 # Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
 from federation.policy import PolicyError  # noqa: E402
-from federation.runconfig import CAMPUS_BY, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
+from federation.runconfig import CAMPUS_BY, CENTRAL_DP, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
 
 DEFAULTS = RunConfig()
 
@@ -60,6 +60,12 @@ def _run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=DEFAULTS.delta, help="δ of each campus's (ε, δ) guarantee")
     p.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-example clipping norm")
     p.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (research baselines only)")
+    p.add_argument("--central-dp", choices=CENTRAL_DP, default=DEFAULTS.central_dp,
+                   help="client-level DP on the coordinator: clip each campus's update, equal-weight mean, Gaussian noise")
+    p.add_argument("--central-noise-multiplier", type=float, default=DEFAULTS.central_noise_multiplier,
+                   help="central DP noise standard deviation / clipping norm")
+    p.add_argument("--central-clipping-norm", type=float, default=DEFAULTS.central_clipping_norm,
+                   help="central DP: L2 norm each campus's update is clipped to")
     p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
     p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split,
                    help="stratified held-out test rows per campus, or temporal (train 2013, test 2014)")
@@ -72,6 +78,8 @@ def _run_simulate(args: argparse.Namespace) -> None:
     from .simulate import simulate
 
     cfg = _run_config(args, campus_by=args.campus_by, shards=args.shards)
+    if args.central_dp != "off" and args.mode != "federated":
+        raise ConfigError(f"--central-dp is applied by the coordinator, in federated runs only (not --mode {args.mode})")
     if args.policy and args.mode != "federated":
         raise ConfigError(f"--policy is enforced by campuses, in federated runs only (not --mode {args.mode})")
     started = time.perf_counter()
@@ -89,6 +97,8 @@ def _run_config(args: argparse.Namespace, **extra) -> RunConfig:
             task=args.task, num_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
             dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
+            central_dp=args.central_dp, central_noise_multiplier=args.central_noise_multiplier,
+            central_clipping_norm=args.central_clipping_norm,
             cutoff_day=args.cutoff_day, split=args.split, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
             **extra,
         )
@@ -143,6 +153,9 @@ def _coordinator_parser(sub) -> None:
     r.add_argument("--round-timeout", type=float, default=DEFAULTS.round_timeout,
                    help="seconds a round waits for replies, and for --min-campuses to be connected")
     r.add_argument("--wait", type=float, default=60.0, help="seconds to wait for --min-campuses to be online before starting")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run of this results folder after its last finished round, with its own settings "
+                        "and run name (give no run options)")
     _run_settings(r)
 
 
@@ -158,18 +171,24 @@ def _run_coordinator(args: argparse.Namespace) -> None:
                   key=args.key and Path(args.key), insecure=args.insecure)
         else:
             cfg = _run_config(args, min_campuses=args.min_campuses, round_timeout=args.round_timeout)
-            run(cfg, superlink=args.superlink, pki=pki, root_cert=root_cert, insecure=args.insecure, wait=args.wait)
+            if args.resume and cfg != DEFAULTS:
+                raise ConfigError(f"--resume {args.resume} continues that run with the settings in its checkpoint: "
+                                  "drop the run options (--rounds, --out, --min-campuses, ...)")
+            run(cfg, superlink=args.superlink, pki=pki, root_cert=root_cert, insecure=args.insecure, wait=args.wait,
+                resume=args.resume and Path(args.resume))
     except RunFailed as err:
         raise SystemExit(f"edufl: {err}") from None
 
 
 def _campus_parser(sub) -> None:
-    campus = sub.add_parser("campus", help="a campus: check or export its data, start its SuperNode")
+    campus = sub.add_parser("campus", help="a campus: check or export its data, start its SuperNode, show its budget and audit log")
     c_sub = campus.add_subparsers(dest="campus_command", required=True)
     s = c_sub.add_parser("start", help="start this campus's SuperNode in the foreground (its ClientApp reads only --data)")
     s.add_argument("--data", required=True, help="the campus's own OULAD-format export")
     s.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
     s.add_argument("--campus", help="campus name (default: the --data folder's name); picks campus-NAME.key in --pki")
+    s.add_argument("--state", help="folder for this campus's privacy ledger and audit log (default: edufl-state/CAMPUS)")
+    s.add_argument("--policy", help="campus policy file (TOML); default: the safe defaults")
     _tls_options(s, cert=False, key="campus private key (OpenSSH format), registered on the coordinator")
     s.add_argument("--rejoin-wait", type=float, default=75.0,
                    help="seconds to keep retrying when the coordinator refuses this campus (after an unclean stop "
@@ -182,20 +201,32 @@ def _campus_parser(sub) -> None:
     e.add_argument("--data", help="folder with the full OULAD tables (default: $EDUFL_DATA, then the user cache)")
     v = c_sub.add_parser("validate", help="check a campus folder before it joins and report every problem")
     v.add_argument("--data", required=True, help="the campus's folder")
+    b = c_sub.add_parser("budget", help="ε spent per dataset over all runs, from the campus's privacy ledger")
+    b.add_argument("--state", required=True, help="the campus's state folder")
+    b.add_argument("--policy", help="the campus's policy file: its δ, and the total budget left (default: the safe defaults' δ)")
+    a = c_sub.add_parser("audit", help="what the campus sent, blocked or refused, from its audit log")
+    a.add_argument("--state", required=True, help="the campus's state folder")
+    a.add_argument("--run", help="only this run (its run name, or Flower's run id)")
+    a.add_argument("--format", choices=("table", "json"), default="table", help="a table, or one JSON object per line")
 
 
 def _run_campus(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from clients.campus import CampusRefused, export_oulad, start, validate
+    from clients.campus import CampusRefused, audit, budget, export_oulad, start, validate
 
     if args.campus_command == "validate":
         validate(Path(args.data))
+    elif args.campus_command == "budget":
+        budget(Path(args.state), args.policy and Path(args.policy))
+    elif args.campus_command == "audit":
+        audit(Path(args.state), args.run, args.format)
     elif args.campus_command == "export-oulad":
         export_oulad(args.campus, Path(args.out), resolve_data_dir(args.data), args.campus_by, args.shards)
     else:
         try:
             start(data=Path(args.data), superlink=args.superlink, campus=args.campus, insecure=args.insecure,
+                  state=args.state and Path(args.state), policy=args.policy and Path(args.policy),
                   pki=args.pki and Path(args.pki), root_cert=args.root_cert and Path(args.root_cert),
                   key=args.key and Path(args.key), rejoin_wait=args.rejoin_wait)
         except CampusRefused as err:
@@ -241,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     exp_run.add_argument("--data")
     exp_report = exp_sub.add_parser("report", help="rebuild tables and plots from a study folder's saved rows")
     exp_report.add_argument("dir")
+    audit = sub.add_parser("audit-privacy", help="membership-inference attack AUC per campus against a run's final model")
+    audit.add_argument("run_dir", metavar="RUN_DIR", help="results folder of `edufl simulate` (with summary.json and model.pt)")
+    audit.add_argument("--data", help="the tables the run used (default: the folder recorded in summary.json)")
+    audit.add_argument("--seed", type=int, default=0, help="seed for subsampling members to the number of non-members")
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
@@ -253,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_coordinator(args)
         elif args.command == "campus":
             _run_campus(args)
+        elif args.command == "audit-privacy":
+            from .privacy_audit import audit, print_audit
+
+            print_audit(audit(Path(args.run_dir), args.data and Path(args.data), args.seed))
         elif args.command == "bench":
             from .bench import bench
 

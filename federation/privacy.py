@@ -120,3 +120,22 @@ def epsilon(history: History, delta: float) -> float:
     with _best_order_is_largest_ok():
         eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)
+
+
+def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """Client-level ε at ``delta`` of central DP on the coordinator after ``rounds`` noised aggregations.
+
+    Each round releases the mean of campus updates clipped to C plus Gaussian
+    noise of standard deviation ``noise_multiplier`` · C / m (DP-FedAvg,
+    McMahan, Ramage, Talwar and Zhang, "Learning Differentially Private
+    Recurrent Language Models", ICLR 2018), with campuses sampled at
+    ``sample_rate`` (1.0: every campus, every round, so no amplification). The
+    privacy unit is one whole campus (added or removed). Accountant: the
+    sampled Gaussian mechanism's Rényi DP composed over ``rounds`` (Mironov,
+    Talwar and Zhang 2019), Opacus's ``compute_rdp`` and ``get_privacy_spent``
+    as in :func:`epsilon`. With adaptive clipping the noise multiplier is the
+    effective one of Andrew et al. ("Differentially Private Learning with
+    Adaptive Clipping", NeurIPS 2021, Theorem 1), which covers the noised
+    clipped-count query too.
+    """
+    return epsilon([(noise_multiplier, sample_rate, rounds)], delta)

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT
+from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
 
 METRICS = ("auc", "average_precision", "f1", "brier")
 NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
@@ -132,11 +132,36 @@ class Report:
         )
         return row
 
+    def state(self) -> dict:
+        """What the report has collected so far (plain values), for a checkpoint; ``elapsed_s`` in seconds."""
+        return dict(train=self.train, evaluation=self.evaluation, rounds=self.rounds, failures=self.failures,
+                    receipts=self.receipts, elapsed_s=time.perf_counter() - self._started)
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`'s output: later rounds add to it, elapsed time counts on from it."""
+        self.train, self.evaluation, self.rounds = state["train"], state["evaluation"], state["rounds"]
+        self.failures, self.receipts = state["failures"], state["receipts"]
+        self._started = time.perf_counter() - state["elapsed_s"]
+
     def epsilon_max(self) -> float:
         """The run's ε: the maximum over campuses (``inf`` without DP, 0 before any release)."""
         if not self.dp:
             return float("inf")
         return max((t["epsilon"] for t in self.train.values()), default=0.0)
+
+    def client_level(self) -> dict | None:
+        """Central DP on the coordinator (``central-dp`` in ``config``), None when off: its settings and the
+        client-level ε after the rounds run so far (every campus takes part in every round: sampling rate 1)."""
+        if self.config.get("central-dp", "off") == "off":
+            return None
+        sigma, rounds = self.config["central-noise-multiplier"], len(self.rounds)
+        return {
+            "mechanism": "server-side fixed clipping of each campus's update, equal-weight mean, Gaussian noise "
+                         "(flwr DifferentialPrivacyServerSideFixedClipping)",
+            "noise_multiplier": sigma, "clipping_norm": self.config["central-clipping-norm"], "sample_rate": 1.0,
+            "rounds": rounds, "epsilon": client_level_epsilon(sigma, 1.0, rounds, self.delta), "delta": self.delta,
+            "accountant": ACCOUNTANT, "unit": "one campus (all of its rows), added or removed",
+        }
 
     def campus_rows(self) -> list[dict]:
         """One row per campus that evaluated: latest metrics, counts and privacy spent."""
@@ -171,6 +196,7 @@ class Report:
                 "accountant": ACCOUNTANT if self.dp else None,
                 "unit": PRIVACY_UNIT,
                 **({"scope": PRIVACY_SCOPE} if self.dp else {}),
+                "client_level": self.client_level(),
             },
             "rounds": self.rounds,
             "campuses": rows,
@@ -190,6 +216,8 @@ class Report:
         g = summary["global"]
         privacy = (f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g}, per {PRIVACY_UNIT_SHORT})"
                    if self.dp else "[bold red]NO DP[/bold red]")
+        if central := summary["privacy"]["client_level"]:
+            privacy += f", client-level ε = {central['epsilon']:.3f} (central DP, δ = {self.delta:g}, per campus)"
         self.console.print(f"done: weighted AUC {g['auc']:.4f}, worst-campus AUC {g['worst_campus_auc']:.4f}, {privacy} -> {out}")
         return summary
 

@@ -5,17 +5,26 @@ The strategy is one of Flower's own (``flwr.serverapp.strategy``), wrapped by
 campus's metrics and ε, prints a progress line per round and never changes
 what is aggregated. The run ends with the results folder written by
 :class:`federation.results.Report`.
+
+A run with a run name (every ``edufl coordinator run``) writes a checkpoint,
+``checkpoint.pt`` in its results folder, after every round, and a ServerApp
+started with the run name and results folder of a checkpoint continues after
+its round (``edufl coordinator run --resume``). A file named ``STOP`` in the
+results folder pauses the run once the round in progress is checkpointed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
 from federation.audit import payload_digest
 from federation.models import build_model
@@ -24,6 +33,8 @@ from federation.runconfig import BLOCKED, CAMPUS, METRICS, NUM_EXAMPLES, REFUSED
 from federation.tasks import feature_names
 
 app = ServerApp()
+CHECKPOINT = "checkpoint.pt"
+STOP_FILE = "STOP"
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -42,17 +53,57 @@ def build_strategy(cfg: RunConfig) -> Strategy:
 
     FedAvg: McMahan et al., AISTATS 2017. FedProx: Li et al., MLSys 2020 (the
     proximal term is applied by each campus). FedAdam: Reddi et al., ICLR 2021.
+    With ``central-dp = "fixed"`` (FedAvg or FedProx) the strategy is wrapped in
+    Flower's server-side fixed-clipping DP wrapper (DP-FedAvg: McMahan et al.,
+    ICLR 2018) over :class:`EqualWeights`.
     """
     common = dict(
         fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_campuses,
         min_evaluate_nodes=cfg.min_campuses, min_available_nodes=cfg.min_campuses,
         train_metrics_aggr_fn=_train_metrics,
     )
-    if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":
         return FedAdam(**common, eta=cfg.learning_rate, eta_l=cfg.learning_rate)
-    return FedAvg(**common)
+    strategy = FedProx(**common, proximal_mu=cfg.proximal_mu) if cfg.strategy == "fedprox" else FedAvg(**common)
+    if cfg.central_dp == "off":
+        return strategy
+    return DifferentialPrivacyServerSideFixedClipping(
+        EqualWeights(strategy, cfg.min_campuses), cfg.central_noise_multiplier, cfg.central_clipping_norm, cfg.min_campuses)
+
+
+class EqualWeights(Strategy):
+    """Delegates to ``inner`` (FedAvg or FedProx) but averages the campuses' updates with equal weights,
+    and leaves the global model unchanged in a round with fewer than ``campuses`` replies.
+
+    Central DP (DP-FedAvg: McMahan et al., ICLR 2018) adds noise of standard
+    deviation σ·C/m to the mean of m updates clipped to C. That covers one campus
+    only when each campus moves the mean by at most C/m: equal weights (an
+    example-weighted mean lets a large campus move it further), over at least m
+    campuses.
+    """
+
+    def __init__(self, inner: FedAvg, campuses: int):
+        self.inner, self.campuses = inner, campuses
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = [r for r in replies if not r.has_error()]
+        if len(replies) < self.campuses:
+            return None, None
+        for reply in replies:
+            next(iter(reply.content.metric_records.values()))[self.inner.weighted_by_key] = 1
+        return self.inner.aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 class CampusesMissing(RuntimeError):
@@ -80,17 +131,48 @@ def await_campuses(grid: Grid, needed: int, timeout: float, server_round: int) -
         time.sleep(1.0)
 
 
+class RunPaused(Exception):
+    """The run was paused (a ``STOP`` file) after the round it names was checkpointed."""
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """What ``strategy`` carries from round to round: FedAdam's first and second moments (empty for FedAvg, FedProx)."""
+    return {name: {k: torch.from_numpy(v.copy()) for k, v in getattr(strategy, name).items()}
+            for name in ("m_t", "v_t") if getattr(strategy, name, None)}
+
+
+def load_checkpoint(out: Path, run_name: str) -> dict | None:
+    """The checkpoint in results folder ``out`` if it belongs to run ``run_name``, else None.
+
+    Keys: ``run-name``, ``config`` (the run config, dashed keys), ``round``
+    (the last finished round), ``arrays`` (global model after it, a state
+    dict), ``strategy`` (:func:`strategy_state`), ``report`` (Report.state()).
+    """
+    path = Path(out) / CHECKPOINT
+    if not run_name or not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    return saved if saved["run-name"] == run_name else None
+
+
 class ReportingStrategy(Strategy):
     """Delegates every step to ``inner`` and records per-campus replies in ``report``.
 
     Before each phase it waits at most ``timeout`` seconds for ``min_campuses``
-    connected campuses (:func:`await_campuses`).
+    connected campuses (:func:`await_campuses`). Rounds are numbered from
+    ``first_round`` on (a resumed run continues its numbering). With
+    ``checkpoint`` (a file path and the run config), the state after every
+    round is saved there (see :func:`load_checkpoint`); a ``STOP`` file next to
+    it then pauses the run (:class:`RunPaused`, the file is removed).
     """
 
-    def __init__(self, inner: Strategy, report: Report, num_rounds: int, min_campuses: int, timeout: float):
+    def __init__(self, inner: Strategy, report: Report, num_rounds: int, min_campuses: int, timeout: float,
+                 first_round: int = 1, checkpoint: tuple[Path, RunConfig] | None = None):
         self.inner, self.report, self.num_rounds = inner, report, num_rounds
         self.min_campuses, self.timeout = min_campuses, timeout
+        self.offset, self.checkpoint = first_round - 1, checkpoint
         self._asked: set[int] = set()  # node ids sent the current phase's message
+        self.arrays: ArrayRecord | None = None  # the global model after the latest round
 
     def _ask(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -101,10 +183,13 @@ class ReportingStrategy(Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
+        self.arrays = arrays
         await_campuses(grid, self.min_campuses, self.timeout, server_round)
         return self._ask(self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         await_campuses(grid, self.min_campuses, self.timeout, server_round)
         return self._ask(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
@@ -130,39 +215,80 @@ class ReportingStrategy(Strategy):
         return sorted(replies, key=lambda r: ("" if r.has_error() else str(r.content[CAMPUS]["name"]), r.metadata.src_node_id))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         replies = self._in_campus_order(replies)
         for campus, m in self._ok(server_round, "train", replies):
             self.report.add_train(
                 campus, n_train=int(m[NUM_EXAMPLES]), loss=float(m["train-loss"]), epsilon=float(m["epsilon"]),
                 noise_multiplier=float(m["noise-multiplier"]), sample_rate=float(m["sample-rate"]), steps=int(m["steps"]),
             )
-        return self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        self.arrays = self.arrays if arrays is None else arrays
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         replies = self._in_campus_order(replies)
         for campus, m in self._ok(server_round, "evaluate", replies):
             scores = {k: float(m[k.replace("_", "-")]) for k in METRICS_REPORTED}
             self.report.add_evaluation(campus, n_test=int(m[NUM_EXAMPLES]), metrics=scores)
         self.report.end_round(server_round, self.num_rounds)
-        return self.inner.aggregate_evaluate(server_round, replies)
+        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        if self.checkpoint:
+            self._save(server_round)
+        return aggregated
+
+    def _save(self, server_round: int) -> None:
+        path, cfg = self.checkpoint
+        saved = {"run-name": cfg.run_name, "config": cfg.to_flower(), "round": server_round,
+                 "arrays": self.arrays.to_torch_state_dict(), "strategy": strategy_state(self.inner),
+                 "report": self.report.state()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(saved, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # a checkpoint is whole or absent, never half-written
+        stop = path.parent / STOP_FILE
+        if stop.exists() and server_round < self.num_rounds:
+            stop.unlink()
+            raise RunPaused(server_round)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict:
+def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict | None:
     """Run ``cfg.num_rounds`` rounds on ``grid`` and write the results folder ``cfg.out``.
 
-    Returns the summary dict (as written to ``summary.json``).
+    With ``cfg.run_name`` set, a checkpoint is written after every round, and a
+    checkpoint of this run in ``cfg.out`` is continued after its round.
+    Returns the summary dict (as written to ``summary.json``), or None when the
+    run was paused (a ``STOP`` file in ``cfg.out``).
     """
     started = time.perf_counter()
-    model = build_model(cfg.model, len(feature_names()), seed=cfg.seed)
+    out = Path(cfg.out)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
-    strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout)
+    inner = build_strategy(cfg)
+    saved = load_checkpoint(out, cfg.run_name)
+    if saved:
+        arrays = ArrayRecord(saved["arrays"])
+        for name, moments in saved["strategy"].items():
+            setattr(inner, name, {k: t.numpy() for k, t in moments.items()})
+        report.restore(saved["report"])
+        started -= saved["report"]["elapsed_s"]
+        report.console.print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}")
+    else:
+        arrays = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict())
+    first = saved["round"] + 1 if saved else 1
+    strategy = ReportingStrategy(inner, report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout, first_round=first,
+                                 checkpoint=(out / CHECKPOINT, cfg) if cfg.run_name else None)
     config = ConfigRecord(cfg.to_flower())
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
-    )
-    state = result.arrays.to_torch_state_dict() if len(result.arrays) else None
-    return report.write(Path(cfg.out), state, time.perf_counter() - started)
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=arrays, num_rounds=cfg.num_rounds - first + 1,
+            timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
+        )
+    except RunPaused as paused:
+        report.console.print(f"paused after round {paused.args[0]}/{cfg.num_rounds} ({STOP_FILE} file); "
+                             f"continue with `edufl coordinator run --resume {out}`")
+        return None
+    state = strategy.arrays.to_torch_state_dict() if len(result.arrays) or saved else None
+    return report.write(out, state, time.perf_counter() - started)
 
 
 @app.main()

@@ -5,7 +5,10 @@
   every campus public key in the PKI folder is registered
   (``flwr supernode register``), so only those campuses can connect.
 * :func:`run` launches the ServerApp (``server/app.py``) on a SuperLink with
-  ``flwr run``, streams its round lines and checks how the run ended.
+  ``flwr run``, streams its round lines and checks how the run ended; every
+  run gets a unique run name, which campuses key their privacy ledger by, and
+  a paused or interrupted run is continued from its last checkpoint
+  (``resume``) under the same name.
 
 Both write a ``flwr`` connection named :data:`CONNECTION` into the Flower
 configuration (``$FLWR_HOME/config.toml``), so ``flwr ls edufl``,
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import tomli_w
@@ -196,22 +200,52 @@ def await_campuses(needed: int, timeout: float, pki: Path | None) -> int:
         time.sleep(1.0)
 
 
-def run(cfg: RunConfig, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
-        insecure: bool = False, wait: float = 60.0) -> dict:
+def resumed_config(run_dir: Path) -> RunConfig:
+    """The run config of the run whose results folder is ``run_dir``, from its checkpoint (``out``: ``run_dir``).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--resume`` when ``run_dir`` holds no checkpoint, or the run finished all its rounds.
+    """
+    import torch
+
+    from server.app import CHECKPOINT
+
+    path = Path(run_dir).resolve() / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there (a run started by `edufl coordinator run` "
+                          "writes one after each finished round; with none finished, start the run again)")
+    saved = torch.load(path, weights_only=True)
+    cfg = RunConfig.from_flower({**saved["config"], "out": str(path.parent)})
+    if saved["round"] >= cfg.num_rounds:
+        raise ConfigError(f"--resume {run_dir}: run {cfg.run_name} finished all its {cfg.num_rounds} rounds")
+    print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}", flush=True)
+    return cfg
+
+
+def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
+        insecure: bool = False, wait: float = 60.0, resume: Path | None = None) -> dict:
     """Run ``cfg`` on the SuperLink at ``superlink`` and return the summary written to ``cfg.out``.
 
     ``cfg.out`` is made absolute here: the ServerApp writes the results folder
-    on the coordinator's machine, at that path. Waits at most ``wait`` seconds
-    for ``cfg.min_campuses`` campuses to be online before launching.
+    on the coordinator's machine, at that path. A new run is named
+    ``<out folder name>-<8 hex digits>`` (``run-name``, recorded in the
+    summary). With ``resume`` (a results folder), ``cfg`` is ignored: the run
+    of that folder's checkpoint continues after its last finished round,
+    with the same settings and run name. Waits at most ``wait`` seconds for
+    ``cfg.min_campuses`` campuses to be online before launching.
 
     Raises
     ------
     ConfigError, PKIError
-        On a bad address or a missing CA certificate.
+        On a bad address, a missing CA certificate, or nothing to resume.
     RunFailed
         When the SuperLink cannot be reached or trusted, too few campuses are
-        online, or the run does not complete.
+        online, or the run does not complete (also when it was paused).
     """
+    if resume is not None:
+        cfg = resumed_config(resume)
     host, port = parse_address(superlink)
     if not insecure:
         if pki is None and root_cert is None:
@@ -228,9 +262,11 @@ def run(cfg: RunConfig, *, superlink: str, pki: Path | None = None, root_cert: P
     connect(superlink, root_cert)
     online = await_campuses(cfg.min_campuses, wait, pki)
     out = Path(cfg.out).resolve()
-    cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out)})
-    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; task {cfg.task}, {cfg.num_rounds} round(s), "
-          f"min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}", flush=True)
+    name = cfg.run_name if resume is not None else f"{out.name}-{uuid.uuid4().hex[:8]}"
+    cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out), "run-name": name})
+    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
+          f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
+          flush=True)
     with tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
         tomli_w.dump(cfg.to_flower(), overrides)
         overrides.flush()
@@ -240,8 +276,13 @@ def run(cfg: RunConfig, *, superlink: str, pki: Path | None = None, root_cert: P
         details = listing.get("status-details", "")
         raise RunFailed(f"run {run_id} ended as {listing['status']}"
                         + (f" ({details})" if details and details != "N/A" else "")
-                        + f"; see `flwr log {run_id} {CONNECTION} --show`")
-    return _name_campuses(out / "summary.json", _registered_nodes(pki))
+                        + f"; see `flwr log {run_id} {CONNECTION} --show`"
+                        + ("; continue it from its last finished round with --resume" if (out / "checkpoint.pt").is_file() else ""))
+    summary_file = out / "summary.json"
+    if not summary_file.is_file() or json.loads(summary_file.read_text())["config"].get("run-name") != name:
+        raise RunFailed(f"run {name} was paused before its last round; continue it with "
+                        f"`edufl coordinator run --superlink {superlink} ... --resume {out}`")
+    return _name_campuses(summary_file, _registered_nodes(pki))
 
 
 def _name_campuses(summary_file: Path, nodes: dict[str, str]) -> dict:

@@ -1,9 +1,10 @@
 """Flower's deployment engine with real processes on 127.0.0.1: one coordinator (SuperLink, TLS,
 campus authentication) and campuses AAA, BBB, CCC (SuperNodes), each reading only its own export.
 
-One coordinator serves the whole module; campus DDD is registered but never started. Every
-process is started in a process group of its own and the group is killed at teardown, even
-when a test fails. Ports are picked free at test time.
+One coordinator serves the whole module; campus DDD is registered but never started. Each campus
+keeps its privacy ledger and audit log in its own state folder under the module's temporary
+folder, under a policy file. Every process is started in a process group of its own and the
+group is killed at teardown, even when a test fails. Ports are picked free at test time.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from federation.data import campus_slice, write_tables
 from federation.deploy import flwr_env, free_port
+from federation.ledger import PrivacyLedger
 from federation.pki import make_pki
 from federation.tasks import build_task, split
 from server.app import CampusesMissing, await_campuses
 
 CAMPUSES = ("AAA", "BBB", "CCC")
+POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n[release]\nmin_cohort_size = 20\n"  # every campus's policy file
 EDUFL = [sys.executable, "-m", "experiments.cli"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +77,7 @@ def deployment(tmp_path_factory, tables):
     os.environ["FLWR_HOME"] = str(root / "flwr-home")  # this module's own Flower configuration
     make_pki(root / "pki", [*CAMPUSES, "DDD"])
     make_pki(root / "other-pki", ["AAA"])  # a second CA and an unregistered key
+    (root / "policy.toml").write_text(POLICY)
     for campus in CAMPUSES:
         write_tables(campus_slice(tables, "module", campus), root / f"campus-{campus}")
     procs = Processes(root)
@@ -94,8 +99,23 @@ def deployment(tmp_path_factory, tables):
 
 def start_campus(procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60) -> None:
     procs.start(campus, "campus", "start", "--campus", campus, "--data", str(root / f"campus-{campus}"),
-                "--superlink", superlink, "--pki", str(root / "pki"))
+                "--superlink", superlink, "--pki", str(root / "pki"), *state(root, campus),
+                "--policy", str(root / "policy.toml"))
     procs.wait_for(campus, "SuperNode ID", timeout)
+
+
+def state(root: Path, campus: str) -> list[str]:
+    """The --state option giving ``campus`` its state folder under ``root`` (never the working or home folder)."""
+    return ["--state", str(root / "state" / campus)]
+
+
+def released_rounds(root: Path, campus: str, run_name: str) -> list[int]:
+    """The rounds ``campus``'s privacy ledger holds a release of for run ``run_name``."""
+    ledger = PrivacyLedger(root / "state" / campus)
+    try:
+        return [r.server_round for r in ledger.releases(run_id=run_name)]
+    finally:
+        ledger.close()
 
 
 def edufl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -104,7 +124,7 @@ def edufl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def coordinator_run(root: Path, superlink: str, out: str, *extra: str) -> subprocess.CompletedProcess:
     return edufl("coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"), "--rounds", "2",
-                 "--out", str(root / out), *extra)
+                 "--model", "logistic", "--out", str(root / out), *extra)
 
 
 def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
@@ -127,6 +147,56 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
     runs = json.loads(subprocess.run(["flwr", "ls", "edufl", "--format", "json"], capture_output=True, text=True,
                                      env=flwr_env()).stdout)["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"]
+    name = summary["config"]["run-name"]
+    assert name.startswith("run1-") and f"run {name}," in result.stdout
+    assert all(released_rounds(root, c, name) == [1, 2] for c in CAMPUSES)
+
+
+def test_paused_run_resumes_after_its_last_round_under_the_same_run_name(deployment):
+    root, superlink, _ = deployment
+    out = root / "run-resume"
+    out.mkdir()
+    (out / "STOP").touch()  # pause once round 1 is checkpointed
+    paused = coordinator_run(root, superlink, "run-resume", "--min-campuses", "3", "--strategy", "fedadam")
+    assert paused.returncode == 1, paused.stdout + paused.stderr
+    assert "was paused before its last round" in paused.stderr and f"--resume {out}" in paused.stderr
+    assert not (out / "STOP").exists() and not (out / "summary.json").exists()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 1 and sorted(saved["strategy"]) == ["m_t", "v_t"]  # FedAdam's moments
+    name = saved["run-name"]
+    assert all(released_rounds(root, c, name) == [1] for c in CAMPUSES)
+
+    resumed = edufl("coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"), "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming run {name} after round 1/2" in resumed.stdout
+    assert "round   1/2" not in resumed.stdout and "round   2/2" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["run-name"] == name and summary["config"]["strategy"] == "fedadam"
+    with open(out / "rounds.csv") as f:
+        assert [row["round"] for row in csv.DictReader(f)] == ["1", "2"]  # no round repeated
+    assert all(released_rounds(root, c, name) == [1, 2] for c in CAMPUSES)  # the same run's ledger entries
+    assert summary["failures"] == [] and 0 < summary["privacy"]["epsilon"] <= 3.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "5"], "continues that run with the settings in its checkpoint: drop the run options"),
+    ([], "no checkpoint.pt there"),
+])
+def test_resume_needs_a_checkpoint_and_no_run_options(tmp_path, args, message):
+    result = edufl("coordinator", "run", "--superlink", "127.0.0.1:1", "--insecure", "--resume", str(tmp_path), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_campus_with_a_bad_policy_file_refuses_to_start(tmp_path, aaa_dir):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[privacy]
+max_epsilon = 3
+")
+    result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", "127.0.0.1:1",
+                   "--insecure", *state(tmp_path, "AAA"), "--policy", str(policy), timeout=60)
+    assert result.returncode == 2
+    assert f"{policy}: privacy.max_epsilon" in result.stderr and "Traceback" not in result.stderr
+    assert "starting its SuperNode" not in result.stdout
 
 
 def test_too_few_campuses_ends_with_the_missing_ones_named(deployment):
@@ -153,7 +223,7 @@ def test_campus_with_an_unregistered_key_is_refused_on_both_sides(deployment):
     root, superlink, procs = deployment
     result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
                    "--root-cert", str(root / "pki" / "ca.crt"), "--key", str(root / "other-pki" / "campus-AAA.key"),
-                   "--rejoin-wait", "0", timeout=120)
+                   "--rejoin-wait", "0", *state(root, "AAA-unregistered"), timeout=120)
     assert result.returncode == 1
     assert "the coordinator refused this campus's key: it is not registered there" in result.stderr
     assert "No SuperNode found with the given public key" in procs.output("coordinator")
@@ -167,7 +237,7 @@ def test_plaintext_or_a_wrong_ca_is_refused_before_connecting(deployment, tls, m
     root, superlink, _ = deployment
     tls = [str(root / a) if "/" in a else a for a in tls]
     result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
-                   *tls, timeout=60)
+                   *tls, *state(root, "AAA-refused"), timeout=60)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -179,7 +249,7 @@ def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
     lines[5] = lines[5].replace('"F"', '"X"').replace('"M"', '"X"')
     (aaa_dir / "studentInfo.csv").write_text("\n".join(lines) + "\n")
     result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", superlink,
-                   "--pki", str(root / "pki"), timeout=60)
+                   "--pki", str(root / "pki"), *state(root, "AAA-invalid"), timeout=60)
     assert result.returncode == 2
     assert "vle.csv: file not found" in result.stderr
     assert "campus AAA does not join with this folder" in result.stderr
@@ -189,7 +259,8 @@ def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
 def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deployment):
     root, superlink, procs = deployment
     run = subprocess.Popen([*EDUFL, "coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"),
-                            "--rounds", "3", "--min-campuses", "2", "--round-timeout", "120", "--out", str(root / "run-kill")],
+                            "--rounds", "3", "--model", "logistic", "--min-campuses", "2", "--round-timeout", "120",
+                            "--out", str(root / "run-kill")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=flwr_env(),
                            start_new_session=True)
     try:
