@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from federation.data import Tables, campus_slice
+from federation.data import Tables, campus_slices
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon
 from federation.results import Report
@@ -32,10 +32,8 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
     Returns the summary dict written to ``cfg.out/summary.json``.
     """
     started = time.perf_counter()
-    campuses = {}
-    for name in names:
-        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name, cfg.shards), cfg.cutoff_day)
-        campuses[name] = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    campuses = {name: split(build_task(cfg.task, own, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)
+                for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()}
     report_config = provenance(mode, cfg, tables, names)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
     if mode == "centralized":

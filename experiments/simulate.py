@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from federation.data import Tables, campus_names, campus_slice, file_hashes, load_tables, write_tables
+from federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_tables
 from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 
 MODES = ("federated", "centralized", "local")
@@ -115,8 +115,8 @@ def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str
 
     tables = tables or load_tables(data_dir)
     names = announce(cfg, tables, "federated")
-    for name in names:
-        write_tables(campus_slice(tables, cfg.campus_by, name, cfg.shards), Path(sim_dir) / name)
+    for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
+        write_tables(own, Path(sim_dir) / name)
     manifest = {"campuses": names, "state-root": str(Path(cfg.out).resolve() / "campuses"),
                 "policy": str(policy.resolve()) if policy else None}
     (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))

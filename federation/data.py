@@ -334,8 +334,19 @@ def campus_names(tables: Tables, campus_by: str, shards: int = 0) -> list[str]:
 
 def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -> Tables:
     """Only ``campus``'s rows of every table: what that campus would hold itself."""
+    info = tables["studentInfo"]
+    return _own_rows(tables, info[campus_of(info, campus_by, shards) == campus])
+
+
+def campus_slices(tables: Tables, campus_by: str, shards: int = 0) -> dict[str, Tables]:
+    """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once)."""
+    info = tables["studentInfo"]
+    campus = campus_of(info, campus_by, shards)
+    return {name: _own_rows(tables, info[campus == name]) for name in sorted(campus.unique())}
+
+
+def _own_rows(tables: Tables, info: pd.DataFrame) -> Tables:
     f = tables.frames
-    info = f["studentInfo"][campus_of(f["studentInfo"], campus_by, shards) == campus]
     mp = ["code_module", "code_presentation"]
     student = [*mp, "id_student"]
     courses = f["courses"].merge(info[mp].drop_duplicates(), on=mp)

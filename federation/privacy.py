@@ -86,12 +86,19 @@ def calibrate_noise(settings: DPSettings, n_examples: int, batch_size: int, epoc
     epochs of DP-SGD over ``n_examples`` rows, at sampling rate ``1 / steps_per_epoch(n, batch)``,
     spend at most ``settings.target_epsilon`` at ``settings.delta``."""
     spe = steps_per_epoch(n_examples, batch_size)
+    return _calibrated(settings, 1.0 / spe, epochs * spe)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
+    # The search takes 0.2-1 s; campuses of similar size share (q, steps), so a
+    # process serving many campuses (a simulation with many shards) searches once.
     with _best_order_is_largest_ok():
         return get_noise_multiplier(
             target_epsilon=settings.target_epsilon,
             target_delta=settings.delta,
-            sample_rate=1.0 / spe,
-            steps=epochs * spe,
+            sample_rate=sample_rate,
+            steps=steps,
             accountant=ACCOUNTANT,
         )
 
