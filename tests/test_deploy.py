@@ -189,9 +189,7 @@ def test_resume_needs_a_checkpoint_and_no_run_options(tmp_path, args, message):
 
 def test_campus_with_a_bad_policy_file_refuses_to_start(tmp_path, aaa_dir):
     policy = tmp_path / "policy.toml"
-    policy.write_text("[privacy]
-max_epsilon = 3
-")
+    policy.write_text("[privacy]\nmax_epsilon = 3\n")
     result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", "127.0.0.1:1",
                    "--insecure", *state(tmp_path, "AAA"), "--policy", str(policy), timeout=60)
     assert result.returncode == 2
