@@ -23,8 +23,6 @@ leaves the campus.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import zlib
 from contextlib import closing
@@ -33,11 +31,13 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.data import file_hashes, load_tables
+from federation.data import dataset_id, load_tables
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
 from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
+from federation.proto.analytics_pb2 import StatisticQuery
 from federation.runconfig import ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig
+from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
 from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import evaluate, train
 
@@ -64,7 +64,7 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     if key not in _CAMPUS_CACHE:
         data = build_task(cfg.task, load_tables(setup.data_dir), cfg.cutoff_day)
         train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-        dataset = hashlib.sha256(json.dumps(file_hashes(setup.data_dir), sort_keys=True).encode()).hexdigest()
+        dataset = dataset_id(setup.data_dir)
         _CAMPUS_CACHE[key] = Campus(setup.name, dataset, train_part, test_part)
     return _CAMPUS_CACHE[key]
 
@@ -208,3 +208,40 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     scores = evaluate(_model(cfg, msg), campus.train, campus.test)
     metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k: scores[k.replace("-", "_")] for k in EVALUATE_METRICS[1:]}})
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus)}), reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Answer a DP statistic query (:mod:`federation.statistics`) over this campus's registrations.
+
+    The query arrives serialized under ``config[statistic-query]``; the answer
+    leaves as a serialized ``StatisticAnswer`` in the ``answer`` record. The
+    release is recorded in the privacy ledger (mechanism ``gaussian``, the
+    noise multiplier, q = 1, one step) before the noise is drawn and the reply
+    returned; cells with a noisy count below ``release.min_cohort_size`` (10
+    without a policy) are not sent.
+
+    Raises
+    ------
+    CampusRefusal
+        Before any record is read: an invalid query (a field outside the data
+        contract or not groupable, a mean or histogram without finite bounds),
+        or one the campus policy or its remaining ε budget does not allow.
+    """
+    config = msg.content[CONFIG]
+    setup = campus_setup(context.node_config)
+    run, server_round = str(config.get("run-name") or context.run_id), int(config.get("server-round", 1))
+    query = StatisticQuery.FromString(config[QUERY_KEY])
+    dataset = dataset_id(setup.data_dir)
+    with closing(PrivacyLedger(setup.state_dir)) as ledger:
+        try:
+            z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
+        except QueryError as err:
+            raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
+        info = load_tables(setup.data_dir)["studentInfo"]
+        ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", "gaussian", z, 1.0, 1,
+                              run_eps, query.delta))
+    k = setup.policy.release.min_cohort_size if setup.policy else MIN_CELL_COUNT
+    reply = answer(query, info, setup.name, z, k)
+    content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: ConfigRecord({"name": setup.name})})
+    return Message(content=content, reply_to=msg)

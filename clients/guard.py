@@ -6,6 +6,9 @@ is let through only when it holds exactly what the protocol declares:
 * ``train``: the model's parameter arrays (the names, shapes and dtypes of the
   run's model), the declared training metrics, and the campus name;
 * ``evaluate``: the declared evaluation metrics and the campus name;
+* ``query``: one serialized ``StatisticAnswer`` (``protos/analytics.proto``)
+  holding only cells the query declares, each with a noisy count of at least
+  ``release.min_cohort_size`` (10 without a policy), and the campus name;
 
 with every metric a single number and, under a campus policy, computed on at
 least ``release.min_cohort_size`` records. Anything else (an extra array or
@@ -24,14 +27,17 @@ from collections.abc import Callable
 from contextlib import closing
 
 from flwr.app import Context, Error, Message
+from google.protobuf.message import DecodeError
 
 from federation.audit import AuditLog, array_specs, now, payload_digest
 from federation.ledger import PrivacyLedger
 from federation.models import build_model
+from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from federation.proto.audit_pb2 import AuditRecord, DpRelease
 from federation.policy import PolicyError
 from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, REFUSED,
                                   TRAIN_METRICS, ConfigError, RunConfig)
+from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, answer_problems
 from federation.tasks import feature_names
 
 from .node import CampusRefusal, campus_setup
@@ -45,7 +51,7 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
     """Everything in ``reply`` (to request ``msg``) that the protocol does not declare; empty if it may leave."""
     kind = msg.metadata.message_type
     content = reply.content
-    expected = {"train": {ARRAYS, METRICS, CAMPUS}, "evaluate": {METRICS, CAMPUS}}.get(kind)
+    expected = {"train": {ARRAYS, METRICS, CAMPUS}, "evaluate": {METRICS, CAMPUS}, "query": {ANSWER, CAMPUS}}.get(kind)
     if expected is None:
         return [f"message type {kind!r} is not released by this campus"]
     found = []
@@ -69,6 +75,28 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
             found.append(f"metrics computed on {n} records, fewer than release.min_cohort_size {min_cohort}")
     if CAMPUS in content.config_records and set(content.config_records[CAMPUS]) != {"name"}:
         found.append(f"campus record keys {sorted(content.config_records[CAMPUS])}; expected ['name']")
+    if kind == "query" and ANSWER in content.config_records:
+        found += _answer_violations(msg, reply, min_cohort or MIN_CELL_COUNT)  # no policy: the default k
+    return found
+
+
+def _answer_violations(msg: Message, reply: Message, k: int) -> list[str]:
+    """What in a query reply's answer record is not the declared StatisticAnswer of the query in ``msg``."""
+    record = reply.content.config_records[ANSWER]
+    data = record.get(ANSWER)
+    if set(record) != {ANSWER} or not isinstance(data, bytes):
+        return [f"answer record keys {sorted(record)}; expected one serialized StatisticAnswer under {ANSWER!r}"]
+    try:
+        answer = StatisticAnswer.FromString(data)
+    except DecodeError:
+        return ["the answer is not a StatisticAnswer"]
+    answer.DiscardUnknownFields()
+    if answer.SerializeToString() != data:
+        return ["the answer holds bytes that are not StatisticAnswer fields"]
+    found = answer_problems(StatisticQuery.FromString(msg.content[CONFIG][QUERY_KEY]), answer, k)
+    campus = reply.content.config_records.get(CAMPUS, {}).get("name")
+    if answer.campus != campus:
+        found.append(f"answer of campus {answer.campus!r} in the reply of campus {campus!r}")
     return found
 
 
@@ -99,7 +127,7 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         n = metrics.get(NUM_EXAMPLES, 0)
         record.num_examples = int(n) if isinstance(n, int) else 0
     record.payload_bytes, record.payload_sha256 = payload_digest(reply.content)
-    if record.sent and msg.metadata.message_type == "train":
+    if record.sent and msg.metadata.message_type in ("train", "query"):
         record.dp.CopyFrom(_dp_release(setup.state_dir, run_id, record.server_round))
     record.recorded_at = now()
     _log(setup.state_dir, record)

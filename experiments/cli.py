@@ -233,6 +233,27 @@ def _run_campus(args: argparse.Namespace) -> None:
             raise SystemExit(f"edufl: {err}") from None
 
 
+def _analytics_parser(sub) -> None:
+    analytics = sub.add_parser("analytics", help="DP federated statistics: counts, means and histograms per group")
+    a_sub = analytics.add_subparsers(dest="analytics_command", required=True)
+    r = a_sub.add_parser("run", help="answer a query (TOML) on the simulation engine and write a table, a chart and summary.json",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("query", metavar="QUERY.toml", help="the query, e.g. experiments/queries/withdrawal_by_imd.toml")
+    r.add_argument("--data", help="folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
+    r.add_argument("--campus-by", choices=("module", "region"), default="module", help="campuses: module (7) or region (13)")
+    r.add_argument("--policy", help="campus policy file (TOML) every virtual campus enforces (default: none; k = 10)")
+    r.add_argument("--out", default="results/analytics", help="results folder (reuse it to keep spending the same campus budgets)")
+
+
+def _run_analytics(args: argparse.Namespace) -> None:
+    from .analytics import run_analytics
+
+    summary = run_analytics(Path(args.query), resolve_data_dir(args.data), args.campus_by,
+                            args.policy and Path(args.policy), Path(args.out))
+    if summary["refusals"]:
+        raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
+
+
 def _run_experiment(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     _certs_parser(sub)
     _coordinator_parser(sub)
     _campus_parser(sub)
+    _analytics_parser(sub)
     data = sub.add_parser("data", help="get or check the OULAD tables").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="download the official OULAD release into the user cache folder")
     dl.add_argument("--url", default=None, help="alternative address of anonymisedData.zip")
@@ -288,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_coordinator(args)
         elif args.command == "campus":
             _run_campus(args)
+        elif args.command == "analytics":
+            _run_analytics(args)
         elif args.command == "audit-privacy":
             from .privacy_audit import audit, print_audit
 

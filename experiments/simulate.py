@@ -16,10 +16,12 @@ tables and writes the campus folders; this module itself imports nothing heavy.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,31 +108,58 @@ def _start_ray(sim_dir: str) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None):
+def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None, server_app: str,
+             headline: Callable[[RunConfig, Tables, str], list[str]]):
     """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
 
     from clients.app import app as client_app
-    from server.app import app as server_app
 
+    module, _, name = server_app.partition(":")
+    server = getattr(importlib.import_module(module), name)
     tables = tables or load_tables(data_dir)
-    names = announce(cfg, tables, "federated")
+    names = headline(cfg, tables, "federated")
     for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
         write_tables(own, Path(sim_dir) / name)
     manifest = {"campuses": names, "state-root": str(Path(cfg.out).resolve() / "campuses"),
                 "policy": str(policy.resolve()) if policy else None}
     (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))
-    return tables, names, _run_simulation, client_app, server_app
+    return tables, names, _run_simulation, client_app, server
 
 
 def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None) -> dict:
+    cfg, tables, names = run_engine(cfg, data_dir, tables, policy)
+    path = Path(cfg.out) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["config"].update(provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None,
+               server_app: str = "server.app:app", headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
+               extra_config: dict | None = None) -> tuple[RunConfig, Tables, list[str]]:
+    """Run the ServerApp ``server_app`` ("module:attribute") and the campuses' ClientApp on Flower's simulation engine.
+
+    One virtual SuperNode per campus of ``cfg.campus_by``, each reading only
+    its own rows and keeping its state under ``cfg.out/campuses/<campus>/``
+    (enforcing ``policy`` when given). ``headline(cfg, tables, mode)`` prints
+    what runs and returns the campus names; the ServerApp's run config is
+    ``cfg`` (with ``min-campuses`` set to the number of campuses) plus
+    ``extra_config``. Returns that config, the tables and the campus names.
+
+    Raises
+    ------
+    DataError
+        When the tables fail validation.
+    """
     import ray
 
     with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy)
+        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy, server_app, headline)
         _start_ray(sim_dir)
         try:
-            tables, names, run_simulation, client_app, server_app = prepared.result()
+            tables, names, run_simulation, client_app, server = prepared.result()
         except BaseException:
             ray.shutdown()
             raise
@@ -145,12 +174,9 @@ def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
             num_supernodes=len(names),
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
-            server_app=server_app,
-            server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower()),
+            server_app=server,
+            server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                       run_config={**cfg.to_flower(), **(extra_config or {})}),
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
-    path = Path(cfg.out) / "summary.json"
-    summary = json.loads(path.read_text())
-    summary["config"].update(provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return cfg, tables, names

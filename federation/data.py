@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -309,6 +310,12 @@ def download(url: str = OULAD_URL, dest: Path | None = None) -> Path:
 def file_hashes(directory: Path) -> dict[str, str]:
     """SHA-256 of each table file, for run manifests."""
     return {t.file: hashlib.sha256((directory / t.file).read_bytes()).hexdigest() for t in TABLES}
+
+
+def dataset_id(directory: Path) -> str:
+    """The identity a campus's privacy ledger keys its releases by: SHA-256 over :func:`file_hashes`
+    (the same for DP-SGD updates and DP statistics, so that both spend one budget)."""
+    return hashlib.sha256(json.dumps(file_hashes(directory), sort_keys=True).encode()).hexdigest()
 
 
 def campus_of(info: pd.DataFrame, campus_by: str, shards: int = 0) -> pd.Series:

@@ -1,6 +1,6 @@
 """The campus's privacy ledger: every release, persisted in SQLite before it leaves the campus.
 
-One row per release (a round's model update, later a statistic): run, round,
+One row per release (a round's model update, or a DP statistic): run, round,
 task, mechanism, noise multiplier, sampling rate, steps, ε after the release,
 δ and accountant. Rows are keyed by the dataset they were computed from (the
 SHA-256 of the campus's data files), so the budget follows the data, not the

@@ -8,7 +8,7 @@ campus always runs under a policy (``CampusPolicy()`` when no file is given)::
     max_epsilon_per_run = 3.0     # ε of one run, at the policy's δ
     total_epsilon_budget = 10.0   # ε over all runs on this campus's dataset
     delta = 1e-5                  # δ of every guarantee (a run may ask for less)
-    min_noise_multiplier = 0.5    # DP-SGD noise never below this, whatever ε allows
+    min_noise_multiplier = 0.5    # DP-SGD and statistics noise never below this, whatever ε allows
     [training]
     max_rounds = 50
     max_local_epochs = 5

@@ -1,10 +1,11 @@
-"""The protobuf contracts in protos/: generated code is current, and records survive a round trip."""
+"""The protobuf contracts in protos/: generated code is current, and records and statistic messages survive a round trip."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
 from federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
 
 ROOT = Path(__file__).parents[1]
@@ -33,3 +34,18 @@ def test_audit_record_round_trip():
                                       delta=1e-5, accountant="rdp"), num_examples=563)
     again = AuditRecord.FromString(record.SerializeToString())
     assert again == record and math.isinf(again.dp.epsilon) and list(again.arrays[0].shape) == [1, 54]
+
+
+def test_statistic_query_and_answer_round_trip():
+    query = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0.0, high=1.0,
+                           group_by=["imd_band", "age_band"], epsilon=1.0, delta=1e-5)
+    histogram = StatisticQuery(name="h", statistic="histogram", value="studied_credits", bin_edges=[30, 60, 660], epsilon=0.5, delta=1e-6)
+    answer = StatisticAnswer(campus="AAA", query_name="w", noise_multiplier=4.06, count_std=5.75, sum_std=5.75, epsilon=0.995,
+                             delta=1e-5, suppressed_cells=3, min_cell_count=10,
+                             cells=[Cell(group=["0-10%", "0-35"], noisy_count=31.4, noisy_sum=12.2),
+                                    Cell(group=["missing", "55<="], bin="", noisy_count=10.5)])
+    for message in (query, histogram, answer):
+        assert type(message).FromString(message.SerializeToString()) == message
+    again = StatisticAnswer.FromString(answer.SerializeToString())
+    assert again.cells[0].HasField("noisy_sum") and not again.cells[1].HasField("noisy_sum")  # a sum only where sent
+    assert list(StatisticQuery.FromString(histogram.SerializeToString()).bin_edges) == [30.0, 60.0, 660.0]

@@ -1,0 +1,170 @@
+"""The coordinator side of DP federated statistics: a Flower ServerApp that asks every campus one query.
+
+``analytics_app`` sends the query (:mod:`federation.statistics`) to every
+connected campus as a ``query`` message, sums the cells the campuses released
+(:func:`federation.statistics.combine`) and writes the results folder:
+
+* ``statistics.csv``: one row per released cell: the group fields, ``bin``
+  (histograms), ``estimate``, its noise ``std`` and 95 % ``bound95``
+  (1.96 · std), the summed ``noisy_count`` and the number of ``campuses`` that released the cell;
+* ``statistics.md``: the same table, with each campus's ε, δ, noise multiplier,
+  noise std and suppressed cells;
+* ``statistics.png``: the estimates as bars with their 95 % bounds;
+* ``summary.json``: the query, the run name, each campus's release and the
+  cells it suppressed, the refusals, the payload digests received and the estimates.
+
+Run config keys: ``statistic-query`` (the StatisticQuery as protobuf JSON),
+``out`` (results folder), ``run-name``, ``min-campuses`` and ``round-timeout``
+(seconds to wait for campuses and for their answers).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from google.protobuf import json_format
+
+from federation.audit import payload_digest
+from federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
+from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
+from federation.runconfig import CAMPUS, CONFIG
+from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine
+
+from .app import await_campuses
+
+analytics_app = ServerApp()
+
+
+@analytics_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point on Flower's engines (see the module docstring for the run config keys)."""
+    rc = context.run_config
+    query = json_format.Parse(str(rc[QUERY_KEY]), StatisticQuery())
+    run_query(grid, query, str(rc.get("run-name") or context.run_id), Path(str(rc["out"])),
+              int(rc["min-campuses"]), float(rc["round-timeout"]))
+
+
+def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_campuses: int, timeout: float) -> dict:
+    """Ask every connected campus ``query``, combine the answers and write the results folder ``out``.
+
+    Returns the summary dict written to ``summary.json``.
+
+    Raises
+    ------
+    CampusesMissing
+        When fewer than ``min_campuses`` campuses are connected after ``timeout`` seconds.
+    """
+    await_campuses(grid, min_campuses, timeout, 1)
+    config = ConfigRecord({"run-name": run_name, "server-round": 1, QUERY_KEY: query.SerializeToString()})
+    nodes = sorted(grid.get_node_ids())
+    replies = list(grid.send_and_receive(
+        [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout))
+    answers, refusals, receipts = [], [], []
+    for reply in replies:
+        if reply.has_error():
+            refusals.append({"node": reply.metadata.src_node_id, "code": reply.error.code, "reason": reply.error.reason})
+            continue
+        answer = StatisticAnswer.FromString(reply.content[ANSWER][ANSWER])
+        answers.append(answer)
+        size, digest = payload_digest(reply.content)
+        receipts.append({"campus": str(reply.content[CAMPUS]["name"]), "payload_bytes": size, "payload_sha256": digest})
+    for node in sorted(set(nodes) - {r.metadata.src_node_id for r in replies}):
+        refusals.append({"node": node, "code": None, "reason": f"node {node}: no reply (disconnected, or past round-timeout)"})
+    answers.sort(key=lambda a: a.campus)
+    estimates = combine(query, answers)
+    summary = {
+        "query": json_format.MessageToDict(query, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+        "run_name": run_name,
+        "privacy": {"mechanism": "gaussian", "accountant": ACCOUNTANT, "unit": PRIVACY_UNIT_SHORT},
+        "campuses": [_campus(query, a) for a in answers],
+        "refusals": sorted(refusals, key=lambda r: r["node"]),
+        "receipts": sorted(receipts, key=lambda r: r["campus"]),
+        "estimates": [_row(query, e) for e in estimates],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_csv(out / "statistics.csv", summary["estimates"])
+    (out / "statistics.md").write_text(markdown(query, summary))
+    _plot(out / "statistics.png", query, estimates)
+    return summary
+
+
+def describe(query: StatisticQuery) -> str:
+    """One line: the statistic, its value field and bounds, and the grouping."""
+    what = {"count": "count of registrations",
+            "mean": f"share of {query.value}" if "=" in query.value else f"mean of {query.value} clipped to [{query.low:g}, {query.high:g}]",
+            "histogram": f"histogram of {query.value}"}[query.statistic]
+    return f"{query.name}: {what}" + (f" by {', '.join(query.group_by)}" if query.group_by else "")
+
+
+def _campus(query: StatisticQuery, a: StatisticAnswer) -> dict:
+    released = {(tuple(c.group), c.bin) for c in a.cells}
+    return {"campus": a.campus, "epsilon": a.epsilon, "delta": a.delta, "noise_multiplier": a.noise_multiplier,
+            "count_std": a.count_std, "sum_std": a.sum_std, "min_cell_count": a.min_cell_count,
+            "cells_released": len(a.cells), "cells_suppressed": a.suppressed_cells,
+            "suppressed": [_label(g, b) for g, b in cells(query) if (g, b) not in released]}
+
+
+def _label(group: tuple[str, ...], bin_: str) -> str:
+    return " / ".join([*group, *([bin_] if bin_ else [])]) or "all"
+
+
+def _row(query: StatisticQuery, e: Estimate) -> dict:
+    row = dict(zip(query.group_by, e.group))
+    if query.statistic == "histogram":
+        row["bin"] = e.bin
+    return {**row, "estimate": e.estimate, "std": e.std, "bound95": e.bound95, "noisy_count": e.count, "campuses": e.campuses}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def markdown(query: StatisticQuery, summary: dict) -> str:
+    """The results as Markdown: the query, each campus's release parameters, then the estimates."""
+    lines = [f"# {describe(query)}", "",
+             (f"Gaussian mechanism on each campus, privacy unit {PRIVACY_UNIT_SHORT}, ε accounted with Rényi DP; "
+              "± is the 95 % bound of the noise (1.96 std), not of clipping or suppressed cells."), "",
+             "| campus | ε | δ | noise multiplier | count noise std | sum noise std | k | suppressed cells |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['campus']} | {c['epsilon']:.3f} | {c['delta']:g} | {c['noise_multiplier']:.3f} | {c['count_std']:.2f} "
+              f"| {c['sum_std']:.2f} | {c['min_cell_count']} | {c['cells_suppressed']} |" for c in summary["campuses"]]
+    lines += [f"\nrefused: {r['reason']}" for r in summary["refusals"]]
+    keys = [*query.group_by, *(["bin"] if query.statistic == "histogram" else [])]
+    mean = query.statistic == "mean"
+    digits = 4 if mean else 1
+    lines += ["", f"| {' | '.join(keys) or 'group'} | {query.statistic} | ± 95 % | std |{' noisy count |' * mean} campuses |",
+              "|" + "---|" * (max(len(keys), 1) + 4 + mean)]
+    for r in summary["estimates"]:
+        cells_ = [str(r[k]) for k in keys] or ["all"]
+        count = f" {r['noisy_count']:.1f} |" if mean else ""
+        lines.append(f"| {' | '.join(cells_)} | {r['estimate']:.{digits}f} | {r['bound95']:.{digits}f} | {r['std']:.{digits}f} "
+                     f"|{count} {r['campuses']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, query: StatisticQuery, estimates: list[Estimate]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(estimates) + 2), 4.5))
+    x = range(len(estimates))
+    ax.bar(x, [e.estimate for e in estimates], yerr=[e.bound95 for e in estimates], capsize=3, color="tab:blue")
+    ax.set_xticks(list(x), [_label(e.group, e.bin) for e in estimates], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(f"{query.statistic} (error bars: 95 % noise bound)")
+    ax.set_title(f"{describe(query)}\nGaussian mechanism, ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}", fontsize=9)
+    if not estimates:
+        ax.text(0.5, 0.5, "no cell released", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

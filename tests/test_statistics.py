@@ -1,0 +1,262 @@
+"""DP federated statistics on the real OULAD data: noise calibration, suppression, refusals, budget, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import astuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
+
+from clients.app import query_handler, train_handler
+from clients.guard import release_guard
+from federation.audit import AuditLog
+from federation.data import dataset_id
+from federation.ledger import PrivacyLedger
+from federation.models import build_model
+from federation.policy import CampusPolicy
+from federation.privacy import epsilon
+from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
+from federation.statistics import (ANSWER, QUERY_KEY, QueryError, answer, cells, exact_cells, load_query, noise,
+                                   noise_multiplier)
+from federation.tasks import feature_names
+
+ROOT = Path(__file__).parents[1]
+WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
+                                   group_by=["imd_band"], epsilon=1.0, delta=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 3.0])
+def test_noise_scale_matches_the_stated_epsilon_and_sensitivity(eps):
+    credits = StatisticQuery(name="c", statistic="mean", value="studied_credits", low=0, high=360, epsilon=eps, delta=1e-5)
+    z = noise_multiplier(credits)
+    assert astuple(noise(credits, z)) == pytest.approx((z, z * math.sqrt(2), z * math.sqrt(2) * 360))  # Δ = √2 for (count, sum / B), B = 360
+    count = StatisticQuery(name="n", statistic="count", group_by=["region"], epsilon=eps, delta=1e-5)
+    assert astuple(noise(count, noise_multiplier(count))) == (z, z, 0.0)  # Δ = 1 for counts alone
+    accountant = RDPAccountant()  # Opacus's own accountant: a Gaussian release is one step at q = 1
+    accountant.history = [(z, 1.0, 1)]
+    assert eps - 0.01 <= accountant.get_epsilon(1e-5) <= eps  # Opacus's calibration tolerance
+    # and a slightly smaller z would spend more than the stated ε: the noise is not larger than it needs to be
+    accountant.history = [(z * 0.98, 1.0, 1)]
+    assert accountant.get_epsilon(1e-5) > eps - 0.01
+
+
+def test_empirical_noise_matches_the_stated_std(aaa):
+    info = aaa["studentInfo"]
+    exact = exact_cells(WITHDRAWAL_BY_IMD, info)
+    big = [key for key, (n, _) in exact.items() if n >= 60]  # never near k = 10: suppression cannot bias the residuals
+    assert len(big) >= 5
+    z = noise_multiplier(WITHDRAWAL_BY_IMD)
+    count_res, sum_res = [], []
+    for _ in range(200):
+        reply = answer(WITHDRAWAL_BY_IMD, info, "AAA", z, 10)
+        got = {(tuple(c.group), c.bin): c for c in reply.cells}
+        for key in big:
+            count_res.append(got[key].noisy_count - exact[key][0])
+            sum_res.append(got[key].noisy_sum - exact[key][1])
+    stated = noise(WITHDRAWAL_BY_IMD, z)
+    assert reply.count_std == stated.count_std and reply.sum_std == stated.sum_std
+    for res, std in ((np.array(count_res), stated.count_std), (np.array(sum_res), stated.sum_std)):
+        assert abs(res.std() / std - 1) < 0.10, (res.std(), std)  # ≥ 1000 draws: the sample std is within ~2 %
+        assert abs(res.mean()) < 4 * std / math.sqrt(len(res))  # unbiased
+
+
+def test_small_cells_are_suppressed(aaa):
+    info = aaa["studentInfo"]
+    query = StatisticQuery(name="fine", statistic="count", group_by=["region", "imd_band", "age_band"], epsilon=1.0, delta=1e-5)
+    exact = exact_cells(query, info)
+    reply = answer(query, info, "AAA", noise_multiplier(query), 10)
+    released = {(tuple(c.group), c.bin) for c in reply.cells}
+    assert len(released) + reply.suppressed_cells == len(cells(query)) == 13 * 11 * 3
+    assert all(c.noisy_count >= 10 for c in reply.cells) and reply.min_cell_count == 10
+    empty = [key for key, (n, _) in exact.items() if n == 0]
+    # An empty cell is released only when its noise alone reaches k: P(N(0, 4.06²) ≥ 10) = 0.7 %, about 1.4 of 193.
+    assert len(empty) > 150 and sum(key in released for key in empty) <= 8
+    assert all(key in released for key, (n, _) in exact.items() if n >= 40)
+
+
+# --- the campus: the ClientApp's query handler behind the release guard ---------------------------------------------
+
+def _request(query: StatisticQuery, run: str = "q1") -> Message:
+    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString()})
+    return Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query")
+
+
+def _context(aaa_dir: Path, **node_config) -> Context:
+    config = {"data-dir": str(aaa_dir), "campus": "AAA", "state-dir": str(aaa_dir.parent / "state"), **node_config}
+    return Context(run_id=5, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def _policy(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(group_by=["id_student"]), "group_by field 'id_student' is not a categorical field of the data contract"),
+    (dict(value="studied_credits", low=0, high=math.inf), "a mean needs finite clipping bounds"),
+    (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
+    (dict(value="shoe_size"), "value 'shoe_size' is not a numeric contract field"),
+    (dict(value="final_result=Withdrawn", low=0, high=5), "an indicator's bounds are low = 0, high = 1"),
+    (dict(epsilon=5.0), "privacy.max_epsilon_per_run"),
+    (dict(delta=1e-3), "privacy.delta"),
+])
+def test_the_campus_refuses_a_revealing_or_loose_query_before_reading_data(aaa_dir, task_identity, change, reason):
+    query = StatisticQuery()
+    query.CopyFrom(WITHDRAWAL_BY_IMD)
+    for key, value in change.items():
+        field = getattr(query, key)
+        if isinstance(value, list):
+            del field[:]
+            field.extend(value)
+        else:
+            setattr(query, key, value)
+    reply = release_guard(_request(query), _context(aaa_dir), query_handler)  # the default policy: ε ≤ 3, δ ≤ 1e-5
+    assert reply.error.code == REFUSED and reason in reply.error.reason and "campus AAA refuses query" in reply.error.reason
+    [record] = AuditLog(aaa_dir.parent / "state").records()
+    assert not record.sent and record.message_type == "query" and reason in record.reason
+    assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing charged, nothing released
+
+
+def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity, tmp_path):
+    policy = _policy(tmp_path, "[privacy]\nmax_epsilon_per_run = 1.0\ntotal_epsilon_budget = 3.0\n")
+    z = CampusPolicy.load(policy).noise_multiplier(noise_multiplier(WITHDRAWAL_BY_IMD))
+    affordable = max(n for n in range(1, 50) if epsilon([(z, 1.0, n)], 1e-5) <= 3.0)  # RDP composition of n releases
+    assert 3 < affordable < 20
+    context = _context(aaa_dir, policy=policy)
+    replies = [release_guard(_request(WITHDRAWAL_BY_IMD, f"q{i}"), context, query_handler) for i in range(affordable + 1)]
+    assert not any(r.has_error() for r in replies[:-1])
+    assert replies[-1].error.code == REFUSED and "privacy.total_epsilon_budget" in replies[-1].error.reason
+    state = aaa_dir.parent / "state"
+    ledger = PrivacyLedger(state)
+    assert [r.mechanism for r in ledger.releases()] == ["gaussian"] * affordable
+    assert 2.9 < ledger.spent(dataset_id(aaa_dir), 1e-5) <= 3.0
+    records = AuditLog(state).records()
+    assert [r.sent for r in records] == [True] * affordable + [False]
+    assert {(r.dp.mechanism, r.dp.noise_multiplier, r.dp.sample_rate, r.dp.steps) for r in records[:-1]} == {("gaussian", z, 1.0, 1)}
+    first = StatisticAnswer.FromString(replies[0].content[ANSWER][ANSWER])
+    assert first.campus == "AAA" and first.epsilon == pytest.approx(records[0].dp.epsilon) and first.epsilon <= 1.0
+
+
+def test_a_statistic_and_training_spend_one_budget(aaa_dir, task_identity):
+    cfg = RunConfig(model="logistic", num_rounds=1, target_epsilon=1.0)
+    model = build_model(cfg.model, len(feature_names()))
+    content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})})
+    train = Message(content, dst_node_id=1, message_type="train")
+    context = _context(aaa_dir)
+    assert not release_guard(train, context, train_handler).has_error()
+    assert not release_guard(_request(WITHDRAWAL_BY_IMD), context, query_handler).has_error()
+    ledger = PrivacyLedger(aaa_dir.parent / "state")
+    assert list(ledger.datasets()) == [dataset_id(aaa_dir)]  # one dataset identity for both kinds of release
+    trained, queried = ledger.releases()
+    assert (trained.mechanism, queried.mechanism) == ("dp-sgd", "gaussian")
+    total = ledger.spent(dataset_id(aaa_dir), 1e-5)
+    assert max(trained.epsilon, queried.epsilon) < total <= trained.epsilon + queried.epsilon
+
+
+def _tamper_small(a: StatisticAnswer) -> None:
+    a.cells[0].noisy_count = 3.0
+
+
+def _tamper_sum(a: StatisticAnswer) -> None:
+    a.cells.append(Cell(group=["nowhere"], noisy_count=50.0, noisy_sum=1.0))
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (_tamper_small, "below release.min_cohort_size 10"),
+    (_tamper_sum, "is not a cell of query"),
+    (lambda a: a.cells[0].ClearField("noisy_sum"), "a noisy sum belongs to a mean only"),
+    (lambda a: setattr(a, "campus", "BBB"), "answer of campus 'BBB'"),
+])
+def test_the_guard_blocks_an_answer_the_query_does_not_declare(aaa_dir, task_identity, tamper, reason):
+    def leaky_handler(msg: Message, context: Context) -> Message:
+        reply = query_handler(msg, context)
+        a = StatisticAnswer.FromString(reply.content[ANSWER][ANSWER])
+        tamper(a)
+        reply.content[ANSWER][ANSWER] = a.SerializeToString()
+        return reply
+
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), leaky_handler)
+    assert reply.error.code == BLOCKED and reason in reply.error.reason and not reply.has_content()
+    [record] = AuditLog(aaa_dir.parent / "state").records()
+    assert not record.sent and reason in record.reason
+
+
+def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_identity):
+    def smuggler(msg: Message, context: Context) -> Message:
+        reply = query_handler(msg, context)
+        reply.content[ANSWER][ANSWER] += b"\xa2\x06\x0511391"  # field 100, a student id: unknown to StatisticAnswer
+        return reply
+
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), smuggler)
+    assert reply.error.code == BLOCKED and "not StatisticAnswer fields" in reply.error.reason
+
+
+# --- the query file and the command ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, named", [
+    ('statistic = "mean"\nvalue = "studied_credits"\nepsilon = 1\n', "a mean needs finite clipping bounds"),
+    ('statistic = "count"\ngroup_by = ["id_student"]\nepsilon = 1\n', "group_by field 'id_student'"),
+    ('statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "group: Extra inputs are not permitted"),
+    ('statistic = "count"\n', "epsilon: Field required"),
+])
+def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text, named):
+    from experiments.cli import main
+
+    path = tmp_path / "q.toml"
+    path.write_text(text)
+    with pytest.raises(QueryError, match=str(path)):
+        load_query(path)
+    assert main(["analytics", "run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edufl: {path}: ") and named in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_queries_are_valid():
+    queries = sorted((ROOT / "experiments" / "queries").glob("*.toml"))
+    assert len(queries) >= 2
+    for path in queries:
+        load_query(path)
+
+
+def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir, tmp_path):
+    out = tmp_path / "imd"
+    env = {**os.environ, "EDUFL_DATA": str(data_dir)}
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "analytics", "run",
+                           str(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "7 campuses by module" in done.stdout and "ε ≤ 1 per campus" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refusals"] == [] and len(summary["campuses"]) == 7
+    for campus in summary["campuses"]:
+        assert 0.99 <= campus["epsilon"] <= 1.0 and campus["delta"] == 1e-5
+        assert campus["count_std"] == pytest.approx(math.sqrt(2) * campus["noise_multiplier"])
+    for name in ("statistics.csv", "statistics.md", "statistics.png"):
+        assert (out / name).stat().st_size > 0
+    assert "noise multiplier" in (out / "statistics.md").read_text()
+    query = load_query(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml")
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables["studentInfo"]).items()}
+    rows = summary["estimates"]
+    assert len(rows) == 11
+    errors = [abs(r["estimate"] - truth[(r["imd_band"],)]) for r in rows]
+    assert sum(e <= r["bound95"] for e, r in zip(errors, rows)) >= 7, list(zip(errors, rows))  # 95 % bounds: most (fails ~1e-4 by chance)
+    assert all(e <= 5 * r["std"] for e, r in zip(errors, rows))
+    # What the coordinator received is what each campus logged as sent, with the release's DP parameters.
+    logged = set()
+    for campus in summary["campuses"]:
+        [record] = AuditLog(out / "campuses" / campus["campus"]).records()
+        assert record.sent and record.message_type == "query" and record.dp.mechanism == "gaussian"
+        assert record.dp.epsilon == pytest.approx(campus["epsilon"])
+        logged.add((campus["campus"], record.payload_sha256))
+    assert logged == {(r["campus"], r["payload_sha256"]) for r in summary["receipts"]}
