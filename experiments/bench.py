@@ -8,11 +8,12 @@ sampled every 50 ms. Measured, in one run on one machine:
 * a DP federation of the 7 module campuses (FedAvg, ``--rounds`` rounds);
 * centralized DP-SGD training of the same model on the same rows (the union
   of the campuses' training rows) for the same number of epochs;
+  these two alternate ``--repeats`` times and their medians are compared;
 * the same federation with OULAD split into more, smaller campuses
   (``--campus-by shard``), to show how time and memory grow.
 
 The last line printed is one JSON object with ``federated_s``,
-``centralized_s``, ``ratio``, ``per_round_s`` and ``peak_mb``.
+``centralized_s`` (medians), ``ratio``, ``per_round_s`` and ``peak_mb``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import time
 from pathlib import Path
 
 import psutil
+
+# Pause after each run: the simulation engine's processes take a second or two to
+# exit after the run's own process, and must not slow down the next measurement.
+SETTLE_S = 5.0
 
 
 def measure(args: list[str], data_dir: Path, out: Path) -> dict:
@@ -65,35 +70,47 @@ def _rss(process: psutil.Process) -> int:
         return 0
 
 
-def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200)) -> dict:
-    """Run the measurements, print a table, and return the final JSON object."""
+def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200), repeats: int = 3) -> dict:
+    """Run the measurements, print a table, and return the final JSON object.
+
+    The 7-campus federation and the centralized run alternate ``repeats`` times
+    (timings on a shared machine drift); their medians give the ratio.
+    """
     common = ["--rounds", str(rounds)]
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="edufl-bench-") as tmp:
-        plan = [
+    plan = [
+        *[(name, args) for _ in range(repeats) for name, args in (
             ("federated, 7 campuses", ["--mode", "federated", *common]),
             ("centralized DP-SGD", ["--mode", "centralized", *common]),
-            *[(f"federated, {n} shard campuses", ["--campus-by", "shard", "--shards", str(n), *common]) for n in shards],
-        ]
-        for name, args in plan:
+        )],
+        *[(f"federated, {n} shard campuses", ["--campus-by", "shard", "--shards", str(n), *common]) for n in shards],
+    ]
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="edufl-bench-") as tmp:
+        for i, (name, args) in enumerate(plan):
             print(f"measuring {name} ...", flush=True)
-            runs[name] = measure(args, data_dir, Path(tmp) / name.replace(" ", "_").replace(",", ""))
+            runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i)))
+            time.sleep(SETTLE_S)
     print(f"\n{'run':<32} {'campuses':>8} {'wall s':>8} {'1st round s':>12} {'per round s':>12} {'peak MB':>9} {'AUC':>7}")
-    for name, r in runs.items():
-        print(f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
-              f"{r['peak_mb']:>9.0f} {r['auc']:>7.4f}")
+    for name, measured in runs.items():
+        for r in measured:
+            print(f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
+                  f"{r['peak_mb']:>9.0f} {r['auc']:>7.4f}")
     fed, central = runs["federated, 7 campuses"], runs["centralized DP-SGD"]
+    fed_s, central_s = (statistics.median(r["wall_s"] for r in rs) for rs in (fed, central))
     result = {
-        "federated_s": round(fed["wall_s"], 2),
-        "centralized_s": round(central["wall_s"], 2),
-        "ratio": round(fed["wall_s"] / central["wall_s"], 3),
-        "per_round_s": round(fed["per_round_s"], 3),
-        "peak_mb": round(fed["peak_mb"], 1),
-        "centralized_peak_mb": round(central["peak_mb"], 1),
+        "federated_s": round(fed_s, 2),
+        "centralized_s": round(central_s, 2),
+        "ratio": round(fed_s / central_s, 3),
+        "per_round_s": round(statistics.median(r["per_round_s"] for r in fed), 3),
+        "peak_mb": round(max(r["peak_mb"] for r in fed), 1),
+        "centralized_peak_mb": round(max(r["peak_mb"] for r in central), 1),
         "rounds": rounds,
-        "shards": {str(n): {k: round(v, 3) for k, v in runs[f"federated, {n} shard campuses"].items() if k != "campuses"}
+        "repeats": repeats,
+        "federated_runs_s": [round(r["wall_s"], 2) for r in fed],
+        "centralized_runs_s": [round(r["wall_s"], 2) for r in central],
+        "shards": {str(n): {k: round(v, 3) for k, v in runs[f"federated, {n} shard campuses"][0].items() if k != "campuses"}
                    for n in shards},
     }
-    print(f"\nfederated / centralized wall time: {result['ratio']:.2f}x")
+    print(f"\nfederated / centralized wall time (medians of {repeats}): {result['ratio']:.2f}x")
     print(json.dumps(result))
     return result

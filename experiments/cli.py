@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--data")
     b.add_argument("--rounds", type=int, default=10)
     b.add_argument("--shards", default="50,200", help="comma-separated campus counts for the scaling runs ('' for none)")
+    b.add_argument("--repeats", type=int, default=3, help="alternating federated/centralized runs; medians are compared")
     exp = sub.add_parser("experiment", help="run a study from a TOML config, or rebuild its report")
     exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
     exp_run = exp_sub.add_parser("run", help="run every cell of the study not yet done (resumable)")
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import bench
 
-            bench(resolve_data_dir(args.data), args.rounds, tuple(int(n) for n in args.shards.split(",") if n))
+            bench(resolve_data_dir(args.data), args.rounds, tuple(int(n) for n in args.shards.split(",") if n), args.repeats)
         elif args.data_command == "download":
             print(f"OULAD tables saved in {download(**({'url': args.url} if args.url else {}))}")
         else:
