@@ -168,7 +168,7 @@ def test_research_simulation_without_dp_reports_and_records_infinite_epsilon(aaa
     (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run: target-epsilon 1e\\+06 > 3"),
     (dict(delta=0.01), "privacy.delta: delta 0.01 > 1e-05"),
     (dict(num_rounds=1000), "training.max_rounds: num-rounds 1000 > 50"),
-    (dict(task="at_risk"), "task = 'at_risk'; expected one of withdrawal"),
+    (dict(task="final_grade"), "task = 'final_grade'; expected one of withdrawal, at_risk"),
     (dict(sneaky_key=1), "unknown configuration key\\(s\\): sneaky_key"),
 ])
 def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, task_identity, change, named):
