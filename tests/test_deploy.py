@@ -23,6 +23,7 @@ import torch
 
 from federation.data import campus_slice, write_tables
 from federation.deploy import flwr_env, free_port
+from federation.audit import AuditLog
 from federation.ledger import PrivacyLedger
 from federation.pki import make_pki
 from federation.tasks import build_task, split
@@ -150,6 +151,14 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
     name = summary["config"]["run-name"]
     assert name.startswith("run1-") and f"run {name}," in result.stdout
     assert all(released_rounds(root, c, name) == [1, 2] for c in CAMPUSES)
+    # What crossed the wire: every reply the coordinator received is one its campus logged as sent, digest for digest.
+    logged = set()
+    for campus in CAMPUSES:
+        log = AuditLog(root / "state" / campus)
+        logged |= {(r.server_round, r.message_type, campus, r.payload_sha256) for r in log.records(name) if r.sent}
+        log.close()
+    assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}
+    assert len(logged) == 2 * 2 * len(CAMPUSES)
 
 
 def test_paused_run_resumes_after_its_last_round_under_the_same_run_name(deployment):
