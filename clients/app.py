@@ -42,7 +42,7 @@ from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import evaluate, train
 
 from .guard import release_guard
-from .node import CampusRefusal, CampusSetup, campus_setup
+from .node import CampusRefusal, CampusSetup, campus_setup, run_id
 
 app = ClientApp(mods=[release_guard])
 
@@ -80,8 +80,8 @@ def _model(cfg: RunConfig, msg: Message):
     return model
 
 
-def _campus_record(campus: Campus) -> ConfigRecord:
-    return ConfigRecord({"name": campus.name})
+def _campus_record(name: str) -> ConfigRecord:
+    return ConfigRecord({"name": name})
 
 
 # Settings that fix this campus's privacy guarantee for a run: taken from the first
@@ -151,7 +151,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     state = context.state.get(STATE_PRIVACY, ConfigRecord())
     _check_contract(cfg, state, campus.name, server_round)
     context.state[STATE_PRIVACY] = state
-    run = cfg.run_name or str(context.run_id)
+    run = run_id(msg.content[CONFIG], context)
     n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
     with closing(PrivacyLedger(setup.state_dir)) as ledger:
         history = ledger.history(campus.dataset, run)
@@ -183,7 +183,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         NUM_EXAMPLES: n, "train-loss": loss, "epsilon": epsilon(history, cfg.delta), "delta": cfg.delta,
         "noise-multiplier": sigma, "sample-rate": q, "steps": int(sum(h[2] for h in history)),
     })
-    content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus)})
+    content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus.name)})
     return Message(content=content, reply_to=msg)
 
 
@@ -207,7 +207,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
                             f"release.min_cohort_size is {k}")
     scores = evaluate(_model(cfg, msg), campus.train, campus.test)
     metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k: scores[k.replace("-", "_")] for k in EVALUATE_METRICS[1:]}})
-    return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus)}), reply_to=msg)
+    return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
 
 
 @app.query()
@@ -230,7 +230,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     """
     config = msg.content[CONFIG]
     setup = campus_setup(context.node_config)
-    run, server_round = str(config.get("run-name") or context.run_id), int(config.get("server-round", 1))
+    run, server_round = run_id(config, context), int(config.get("server-round", 1))
     query = StatisticQuery.FromString(config[QUERY_KEY])
     dataset = dataset_id(setup.data_dir)
     with closing(PrivacyLedger(setup.state_dir)) as ledger:
@@ -243,5 +243,5 @@ def query_handler(msg: Message, context: Context) -> Message:
                               run_eps, query.delta))
     k = setup.policy.release.min_cohort_size if setup.policy else MIN_CELL_COUNT
     reply = answer(query, info, setup.name, z, k)
-    content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: ConfigRecord({"name": setup.name})})
+    content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: _campus_record(setup.name)})
     return Message(content=content, reply_to=msg)

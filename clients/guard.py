@@ -23,6 +23,7 @@ blocked or refused, is written to the campus's audit log
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import closing
 
@@ -40,10 +41,12 @@ from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METR
 from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, answer_problems
 from federation.tasks import feature_names
 
-from .node import CampusRefusal, campus_setup
+from .node import CampusRefusal, campus_setup, run_id
 
-def _expected_arrays(cfg: RunConfig) -> list[tuple[str, list[int], str]]:
-    model = build_model(cfg.model, len(feature_names()))
+@functools.lru_cache(maxsize=None)
+def _expected_arrays(model_name: str) -> list[tuple[str, list[int], str]]:
+    # (name, shape, dtype) of each parameter of the model; built once per model per process
+    model = build_model(model_name, len(feature_names()))
     return [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in model.state_dict().items()]
 
 
@@ -58,9 +61,9 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
     if set(content) != expected:
         found.append(f"records {sorted(content)}; expected {sorted(expected)}")
     if kind == "train" and ARRAYS in content.array_records:
-        cfg = RunConfig.from_flower({k: v for k, v in msg.content[CONFIG].items() if k != "server-round"})
+        cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
         sent = [(s.name, list(s.shape), s.dtype) for s in array_specs(content)]
-        if sent != _expected_arrays(cfg):
+        if sent != _expected_arrays(cfg.model):
             found.append(f"arrays {sent} are not the {cfg.model} model's parameters")
     if METRICS in content.metric_records:
         metrics = content.metric_records[METRICS]
@@ -104,8 +107,8 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     """Flower client mod: let a reply leave only if :func:`violations` finds nothing; log every outcome."""
     setup = campus_setup(context.node_config)
     config = msg.content.config_records.get(CONFIG, {})
-    run_id = str(config.get("run-name") or context.run_id)
-    record = AuditRecord(recorded_at="", campus=setup.name, run_id=run_id, server_round=int(config.get("server-round", 0)),
+    run = run_id(config, context)
+    record = AuditRecord(recorded_at="", campus=setup.name, run_id=run, server_round=int(config.get("server-round", 0)),
                          message_type=msg.metadata.message_type)
     try:
         reply = call_next(msg, context)
@@ -128,7 +131,7 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         record.num_examples = int(n) if isinstance(n, int) else 0
     record.payload_bytes, record.payload_sha256 = payload_digest(reply.content)
     if record.sent and msg.metadata.message_type in ("train", "query"):
-        record.dp.CopyFrom(_dp_release(setup.state_dir, run_id, record.server_round))
+        record.dp.CopyFrom(_dp_release(setup.state_dir, run, record.server_round))
     record.recorded_at = now()
     _log(setup.state_dir, record)
     if problems:
@@ -136,9 +139,9 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     return reply
 
 
-def _dp_release(state_dir, run_id: str, server_round: int) -> DpRelease:
+def _dp_release(state_dir, run: str, server_round: int) -> DpRelease:
     with closing(PrivacyLedger(state_dir)) as ledger:
-        mine = [r for r in ledger.releases(run_id=run_id) if r.server_round == server_round]
+        mine = [r for r in ledger.releases(run_id=run) if r.server_round == server_round]
     if not mine:
         return DpRelease()
     r = mine[-1]

@@ -47,3 +47,9 @@ def campus_setup(node_config: dict) -> CampusSetup:
         policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
         return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
+
+
+def run_id(config, context) -> str:
+    """The run a request belongs to, as the privacy ledger and audit log key it: the coordinator's
+    ``run-name`` in the request's config (kept by a resumed run), else Flower's run id."""
+    return str(config.get("run-name") or context.run_id)
