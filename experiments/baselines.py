@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from federation.data import Tables, campus_slices
+from federation.data import Tables
 from federation.models import build_model
 from federation.privacy import DPSettings, calibrate_noise, epsilon
 from federation.results import Report
 from federation.runconfig import RunConfig
-from federation.tasks import TaskData, build_task, feature_names, split
+from federation.tasks import TaskData, campus_splits, feature_names
 from federation.training import evaluate, train
 
 from .simulate import provenance
@@ -32,8 +32,7 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
     Returns the summary dict written to ``cfg.out/summary.json``.
     """
     started = time.perf_counter()
-    campuses = {name: split(build_task(cfg.task, own, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)
-                for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()}
+    campuses = campus_splits(tables, cfg)
     report_config = provenance(mode, cfg, tables, names)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
     if mode == "centralized":

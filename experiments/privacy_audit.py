@@ -18,12 +18,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from federation.data import campus_slice, file_hashes, load_tables
+from federation.data import file_hashes, load_tables
 from federation.membership import loss_attack_auc
 from federation.models import build_model
 from federation.results import weighted
 from federation.runconfig import ConfigError, RunConfig
-from federation.tasks import build_task, feature_names, split
+from federation.tasks import campus_splits, feature_names
 
 ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example BCE; members = campus training rows, " \
          "non-members = campus test rows, both subsampled to the smaller group's size"
@@ -69,9 +69,9 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
     model.load_state_dict(torch.load(model_path), strict=True)
     reported = {c["campus"]: c for c in summary["campuses"]}
     rows = []
+    splits = campus_splits(tables, cfg)
     for name in config.get("campuses") or sorted(reported):
-        data = build_task(cfg.task, campus_slice(tables, cfg.campus_by, name, cfg.shards), cfg.cutoff_day)
-        train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+        train_part, test_part = splits[name]
         run_row = reported.get(name, {})
         if run_row and (run_row["n_train"], run_row["n_test"]) != (len(train_part), len(test_part)):
             raise ConfigError(f"campus {name}: rebuilt split has {len(train_part)} train / {len(test_part)} test rows, "

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .contract import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-from .data import Tables
-from .runconfig import SPLITS, TASKS
+from .data import Tables, campus_slices
+from .runconfig import SPLITS, TASKS, RunConfig
 
 MISSING_SLOT = "<missing>"
 # The final results that make an example positive, per task.
@@ -164,3 +164,10 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
     return data.take(train_idx), data.take(test_idx)
+
+
+def campus_splits(tables: Tables, cfg: RunConfig) -> dict[str, tuple[TaskData, TaskData]]:
+    """Every campus's (train, test) examples as a run with ``cfg`` forms them: campuses by
+    ``cfg.campus_by`` (and ``shards``), then ``cfg``'s task, cutoff day, split, test fraction and seed."""
+    return {name: split(build_task(cfg.task, own, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)
+            for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()}
