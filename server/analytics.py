@@ -20,10 +20,10 @@ Run config keys: ``statistic-query`` (the StatisticQuery as protobuf JSON),
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from google.protobuf import json_format
@@ -34,7 +34,7 @@ from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from federation.runconfig import CAMPUS, CONFIG
 from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine
 
-from .app import await_campuses
+from .app import NO_REPLY, await_campuses, silent_nodes
 
 analytics_app = ServerApp()
 
@@ -72,8 +72,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
         answers.append(answer)
         size, digest = payload_digest(reply.content)
         receipts.append({"campus": str(reply.content[CAMPUS]["name"]), "payload_bytes": size, "payload_sha256": digest})
-    for node in sorted(set(nodes) - {r.metadata.src_node_id for r in replies}):
-        refusals.append({"node": node, "code": None, "reason": f"node {node}: no reply (disconnected, or past round-timeout)"})
+    refusals += [{"node": node, "code": None, "reason": NO_REPLY.format(node=node)} for node in silent_nodes(nodes, replies)]
     answers.sort(key=lambda a: a.campus)
     estimates = combine(query, answers)
     summary = {
@@ -87,7 +86,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_csv(out / "statistics.csv", summary["estimates"])
+    pd.DataFrame(summary["estimates"]).to_csv(out / "statistics.csv", index=False)
     (out / "statistics.md").write_text(markdown(query, summary))
     _plot(out / "statistics.png", query, estimates)
     return summary
@@ -118,14 +117,6 @@ def _row(query: StatisticQuery, e: Estimate) -> dict:
     if query.statistic == "histogram":
         row["bin"] = e.bin
     return {**row, "estimate": e.estimate, "std": e.std, "bound95": e.bound95, "noisy_count": e.count, "campuses": e.campuses}
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def markdown(query: StatisticQuery, summary: dict) -> str:

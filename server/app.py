@@ -155,6 +155,14 @@ def load_checkpoint(out: Path, run_name: str) -> dict | None:
     return saved if saved["run-name"] == run_name else None
 
 
+NO_REPLY = "node {node}: no reply (disconnected, or past round-timeout)"
+
+
+def silent_nodes(asked: Iterable[int], replies: Iterable[Message]) -> list[int]:
+    """The nodes in ``asked`` that sent none of ``replies``, in node order."""
+    return sorted(set(asked) - {r.metadata.src_node_id for r in replies})
+
+
 class ReportingStrategy(Strategy):
     """Delegates every step to ``inner`` and records per-campus replies in ``report``.
 
@@ -204,8 +212,8 @@ class ReportingStrategy(Strategy):
                 campus = str(reply.content[CAMPUS]["name"])
                 self.report.add_receipt(server_round, phase, campus, *payload_digest(reply.content))
                 good.append((campus, reply.content[METRICS]))
-        for node in sorted(self._asked - {r.metadata.src_node_id for r in replies}):
-            self.report.add_failure(server_round, phase, f"node {node}: no reply (disconnected, or past round-timeout)")
+        for node in silent_nodes(self._asked, replies):
+            self.report.add_failure(server_round, phase, NO_REPLY.format(node=node))
         return good
 
     @staticmethod
