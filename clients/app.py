@@ -116,15 +116,8 @@ def _check_budget(setup: CampusSetup, cfg: RunConfig, campus: Campus, ledger: Pr
             f"campus {campus.name} refuses round {server_round}: its ε would reach {projected:.3f}, "
             f"above target-epsilon {cfg.target_epsilon} (spent so far {epsilon(run_history, cfg.delta):.3f})"
         )
-    if setup.policy:
-        limits = setup.policy.privacy
-        spent = ledger.history(campus.dataset)
-        total = epsilon([*spent, planned], limits.delta)
-        if total > limits.total_epsilon_budget:
-            raise CampusRefusal(
-                f"campus {campus.name} refuses round {server_round}: privacy.total_epsilon_budget: the dataset's ε over "
-                f"all runs would reach {total:.3f} > {limits.total_epsilon_budget:g} (spent {epsilon(spent, limits.delta):.3f})"
-            )
+    if setup.policy and (why := setup.policy.over_budget(ledger.history(campus.dataset), planned)):
+        raise CampusRefusal(f"campus {campus.name} refuses round {server_round}: {why}")
 
 
 @app.train()

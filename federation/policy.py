@@ -113,6 +113,18 @@ class CampusPolicy(_Section):
             found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks)}"))
         return found
 
+    def over_budget(self, spent: list[tuple[float, float, int]], planned: tuple[float, float, int]) -> str | None:
+        """Why the release ``planned`` (σ, q, steps) may not follow the dataset's releases ``spent``
+        under ``privacy.total_epsilon_budget`` (ε composed at the policy's δ); None when it may."""
+        from .privacy import epsilon  # Opacus: loaded only where a campus accounts, not by the command line
+
+        limits = self.privacy
+        total = epsilon([*spent, planned], limits.delta)
+        if total <= limits.total_epsilon_budget:
+            return None
+        return (f"privacy.total_epsilon_budget: the dataset's ε over all runs would reach {total:.3f} > "
+                f"{limits.total_epsilon_budget:g} (spent {epsilon(spent, limits.delta):.3f})")
+
     def noise_multiplier(self, calibrated: float) -> float:
         """The noise multiplier a round uses: the calibrated one, never below ``min_noise_multiplier``."""
         return max(calibrated, self.privacy.min_noise_multiplier)

@@ -195,10 +195,8 @@ def plan_release(query: StatisticQuery, policy: CampusPolicy | None, run_history
             raise QueryError(f"privacy.delta: delta {query.delta:g} > {limits.delta:g}")
         if run_eps > limits.max_epsilon_per_run:
             raise QueryError(f"privacy.max_epsilon_per_run: the run's ε would reach {run_eps:.3f} > {limits.max_epsilon_per_run:g}")
-        total = epsilon([*dataset_history, planned], limits.delta)
-        if total > limits.total_epsilon_budget:
-            raise QueryError(f"privacy.total_epsilon_budget: the dataset's ε over all runs would reach {total:.3f} > "
-                             f"{limits.total_epsilon_budget:g} (spent {epsilon(dataset_history, limits.delta):.3f})")
+        if why := policy.over_budget(dataset_history, planned):
+            raise QueryError(why)
     return planned[0], run_eps
 
 
