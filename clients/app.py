@@ -3,8 +3,9 @@
 Where a campus's data, state and policy come from:
 
 * deployment: the SuperNode's node config,
-  ``--node-config "data-dir='DIR' campus='NAME' state-dir='STATE' policy='FILE'"``;
-  the ClientApp reads only ``DIR``. ``state-dir`` (default ``~/.edufl/campuses/NAME``)
+  ``--node-config "data-dir='DIR' campus='NAME' state-dir='STATE' policy='FILE' mapping='FILE'"``;
+  the ClientApp reads only ``DIR``, through the campus's mapping to the
+  learner-record contract (the OULAD layout without one). ``state-dir`` (default ``~/.edufl/campuses/NAME``)
   holds the privacy ledger; ``policy`` is the campus policy file (the safe
   defaults of :class:`federation.policy.CampusPolicy` without one);
 * simulation (``edufl simulate``): each virtual SuperNode's ``partition-id``
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.contract import parse_version, supports, version_text
 from federation.data import dataset_id, load_tables
+from federation.mapping import Mapping, MappingError, load_mapping
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
 from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
@@ -58,14 +61,38 @@ class Campus:
 _CAMPUS_CACHE: dict[tuple, Campus] = {}
 
 
+def campus_mapping(setup: CampusSetup, contract_version: str) -> Mapping:
+    """How this campus's export maps to the learner-record contract, checked against the run's version.
+
+    Raises
+    ------
+    CampusRefusal
+        When the mapping cannot be used or maps the data to a learner-record
+        contract version the run's ``contract_version`` does not read (checked before any data is read).
+    """
+    try:
+        mapping = load_mapping(setup.mapping)
+    except MappingError as err:
+        raise CampusRefusal(f"campus {setup.name} cannot join: {err}") from None
+    run_version = parse_version(contract_version)
+    if not supports(run_version, mapping.version):
+        raise CampusRefusal(
+            f"campus {setup.name} cannot join: its data are mapped to learner-record contract {mapping.contract_version}, "
+            f"and this run reads contract {version_text(run_version)} (contract-version)")
+    return mapping
+
+
 def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
-    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process)."""
-    key = (str(setup.data_dir), cfg.task, cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
+    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process).
+
+    Raises CampusRefusal as :func:`campus_mapping`."""
+    key = (str(setup.data_dir), str(setup.mapping), cfg.contract_version, cfg.task, cfg.cutoff_day, cfg.split,
+           cfg.test_fraction, cfg.seed)
     if key not in _CAMPUS_CACHE:
-        data = build_task(cfg.task, load_tables(setup.data_dir), cfg.cutoff_day)
+        mapping = campus_mapping(setup, cfg.contract_version)
+        data = build_task(cfg.task, load_tables(setup.data_dir, mapping), cfg.cutoff_day)
         train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-        dataset = dataset_id(setup.data_dir)
-        _CAMPUS_CACHE[key] = Campus(setup.name, dataset, train_part, test_part)
+        _CAMPUS_CACHE[key] = Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
     return _CAMPUS_CACHE[key]
 
 
@@ -225,13 +252,14 @@ def query_handler(msg: Message, context: Context) -> Message:
     setup = campus_setup(context.node_config)
     run, server_round = run_id(config, context), int(config.get("server-round", 1))
     query = StatisticQuery.FromString(config[QUERY_KEY])
-    dataset = dataset_id(setup.data_dir)
+    mapping = campus_mapping(setup, str(config["contract-version"]))
+    dataset = dataset_id(setup.data_dir, mapping)
     with closing(PrivacyLedger(setup.state_dir)) as ledger:
         try:
             z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
-        info = load_tables(setup.data_dir)["studentInfo"]
+        info = load_tables(setup.data_dir, mapping)["learners"]
         ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", "gaussian", z, 1.0, 1,
                               run_eps, query.delta))
     k = setup.policy.release.min_cohort_size if setup.policy else MIN_CELL_COUNT

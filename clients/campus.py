@@ -5,7 +5,8 @@
   (``clients/app.py``) reads only that folder;
 * :func:`export_oulad` writes one campus's slice of OULAD, to play a
   campus's own export in demos and tests;
-* :func:`validate` checks a campus folder before it joins;
+* :func:`validate` checks a campus folder (read through its mapping to the
+  learner-record contract) before it joins;
 * :func:`budget` and :func:`audit` show what a campus has released, from the
   privacy ledger and the audit log in its state folder.
 """
@@ -37,23 +38,49 @@ class CampusRefused(RuntimeError):
     """The SuperLink turned this campus away, or its SuperNode stopped with an error."""
 
 
-def validate(data: Path) -> Tables:
-    """Load and check the campus folder ``data``; print what it holds.
+def validate(data: Path, mapping: Path | None = None) -> Tables:
+    """Load and check the campus folder ``data`` through its ``mapping`` to the learner-record
+    contract (None: the OULAD layout); print what it holds and the missing values per field.
 
     Raises
     ------
+    MappingError
+        When the mapping file cannot be used.
     DataError
-        Listing every problem found (file, line, column), or when the folder holds no registration.
+        Listing every problem found (file, line, column, value, what was expected),
+        or when the folder holds no registration; the missingness table is printed first.
     """
-    tables = load_tables(data)
-    if tables["studentInfo"].empty:
-        raise DataError([Problem("studentInfo.csv", None, None, "no registrations: a campus needs at least one student")])
-    modules = ", ".join(campus_names(tables, "module"))
-    print(f"{Path(data)}: OK, {len(tables['studentInfo'])} registrations (modules {modules}); "
+    try:
+        tables = load_tables(data, mapping)
+    except DataError as err:
+        _print_missingness(err.missingness)
+        raise
+    _print_missingness(tables.missingness)
+    learners = tables["learners"]
+    if learners.empty:
+        raise DataError([Problem(tables.mapping.learners.file, None, None, "no registrations: a campus needs at least one student")])
+    courses = ", ".join(campus_names(tables, "module"))
+    print(f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}); "
           f"{', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())}")
     for note in tables.notes:
         print(f"note: {note}")
     return tables
+
+
+def _print_missingness(missingness) -> None:
+    """Missing values per contract field (only fields with any), as a table."""
+    if missingness is None:
+        return
+    from rich.table import Table
+
+    rows = missingness[missingness["missing"] > 0]
+    if rows.empty:
+        print("missing values: none")
+        return
+    table = Table("table", "field", "file", "column", "missing", "of rows", "share", title="missing values per contract field")
+    for r in rows.itertuples(index=False):
+        table.add_row(r.table, r.field, r.file, r.column, str(r.missing), str(r.rows), f"{r.share:.1%}")
+    _show(table)
 
 
 def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module", shards: int = 0) -> Path:
@@ -72,23 +99,26 @@ def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module"
     tables = load_tables(source)
     names = campus_names(tables, campus_by, shards)
     if campus not in names:
-        raise DataError([Problem("studentInfo.csv", None, None,
+        raise DataError([Problem(tables.mapping.learners.file, None, None,
                                  f"no campus {campus!r} by {campus_by}; campuses: {', '.join(names)}")])
     own = campus_slice(tables, campus_by, campus, shards)
     write_tables(own, out)
-    print(f"campus {campus}: {out} ({len(own['studentInfo'])} registrations)")
+    print(f"campus {campus}: {out} ({len(own['learners'])} registrations)")
     return out
 
 
 def supernode_command(campus: str, data: Path, state: Path, policy: Path | None, superlink: str,
-                      root_cert: Path | None, key: Path | None, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line for ``campus`` reading only ``data``, keeping its ledger and
-    audit log in ``state``, under ``policy`` (None: the safe defaults); ``root_cert`` None: plaintext."""
+                      root_cert: Path | None, key: Path | None, runtime_port: int, mapping: Path | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for ``campus`` reading only ``data`` (through ``mapping``;
+    None: the OULAD layout), keeping its ledger and audit log in ``state``, under ``policy`` (None:
+    the safe defaults); ``root_cert`` None: plaintext."""
     tls = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     auth = [] if key is None else ["--auth-supernode-private-key", str(key)]
     node_config = f"data-dir='{Path(data).resolve()}' campus='{campus}' state-dir='{Path(state).resolve()}'"
     if policy is not None:
         node_config += f" policy='{Path(policy).resolve()}'"
+    if mapping is not None:
+        node_config += f" mapping='{Path(mapping).resolve()}'"
     return [
         "flower-supernode", "--superlink", superlink, *tls, *auth, "--node-config", node_config,
         "--isolation", "subprocess", "--port", str(runtime_port),
@@ -97,14 +127,15 @@ def supernode_command(campus: str, data: Path, state: Path, policy: Path | None,
 
 def start(*, data: Path, superlink: str, campus: str | None = None, state: Path | None = None,
           policy: Path | None = None, pki: Path | None = None, root_cert: Path | None = None, key: Path | None = None,
-          insecure: bool = False, rejoin_wait: float = REJOIN_WAIT_S) -> None:
+          insecure: bool = False, rejoin_wait: float = REJOIN_WAIT_S, mapping: Path | None = None) -> None:
     """Check everything a campus needs, then run its SuperNode in the foreground until stopped.
 
     ``campus`` defaults to the name of the ``data`` folder. ``state`` is the
     folder of the campus's privacy ledger and audit log (default
     ``edufl-state/<campus>`` under the current directory); ``policy`` its
     policy file (None: the safe defaults of
-    :class:`federation.policy.CampusPolicy`). With ``pki``, the
+    :class:`federation.policy.CampusPolicy`); ``mapping`` the mapping of its
+    export to the learner-record contract (None: the OULAD layout). With ``pki``, the
     CA certificate and the key come from the folder ``edufl certs`` wrote;
     ``root_cert`` and ``key`` override them. ``insecure``: plaintext, no
     authentication (local experiments only). A refused key is retried for
@@ -113,8 +144,8 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
 
     Raises
     ------
-    DataError
-        When the data folder fails validation (the SuperNode is never started).
+    DataError, MappingError
+        When the data folder or its mapping fails validation (the SuperNode is never started).
     PolicyError
         When the policy file cannot be used (the SuperNode is never started).
     ConfigError, PKIError
@@ -136,7 +167,7 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         print("WARNING: --insecure: this campus sends model updates in plaintext and is not authenticated; "
               "local experiments only")
     try:
-        validate(data)
+        validate(data, mapping)
     except DataError as err:
         raise DataError(err.problems, hint=f"campus {campus} does not join with this folder; fix it and start again") from None
     try:
@@ -150,7 +181,7 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
           f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}")
     deadline = time.monotonic() + rejoin_wait
     while True:
-        status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key, free_port()))
+        status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key, free_port(), mapping))
         refused = status != 0 and any("[code: 2004]" in line for line in tail)
         if not refused or time.monotonic() >= deadline:
             break

@@ -17,12 +17,14 @@ class CampusRefusal(RuntimeError):
 
 @dataclass(frozen=True)
 class CampusSetup:
-    """What the campus operator configured: name, data folder, state folder and policy (None: no policy)."""
+    """What the campus operator configured: name, data folder, state folder, policy (None: no policy)
+    and the mapping file of its export to the learner-record contract (None: the OULAD layout)."""
 
     name: str
     data_dir: Path
     state_dir: Path
     policy: CampusPolicy | None
+    mapping: Path | None = None
 
 
 def campus_setup(node_config: dict) -> CampusSetup:
@@ -39,7 +41,8 @@ def campus_setup(node_config: dict) -> CampusSetup:
         data_dir = Path(str(node_config["data-dir"]))
         name = str(node_config.get("campus", data_dir.name))
         state = Path(str(node_config.get("state-dir", Path.home() / ".edufl" / "campuses" / name)))
-        return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")))
+        mapping = Path(str(node_config["mapping"])) if node_config.get("mapping") else None
+        return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")), mapping)
     if "partition-id" in node_config and os.environ.get(SIM_ENV):
         root = Path(os.environ[SIM_ENV])
         manifest = json.loads((root / SIM_MANIFEST).read_text())

@@ -23,6 +23,7 @@ for _var, _value in (
 
 # Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
+from federation.mapping import MappingError  # noqa: E402
 from federation.policy import PolicyError  # noqa: E402
 from federation.runconfig import CAMPUS_BY, CENTRAL_DP, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
 
@@ -184,7 +185,8 @@ def _campus_parser(sub) -> None:
     campus = sub.add_parser("campus", help="a campus: check or export its data, start its SuperNode, show its budget and audit log")
     c_sub = campus.add_subparsers(dest="campus_command", required=True)
     s = c_sub.add_parser("start", help="start this campus's SuperNode in the foreground (its ClientApp reads only --data)")
-    s.add_argument("--data", required=True, help="the campus's own OULAD-format export")
+    s.add_argument("--data", required=True, help="the campus's own export (OULAD layout, or any layout with --mapping)")
+    s.add_argument("--mapping", help="mapping file (TOML) of the export to the learner-record contract (default: OULAD layout)")
     s.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
     s.add_argument("--campus", help="campus name (default: the --data folder's name); picks campus-NAME.key in --pki")
     s.add_argument("--state", help="folder for this campus's privacy ledger and audit log (default: edufl-state/CAMPUS)")
@@ -201,6 +203,7 @@ def _campus_parser(sub) -> None:
     e.add_argument("--data", help="folder with the full OULAD tables (default: $EDUFL_DATA, then the user cache)")
     v = c_sub.add_parser("validate", help="check a campus folder before it joins and report every problem")
     v.add_argument("--data", required=True, help="the campus's folder")
+    v.add_argument("--mapping", help="mapping file (TOML) of the export to the learner-record contract (default: OULAD layout)")
     b = c_sub.add_parser("budget", help="ε spent per dataset over all runs, from the campus's privacy ledger")
     b.add_argument("--state", required=True, help="the campus's state folder")
     b.add_argument("--policy", help="the campus's policy file: its δ, and the total budget left (default: the safe defaults' δ)")
@@ -216,7 +219,7 @@ def _run_campus(args: argparse.Namespace) -> None:
     from clients.campus import CampusRefused, audit, budget, export_oulad, start, validate
 
     if args.campus_command == "validate":
-        validate(Path(args.data))
+        validate(Path(args.data), args.mapping and Path(args.mapping))
     elif args.campus_command == "budget":
         budget(Path(args.state), args.policy and Path(args.policy))
     elif args.campus_command == "audit":
@@ -228,7 +231,8 @@ def _run_campus(args: argparse.Namespace) -> None:
             start(data=Path(args.data), superlink=args.superlink, campus=args.campus, insecure=args.insecure,
                   state=args.state and Path(args.state), policy=args.policy and Path(args.policy),
                   pki=args.pki and Path(args.pki), root_cert=args.root_cert and Path(args.root_cert),
-                  key=args.key and Path(args.key), rejoin_wait=args.rejoin_wait)
+                  key=args.key and Path(args.key), rejoin_wait=args.rejoin_wait,
+                  mapping=args.mapping and Path(args.mapping))
         except CampusRefused as err:
             raise SystemExit(f"edufl: {err}") from None
 
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tables.source}: OK ({', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())})")
             for note in tables.notes:
                 print(f"note: {note}")
-    except (DataError, ConfigError, PolicyError) as err:
+    except (DataError, ConfigError, PolicyError, MappingError) as err:
         print(f"edufl: {err}", file=sys.stderr)
         return 2
     except CampusesRefused as err:

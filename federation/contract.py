@@ -1,18 +1,44 @@
-"""The data contract: the six OULAD tables and the fixed feature vocabularies.
+"""The learner-record data contract: five tables, the feature vocabularies, and their protobuf form.
+
+The contract (``protos/learner.proto``, package ``edufl.contract.v1``) says what
+a campus's data must hold about each student in a course presentation:
+demographics, prior study, registration, assessments (due day, weight) and
+submissions (day, score), and the outcome. A campus maps its own export to
+these tables with a mapping file (:mod:`federation.mapping`); everything after
+loading, the feature pipeline included, reads only the contract's names.
 
 Everything a campus needs to turn its own rows into model inputs is declared
 here, once, so that every campus encodes categories and scales numbers the same
 way without any raw row leaving it (no vocabulary or scaler is fitted on pooled
-data). Source of the table layout: Kuzilek, Hlosta and Zdrahal, "Open
-University Learning Analytics dataset", Scientific Data 4, 170171 (2017).
+data). The fields follow the Open University Learning Analytics Dataset
+(Kuzilek, Hlosta and Zdrahal, Scientific Data 4, 170171, 2017), renamed to
+system-neutral terms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-MISSING_MARKERS = frozenset({"", "?"})
-"""Cell values read as missing: OULAD writes ``?`` in some files and blanks in others."""
+CONTRACT_VERSION = (1, 0)
+"""(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
+
+
+def version_text(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"1.0"`` -> ``(1, 0)``; ValueError for anything else."""
+    major, dot, minor = str(text).partition(".")
+    if not (major.isdigit() and (not dot or minor.isdigit())):
+        raise ValueError(f"contract version {text!r} is not MAJOR.MINOR (e.g. \"1.0\")")
+    return int(major), int(minor or 0)
+
+
+def supports(run: tuple[int, int], data: tuple[int, int]) -> bool:
+    """Whether code reading contract ``run`` can read data mapped to contract ``data``:
+    the same major version and no newer minor version (fields are only added within a major)."""
+    return data[0] == run[0] and data[1] <= run[1]
 
 
 @dataclass(frozen=True)
@@ -20,7 +46,7 @@ class Column:
     """One column of a table.
 
     ``kind`` is ``"str"`` (free text), ``"int"`` (whole number), ``"float"``
-    (number) or ``"cat"`` (one of ``vocab``, after ``aliases`` are applied).
+    (number) or ``"cat"`` (one of ``vocab``).
     ``low``/``high`` bound numbers (inclusive); ``positive`` requires > 0.
     """
 
@@ -31,26 +57,21 @@ class Column:
     high: float | None = None
     positive: bool = False
     vocab: tuple[str, ...] = ()
-    aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Table:
-    """One CSV file: its columns, primary key and expected row count in the official release."""
+    """One contract table: its columns (named as the fields of the protobuf message ``message``) and primary key."""
 
-    file: str
+    name: str
+    message: str
     columns: tuple[Column, ...]
     key: tuple[str, ...]
-    release_rows: int
-
-    @property
-    def name(self) -> str:
-        return self.file.removesuffix(".csv")
 
 
-_MODULE = Column("code_module", "str")
-_PRESENTATION = Column("code_presentation", "str")
-_STUDENT = Column("id_student", "int", low=0)
+_COURSE = Column("course", "str")
+_PRESENTATION = Column("presentation", "str")
+_STUDENT = Column("student_id", "int", low=0)
 _DAY = {"low": -1000, "high": 1000}
 
 GENDER = ("F", "M")
@@ -73,76 +94,59 @@ DISABILITY = ("N", "Y")
 FINAL_RESULTS = ("Distinction", "Fail", "Pass", "Withdrawn")
 ASSESSMENT_TYPES = ("CMA", "Exam", "TMA")
 
-COURSES = Table(
-    "courses.csv",
-    (_MODULE, _PRESENTATION, Column("module_presentation_length", "int", positive=True, high=1000)),
-    key=("code_module", "code_presentation"),
-    release_rows=22,
+PRESENTATIONS = Table(
+    "presentations", "Presentation",
+    (_COURSE, _PRESENTATION, Column("length_days", "int", positive=True, high=1000)),
+    key=("course", "presentation"),
 )
 ASSESSMENTS = Table(
-    "assessments.csv",
+    "assessments", "Assessment",
     (
-        _MODULE, _PRESENTATION, Column("id_assessment", "int", low=0),
+        Column("assessment_id", "int", low=0), _COURSE, _PRESENTATION,
         Column("assessment_type", "cat", vocab=ASSESSMENT_TYPES),
-        Column("date", "int", nullable=True, **_DAY),
+        Column("due_day", "int", nullable=True, **_DAY),
         Column("weight", "float", low=0, high=100),
     ),
-    key=("id_assessment",),
-    release_rows=206,
+    key=("assessment_id",),
 )
-VLE = Table(
-    "vle.csv",
+LEARNERS = Table(
+    "learners", "Learner",
     (
-        Column("id_site", "int", low=0), _MODULE, _PRESENTATION, Column("activity_type", "str"),
-        Column("week_from", "int", nullable=True, low=0, high=100),
-        Column("week_to", "int", nullable=True, low=0, high=100),
-    ),
-    key=("id_site",),
-    release_rows=6364,
-)
-STUDENT_INFO = Table(
-    "studentInfo.csv",
-    (
-        _MODULE, _PRESENTATION, _STUDENT,
+        _COURSE, _PRESENTATION, _STUDENT,
         Column("gender", "cat", vocab=GENDER),
         Column("region", "cat", vocab=REGIONS),
         Column("highest_education", "cat", vocab=EDUCATION),
-        # The official release writes one band as "10-20" without the percent sign.
-        Column("imd_band", "cat", nullable=True, vocab=IMD_BANDS, aliases={"10-20": "10-20%"}),
+        Column("imd_band", "cat", nullable=True, vocab=IMD_BANDS),
         Column("age_band", "cat", vocab=AGE_BANDS),
-        Column("num_of_prev_attempts", "int", low=0, high=100),
+        Column("prev_attempts", "int", low=0, high=100),
         Column("studied_credits", "int", positive=True, high=1000),
         Column("disability", "cat", vocab=DISABILITY),
         Column("final_result", "cat", vocab=FINAL_RESULTS),
     ),
-    key=("code_module", "code_presentation", "id_student"),
-    release_rows=32593,
+    key=("course", "presentation", "student_id"),
 )
-STUDENT_REGISTRATION = Table(
-    "studentRegistration.csv",
+REGISTRATIONS = Table(
+    "registrations", "Registration",
     (
-        _MODULE, _PRESENTATION, _STUDENT,
-        Column("date_registration", "int", nullable=True, **_DAY),
-        Column("date_unregistration", "int", nullable=True, **_DAY),
+        _COURSE, _PRESENTATION, _STUDENT,
+        Column("registration_day", "int", nullable=True, **_DAY),
+        Column("unregistration_day", "int", nullable=True, **_DAY),
     ),
-    key=("code_module", "code_presentation", "id_student"),
-    release_rows=32593,
+    key=("course", "presentation", "student_id"),
 )
-STUDENT_ASSESSMENT = Table(
-    "studentAssessment.csv",
+SUBMISSIONS = Table(
+    "submissions", "Submission",
     (
-        Column("id_assessment", "int", low=0), _STUDENT,
-        Column("date_submitted", "int", **_DAY),
-        Column("is_banked", "int", low=0, high=1),
+        Column("assessment_id", "int", low=0), _STUDENT,
+        Column("submission_day", "int", **_DAY),
+        Column("banked", "int", low=0, high=1),
         Column("score", "float", nullable=True, low=0, high=100),
     ),
-    key=("id_assessment", "id_student"),
-    release_rows=173912,
+    key=("assessment_id", "student_id"),
 )
 
-TABLES: tuple[Table, ...] = (
-    COURSES, ASSESSMENTS, VLE, STUDENT_INFO, STUDENT_REGISTRATION, STUDENT_ASSESSMENT,
-)
+TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS)
+TABLE = {t.name: t for t in TABLES}
 
 # --- Feature contract -------------------------------------------------------
 # Categorical features are one-hot encoded over these fixed vocabularies, with
@@ -157,9 +161,9 @@ CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {
     "disability": DISABILITY,
 }
 NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
-    "num_of_prev_attempts": (0, 6),
+    "prev_attempts": (0, 6),
     "studied_credits": (0, 360),
-    "date_registration": (-365, 180),
+    "registration_day": (-365, 180),
     "registration_missing": (0, 1),
     "n_assessments_due": (0, 12),
     "n_submitted": (0, 20),
@@ -171,3 +175,76 @@ NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
     "no_score_yet": (0, 1),
     "n_banked": (0, 12),
 }
+
+
+# --- Protobuf form ----------------------------------------------------------
+def _field_value(value, col: Column):
+    if col.kind == "int":
+        return bool(value) if col.name == "banked" else int(value)
+    return float(value) if col.kind == "float" else str(value)
+
+
+def _message(cls, row: dict, table: Table):
+    import pandas as pd
+
+    return cls(**{c.name: _field_value(row[c.name], c) for c in table.columns if not pd.isna(row[c.name])})
+
+
+def _frame(messages, table: Table):
+    import pandas as pd
+
+    rows = [{c.name: (_field_value(getattr(m, c.name), c) if not c.nullable or m.HasField(c.name) else None)
+             for c in table.columns} for m in messages]
+    frame = pd.DataFrame(rows, columns=[c.name for c in table.columns])
+    for c in table.columns:
+        frame[c.name] = frame[c.name].astype("Int64" if c.kind == "int" else "float64" if c.kind == "float" else object)
+    return frame
+
+
+def to_proto(frames: dict):
+    """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
+    presentations, assessments, and one ``LearnerRecord`` per learner with its registration and submissions."""
+    from .proto import learner_pb2 as pb
+
+    def rows(name: str) -> list[dict]:
+        return frames[name][[c.name for c in TABLE[name].columns]].to_dict("records")
+
+    key = list(LEARNERS.key)
+    registration = {tuple(r[k] for k in key): r for r in rows("registrations")}
+    where = frames["assessments"][["assessment_id", "course", "presentation"]]
+    submissions: dict[tuple, list] = {}
+    for r in frames["submissions"].merge(where, on="assessment_id").to_dict("records"):
+        submissions.setdefault(tuple(r[k] for k in key), []).append(_message(pb.Submission, r, SUBMISSIONS))
+    records = [
+        pb.LearnerRecord(learner=_message(pb.Learner, r, LEARNERS),
+                         registration=_message(pb.Registration, registration[k], REGISTRATIONS),
+                         submissions=submissions.get(k, []))
+        for r in rows("learners") for k in [tuple(r[c] for c in key)]
+    ]
+    return pb.CampusData(
+        version=pb.ContractVersion(major=CONTRACT_VERSION[0], minor=CONTRACT_VERSION[1]),
+        presentations=[_message(pb.Presentation, r, PRESENTATIONS) for r in rows("presentations")],
+        assessments=[_message(pb.Assessment, r, ASSESSMENTS) for r in rows("assessments")],
+        records=records,
+    )
+
+
+def from_proto(data) -> dict:
+    """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`).
+
+    Raises
+    ------
+    ValueError
+        When the message's contract version is not one this code reads (:func:`supports`).
+    """
+    version = (data.version.major, data.version.minor)
+    if not supports(CONTRACT_VERSION, version):
+        raise ValueError(f"data follow learner-record contract {version_text(version)}; "
+                         f"this edufl reads contract {version_text(CONTRACT_VERSION)}")
+    return {
+        "presentations": _frame(data.presentations, PRESENTATIONS),
+        "assessments": _frame(data.assessments, ASSESSMENTS),
+        "learners": _frame([r.learner for r in data.records], LEARNERS),
+        "registrations": _frame([r.registration for r in data.records], REGISTRATIONS),
+        "submissions": _frame([s for r in data.records for s in r.submissions], SUBMISSIONS),
+    }

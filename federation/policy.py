@@ -23,12 +23,12 @@ why, and log the refusal.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .runconfig import TASKS, RunConfig
+from .tomlfile import load_model
 
 
 class PolicyError(ValueError):
@@ -75,18 +75,7 @@ class CampusPolicy(_Section):
         """
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PolicyError(f"{path}: policy file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise PolicyError(f"{path}: not a TOML file ({err})") from None
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-            raise PolicyError(f"{path}: {problems}") from None
+        return load_model(cls, path, PolicyError, "policy file")
 
     def check(self, cfg: RunConfig) -> list[tuple[str, str]]:
         """Every way ``cfg`` would loosen this policy, as (policy key, explanation) pairs.

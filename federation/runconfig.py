@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .contract import CONTRACT_VERSION, parse_version, version_text
+
 # Allowed values of the run's choices. They live here, with no heavy imports, so
 # that the command line starts (and the simulation engine with it) before torch loads.
 TASKS = ("withdrawal", "at_risk")
@@ -52,6 +54,10 @@ class RunConfig:
     privacy ledger by it, so a resumed run keeps spending the same run budget.
     Empty means Flower's run id.
 
+    ``contract_version`` is the learner-record contract (MAJOR.MINOR) the run's
+    code reads; a campus whose data are mapped to a contract it cannot read
+    (another major version, or a newer minor one) refuses to join.
+
     ``central_dp`` adds client-level (central) DP on the coordinator, on top of
     each campus's DP-SGD: ``fixed`` clips each campus's update (new weights
     minus the round's global weights) to L2 norm ``central_clipping_norm`` and
@@ -89,6 +95,7 @@ class RunConfig:
     central_dp: str = "off"
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
+    contract_version: str = version_text(CONTRACT_VERSION)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,6 +116,10 @@ class RunConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_key(key)} = {value!r}; expected a finite number > 0")
+        try:
+            parse_version(self.contract_version)
+        except ValueError as err:
+            raise ConfigError(f"contract-version: {err}") from None
         if not (0 < self.delta < 1):
             raise ConfigError(f"delta = {self.delta!r}; expected a number in (0, 1)")
         if not (0 < self.test_fraction < 1):

@@ -1,6 +1,6 @@
 """DP federated statistics: counts, means and histograms over a campus's registrations, per group.
 
-Records and privacy unit: a campus's ``studentInfo`` rows; the privacy unit
+Records and privacy unit: a campus's ``learners`` rows (one per registration); the privacy unit
 is one registration row, as for DP-SGD training (:data:`federation.privacy.PRIVACY_UNIT`).
 
 Cells are fixed by the query, never by the data: every combination of the
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .contract import CATEGORICAL_FEATURES, NUMERIC_FEATURES, STUDENT_INFO
+from .contract import CATEGORICAL_FEATURES, LEARNERS, NUMERIC_FEATURES
 from .policy import CampusPolicy
 from .privacy import DPSettings, History, calibrate_noise, epsilon
 from .proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
@@ -59,13 +59,13 @@ QUERY_KEY = "statistic-query"
 ANSWER = "answer"
 """Name of the reply record, and of its one key, holding the serialized StatisticAnswer."""
 
-_COLUMNS = {c.name: c for c in STUDENT_INFO.columns}
+_COLUMNS = {c.name: c for c in LEARNERS.columns}
 GROUP_FIELDS = {name: (*vocab, *((MISSING,) if _COLUMNS[name].nullable else ())) for name, vocab in CATEGORICAL_FEATURES.items()}
 """Fields a statistic may be grouped by, with every group value (fixed vocabularies)."""
-NUMERIC_FIELDS = tuple(c.name for c in STUDENT_INFO.columns if c.name in NUMERIC_FEATURES)
-"""Numeric studentInfo fields of the contract a mean or histogram may take."""
-INDICATOR_FIELDS = {c.name: c.vocab for c in STUDENT_INFO.columns if c.kind == "cat"}
-"""Categorical studentInfo fields a ``FIELD=VALUE`` indicator may test."""
+NUMERIC_FIELDS = tuple(c.name for c in LEARNERS.columns if c.name in NUMERIC_FEATURES)
+"""Numeric learner fields of the contract a mean or histogram may take."""
+INDICATOR_FIELDS = {c.name: c.vocab for c in LEARNERS.columns if c.kind == "cat"}
+"""Categorical learner fields a ``FIELD=VALUE`` indicator may test."""
 
 
 class QueryError(ConfigError):
@@ -92,8 +92,8 @@ def problems(query: StatisticQuery) -> list[str]:
     """Every reason to refuse ``query`` (empty when it may be answered), each naming the query key.
 
     Refused: an unknown statistic; a group_by field that is not a categorical
-    contract field (``id_student`` or any field outside the contract); a value
-    that is not a numeric contract field of studentInfo nor an indicator over a
+    contract field (``student_id`` or any field outside the contract); a value
+    that is not a numeric contract field of the learners table nor an indicator over a
     categorical one; a mean without finite clipping bounds ``low < high`` (an
     unbounded sum); an indicator mean with bounds other than [0, 1]; a histogram
     without at least two finite, increasing edges; ε not finite and > 0; δ not in (0, 1).
@@ -113,7 +113,7 @@ def problems(query: StatisticQuery) -> list[str]:
     elif query.statistic == "histogram" and query.value not in NUMERIC_FIELDS:
         found.append(f"value {query.value!r}: a histogram needs a numeric contract field ({', '.join(NUMERIC_FIELDS)})")
     elif query.statistic == "mean" and query.value not in NUMERIC_FIELDS and not indicator:
-        found.append(f"value {query.value!r} is not a numeric contract field of studentInfo ({', '.join(NUMERIC_FIELDS)}) "
+        found.append(f"value {query.value!r} is not a numeric contract field of the learners table ({', '.join(NUMERIC_FIELDS)}) "
                      f"nor an indicator FIELD=VALUE over {', '.join(INDICATOR_FIELDS)}")
     if query.statistic == "mean":
         low, high = query.low, query.high
@@ -203,7 +203,7 @@ def plan_release(query: StatisticQuery, policy: CampusPolicy | None, run_history
 def exact_cells(query: StatisticQuery, info: pd.DataFrame) -> dict[CellKey, tuple[int, float]]:
     """(count, sum of clipped values) of every declared cell over the registrations ``info``, without noise.
 
-    ``info`` is a validated studentInfo frame. Sums are 0 except for a mean.
+    ``info`` is a validated learners frame. Sums are 0 except for a mean.
     Raises QueryError on an invalid query.
     """
     check(query)

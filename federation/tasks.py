@@ -36,7 +36,7 @@ class TaskData:
 
     ``x`` is float32 of shape (n, len(feature_names())) with values in [0, 1];
     ``y`` is float32 of shape (n,) with 1 = positive class; ``rows`` holds the
-    registration keys (code_module, code_presentation, id_student), one per example.
+    registration keys (course, presentation, student_id), one per example.
     """
 
     x: np.ndarray
@@ -57,21 +57,21 @@ class TaskData:
 
 
 def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
-    mp = ["code_module", "code_presentation"]
-    key = [*mp, "id_student"]
-    assess = tables["assessments"][[*mp, "id_assessment", "date", "weight"]]
-    due = assess[assess["date"].notna() & (assess["date"] < cutoff_day)]
+    mp = ["course", "presentation"]
+    key = [*mp, "student_id"]
+    assess = tables["assessments"][[*mp, "assessment_id", "due_day", "weight"]]
+    due = assess[assess["due_day"].notna() & (assess["due_day"] < cutoff_day)]
     n_due = due.groupby(mp).size().rename("n_assessments_due").reset_index()
 
-    subs = tables["studentAssessment"]
-    subs = subs[subs["date_submitted"] < cutoff_day].merge(assess, on="id_assessment")
+    subs = tables["submissions"]
+    subs = subs[subs["submission_day"] < cutoff_day].merge(assess, on="assessment_id")
     subs = subs.merge(population[key], on=key)
-    subs["late"] = subs["date"].notna() & (subs["date_submitted"] > subs["date"])
-    subs["due_before_cutoff"] = subs["date"].notna() & (subs["date"] < cutoff_day)
+    subs["late"] = subs["due_day"].notna() & (subs["submission_day"] > subs["due_day"])
+    subs["due_before_cutoff"] = subs["due_day"].notna() & (subs["due_day"] < cutoff_day)
     scored = subs[subs["score"].notna()].assign(ws=lambda d: d["weight"] * d["score"])
     per = subs.groupby(key).agg(
-        n_submitted=("id_assessment", "size"),
-        n_banked=("is_banked", "sum"),
+        n_submitted=("assessment_id", "size"),
+        n_banked=("banked", "sum"),
         n_late=("late", "sum"),
         n_due_submitted=("due_before_cutoff", "sum"),
     )
@@ -94,11 +94,11 @@ def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: 
 def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> TaskData:
     """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal`` or ``at_risk``.
 
-    Population: registrations with ``date_registration < D`` (or unknown) and
-    no ``date_unregistration < D``. Label: ``final_result`` in
+    Population: registrations with ``registration_day < D`` (or unknown) and
+    no ``unregistration_day < D``. Label: ``final_result`` in
     ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``).
-    Neither ``final_result`` nor ``date_unregistration`` enters a feature, and
-    only submissions with ``date_submitted < D`` and assessments due before D count.
+    Neither ``final_result`` nor ``unregistration_day`` enters a feature, and
+    only submissions with ``submission_day < D`` and assessments due before D count.
 
     Raises
     ------
@@ -107,19 +107,19 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     """
     if task not in POSITIVE:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    key = ["code_module", "code_presentation", "id_student"]
-    info = tables["studentInfo"].merge(tables["studentRegistration"].drop(columns="_line"), on=key)
-    reg, unreg = info["date_registration"], info["date_unregistration"]
+    key = ["course", "presentation", "student_id"]
+    info = tables["learners"].merge(tables["registrations"].drop(columns="_line"), on=key)
+    reg, unreg = info["registration_day"], info["unregistration_day"]
     keep = (reg.isna() | (reg < cutoff_day)).to_numpy(bool) & (unreg.isna() | (unreg >= cutoff_day)).to_numpy(bool)
     population = info[keep].sort_values(key).reset_index(drop=True)
     behaviour = _assessment_behaviour(tables, population, cutoff_day)
 
     numeric = pd.DataFrame(
         {
-            "num_of_prev_attempts": population["num_of_prev_attempts"].astype(float),
+            "prev_attempts": population["prev_attempts"].astype(float),
             "studied_credits": population["studied_credits"].astype(float),
-            "date_registration": population["date_registration"].astype(float).fillna(0.0),
-            "registration_missing": population["date_registration"].isna().astype(float),
+            "registration_day": population["registration_day"].astype(float).fillna(0.0),
+            "registration_missing": population["registration_day"].isna().astype(float),
         }
     )
     for col in NUMERIC_FEATURES:
@@ -149,7 +149,7 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
     ``temporal``: train on 2013 presentations, test on 2014 presentations.
     """
     if kind == "temporal":
-        year = data.rows["code_presentation"].str[:4].to_numpy()
+        year = data.rows["presentation"].str[:4].to_numpy()
         return data.take(np.flatnonzero(year == "2013")), data.take(np.flatnonzero(year == "2014"))
     if kind != "stratified":
         raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")

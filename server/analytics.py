@@ -32,6 +32,7 @@ from federation.audit import payload_digest
 from federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
 from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from federation.runconfig import CAMPUS, CONFIG
+from federation.contract import CONTRACT_VERSION, version_text
 from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine
 
 from .app import NO_REPLY, await_campuses, silent_nodes
@@ -59,7 +60,8 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
         When fewer than ``min_campuses`` campuses are connected after ``timeout`` seconds.
     """
     await_campuses(grid, min_campuses, timeout, 1)
-    config = ConfigRecord({"run-name": run_name, "server-round": 1, QUERY_KEY: query.SerializeToString()})
+    config = ConfigRecord({"run-name": run_name, "server-round": 1, QUERY_KEY: query.SerializeToString(),
+                           "contract-version": version_text(CONTRACT_VERSION)})
     nodes = sorted(grid.get_node_ids())
     replies = list(grid.send_and_receive(
         [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout))

@@ -1,4 +1,4 @@
-"""Loading and validating the OULAD tables: real files, and each kind of broken file."""
+"""Loading and validating the OULAD release as learner-record contract tables: real files, and each kind of broken file."""
 
 from __future__ import annotations
 
@@ -9,24 +9,29 @@ from pathlib import Path
 import pytest
 
 from federation.contract import TABLES
-from federation.data import DataError, campus_names, campus_slice, load_tables, resolve_data_dir
+from federation.data import OULAD_RELEASE_ROWS, DataError, campus_names, campus_slice, load_tables, resolve_data_dir
+from federation.mapping import load_mapping
 
 
 def test_loads_every_table_with_release_row_counts(tables):
-    assert {t.name: len(tables[t.name]) for t in TABLES} == {t.name: t.release_rows for t in TABLES}
-    info = tables["studentInfo"]
+    oulad = load_mapping()
+    assert {oulad.table(t.name).file: len(tables[t.name]) for t in TABLES} == OULAD_RELEASE_ROWS
+    info = tables["learners"]
     # '?' and blanks are missing values; the "10-20" quirk maps to the contract's band.
     assert info["imd_band"].isna().sum() == 1111
     assert (info["imd_band"] == "10-20%").sum() == 3516
-    assert tables["studentAssessment"]["score"].isna().sum() == 173
-    assert tables["studentRegistration"]["date_unregistration"].notna().sum() == 10072
+    assert tables["submissions"]["score"].isna().sum() == 173
+    assert tables["registrations"]["unregistration_day"].notna().sum() == 10072
     assert tables.notes == []
+    missing = tables.missingness.set_index(["table", "field"])["missing"]
+    assert missing[("learners", "imd_band")] == 1111 and missing[("registrations", "unregistration_day")] == 22521
+    assert missing[("assessments", "due_day")] == 11 and missing.sum() == 1111 + 22521 + 11 + 45 + 173
 
 
 def test_campuses(tables):
     assert campus_names(tables, "module") == ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF", "GGG"]
     assert len(campus_names(tables, "region")) == 13
-    sizes = {c: len(campus_slice(tables, "module", c)["studentInfo"]) for c in campus_names(tables, "module")}
+    sizes = {c: len(campus_slice(tables, "module", c)["learners"]) for c in campus_names(tables, "module")}
     assert sizes["AAA"] == 748 and sum(sizes.values()) == 32593
 
 
@@ -34,15 +39,15 @@ def test_slice_round_trips_through_files(aaa, aaa_dir):
     again = load_tables(aaa_dir)
     for t in TABLES:
         assert len(again[t.name]) == len(aaa[t.name])
-    assert again["studentAssessment"]["score"].sum() == pytest.approx(aaa["studentAssessment"]["score"].sum())
+    assert again["submissions"]["score"].sum() == pytest.approx(aaa["submissions"]["score"].sum())
 
 
 def test_bom_crlf_and_unquoted(aaa_dir):
     path = aaa_dir / "studentInfo.csv"
     text = path.read_text().replace('"', "")
     path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
-    info = load_tables(aaa_dir)["studentInfo"]
-    assert len(info) == 748 and info.columns[0] == "code_module"
+    info = load_tables(aaa_dir)["learners"]
+    assert len(info) == 748 and info.columns[0] == "course"
 
 
 def _edit(path: Path, line: int, old: str, new: str) -> None:
@@ -66,8 +71,8 @@ def _score_line(path: Path) -> tuple[int, str]:
 
 
 def test_missing_file(aaa_dir):
-    (aaa_dir / "vle.csv").unlink()
-    with pytest.raises(DataError, match="vle.csv: file not found") as err:
+    (aaa_dir / "studentAssessment.csv").unlink()
+    with pytest.raises(DataError, match="studentAssessment.csv: file not found") as err:
         load_tables(aaa_dir)
     assert "edufl data download" in str(err.value)
 
@@ -75,8 +80,9 @@ def test_missing_file(aaa_dir):
 def test_missing_column(aaa_dir):
     path = aaa_dir / "courses.csv"
     _edit(path, 1, '"module_presentation_length"', '"length"')
-    assert _problems(aaa_dir) == ["courses.csv, line 1, column 'module_presentation_length': column is missing; "
-                                  "expected columns code_module, code_presentation, module_presentation_length"]
+    assert _problems(aaa_dir) == ["courses.csv, line 1, column 'module_presentation_length': column is missing "
+                                  "(mapped to contract field presentations.length_days); the file has columns "
+                                  "code_module, code_presentation, length"]
 
 
 def test_wrong_type_and_ranges(aaa_dir):
@@ -105,7 +111,7 @@ def test_broken_references(aaa_dir):
     sa = aaa_dir / "studentAssessment.csv"
     _edit(sa, 2, '"1752"', '"999999"')
     problems = _problems(aaa_dir)
-    assert problems == ["studentAssessment.csv, line 2: assessment 999999 does not exist"]
+    assert problems == ["studentAssessment.csv, line 2: assessment (in assessments.csv) 999999 does not exist"]
 
 
 def test_student_not_registered_on_presentation(aaa_dir):
@@ -113,7 +119,7 @@ def test_student_not_registered_on_presentation(aaa_dir):
     _edit(sa, 2, '"11391"', '"42"')
     assert _problems(aaa_dir) == [
         "studentAssessment.csv, line 2: student registered on the assessment's presentation "
-        "(module/presentation/student) AAA/2013J/42 does not exist"
+        "(course/presentation/student) AAA/2013J/42 does not exist"
     ]
 
 
@@ -124,11 +130,11 @@ def test_conflicting_duplicate_registration_and_exact_duplicate(aaa_dir):
     path.write_text("".join([*lines, conflicting]))
     assert _problems(aaa_dir) == [
         f"studentRegistration.csv, line {len(lines) + 1}: conflicting duplicate of line 2 for "
-        "code_module/code_presentation/id_student = ('AAA', '2013J', 11391); expected one record per key"
+        "course/presentation/student_id = ('AAA', '2013J', 11391); expected one record per key"
     ]
     path.write_text("".join([*lines, lines[1]]))
     tables = load_tables(aaa_dir)
-    assert len(tables["studentRegistration"]) == 748
+    assert len(tables["registrations"]) == 748
     assert tables.notes == ["studentRegistration.csv: 1 exact duplicate row(s) merged (lines 750...)"]
 
 
@@ -145,17 +151,17 @@ def test_other_encoding_and_delimiter(aaa_dir):
     info.write_bytes(info.read_text().replace("Scotland", "Sc\u00f6tland").encode("latin-1"))
     problems = _problems(aaa_dir)
     assert len(problems) == 1 and problems[0].startswith("studentInfo.csv, line ")
-    assert "is not UTF-8" in problems[0]
+    assert "is not utf-8; expected a utf-8 encoded file" in problems[0]
     info.write_text((aaa_dir / "courses.csv").read_text())  # restore something valid below
     courses = aaa_dir / "courses.csv"
     courses.write_text(courses.read_text().replace(",", ";"))
-    assert _problems(aaa_dir)[0] == "courses.csv, line 1: columns are separated by ';'; expected ',' (comma-separated values)"
+    assert _problems(aaa_dir)[0] == "courses.csv, line 1: columns are separated by ';'; expected ',' (set delimiter in the mapping)"
 
 
 def test_utf16(aaa_dir):
     courses = aaa_dir / "courses.csv"
     courses.write_bytes(courses.read_text().encode("utf-16"))
-    assert _problems(aaa_dir) == ["courses.csv: file is UTF-16 encoded; expected UTF-8 (save it as UTF-8 CSV)"]
+    assert _problems(aaa_dir) == ["courses.csv: file is UTF-16 encoded; expected utf-8 (save it as utf-8, or set encoding in the mapping)"]
 
 
 def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
@@ -178,8 +184,8 @@ def _zip(directory: Path, target: Path) -> str:
     import zipfile
 
     with zipfile.ZipFile(target, "w") as zf:
-        for t in TABLES:
-            zf.write(directory / t.file, f"anonymisedData/{t.file}")
+        for name in load_mapping().files():
+            zf.write(directory / name, f"anonymisedData/{name}")
     return target.resolve().as_uri()
 
 
@@ -187,7 +193,7 @@ def test_download_unpacks_and_checks_row_counts(data_dir, aaa_dir, tmp_path):
     from federation.data import download
 
     dest = download(_zip(data_dir, tmp_path / "release.zip"), tmp_path / "cache")
-    assert len(load_tables(dest)["studentAssessment"]) == 173912
+    assert len(load_tables(dest)["submissions"]) == 173912
     with pytest.raises(DataError) as err:
         download(_zip(aaa_dir, tmp_path / "partial.zip"), tmp_path / "cache2")
     assert "studentInfo.csv: has 748 rows; the official release has 32593" in [str(p) for p in err.value.problems]

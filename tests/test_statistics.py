@@ -50,7 +50,7 @@ def test_noise_scale_matches_the_stated_epsilon_and_sensitivity(eps):
 
 
 def test_empirical_noise_matches_the_stated_std(aaa):
-    info = aaa["studentInfo"]
+    info = aaa["learners"]
     exact = exact_cells(WITHDRAWAL_BY_IMD, info)
     big = [key for key, (n, _) in exact.items() if n >= 60]  # never near k = 10: suppression cannot bias the residuals
     assert len(big) >= 5
@@ -70,7 +70,7 @@ def test_empirical_noise_matches_the_stated_std(aaa):
 
 
 def test_small_cells_are_suppressed(aaa):
-    info = aaa["studentInfo"]
+    info = aaa["learners"]
     query = StatisticQuery(name="fine", statistic="count", group_by=["region", "imd_band", "age_band"], epsilon=1.0, delta=1e-5)
     exact = exact_cells(query, info)
     reply = answer(query, info, "AAA", noise_multiplier(query), 10)
@@ -86,7 +86,8 @@ def test_small_cells_are_suppressed(aaa):
 # --- the campus: the ClientApp's query handler behind the release guard ---------------------------------------------
 
 def _request(query: StatisticQuery, run: str = "q1") -> Message:
-    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString()})
+    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString(),
+                           "contract-version": "1.0"})
     return Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query")
 
 
@@ -102,7 +103,7 @@ def _policy(tmp_path: Path, text: str) -> str:
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(group_by=["id_student"]), "group_by field 'id_student' is not a categorical field of the data contract"),
+    (dict(group_by=["student_id"]), "group_by field 'student_id' is not a categorical field of the data contract"),
     (dict(value="studied_credits", low=0, high=math.inf), "a mean needs finite clipping bounds"),
     (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
     (dict(value="shoe_size"), "value 'shoe_size' is not a numeric contract field"),
@@ -205,7 +206,7 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
 
 @pytest.mark.parametrize("text, named", [
     ('statistic = "mean"\nvalue = "studied_credits"\nepsilon = 1\n', "a mean needs finite clipping bounds"),
-    ('statistic = "count"\ngroup_by = ["id_student"]\nepsilon = 1\n', "group_by field 'id_student'"),
+    ('statistic = "count"\ngroup_by = ["student_id"]\nepsilon = 1\n', "group_by field 'student_id'"),
     ('statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "group: Extra inputs are not permitted"),
     ('statistic = "count"\n', "epsilon: Field required"),
 ])
@@ -246,7 +247,7 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir
         assert (out / name).stat().st_size > 0
     assert "noise multiplier" in (out / "statistics.md").read_text()
     query = load_query(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml")
-    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables["studentInfo"]).items()}
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables["learners"]).items()}
     rows = summary["estimates"]
     assert len(rows) == 11
     errors = [abs(r["estimate"] - truth[(r["imd_band"],)]) for r in rows]

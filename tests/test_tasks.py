@@ -16,22 +16,22 @@ D = 60
 def _future_scrambled(tables: Tables, cutoff: int) -> Tables:
     """A copy where everything dated at or after ``cutoff``, and every outcome, is changed."""
     f = {k: v.copy() for k, v in tables.frames.items()}
-    info = f["studentInfo"]
+    info = f["learners"]
     info["final_result"] = np.where(info["final_result"] == "Withdrawn", "Pass", "Withdrawn")
-    reg = f["studentRegistration"]
-    late = reg["date_unregistration"].notna() & (reg["date_unregistration"] >= cutoff)
-    reg.loc[late, "date_unregistration"] = reg.loc[late, "date_unregistration"] + 50
-    reg.loc[reg["date_unregistration"].isna(), "date_unregistration"] = pd.array([cutoff + 7], dtype="Int64")[0]
-    sa = f["studentAssessment"]
-    future = sa["date_submitted"] >= cutoff
+    reg = f["registrations"]
+    late = reg["unregistration_day"].notna() & (reg["unregistration_day"] >= cutoff)
+    reg.loc[late, "unregistration_day"] = reg.loc[late, "unregistration_day"] + 50
+    reg.loc[reg["unregistration_day"].isna(), "unregistration_day"] = pd.array([cutoff + 7], dtype="Int64")[0]
+    sa = f["submissions"]
+    future = sa["submission_day"] >= cutoff
     sa.loc[future, "score"] = 100 - sa.loc[future, "score"].fillna(0)
-    sa.loc[future, "is_banked"] = 1 - sa.loc[future, "is_banked"]
+    sa.loc[future, "banked"] = 1 - sa.loc[future, "banked"]
     # Assessment weights are course design, published at the start; due days at or after
     # the cutoff may move without changing any feature.
     a = f["assessments"]
-    due_late = a["date"].notna() & (a["date"] >= cutoff)
-    a.loc[due_late, "date"] = a.loc[due_late, "date"] + 30
-    return Tables(f, tables.source)
+    due_late = a["due_day"].notna() & (a["due_day"] >= cutoff)
+    a.loc[due_late, "due_day"] = a.loc[due_late, "due_day"] + 30
+    return Tables(f, tables.source, tables.mapping)
 
 
 def test_no_feature_uses_outcomes_or_data_dated_at_or_after_cutoff(tables):
@@ -46,14 +46,14 @@ def test_no_feature_uses_outcomes_or_data_dated_at_or_after_cutoff(tables):
 
 def test_population_excludes_unregistered_before_cutoff_and_late_registrations(tables):
     data = build_task("withdrawal", tables, D)
-    key = ["code_module", "code_presentation", "id_student"]
-    reg = data.rows.merge(tables["studentRegistration"], on=key)
+    key = ["course", "presentation", "student_id"]
+    reg = data.rows.merge(tables["registrations"], on=key)
     assert len(reg) == len(data)
-    assert not (reg["date_unregistration"] < D).any()
-    assert not (reg["date_registration"] >= D).any()
-    everyone = tables["studentRegistration"]
-    expected = ((everyone["date_registration"].isna() | (everyone["date_registration"] < D))
-                & (everyone["date_unregistration"].isna() | (everyone["date_unregistration"] >= D)))
+    assert not (reg["unregistration_day"] < D).any()
+    assert not (reg["registration_day"] >= D).any()
+    everyone = tables["registrations"]
+    expected = ((everyone["registration_day"].isna() | (everyone["registration_day"] < D))
+                & (everyone["unregistration_day"].isna() | (everyone["unregistration_day"] >= D)))
     assert len(data) == int(expected.sum()) == 26395
     assert data.y.mean() == pytest.approx(0.1505, abs=1e-4)
 
@@ -61,7 +61,7 @@ def test_population_excludes_unregistered_before_cutoff_and_late_registrations(t
 def test_assessment_features_for_a_known_student(tables):
     # Student 11391 (AAA 2013J) submitted TMA 1752 (due 19) on day 18 with score 78.
     data = build_task("withdrawal", campus_slice(tables, "module", "AAA"), 30)
-    row = data.rows.index[(data.rows["id_student"] == 11391) & (data.rows["code_presentation"] == "2013J")][0]
+    row = data.rows.index[(data.rows["student_id"] == 11391) & (data.rows["presentation"] == "2013J")][0]
     names = feature_names()
     x = dict(zip(names, data.x[row]))
     assert x["n_submitted"] == pytest.approx(1 / 20)
@@ -103,8 +103,8 @@ def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
 def test_temporal_split(tables):
     data = build_task("withdrawal", campus_slice(tables, "module", "FFF"), D)
     train, test = split(data, "temporal", 0.2, seed=0)
-    assert set(train.rows["code_presentation"]) == {"2013B", "2013J"}
-    assert set(test.rows["code_presentation"]) == {"2014B", "2014J"}
+    assert set(train.rows["presentation"]) == {"2013B", "2013J"}
+    assert set(test.rows["presentation"]) == {"2014B", "2014J"}
     assert len(train) + len(test) == len(data)
 
 
@@ -112,7 +112,7 @@ def test_at_risk_shares_population_and_features_and_adds_failures(tables):
     campus = campus_slice(tables, "module", "CCC")
     withdrawn, at_risk = build_task("withdrawal", campus, 60), build_task("at_risk", campus, 60)
     assert np.array_equal(withdrawn.x, at_risk.x) and withdrawn.rows.equals(at_risk.rows)
-    results = campus["studentInfo"].set_index(["code_module", "code_presentation", "id_student"])["final_result"]
+    results = campus["learners"].set_index(["course", "presentation", "student_id"])["final_result"]
     expected = results.loc[list(at_risk.rows.itertuples(index=False, name=None))].isin(["Fail", "Withdrawn"]).to_numpy()
     assert np.array_equal(at_risk.y.astype(bool), expected)
     assert (at_risk.y >= withdrawn.y).all() and at_risk.y.sum() > withdrawn.y.sum()

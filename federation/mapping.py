@@ -1,0 +1,157 @@
+"""Mapping a campus's own export to the learner-record contract.
+
+A mapping is a TOML file kept by the campus. For each contract table
+(:data:`federation.contract.TABLES`) it names the file of the export that holds
+it and, for every contract column, the export's column; it may recode values
+(integer codes, other labels), declare other missing-value markers, another
+delimiter or encoding, and day fields given as calendar dates. The OULAD
+release is one such mapping, shipped with edufl (``federation/mappings/oulad.toml``)::
+
+    contract_version = "1.0"          # the contract the mapping was written for
+    delimiter = ";"                   # defaults for every file (each table may override)
+    encoding = "utf-8"                # a byte-order mark is always accepted
+    missing = ["", "NA"]              # cell values read as missing
+    date_format = "%d/%m/%Y"          # for columns listed in a table's `dates`
+    start_date = "start"              # presentations file column holding each presentation's start date
+
+    [learners]
+    file = "students.csv"
+    columns = { course = "module", student_id = "student_no", gender = "sex", ... }
+    codes.gender = { "1" = "F", "2" = "M" }   # export value -> contract label; other values pass unchanged
+
+    [registrations]
+    file = "enrolments.csv"
+    columns = { ..., registration_day = "enrolled_on" }
+    dates = ["registration_day"]      # calendar dates, turned into days since the presentation's start
+
+Parquet files (``.parquet``) are read with their own column types; delimiter
+and encoding then do not apply.
+"""
+
+from __future__ import annotations
+
+import codecs
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from .contract import CONTRACT_VERSION, TABLES, parse_version, supports, version_text
+from .tomlfile import load_model
+
+OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
+DAY_COLUMNS = frozenset({"due_day", "registration_day", "unregistration_day", "submission_day"})
+
+
+def _format_problems(prefix: str, delimiter: str | None, encoding: str | None) -> list[str]:
+    problems = []
+    if delimiter is not None and len(delimiter) != 1:
+        problems.append(f"{prefix}delimiter: {delimiter!r} must be one character")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            problems.append(f"{prefix}encoding: unknown encoding {encoding!r}")
+    return problems
+
+
+class MappingError(ValueError):
+    """A mapping file that cannot be used; the message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableMapping(_Strict):
+    """Where one contract table comes from (see the module docstring)."""
+
+    file: str
+    columns: dict[str, str]
+    codes: dict[str, dict[str, str]] = {}
+    dates: tuple[str, ...] = ()
+    delimiter: str | None = None
+    encoding: str | None = None
+    missing: tuple[str, ...] | None = None
+
+
+class Mapping(_Strict):
+    """A campus export's mapping to the contract; tables by contract name, plus file-format defaults."""
+
+    contract_version: str
+    description: str = ""
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    missing: tuple[str, ...] = ("",)
+    date_format: str = "%Y-%m-%d"
+    start_date: str | None = None
+    presentations: TableMapping
+    assessments: TableMapping
+    learners: TableMapping
+    registrations: TableMapping
+    submissions: TableMapping
+
+    @field_validator("contract_version")
+    @classmethod
+    def _readable_version(cls, value: str) -> str:
+        version = parse_version(value)
+        if not supports(CONTRACT_VERSION, version):
+            raise ValueError(f"this edufl reads learner-record contract {version_text(CONTRACT_VERSION)}; "
+                             f"the mapping was written for {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Mapping:
+        problems = _format_problems("", self.delimiter, self.encoding)
+        for table in TABLES:
+            given = self.table(table.name)
+            names = [c.name for c in table.columns]
+            absent = [n for n in names if n not in given.columns]
+            unknown = [n for n in given.columns if n not in names]
+            if absent:
+                problems.append(f"{table.name}.columns: no export column given for {', '.join(absent)}")
+            if unknown:
+                problems.append(f"{table.name}.columns: {', '.join(unknown)} not in the contract (expected {', '.join(names)})")
+            for name in given.codes:
+                if name not in names:
+                    problems.append(f"{table.name}.codes: {name} is not a column of {table.name}")
+            for name in given.dates:
+                if name not in DAY_COLUMNS or name not in names:
+                    problems.append(f"{table.name}.dates: {name} is not a day column of {table.name}")
+            problems += _format_problems(f"{table.name}.", given.delimiter, given.encoding)
+        if any(self.table(t.name).dates for t in TABLES) and not self.start_date:
+            problems.append("start_date: day columns are given as dates, so the presentations file must have a "
+                            "start-date column, named here")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def table(self, name: str) -> TableMapping:
+        """The mapping of contract table ``name``."""
+        return getattr(self, name)
+
+    def files(self) -> list[str]:
+        """The export's file names, in contract table order."""
+        return [self.table(t.name).file for t in TABLES]
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return parse_version(self.contract_version)
+
+
+def load_mapping(path: str | Path | None = None) -> Mapping:
+    """The mapping in the TOML file ``path`` (the OULAD mapping when None).
+
+    Raises
+    ------
+    MappingError
+        When the file is missing or not TOML, a contract column has no export
+        column, a key is unknown, or the contract version is not one this edufl reads.
+    """
+    return load_model(Mapping, path, MappingError, "mapping file") if path else _oulad()
+
+
+@lru_cache(maxsize=1)
+def _oulad() -> Mapping:
+    return load_model(Mapping, OULAD_MAPPING, MappingError, "mapping file")
+
