@@ -197,7 +197,7 @@ def _frame(messages, table: Table):
              for c in table.columns} for m in messages]
     frame = pd.DataFrame(rows, columns=[c.name for c in table.columns])
     for c in table.columns:
-        frame[c.name] = frame[c.name].astype("Int64" if c.kind == "int" else "float64" if c.kind == "float" else object)
+        frame[c.name] = frame[c.name].astype("Int64" if c.kind == "int" else "float64" if c.kind == "float" else "str")
     return frame
 
 

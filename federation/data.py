@@ -155,13 +155,16 @@ def _parse(directory: Path, mapping: Mapping, table: Table) -> pd.DataFrame:
 
 
 def _check_column(frame: pd.DataFrame, col: Column, file: str, source: str, missing_markers: frozenset[str],
-                  codes: dict[str, str]) -> tuple[pd.Series, list[Problem], int]:
+                  codes: dict[str, str], reported: pd.Series | None = None) -> tuple[pd.Series, list[Problem], int]:
+    """The typed column, its problems (rows in ``reported`` already have one) and its count of missing values."""
     raw = frame[col.name].str.strip()
     missing = raw.isin(missing_markers)
     problems: list[Problem] = []
     n_missing = int(missing.sum())
+    fresh = ~reported if reported is not None else pd.Series(True, index=frame.index)
 
     def report(mask: pd.Series, message: str) -> None:
+        mask = mask & fresh
         for line, value in zip(frame.loc[mask, LINE], raw[mask]):
             problems.append(Problem(file, int(line), source, message.format(value=value)))
 
@@ -191,10 +194,10 @@ def _check_column(frame: pd.DataFrame, col: Column, file: str, source: str, miss
     return (number.astype("Int64") if col.kind == "int" and not problems else number), problems, n_missing
 
 
-def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, mapping: Mapping, given: TableMapping,
-             table: Table) -> list[Problem]:
+def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, mapping: Mapping, given: TableMapping
+             ) -> tuple[list[Problem], pd.Series]:
     """Turn the calendar dates in ``frame[name]`` into days since each row's presentation start (in place).
-    ``starts`` holds each row's start date (NaT where unknown)."""
+    ``starts`` holds each row's start date (NaT where unknown). Returns the problems and the rows they concern."""
     missing_markers = frozenset(given.missing if given.missing is not None else mapping.missing)
     raw = frame[name].str.strip()
     missing = raw.isin(missing_markers)
@@ -207,7 +210,7 @@ def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, mapping: Mapping
         problems.append(Problem(given.file, int(line), given.columns[name], "no start date known for this row's presentation; expected one in the presentations file"))
     days = (dates - pd.to_datetime(starts.to_numpy())).dt.days
     frame[name] = np.where(missing, raw, days.astype("Int64").astype(str))
-    return problems
+    return problems, ~missing & (dates.isna() | unknown)
 
 
 def _start_dates(frame: pd.DataFrame, table: Table, f: dict[str, pd.DataFrame]) -> pd.Series:
@@ -233,12 +236,15 @@ def _read_table(directory: Path, mapping: Mapping, table: Table, f: dict[str, pd
         for line, value in zip(frame.loc[starts.isna(), LINE], frame.loc[starts.isna(), START]):
             problems.append(Problem(given.file, int(line), mapping.start_date, f"{value!r} is not a date in format {mapping.date_format!r}"))
         frame[START] = starts
+    reported = {}
     for name in given.dates:
-        problems += _to_days(frame, name, _start_dates(frame, table, f), mapping, given, table)
+        found, reported[name] = _to_days(frame, name, _start_dates(frame, table, f), mapping, given)
+        problems += found
     missingness = []
     for col in table.columns:
         frame[col.name], found, n_missing = _check_column(frame, col, given.file, given.columns[col.name],
-                                                          missing_markers, given.codes.get(col.name, {}))
+                                                          missing_markers, given.codes.get(col.name, {}),
+                                                          reported.get(col.name))
         problems += found
         missingness.append({"table": table.name, "field": col.name, "file": given.file, "column": given.columns[col.name],
                             "rows": len(frame), "missing": n_missing,
