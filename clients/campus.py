@@ -2,25 +2,32 @@
 
 * :func:`start` checks the campus's data folder, the coordinator's address and
   certificate, then runs a Flower SuperNode in the foreground whose ClientApp
-  (``clients/app.py``) reads only that folder;
+  (``clients/app.py``) reads only that folder, started only for an app bundle
+  the campus policy approves (the gate of :mod:`clients.approval`);
 * :func:`export_oulad` writes one campus's slice of OULAD, to play a
   campus's own export in demos and tests;
 * :func:`validate` checks a campus folder (read through its mapping to the
   learner-record contract) before it joins;
+* :func:`approve` gives the data steward the SHA-256 of an app bundle they
+  reviewed and adds it to the campus policy (code approval, :mod:`clients.approval`);
 * :func:`budget` and :func:`audit` show what a campus has released, from the
   privacy ledger and the audit log in its state folder.
 """
 
 from __future__ import annotations
 
+import secrets
+import tempfile
 import time
 from pathlib import Path
 
 from federation.data import DataError, Problem, Tables, campus_names, campus_slice, load_tables, write_tables
-from federation.deploy import free_port, foreground, parse_address, probe_tls
+from federation.deploy import bundle_sha256, free_port, foreground, parse_address, probe_tls
 from federation.pki import PKIError, check_campus_name, campus_key, require
 from federation.policy import CampusPolicy
 from federation.runconfig import ConfigError
+
+from .approval import GateProcess, add_approval, gate_command
 
 # What flower-supernode prints when the SuperLink turns it away, and what it means for a campus.
 _REFUSALS = {
@@ -108,10 +115,16 @@ def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module"
 
 
 def supernode_command(campus: str, data: Path, state: Path, policy: Path | None, superlink: str,
-                      root_cert: Path | None, key: Path | None, runtime_port: int, mapping: Path | None = None) -> list[str]:
+                      root_cert: Path | None, key: Path | None, runtime_port: int, gate_secret: Path,
+                      mapping: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line for ``campus`` reading only ``data`` (through ``mapping``;
     None: the OULAD layout), keeping its ledger and audit log in ``state``, under ``policy`` (None:
-    the safe defaults); ``root_cert`` None: plaintext."""
+    the safe defaults); ``root_cert`` None: plaintext.
+
+    The SuperNode starts no app itself (``--isolation process``): only the holder of ``gate_secret``,
+    the campus's code-approval gate (:mod:`clients.approval`), may take its tasks, on the Runtime API
+    at 127.0.0.1:``runtime_port``.
+    """
     tls = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     auth = [] if key is None else ["--auth-supernode-private-key", str(key)]
     node_config = f"data-dir='{Path(data).resolve()}' campus='{campus}' state-dir='{Path(state).resolve()}'"
@@ -121,8 +134,22 @@ def supernode_command(campus: str, data: Path, state: Path, policy: Path | None,
         node_config += f" mapping='{Path(mapping).resolve()}'"
     return [
         "flower-supernode", "--superlink", superlink, *tls, *auth, "--node-config", node_config,
-        "--isolation", "subprocess", "--port", str(runtime_port),
+        "--isolation", "process", "--port", str(runtime_port), "--superexec-auth-secret-file", str(gate_secret),
     ]
+
+
+def _stop_supernode() -> bool:
+    """Stop this process's running ``flower-supernode`` child, as Ctrl-C would; False when there is none."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if any(Path(part).name == "flower-supernode" for part in child.cmdline()[:2]):
+                child.terminate()
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
 
 
 def start(*, data: Path, superlink: str, campus: str | None = None, state: Path | None = None,
@@ -141,6 +168,9 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
     authentication (local experiments only). A refused key is retried for
     ``rejoin_wait`` seconds: after an unclean stop the SuperLink keeps the
     campus online until its heartbeat lapses, and refuses it meanwhile.
+    Every app the SuperNode is sent is started, or refused, by the campus's
+    code-approval gate (:mod:`clients.approval`), run beside it: only app
+    bundles ``policy`` approves run.
 
     Raises
     ------
@@ -151,11 +181,11 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
     ConfigError, PKIError
         On a bad address, campus name or missing key/certificate file.
     CampusRefused
-        When the coordinator cannot be trusted or refuses this campus, or the SuperNode fails.
+        When the coordinator cannot be trusted or refuses this campus, or the SuperNode or its gate fails.
     """
     campus = check_campus_name(campus or Path(data).resolve().name)
     host, port = parse_address(superlink)
-    CampusPolicy.load(policy)
+    approved = CampusPolicy.load(policy).apps.approved_fab_hashes
     state = Path(state or Path("edufl-state") / campus).resolve()
     if not insecure:
         if pki is None and (root_cert is None or key is None):
@@ -178,20 +208,55 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
     if problem:
         raise CampusRefused(f"campus {campus} does not connect: {problem}")
     print(f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'}); "
-          f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}")
+          f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}; "
+          f"{len(approved)} approved app bundle(s)")
+    if not approved:
+        print(f"WARNING: campus {campus}'s policy approves no app bundle (apps.approved_fab_hashes): it refuses every run. "
+              "Approve the bundle you reviewed with `edufl campus approve FAB_OR_APP_DIR --policy FILE`", flush=True)
     deadline = time.monotonic() + rejoin_wait
-    while True:
-        status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key, free_port(), mapping))
-        refused = status != 0 and any("[code: 2004]" in line for line in tail)
-        if not refused or time.monotonic() >= deadline:
-            break
-        print(f"note: the coordinator refused campus {campus}; if it stopped uncleanly less than "
-              f"{REJOIN_WAIT_S:g} s ago it is still marked online there; retrying in 5 s", flush=True)
-        time.sleep(5.0)
+    with tempfile.TemporaryDirectory(prefix="edufl-gate-") as private:  # readable by this user only
+        secret = Path(private) / "superexec-auth.secret"
+        secret.write_bytes(secrets.token_bytes(32))
+        while True:
+            runtime_port = free_port()
+            gate = GateProcess(gate_command(campus, state, policy, f"127.0.0.1:{runtime_port}", secret), _stop_supernode)
+            status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key,
+                                                        runtime_port, secret, mapping), on_line=gate.on_line)
+            refused = status != 0 and any("[code: 2004]" in line for line in tail)
+            if not refused or time.monotonic() >= deadline:
+                break
+            print(f"note: the coordinator refused campus {campus}; if it stopped uncleanly less than "
+                  f"{REJOIN_WAIT_S:g} s ago it is still marked online there; retrying in 5 s", flush=True)
+            time.sleep(5.0)
+    if gate.failed is not None:
+        raise CampusRefused(f"campus {campus}: its code-approval gate stopped with status {gate.failed} (see its output "
+                            "above); the SuperNode was stopped with it, since no app may start without the gate")
     if status != 0:
         reasons = [why for marker, why in _REFUSALS.items() if any(marker in line for line in tail)]
         raise CampusRefused(f"campus {campus}: the SuperNode stopped with status {status}"
                             + (f": {reasons[0]}" if reasons else " (see its output above)"))
+
+
+def approve(bundle: Path, policy: Path | None = None) -> str:
+    """Print the SHA-256 of the app bundle ``bundle`` (a ``.fab`` file, or an app folder built as ``flwr build``
+    builds it) and, with ``policy``, add it to that policy file's approved bundles. Returns the hash.
+
+    Raises
+    ------
+    ConfigError
+        When ``bundle`` is not an app bundle or app folder.
+    PolicyError
+        When the policy file is not valid, or cannot take the hash without being rewritten.
+    """
+    from federation.audit import now
+
+    fab_hash, name = bundle_sha256(bundle)
+    print(f"{bundle}: app bundle {name}, sha256 {fab_hash}")
+    if policy is not None:
+        added = add_approval(policy, fab_hash, f"{name}, approved {now()[:10]}")
+        print(f"{policy}: " + ("added to apps.approved_fab_hashes; campuses under this policy start this bundle's "
+                               "ClientApp from their next message on" if added else "already in apps.approved_fab_hashes"))
+    return fab_hash
 
 
 def _state_file(state: Path, name: str, what: str) -> Path:

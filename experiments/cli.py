@@ -204,6 +204,9 @@ def _campus_parser(sub) -> None:
     v = c_sub.add_parser("validate", help="check a campus folder before it joins and report every problem")
     v.add_argument("--data", required=True, help="the campus's folder")
     v.add_argument("--mapping", help="mapping file (TOML) of the export to the learner-record contract (default: OULAD layout)")
+    ap = c_sub.add_parser("approve", help="the SHA-256 of an app bundle the data steward reviewed; with --policy, approve it there")
+    ap.add_argument("bundle", metavar="FAB_OR_APP_DIR", help="a .fab file (`flwr build`), or an app folder, built as `flwr run` builds it")
+    ap.add_argument("--policy", help="the campus policy file to add the hash to (created if missing; the rest is kept as written)")
     b = c_sub.add_parser("budget", help="ε spent per dataset over all runs, from the campus's privacy ledger")
     b.add_argument("--state", required=True, help="the campus's state folder")
     b.add_argument("--policy", help="the campus's policy file: its δ, and the total budget left (default: the safe defaults' δ)")
@@ -216,10 +219,12 @@ def _campus_parser(sub) -> None:
 def _run_campus(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from clients.campus import CampusRefused, audit, budget, export_oulad, start, validate
+    from clients.campus import CampusRefused, approve, audit, budget, export_oulad, start, validate
 
     if args.campus_command == "validate":
         validate(Path(args.data), args.mapping and Path(args.mapping))
+    elif args.campus_command == "approve":
+        approve(Path(args.bundle), args.policy and Path(args.policy))
     elif args.campus_command == "budget":
         budget(Path(args.state), args.policy and Path(args.policy))
     elif args.campus_command == "audit":

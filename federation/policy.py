@@ -15,6 +15,20 @@ campus always runs under a policy (``CampusPolicy()`` when no file is given)::
     allowed_tasks = ["withdrawal"]
     [release]
     min_cohort_size = 10          # no metric or statistic on fewer records
+    [apps]
+    approved_fab_hashes = []      # SHA-256 of each app bundle (FAB) the data steward approved
+
+``[apps]`` is code approval. A deployed campus (``edufl campus start``) starts a
+ClientApp only for a run whose app bundle's SHA-256 (what Flower calls the
+run's ``fab_hash``: the digest of the ``.fab`` file ``flwr build`` writes, and
+of the bundle ``flwr run`` submits) is listed; the check is made by the
+campus's own code before any code of the bundle runs (:mod:`clients.approval`).
+An empty or missing list approves no bundle: the campus refuses every run, and
+says so when it starts. ``edufl campus approve FAB_OR_APP_DIR --policy FILE``
+prints a bundle's hash and adds it here. On the simulation engine (``edufl
+simulate``, ``edufl analytics run`` without a SuperLink) there is no bundle:
+the virtual campuses run the local edufl code in-process, and the list does
+not apply.
 
 A run configuration may only be stricter than the policy: :meth:`CampusPolicy.check`
 lists every key a request would loosen, so that the campus can refuse it, say
@@ -23,9 +37,11 @@ why, and log the refusal.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .runconfig import TASKS, RunConfig
 from .tomlfile import load_model
@@ -56,12 +72,32 @@ class ReleaseLimits(_Section):
     min_cohort_size: int = Field(10, ge=1)
 
 
+def _fab_hash(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"{value!r} is not the SHA-256 of an app bundle (64 hex digits)")
+    return value.lower()
+
+
+class AppApproval(_Section):
+    """The app bundles (FABs) the data steward approved, by SHA-256 (see the module docstring)."""
+
+    approved_fab_hashes: tuple[Annotated[str, AfterValidator(_fab_hash)], ...] = ()
+
+    def refusal(self, fab_hash: str) -> str | None:
+        """Why the app bundle with SHA-256 ``fab_hash`` may not run on this campus; None when it is approved."""
+        if fab_hash.lower() in self.approved_fab_hashes:
+            return None
+        why = f"apps.approved_fab_hashes: app bundle {fab_hash or '(no hash)'} is not approved by the campus's data steward"
+        return why if self.approved_fab_hashes else f"{why} (the policy approves no app bundle)"
+
+
 class CampusPolicy(_Section):
     """The campus's limits (see the module docstring for the file format and defaults)."""
 
     privacy: PrivacyLimits = PrivacyLimits()
     training: TrainingLimits = TrainingLimits()
     release: ReleaseLimits = ReleaseLimits()
+    apps: AppApproval = AppApproval()
 
     @classmethod
     def load(cls, path: str | Path | None) -> CampusPolicy:

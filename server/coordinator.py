@@ -30,7 +30,7 @@ from pathlib import Path
 
 import tomli_w
 
-from federation.deploy import flwr_env, foreground, parse_address, probe_tls
+from federation.deploy import bundle_sha256, flwr_env, foreground, parse_address, probe_tls
 from federation.pki import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, registered_campuses, require
 from federation.runconfig import ConfigError, RunConfig
 
@@ -267,11 +267,17 @@ def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_
     print(f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
           f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
           flush=True)
+    fab_hash, app = bundle_sha256(APP_DIR)  # built from the same files, the same way, as `flwr run` builds it
+    print(f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
+          "(apps.approved_fab_hashes)", flush=True)
     with tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
         tomli_w.dump(cfg.to_flower(), overrides)
         overrides.flush()
         run_id = _launch(overrides.name)
     listing = json.loads(_flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
+    if listing["fab-hash"] != fab_hash:
+        print(f"note: run {run_id} ran app bundle {listing['fab-hash']}, not {fab_hash} (the app's files changed "
+              "while it was submitted)", flush=True)
     if listing["status"] != "finished:completed":
         details = listing.get("status-details", "")
         raise RunFailed(f"run {run_id} ended as {listing['status']}"

@@ -3,8 +3,9 @@ campus authentication) and campuses AAA, BBB, CCC (SuperNodes), each reading onl
 
 One coordinator serves the whole module; campus DDD is registered but never started. Each campus
 keeps its privacy ledger and audit log in its own state folder under the module's temporary
-folder, under a policy file. Every process is started in a process group of its own and the
-group is killed at teardown, even when a test fails. Ports are picked free at test time.
+folder, under a policy file that approves this app's bundle (`edufl campus approve`). Every
+process is started in a process group of its own and the group is killed at teardown, even when
+a test fails. Ports are picked free at test time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,15 +74,15 @@ class Processes:
             self.kill(name)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, tables):
-    root = tmp_path_factory.mktemp("deploy")
+@contextmanager
+def federation(root: Path, tables, policies: dict[str, str], unstarted: tuple[str, ...] = ()) -> Iterator[tuple[str, Processes]]:
+    """A coordinator (TLS, campus authentication) and one started campus per ``policies`` key, reading its own
+    module's export under the policy file of that name in ``root``; ``unstarted`` campuses are only registered.
+    Yields (SuperLink address, processes); every process is killed on leaving."""
     saved_home = os.environ.get("FLWR_HOME")
-    os.environ["FLWR_HOME"] = str(root / "flwr-home")  # this module's own Flower configuration
-    make_pki(root / "pki", [*CAMPUSES, "DDD"])
-    make_pki(root / "other-pki", ["AAA"])  # a second CA and an unregistered key
-    (root / "policy.toml").write_text(POLICY)
-    for campus in CAMPUSES:
+    os.environ["FLWR_HOME"] = str(root / "flwr-home")  # this federation's own Flower configuration
+    make_pki(root / "pki", [*policies, *unstarted])
+    for campus in policies:
         write_tables(campus_slice(tables, "module", campus), root / f"campus-{campus}")
     procs = Processes(root)
     port = free_port()
@@ -87,9 +90,11 @@ def deployment(tmp_path_factory, tables):
     try:
         procs.start("coordinator", "coordinator", "start", "--pki", str(root / "pki"), "--port", str(port))
         procs.wait_for("coordinator", "coordinator: ready")
-        for campus in CAMPUSES:
-            start_campus(procs, root, superlink, campus)
-        yield root, superlink, procs
+        for campus, policy in policies.items():
+            start_campus(procs, root, superlink, campus, policy=policy, wait=False)
+        for campus in policies:
+            procs.wait_for(campus, "SuperNode ID")
+        yield superlink, procs
     finally:
         procs.kill_all()
         if saved_home is None:
@@ -98,11 +103,30 @@ def deployment(tmp_path_factory, tables):
             os.environ["FLWR_HOME"] = saved_home
 
 
-def start_campus(procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60) -> None:
+def approved_policy(path: Path, text: str = POLICY) -> Path:
+    """Write the policy ``text`` to ``path``, approving this app's bundle (`edufl campus approve`)."""
+    path.write_text(text)
+    approved = edufl("campus", "approve", str(REPO), "--policy", str(path))
+    assert approved.returncode == 0, approved.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tables):
+    root = tmp_path_factory.mktemp("deploy")
+    make_pki(root / "other-pki", ["AAA"])  # a second CA and an unregistered key
+    approved_policy(root / "policy.toml")
+    with federation(root, tables, dict.fromkeys(CAMPUSES, "policy.toml"), unstarted=("DDD",)) as (superlink, procs):
+        yield root, superlink, procs
+
+
+def start_campus(procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60,
+                 policy: str = "policy.toml", wait: bool = True) -> None:
     procs.start(campus, "campus", "start", "--campus", campus, "--data", str(root / f"campus-{campus}"),
                 "--superlink", superlink, "--pki", str(root / "pki"), *state(root, campus),
-                "--policy", str(root / "policy.toml"))
-    procs.wait_for(campus, "SuperNode ID", timeout)
+                "--policy", str(root / policy))
+    if wait:
+        procs.wait_for(campus, "SuperNode ID", timeout)
 
 
 def state(root: Path, campus: str) -> list[str]:

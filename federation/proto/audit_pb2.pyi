@@ -35,7 +35,7 @@ class DpRelease(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("recorded_at", "campus", "run_id", "server_round", "message_type", "sent", "reason", "arrays", "metric_keys", "payload_bytes", "payload_sha256", "dp", "num_examples")
+    __slots__ = ("recorded_at", "campus", "run_id", "server_round", "message_type", "sent", "reason", "arrays", "metric_keys", "payload_bytes", "payload_sha256", "dp", "num_examples", "fab_sha256")
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
     CAMPUS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class AuditRecord(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FAB_SHA256_FIELD_NUMBER: _ClassVar[int]
     recorded_at: str
     campus: str
     run_id: str
@@ -62,4 +63,5 @@ class AuditRecord(_message.Message):
     payload_sha256: str
     dp: DpRelease
     num_examples: int
-    def __init__(self, recorded_at: _Optional[str] = ..., campus: _Optional[str] = ..., run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., message_type: _Optional[str] = ..., sent: _Optional[bool] = ..., reason: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., metric_keys: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., dp: _Optional[_Union[DpRelease, _Mapping]] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    fab_sha256: str
+    def __init__(self, recorded_at: _Optional[str] = ..., campus: _Optional[str] = ..., run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., message_type: _Optional[str] = ..., sent: _Optional[bool] = ..., reason: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., metric_keys: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., dp: _Optional[_Union[DpRelease, _Mapping]] = ..., num_examples: _Optional[int] = ..., fab_sha256: _Optional[str] = ...) -> None: ...

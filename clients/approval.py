@@ -1,0 +1,279 @@
+"""Code approval: a deployed campus runs only the app bundles its data steward approved.
+
+A Flower app bundle (FAB) is the zip of code that ``flwr run`` sends to every
+campus; Flower names a run's bundle by its SHA-256, the run's ``fab_hash``.
+The campus policy lists the hashes its data steward approved
+(``[apps] approved_fab_hashes``, :class:`federation.policy.AppApproval`).
+
+The check cannot live in the ClientApp: that is the bundle's own code. It is
+made by the **gate**, an edufl process beside the campus's SuperNode. ``edufl
+campus start`` runs ``flower-supernode --isolation process``, under which the
+SuperNode starts no app process itself: it queues one task per message and
+waits for a SuperExec to claim it on its Runtime API. The gate is that
+SuperExec: Flower's own loop (``flwr.supercore.superexec.run_superexec``) with
+:class:`GatePlugin`, a subclass of Flower's own plugin, as its plugin. Every
+task it claims carries the run's ``fab_hash`` (the SuperNode stores bundles
+under the SHA-256 of their content and rejects a bundle whose content does not
+match); before anything is started,
+
+* an approved bundle is launched as Flower launches any ClientApp
+  (``flwr-clientapp`` with the task's token; no dependency is ever installed);
+* any other task (a bundle the policy does not list, a policy file that cannot
+  be read, a task that is not a ClientApp) is answered by the gate itself,
+  never by the bundle: it takes the task's input through the Runtime API as
+  ``flwr-clientapp`` would (Flower's own ``pull_task_input``), writes a
+  refusal (``sent`` false, ``reason`` ``refused: ...``, ``fab_sha256``) to the
+  campus audit log, prints it, and replies with an error (code ``REFUSED``)
+  that the coordinator records under ``failures`` for this campus. The bundle
+  is never installed or imported.
+
+SuperNode and gate share a random secret (``--superexec-auth-secret-file``):
+only the gate may claim tasks, so no other local process can start a bundle.
+The gate reads the policy file at every task, so an approval added with
+``edufl campus approve`` takes effect at the next message, without a restart.
+
+Simulation (``edufl simulate``) has no bundle and no gate: see :mod:`federation.policy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.common.constant import SubStatus
+from flwr.proto.task_pb2 import Task
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import LaunchResult
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+from federation.audit import AuditLog, now
+from federation.deploy import flwr_env
+from federation.policy import AppApproval, CampusPolicy, PolicyError
+from federation.proto.audit_pb2 import AuditRecord
+from federation.runconfig import CONFIG, REFUSED
+
+from .node import run_id
+
+# What flower-supernode prints once its Runtime API serves and it has joined the federation.
+SUPERNODE_READY = "SuperNode ID"
+# Exit statuses of a gate that was asked to stop (Flower's graceful exits on SIGINT, SIGQUIT, SIGTERM).
+_STOPPED = (0, 1, 2, 3)
+GATE_FAILED = 70  # the gate stopped on an error of its own
+
+
+_KEY = re.compile(r"^[ \t]*approved_fab_hashes[ \t]*=[ \t]*\[", re.M)
+_SECTION = re.compile(r"^[ \t]*\[apps\][ \t]*(#.*)?$", re.M)
+
+
+def add_approval(policy: Path, fab_hash: str, note: str) -> bool:
+    """Add ``fab_hash`` to ``[apps] approved_fab_hashes`` of the policy file ``policy`` (created if
+    missing), with ``note`` as a comment; the rest of the file is kept as written. Returns False
+    when the hash was approved already.
+
+    Raises
+    ------
+    PolicyError
+        When the file is not a valid policy, or the hash cannot be added without rewriting it
+        (then the message says what to add by hand).
+    """
+    policy = Path(policy)
+    before = CampusPolicy.load(policy) if policy.exists() else CampusPolicy()
+    if fab_hash in before.apps.approved_fab_hashes:
+        return False
+    text = policy.read_text(encoding="utf-8") if policy.exists() else ""
+    entry = f'    "{fab_hash}",{f"  # {note}" if note else ""}\n'
+    if key := _KEY.search(text):  # first in the list: no need to find where a multi-line array ends
+        text = f"{text[:key.end()]}\n{entry}{text[key.end():]}"
+    elif section := _SECTION.search(text):
+        text = f"{text[:section.end()]}\napproved_fab_hashes = [\n{entry}]{text[section.end():]}"
+    else:
+        text += ("\n" if text and not text.endswith("\n") else "") + f"[apps]\napproved_fab_hashes = [\n{entry}]\n"
+    expected = before.model_copy(update={"apps": AppApproval(approved_fab_hashes=(fab_hash, *before.apps.approved_fab_hashes))})
+    scratch = policy.with_name(f".{policy.name}.approve")
+    try:
+        scratch.write_text(text, encoding="utf-8")
+        if CampusPolicy.load(scratch) == expected:
+            os.replace(scratch, policy)
+            return True
+    except (OSError, PolicyError):
+        pass
+    scratch.unlink(missing_ok=True)
+    raise PolicyError(f"{policy}: could not add the hash without rewriting the file; add it by hand under "
+                      f'[apps]: approved_fab_hashes = ["{fab_hash}", ...]')
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What the gate of campus ``campus`` checks (``policy``: its policy file, None: the safe
+    defaults, which approve no bundle) and where it logs (``state_dir``: the campus audit log)."""
+
+    campus: str
+    state_dir: Path
+    policy: Path | None
+
+    def refusal(self, task: Task) -> str | None:
+        """Why ``task`` may not start, naming the policy key; None when it is a ClientApp of an approved bundle."""
+        if task.type != TaskType.CLIENT_APP:
+            return f"a campus runs ClientApps only, not {task.type}"
+        try:
+            return CampusPolicy.load(self.policy).apps.refusal(task.fab_hash)
+        except PolicyError as err:
+            return f"the campus policy cannot be used ({err})"
+
+    def record(self, task: Task, why: str, message=None, context=None) -> AuditRecord:
+        """The audit record of refusing ``task`` (with the run name, round and type of its ``message`` where known)."""
+        config = message.content.config_records.get(CONFIG, {}) if message is not None else {}
+        return AuditRecord(
+            recorded_at=now(), campus=self.campus, sent=False, reason=f"refused: {self.reply(why)}", fab_sha256=task.fab_hash,
+            run_id=run_id(config, context) if context is not None else str(task.run_id),
+            server_round=int(config.get("server-round", 0)),
+            message_type=message.metadata.message_type if message is not None else "",
+        )
+
+    def reply(self, why: str) -> str:
+        """The refusal as the coordinator reads it."""
+        return f"campus {self.campus} refuses to start this app: {why}"
+
+    def refuse(self, runtime_api_address: str, token: str, task: Task, why: str) -> LaunchResult:
+        """Answer ``task`` with a refusal, in place of its app: take its input with ``token``, log and print
+        the refusal, reply with an error (code ``REFUSED``) and close the task as failed."""
+        from flwr.app import Error, Message
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = _runtime_client(runtime_api_address, token)
+        message = context = None
+        try:
+            try:
+                message, context, _, _ = pull_task_input(client)  # the bundle itself is not even looked at
+            finally:
+                self._log(task, why, message, context)
+            push_message(client, Message(Error(code=REFUSED, reason=self.reply(why)), reply_to=message), context)
+            push_task_output(client, context, SubStatus.FAILED, self.reply(why))
+        except Exception as err:  # the task's token lapses and Flower answers "ClientApp stopped responding"
+            return LaunchResult.failed(f"edufl code-approval gate could not answer task {task.task_id}: {err}")
+        finally:
+            client.close()
+        return LaunchResult.accepted()  # taken and answered: nothing for Flower's launch-failure handling to do
+
+    def _log(self, task: Task, why: str, message, context) -> None:
+        """Write the refusal of ``task`` to the audit log and print it on the campus console."""
+        record = self.record(task, why, message, context)
+        with closing(AuditLog(self.state_dir)) as log:
+            log.append(record)
+        policy = Path(self.policy).resolve() if self.policy else "the safe defaults, no --policy"
+        print(f"campus {self.campus}: REFUSED {record.message_type or task.type} of run {record.run_id}"
+              f"{f' round {record.server_round}' if record.server_round else ''}: {why} (policy {policy}); "
+              "no app was started", flush=True)
+
+
+def _runtime_client(address: str, token: str):
+    """A Runtime API client acting for the task of ``token``, as ``flwr-clientapp`` builds one (plaintext on loopback)."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None, retry_invoker=make_simple_http_retry_invoker(),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+    )
+
+
+class GatePlugin(AutoExecPlugin):
+    """Flower's SuperExec plugin, launching a task only when ``gate`` finds no reason to refuse it."""
+
+    def __init__(self, *args, gate: Gate, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def launch_task(self, token: str, task: Task) -> LaunchResult:
+        why = self.gate.refusal(task)
+        if why is not None:
+            return self.gate.refuse(self.runtime_api_address, token, task, why)
+        print(f"campus {self.gate.campus}: app bundle {task.fab_hash} is approved; starting its ClientApp "
+              f"for run {task.run_id}", flush=True)
+        return super().launch_task(token, task)
+
+
+def serve(gate: Gate, runtime_api_address: str, secret_file: Path | None, parent_pid: int | None) -> None:
+    """Run Flower's SuperExec loop against the SuperNode's Runtime API with :class:`GatePlugin` as its plugin."""
+    from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    superexec.AutoExecPlugin = functools.partial(GatePlugin, gate=gate)  # the plugin class run_superexec instantiates
+    superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True,
+                            superexec_auth_secret=load_superexec_auth_secret(secret_file and str(secret_file)),
+                            parent_pid=parent_pid, runtime_dependency_install=False)
+
+
+def gate_command(campus: str, state: Path, policy: Path | None, runtime_api_address: str, secret_file: Path) -> list[str]:
+    """The command line of campus ``campus``'s gate (this module) beside the SuperNode whose Runtime API is at
+    ``runtime_api_address``; it stops when this process does."""
+    return [sys.executable, "-m", __name__, "--campus", campus, "--state", str(Path(state).resolve()),
+            *(["--policy", str(Path(policy).resolve())] if policy else []), "--runtime-api-address", runtime_api_address,
+            "--superexec-auth-secret-file", str(secret_file), "--parent-pid", str(os.getpid())]
+
+
+class GateProcess:
+    """The gate beside one SuperNode run by :func:`federation.deploy.foreground`.
+
+    :meth:`on_line` (foreground's ``on_line``) starts it once the SuperNode says
+    it serves. Should it fail while the SuperNode runs, ``stop_supernode`` (which
+    says whether there was a SuperNode to stop) stops the SuperNode too, since
+    without its gate it would wait forever for an app to answer, and
+    :attr:`failed` holds the gate's exit status.
+    """
+
+    def __init__(self, command: list[str], stop_supernode: Callable[[], bool]):
+        self.command, self.stop_supernode = command, stop_supernode
+        self.proc: subprocess.Popen | None = None
+        self.watcher: threading.Thread | None = None
+        self.failed: int | None = None
+
+    def on_line(self, line: str) -> None:
+        if self.proc is None and SUPERNODE_READY in line:
+            # Run from the folder holding this edufl's packages: `python -m` looks there first, never in the
+            # working folder (which might hold an unreviewed edufl source tree).
+            self.proc = subprocess.Popen(self.command, env=flwr_env(), cwd=Path(__file__).resolve().parents[1])
+            self.watcher = threading.Thread(target=self._watch, daemon=True)
+            self.watcher.start()
+
+    def _watch(self) -> None:
+        status = self.proc.wait()
+        if status not in _STOPPED and self.stop_supernode():  # (when the SuperNode has ended, the gate is stopped after it)
+            self.failed = status
+            print(f"edufl: the code-approval gate stopped with status {status}; the SuperNode was stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clients.approval``: the gate process (started by ``edufl campus start``)."""
+    p = argparse.ArgumentParser(prog="python -m clients.approval", description="edufl's code-approval gate (a Flower SuperExec)")
+    p.add_argument("--campus", required=True)
+    p.add_argument("--state", required=True, help="the campus's state folder (its audit log)")
+    p.add_argument("--policy", help="the campus policy file (default: the safe defaults, which approve no app bundle)")
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    p.add_argument("--superexec-auth-secret-file", help="the secret the SuperNode was started with")
+    p.add_argument("--parent-pid", type=int, help="stop when this process stops")
+    args = p.parse_args(argv)
+    policy = Path(args.policy).resolve() if args.policy else "the safe defaults (no --policy)"
+    print(f"campus {args.campus}: code-approval gate on: a ClientApp starts only for an app bundle listed in "
+          f"apps.approved_fab_hashes of {policy}", flush=True)
+    try:
+        serve(Gate(args.campus, Path(args.state), args.policy and Path(args.policy)), args.runtime_api_address,
+              args.superexec_auth_secret_file and Path(args.superexec_auth_secret_file), args.parent_pid)
+    except Exception as err:  # noqa: BLE001  an exit status edufl campus start tells from a requested stop
+        print(f"edufl: code-approval gate of campus {args.campus}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return GATE_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
