@@ -37,15 +37,18 @@ from federation.data import dataset_id, load_tables
 from federation.mapping import Mapping, MappingError, load_mapping
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
+from federation.policy import CampusPolicy
 from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
 from federation.proto.analytics_pb2 import StatisticQuery
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig
+from federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig,
+                                  subgroup_keys)
 from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
-from federation.tasks import TaskData, build_task, feature_names, split
-from federation.training import evaluate, train
+from federation.tasks import TaskData, build_task, feature_names, n_outputs, split
+from federation.training import evaluate, subgroup_metrics, train
 
 from .guard import release_guard
 from .node import CampusRefusal, CampusSetup, campus_setup, run_id
+from .secagg import secure_aggregation_mod
 
 app = ClientApp(mods=[release_guard])
 
@@ -102,7 +105,7 @@ def round_seed(cfg: RunConfig, campus: str, server_round: int) -> int:
 
 
 def _model(cfg: RunConfig, msg: Message):
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
     model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)
     return model
 
@@ -147,7 +150,7 @@ def _check_budget(setup: CampusSetup, cfg: RunConfig, campus: Campus, ledger: Pr
         raise CampusRefusal(f"campus {campus.name} refuses round {server_round}: {why}")
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # a SecAgg+ stage (secure-aggregation = "secaggplus"), inside the guard
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model locally; reply with weights, counts, loss and the run's ε so far.
 
@@ -211,6 +214,13 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this campus's held-out test rows.
 
+    The reply holds the task's declared metrics (``EVALUATE_METRICS``) and, for
+    each subgroup (``SUBGROUPS``: a gender, age band, disability or IMD band) of
+    at least ``release.min_cohort_size`` test rows (the policy default without a
+    policy), its row count and the task's primary metric (``subgroup_keys``);
+    smaller groups are not sent, nor groups whose sizes would give theirs away
+    by subtraction (:func:`federation.training.subgroup_metrics`).
+
     Raises
     ------
     CampusRefusal
@@ -225,27 +235,33 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if len(campus.test) < k:
         raise CampusRefusal(f"campus {campus.name} refuses to release metrics on {len(campus.test)} test rows: "
                             f"release.min_cohort_size is {k}")
-    scores = evaluate(_model(cfg, msg), campus.train, campus.test)
-    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{k: scores[k.replace("-", "_")] for k in EVALUATE_METRICS[1:]}})
+    model = _model(cfg, msg)
+    scores = evaluate(model, campus.train, campus.test, cfg.task)
+    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test),
+                            **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}})
+    keys, group_k = subgroup_keys(cfg.task), (setup.policy or CampusPolicy()).release.min_cohort_size
+    for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, group_k).items():
+        metrics.update(zip(keys[group], (n, value)))
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
 
 
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
-    """Answer a DP statistic query (:mod:`federation.statistics`) over this campus's registrations.
+    """Answer a DP statistic query (:mod:`federation.statistics`) over this campus's registrations or submissions.
 
     The query arrives serialized under ``config[statistic-query]``; the answer
     leaves as a serialized ``StatisticAnswer`` in the ``answer`` record. The
     release is recorded in the privacy ledger (mechanism ``gaussian``, the
     noise multiplier, q = 1, one step) before the noise is drawn and the reply
     returned; cells with a noisy count below ``release.min_cohort_size`` (10
-    without a policy) are not sent.
+    without a policy), times the query's rows per registration, are not sent.
 
     Raises
     ------
     CampusRefusal
         Before any record is read: an invalid query (a field outside the data
-        contract or not groupable, a mean or histogram without finite bounds),
+        contract or not groupable, a mean, histogram or quantile without finite
+        bounds, a submission statistic without a bound on rows per registration),
         or one the campus policy or its remaining ε budget does not allow.
     """
     config = msg.content[CONFIG]
@@ -259,10 +275,10 @@ def query_handler(msg: Message, context: Context) -> Message:
             z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
-        info = load_tables(setup.data_dir, mapping)["learners"]
+        tables = load_tables(setup.data_dir, mapping)
         ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", "gaussian", z, 1.0, 1,
                               run_eps, query.delta))
     k = setup.policy.release.min_cohort_size if setup.policy else MIN_CELL_COUNT
-    reply = answer(query, info, setup.name, z, k)
+    reply = answer(query, tables, setup.name, z, k)
     content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: _campus_record(setup.name)})
     return Message(content=content, reply_to=msg)

@@ -1,11 +1,18 @@
-"""``edufl analytics run QUERY.toml``: one DP federated statistic on Flower's simulation engine.
+"""``edufl analytics run QUERY.toml``: one DP federated statistic, on Flower's simulation engine or a deployment.
 
 The query file (keys as in ``protos/analytics.proto``; examples in
-``experiments/queries/``) is checked first, then the ServerApp
-:mod:`server.analytics` asks every virtual campus (one per module or region,
-each reading only its own rows, with its privacy ledger and audit log under
-``OUT/campuses/<campus>/``) and writes the results folder. Reusing a results
-folder reuses the campuses' ledgers, so repeated queries spend one budget.
+``experiments/queries/``) is checked first; then the edufl ServerApp, given
+the query in its run config, asks every campus (:mod:`server.analytics`) and
+writes the results folder.
+
+* Simulation (:func:`run_analytics`): one virtual campus per module or region,
+  each reading only its own rows, with its privacy ledger and audit log under
+  ``OUT/campuses/<campus>/``. Reusing a results folder reuses the campuses'
+  ledgers, so repeated queries spend one budget.
+* Deployment (:func:`run_deployed`): the same ServerApp launched with
+  ``flwr run`` on a started coordinator, exactly as ``edufl coordinator run``
+  launches training (:func:`server.coordinator.launch`); each campus charges
+  its own ledger in its state folder.
 """
 
 from __future__ import annotations
@@ -16,15 +23,36 @@ from pathlib import Path
 
 from federation.data import Tables
 from federation.policy import CampusPolicy
-from federation.privacy import PRIVACY_UNIT_SHORT
+from federation.proto.analytics_pb2 import StatisticQuery
 from federation.runconfig import RunConfig
 from federation.statistics import QUERY_KEY, load_query
 
 from .simulate import run_engine
 
 
+def _query_config(query_file: Path) -> tuple[StatisticQuery, dict]:
+    """The query in ``query_file`` and the run config entry that carries it (protobuf JSON)."""
+    from google.protobuf import json_format
+
+    query = load_query(query_file)
+    return query, {QUERY_KEY: json_format.MessageToJson(query, indent=None)}
+
+
+def _headline(query: StatisticQuery, campuses: str) -> None:
+    from server.analytics import describe, unit
+
+    print(f"edufl analytics: {describe(query)}, {campuses}, Gaussian mechanism, "
+          f"ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}, privacy unit: {unit(query)}", flush=True)
+
+
+def _results(out: Path) -> dict:
+    print((out / "statistics.md").read_text())
+    print(f"-> {out} (statistics.csv, statistics.md, statistics.png, summary.json)")
+    return json.loads((out / "summary.json").read_text())
+
+
 def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path | None, out: Path) -> dict:
-    """Answer the query in ``query_file`` over the campuses of ``campus_by``; returns ``out/summary.json``'s dict.
+    """Answer the query in ``query_file`` over the simulated campuses of ``campus_by``; returns ``out/summary.json``'s dict.
 
     Raises
     ------
@@ -35,25 +63,51 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     DataError
         When the tables fail validation.
     """
-    from google.protobuf import json_format
-
-    query = load_query(query_file)
+    query, extra = _query_config(query_file)
     CampusPolicy.load(policy)  # a bad policy file is the user's mistake, reported before anything starts
     cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=f"{out.name}-{secrets.token_hex(4)}")
 
     def headline(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
         from federation.data import campus_names
-        from server.analytics import describe
 
         for note in tables.notes:
             print(f"note: {note}")
         names = campus_names(tables, cfg.campus_by)
-        print(f"edufl analytics: {describe(query)}, {len(names)} campuses by {cfg.campus_by}, Gaussian mechanism, "
-              f"ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}")
+        _headline(query, f"{len(names)} campuses by {cfg.campus_by}")
         return names
 
-    run_engine(cfg, data_dir, None, policy, server_app="server.analytics:analytics_app", headline=headline,
-               extra_config={QUERY_KEY: json_format.MessageToJson(query)})
-    print((out / "statistics.md").read_text())
-    print(f"-> {out} (statistics.csv, statistics.md, statistics.png, summary.json)")
-    return json.loads((out / "summary.json").read_text())
+    run_engine(cfg, data_dir, None, policy, headline=headline, extra_config=extra)
+    return _results(out)
+
+
+def run_deployed(query_file: Path, *, superlink: str, pki: Path | None, root_cert: Path | None, insecure: bool,
+                 min_campuses: int, wait: float, round_timeout: float, out: Path) -> dict:
+    """Answer the query in ``query_file`` on the campuses of the coordinator at ``superlink``.
+
+    Waits at most ``wait`` seconds for ``min_campuses`` online campuses, then
+    asks every connected one; each answer waits at most ``round_timeout``
+    seconds. The ServerApp writes ``out`` (made absolute) on the coordinator's
+    machine; refusals name the campus where ``pki`` records its node id.
+    Returns ``out/summary.json``'s dict.
+
+    Raises
+    ------
+    QueryError
+        As :func:`run_analytics`.
+    ConfigError, PKIError
+        On a bad address, option or missing CA certificate.
+    RunFailed
+        When the coordinator cannot be reached or trusted, too few campuses
+        are online, or the run does not complete.
+    """
+    from server.coordinator import await_campuses, launch, name_campuses, new_run_name, open_connection
+
+    query, extra = _query_config(query_file)
+    out = out.resolve()
+    cfg = RunConfig(min_campuses=min_campuses, round_timeout=round_timeout, out=str(out), run_name=new_run_name(out))
+    open_connection(superlink, pki=pki, root_cert=root_cert, insecure=insecure)
+    online = await_campuses(min_campuses, wait, pki)
+    _headline(query, f"{online} campus(es) online at {superlink}, run {cfg.run_name}")
+    launch({**cfg.to_flower(), **extra}, out)
+    name_campuses(out / "summary.json", "refusals", pki)
+    return _results(out)

@@ -7,7 +7,9 @@
 
 Both train with the federated run's features, splits, model, optimizer and
 DP-SGD code, for ``num_rounds * local_epochs`` epochs, evaluating after each
-round's worth of epochs, and write the same results folder.
+round's worth of epochs (subgroup metrics on groups of at least the default
+policy's ``release.min_cohort_size`` test rows per campus, as a federated
+campus without a policy sends), and write the same results folder.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 
 from federation.data import Tables
 from federation.models import build_model
+from federation.policy import CampusPolicy
 from federation.privacy import DPSettings, calibrate_noise, epsilon
 from federation.results import Report
 from federation.runconfig import RunConfig
-from federation.tasks import TaskData, campus_splits, feature_names
-from federation.training import evaluate, train
+from federation.tasks import TaskData, campus_splits, feature_names, n_outputs
+from federation.training import evaluate, subgroup_metrics, train
 
 from .simulate import provenance
 
@@ -40,7 +43,8 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
         groups = {"pooled": (pooled, list(campuses))}
     else:
         groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
-    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed) for g in groups}
+    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)) for g in groups}
+    group_k = CampusPolicy().release.min_cohort_size
     histories = {g: [] for g in groups}
     steps_done = {g: 0 for g in groups}
     sigmas = {}
@@ -66,7 +70,8 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
                                  steps=steps_done[g])
             for name in members:
                 train_part_c, test_part = campuses[name]
-                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part))
+                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part, cfg.task),
+                                      groups=subgroup_metrics(models[g], test_part, cfg.task, group_k))
         report.end_round(server_round, cfg.num_rounds)
     state = models["pooled"].state_dict() if mode == "centralized" else None
     return report.write(Path(cfg.out), state, time.perf_counter() - started)

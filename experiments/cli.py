@@ -25,7 +25,8 @@ for _var, _value in (
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
 from federation.mapping import MappingError  # noqa: E402
 from federation.policy import PolicyError  # noqa: E402
-from federation.runconfig import CAMPUS_BY, CENTRAL_DP, MODELS, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig  # noqa: E402
+from federation.runconfig import (CAMPUS_BY, CENTRAL_DP, MODELS, SECURE_AGGREGATION, SPLITS, STRATEGIES, TASKS,  # noqa: E402
+                                  ConfigError, RunConfig)
 
 DEFAULTS = RunConfig()
 
@@ -49,7 +50,9 @@ def _simulate_parser(sub) -> None:
 
 def _run_settings(p: argparse.ArgumentParser) -> None:
     """The run settings shared by `simulate` and `coordinator run`."""
-    p.add_argument("--task", choices=TASKS, default=DEFAULTS.task, help="prediction task")
+    p.add_argument("--task", choices=TASKS, default=DEFAULTS.task,
+                   help="prediction task at the cutoff day: withdrawal, at_risk (Fail or Withdrawn) or final_result "
+                        "(Distinction, Fail, Pass, Withdrawn)")
     p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds, help="federation rounds")
     p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs, help="epochs of local training per round")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="expected batch size (Poisson sampling rate = batch/n)")
@@ -67,6 +70,14 @@ def _run_settings(p: argparse.ArgumentParser) -> None:
                    help="central DP noise standard deviation / clipping norm")
     p.add_argument("--central-clipping-norm", type=float, default=DEFAULTS.central_clipping_norm,
                    help="central DP: L2 norm each campus's update is clipped to")
+    p.add_argument("--secure-aggregation", choices=SECURE_AGGREGATION, default=DEFAULTS.secure_aggregation,
+                   help="secaggplus: train through Flower's SecAgg+ protocol; the coordinator learns only the sum of the updates")
+    p.add_argument("--secagg-num-shares", type=float, default=DEFAULTS.secagg_num_shares,
+                   help="SecAgg+: shares of each campus's secrets (<= 1: that fraction of the campuses; > 1: that many, >= 3)")
+    p.add_argument("--secagg-reconstruction-threshold", type=float, default=DEFAULTS.secagg_reconstruction_threshold,
+                   help="SecAgg+: shares that rebuild a secret (<= 1: that fraction of the shares, > 0.5; > 1: that many)")
+    p.add_argument("--secagg-max-weight", type=float, default=DEFAULTS.secagg_max_weight,
+                   help="SecAgg+: the largest campus weight (training rows) the masked sum holds without clipping")
     p.add_argument("--cutoff-day", type=int, default=DEFAULTS.cutoff_day, help="early-warning day D")
     p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split,
                    help="stratified held-out test rows per campus, or temporal (train 2013, test 2014)")
@@ -81,11 +92,18 @@ def _run_simulate(args: argparse.Namespace) -> None:
     cfg = _run_config(args, campus_by=args.campus_by, shards=args.shards)
     if args.central_dp != "off" and args.mode != "federated":
         raise ConfigError(f"--central-dp is applied by the coordinator, in federated runs only (not --mode {args.mode})")
+    if args.secure_aggregation != "off" and args.mode != "federated":
+        raise ConfigError(f"--secure-aggregation is a federation protocol, for federated runs only (not --mode {args.mode})")
     if args.policy and args.mode != "federated":
         raise ConfigError(f"--policy is enforced by campuses, in federated runs only (not --mode {args.mode})")
     started = time.perf_counter()
     summary = simulate(cfg, resolve_data_dir(args.data), args.mode, policy=args.policy and Path(args.policy))
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
+    _check_refusals(summary)
+
+
+def _check_refusals(summary: dict) -> None:
+    """Raise CampusesRefused listing each campus's refusal (its reason names the campus and the policy key)."""
     refusals = sorted({f["reason"] for f in summary["failures"] if f["refused"]})
     if refusals:
         raise CampusesRefused("campuses refused the run:\n  " + "\n  ".join(refusals))
@@ -99,7 +117,9 @@ def _run_config(args: argparse.Namespace, **extra) -> RunConfig:
             learning_rate=args.learning_rate, model=args.model, strategy=args.strategy, proximal_mu=args.proximal_mu,
             dp=not args.no_dp, target_epsilon=args.target_epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
             central_dp=args.central_dp, central_noise_multiplier=args.central_noise_multiplier,
-            central_clipping_norm=args.central_clipping_norm,
+            central_clipping_norm=args.central_clipping_norm, secure_aggregation=args.secure_aggregation,
+            secagg_num_shares=args.secagg_num_shares, secagg_reconstruction_threshold=args.secagg_reconstruction_threshold,
+            secagg_max_weight=args.secagg_max_weight,
             cutoff_day=args.cutoff_day, split=args.split, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
             **extra,
         )
@@ -175,8 +195,8 @@ def _run_coordinator(args: argparse.Namespace) -> None:
             if args.resume and cfg != DEFAULTS:
                 raise ConfigError(f"--resume {args.resume} continues that run with the settings in its checkpoint: "
                                   "drop the run options (--rounds, --out, --min-campuses, ...)")
-            run(cfg, superlink=args.superlink, pki=pki, root_cert=root_cert, insecure=args.insecure, wait=args.wait,
-                resume=args.resume and Path(args.resume))
+            _check_refusals(run(cfg, superlink=args.superlink, pki=pki, root_cert=root_cert, insecure=args.insecure,
+                                wait=args.wait, resume=args.resume and Path(args.resume)))
     except RunFailed as err:
         raise SystemExit(f"edufl: {err}") from None
 
@@ -243,22 +263,47 @@ def _run_campus(args: argparse.Namespace) -> None:
 
 
 def _analytics_parser(sub) -> None:
-    analytics = sub.add_parser("analytics", help="DP federated statistics: counts, means and histograms per group")
+    analytics = sub.add_parser("analytics", help="DP federated statistics: counts, means, histograms and quantiles per group")
     a_sub = analytics.add_subparsers(dest="analytics_command", required=True)
-    r = a_sub.add_parser("run", help="answer a query (TOML) on the simulation engine and write a table, a chart and summary.json",
+    r = a_sub.add_parser("run", help="answer a query (TOML) on the simulation engine, or on a deployment with --superlink, "
+                                     "and write a table, a chart and summary.json",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("query", metavar="QUERY.toml", help="the query, e.g. experiments/queries/withdrawal_by_imd.toml")
-    r.add_argument("--data", help="folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
-    r.add_argument("--campus-by", choices=("module", "region"), default="module", help="campuses: module (7) or region (13)")
-    r.add_argument("--policy", help="campus policy file (TOML) every virtual campus enforces (default: none; k = 10)")
-    r.add_argument("--out", default="results/analytics", help="results folder (reuse it to keep spending the same campus budgets)")
+    r.add_argument("--data", help="simulation: folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)")
+    r.add_argument("--campus-by", choices=("module", "region"), default="module", help="simulation: campuses, module (7) or region (13)")
+    r.add_argument("--policy", help="simulation: campus policy file (TOML) every virtual campus enforces (default: none; k = 10)")
+    r.add_argument("--superlink", help="deployment: the coordinator's HOST:PORT (campuses answer with their own data and policy)")
+    _tls_options(r, cert=False, key=None)
+    r.add_argument("--min-campuses", type=int, default=DEFAULTS.min_campuses, help="deployment: campuses that must be online")
+    r.add_argument("--wait", type=float, default=60.0, help="deployment: seconds to wait for --min-campuses to be online")
+    r.add_argument("--round-timeout", type=float, default=DEFAULTS.round_timeout, help="deployment: seconds to wait for the answers")
+    r.add_argument("--out", default="results/analytics", help="results folder (reuse it to keep spending the same simulated campus budgets)")
 
 
 def _run_analytics(args: argparse.Namespace) -> None:
-    from .analytics import run_analytics
+    from .analytics import run_analytics, run_deployed
 
-    summary = run_analytics(Path(args.query), resolve_data_dir(args.data), args.campus_by,
-                            args.policy and Path(args.policy), Path(args.out))
+    if args.superlink:
+        stray = [flag for flag, given in (("--data", args.data), ("--policy", args.policy), ("--campus-by", args.campus_by != "module"))
+                 if given]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: simulation options; with --superlink each campus answers from its own data under its own policy")
+        from server.coordinator import RunFailed
+
+        try:
+            summary = run_deployed(Path(args.query), superlink=args.superlink, pki=args.pki and Path(args.pki),
+                                   root_cert=args.root_cert and Path(args.root_cert), insecure=args.insecure,
+                                   min_campuses=args.min_campuses, wait=args.wait, round_timeout=args.round_timeout,
+                                   out=Path(args.out))
+        except RunFailed as err:
+            raise SystemExit(f"edufl: {err}") from None
+    else:
+        stray = [flag for flag, given in (("--pki", args.pki), ("--root-cert", args.root_cert), ("--insecure", args.insecure))
+                 if given]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: deployment options; give --superlink HOST:PORT too")
+        summary = run_analytics(Path(args.query), resolve_data_dir(args.data), args.campus_by,
+                                args.policy and Path(args.policy), Path(args.out))
     if summary["refusals"]:
         raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
 

@@ -16,7 +16,6 @@ tables and writes the campus folders; this module itself imports nothing heavy.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -108,15 +107,14 @@ def _start_ray(sim_dir: str) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None, server_app: str,
+def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None,
              headline: Callable[[RunConfig, Tables, str], list[str]]):
     """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
 
     from clients.app import app as client_app
+    from server.app import app as server
 
-    module, _, name = server_app.partition(":")
-    server = getattr(importlib.import_module(module), name)
     tables = tables or load_tables(data_dir)
     names = headline(cfg, tables, "federated")
     for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
@@ -137,9 +135,9 @@ def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
 
 
 def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None,
-               server_app: str = "server.app:app", headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
+               headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
                extra_config: dict | None = None) -> tuple[RunConfig, Tables, list[str]]:
-    """Run the ServerApp ``server_app`` ("module:attribute") and the campuses' ClientApp on Flower's simulation engine.
+    """Run the ServerApp (``server/app.py``) and the campuses' ClientApp on Flower's simulation engine.
 
     One virtual SuperNode per campus of ``cfg.campus_by``, each reading only
     its own rows and keeping its state under ``cfg.out/campuses/<campus>/``
@@ -156,7 +154,7 @@ def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
     import ray
 
     with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy, server_app, headline)
+        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy, headline)
         _start_ray(sim_dir)
         try:
             tables, names, run_simulation, client_app, server = prepared.result()

@@ -6,7 +6,9 @@
 * ``rows.csv``: one row per cell (one seed), global metrics and ε spent;
 * ``campus_rows.csv``: one row per cell and campus;
 * ``summary.csv`` and ``summary.md``: mean ± standard deviation over seeds;
-* ``privacy_utility.png``, ``auc_vs_cutoff.png``, ``campus_auc_<ε>.png``;
+* ``privacy_utility.png``, ``<metric>_vs_cutoff.png``, ``campus_<metric>_<ε>.png``,
+  with the task's primary metric (``auc`` for the binary tasks, ``macro_f1``
+  for ``final_result``);
 * ``manifest.json``: config, seeds, git commit, library versions, data file
   hashes, privacy parameters and accountant.
 
@@ -28,14 +30,13 @@ import pandas as pd
 
 from federation.data import file_hashes, load_tables
 from federation.privacy import ACCOUNTANT
-from federation.results import METRICS, versions
+from federation.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
 from federation.runconfig import ConfigError, RunConfig
 
 from .simulate import MODES, simulate
 
 NO_DP = "none"
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
-GLOBAL_METRICS = [*METRICS, "worst_campus_auc", "epsilon_spent", "wall_time_s"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class Cell:
         return RunConfig.from_flower(values)
 
     def keys(self) -> dict:
-        return {"cell": self.id, "campus_by": self.campus_by, "cutoff_day": self.cutoff_day, "mode": self.mode,
-                "strategy": self.strategy, "epsilon": str(self.epsilon), "seed": self.seed}
+        return {"cell": self.id, "task": self.study.task, "campus_by": self.campus_by, "cutoff_day": self.cutoff_day,
+                "mode": self.mode, "strategy": self.strategy, "epsilon": str(self.epsilon), "seed": self.seed}
 
 
 def _git_commit() -> str:
@@ -187,12 +188,12 @@ def _collect(cells: list[Cell], cells_dir: Path, out: Path) -> None:
     rows, campus_rows = [], []
     for cell in cells:
         summary = json.loads((cells_dir / cell.id / "summary.json").read_text())
-        eps = summary["privacy"]["epsilon"]
-        rows.append({**cell.keys(), **{m: summary["global"][m] for m in (*METRICS, "worst_campus_auc")},
+        eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task)
+        rows.append({**cell.keys(), **{m: summary["global"][m] for m in (*metrics, worst_metric(cell.study.task))},
                      "epsilon_spent": eps, "wall_time_s": summary["wall_time_s"]})
         for c in summary["campuses"]:
             campus_rows.append({**cell.keys(), "campus": c["campus"], "n_train": c["n_train"], "n_test": c["n_test"],
-                                **{m: c[m] for m in METRICS}, "epsilon_spent": c["epsilon"]})
+                                **{m: c[m] for m in metrics}, "epsilon_spent": c["epsilon"]})
     pd.DataFrame(rows).to_csv(out / "rows.csv", index=False)
     pd.DataFrame(campus_rows).to_csv(out / "campus_rows.csv", index=False)
 
@@ -201,16 +202,17 @@ def _label(row) -> str:
     return row["mode"] if row["strategy"] == "-" else f"{row['mode']} ({row['strategy']})"
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation (ddof 1; 0 for one seed) of every metric over seeds."""
-    grouped = rows.groupby(KEYS, sort=False)[GLOBAL_METRICS]
+def summarise(rows: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Mean and standard deviation (ddof 1; 0 for one seed) of every metric of ``task`` over seeds."""
+    grouped = rows.groupby(KEYS, sort=False)[[*task_metrics(task), worst_metric(task), "epsilon_spent", "wall_time_s"]]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
     table["seeds"] = grouped.size()
     return table.reset_index()
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    cols = ["auc", "worst_campus_auc", "average_precision", "f1", "brier", "epsilon_spent"]
+def _markdown(table: pd.DataFrame, task: str) -> str:
+    first, *others = task_metrics(task)
+    cols = [first, worst_metric(task), *others, "epsilon_spent"]
     head = "| campuses | day | mode | ε target | " + " | ".join(cols) + " | seeds |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in table.iterrows():
@@ -223,10 +225,12 @@ def report(out: Path) -> None:
     """Write ``summary.csv``, ``summary.md`` and the plots of study folder ``out`` from its saved rows."""
     rows = pd.read_csv(out / "rows.csv", dtype={"epsilon": str})
     campus_rows = pd.read_csv(out / "campus_rows.csv", dtype={"epsilon": str})
-    table = summarise(rows)
+    # Study folders written before the task was recorded hold withdrawal runs.
+    task = rows["task"].iloc[0] if "task" in rows else "withdrawal"
+    table = summarise(rows, task)
     table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(_markdown(table))
-    _plots(table, campus_rows, out)
+    (out / "summary.md").write_text(_markdown(table, task))
+    _plots(table, campus_rows, out, task)
     print(f"study report: {out / 'summary.md'}, {len(rows)} runs")
 
 
@@ -234,7 +238,7 @@ def _eps_value(eps: str) -> float:
     return math.inf if eps == NO_DP else float(eps)
 
 
-def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
+def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path, task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,9 +250,11 @@ def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
     finite = sorted(e for e in table["eps"].unique() if math.isfinite(e))
     no_dp_x = (max(finite) * 2.5) if finite else 1.0
 
+    key = primary_metric(task)
+    name = METRIC_NAMES[key]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     at_day = table[table["cutoff_day"] == day]
-    for ax, metric, title in ((axes[0], "auc", "weighted AUC"), (axes[1], "worst_campus_auc", "worst-campus AUC")):
+    for ax, metric, title in ((axes[0], key, f"weighted {name}"), (axes[1], worst_metric(task), f"worst-campus {name}")):
         for label, g in at_day.groupby("label"):
             g = g.sort_values("eps")
             x = [e if math.isfinite(e) else no_dp_x for e in g["eps"]]
@@ -258,7 +264,7 @@ def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("target ε per campus (δ as in manifest)")
         ax.set_title(f"{title}, day {day}")
-    axes[0].set_ylabel("test AUC-ROC (mean ± sd over seeds)")
+    axes[0].set_ylabel(f"test {name} (mean ± sd over seeds)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "privacy_utility.png", dpi=110)
@@ -269,24 +275,25 @@ def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path) -> None:
     for ax, eps in zip(axes[0], eps_values, strict=True):
         for label, g in table[table["epsilon"] == eps].groupby("label"):
             g = g.sort_values("cutoff_day")
-            ax.errorbar(g["cutoff_day"], g["auc_mean"], yerr=g["auc_std"], marker="o", capsize=3, label=label)
+            ax.errorbar(g["cutoff_day"], g[f"{key}_mean"], yerr=g[f"{key}_std"], marker="o", capsize=3, label=label)
         ax.set_title("no DP" if eps == NO_DP else f"ε = {eps}")
         ax.set_xlabel("cutoff day D")
-    axes[0][0].set_ylabel("weighted test AUC-ROC")
+    axes[0][0].set_ylabel(f"weighted test {name}")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(out / "auc_vs_cutoff.png", dpi=110)
+    fig.savefig(out / f"{key}_vs_cutoff.png", dpi=110)
     plt.close(fig)
 
     at_day = campus_rows[campus_rows["cutoff_day"] == day].assign(label=lambda d: d.apply(_label, axis=1))
     for eps in eps_values:
-        means = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])["auc"].mean().unstack("label")
+        means = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])[key].mean().unstack("label")
         ax = means.plot.bar(figsize=(max(6, 0.6 * len(means) + 3), 4), rot=0)
         ax.legend(title="mode")
-        ax.set_ylabel("test AUC-ROC (mean over seeds)")
-        ax.set_ylim(0.4, max(0.8, float(means.max().max()) + 0.05))
-        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(f"AUC per campus, day {day}, " + ("no DP" if eps == NO_DP else f"ε = {eps}"))
+        ax.set_ylabel(f"test {name} (mean over seeds)")
+        if key == "auc":  # 0.5: a constant predictor
+            ax.set_ylim(0.4, max(0.8, float(means.max().max()) + 0.05))
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{name} per campus, day {day}, " + ("no DP" if eps == NO_DP else f"ε = {eps}"))
         ax.figure.tight_layout()
-        ax.figure.savefig(out / f"campus_auc_{'nodp' if eps == NO_DP else 'eps' + eps}.png", dpi=110)
+        ax.figure.savefig(out / f"campus_{key}_{'nodp' if eps == NO_DP else 'eps' + eps}.png", dpi=110)
         plt.close(ax.figure)

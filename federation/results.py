@@ -1,8 +1,9 @@
-"""The results folder every mode writes: summary.json, rounds.csv, campuses.csv, model.pt, plot.png.
+"""The results folder every mode writes: summary.json, rounds.csv, campuses.csv, fairness.csv, model.pt, plot.png.
 
 The run's ε is the maximum over campuses (each campus's guarantee is about its
 own rows; averaging would understate the weakest one). Global metrics are
-weighted by each campus's number of test rows.
+weighted by each campus's number of test rows, and so is each subgroup's
+metric in the fairness table, over the campuses that reported the group.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from rich.console import Console
 
 from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
+from .runconfig import EVALUATE_METRICS, NUM_EXAMPLES, PRIMARY_METRIC, SUBGROUPS
 
-METRICS = ("auc", "average_precision", "f1", "brier")
+METRIC_NAMES = {"auc": "AUC", "macro_f1": "macro-F1"}
+"""How the console and plots name each task's primary metric."""
 NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
 
 
@@ -47,6 +50,22 @@ def _clean(value):
     return value
 
 
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The metrics a run of ``task`` reports per campus and weighted: its released evaluation metrics
+    (:data:`~federation.runconfig.EVALUATE_METRICS`) but the loss, underscored, the primary metric first."""
+    return tuple(k.replace("-", "_") for k in EVALUATE_METRICS[task] if k not in (NUM_EXAMPLES, "loss"))
+
+
+def primary_metric(task: str) -> str:
+    """``task``'s primary metric (underscored): ``auc`` for the binary tasks, ``macro_f1`` for ``final_result``."""
+    return PRIMARY_METRIC[task].replace("-", "_")
+
+
+def worst_metric(task: str) -> str:
+    """The key of the lowest campus value of ``task``'s primary metric: ``worst_campus_auc``, ``worst_campus_macro_f1``."""
+    return f"worst_campus_{primary_metric(task)}"
+
+
 def weighted(rows: list[dict], key: str, weight: str = "n_test") -> float:
     """Mean of ``key`` over ``rows`` weighted by ``weight``, skipping NaN values (NaN if none)."""
     pairs = [(r[key], r[weight]) for r in rows if r.get(key) is not None and math.isfinite(r[key]) and r[weight] > 0]
@@ -54,17 +73,20 @@ def weighted(rows: list[dict], key: str, weight: str = "n_test") -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-def global_metrics(rows: list[dict]) -> dict[str, float]:
-    """Test-row-weighted metrics over campus ``rows`` and the lowest campus AUC."""
-    aucs = [r["auc"] for r in rows if r.get("auc") is not None and math.isfinite(r["auc"])]
-    return {**{m: weighted(rows, m) for m in METRICS}, "worst_campus_auc": min(aucs) if aucs else float("nan")}
+def global_metrics(rows: list[dict], task: str) -> dict[str, float]:
+    """Test-row-weighted :func:`task_metrics` of ``task`` over campus ``rows`` and the lowest campus value
+    of its primary metric (:func:`worst_metric`)."""
+    key = primary_metric(task)
+    values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return {**{m: weighted(rows, m) for m in task_metrics(task)}, worst_metric(task): min(values) if values else float("nan")}
 
 
 @dataclass
 class Report:
     """Collects per-round, per-campus results of one run and writes the results folder.
 
-    ``config`` is stored as given under ``summary["config"]``; ``dp`` says whether DP was on.
+    ``config`` is stored as given under ``summary["config"]`` and names the run's
+    ``task``; ``dp`` says whether DP was on.
     """
 
     config: dict
@@ -73,6 +95,7 @@ class Report:
     console: Console = field(default_factory=lambda: Console(soft_wrap=True))
     train: dict[str, dict] = field(default_factory=dict)
     evaluation: dict[str, dict] = field(default_factory=dict)
+    groups: dict[str, list[dict]] = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     receipts: list[dict] = field(default_factory=list)
@@ -84,15 +107,34 @@ class Report:
         if not self.dp:
             self.console.print(f"[bold red]WARNING: --no-dp: {NO_DP_WARNING}[/bold red]")
 
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The run's reported metrics (:func:`task_metrics` of its task)."""
+        return task_metrics(self.task)
+
+    @property
+    def primary(self) -> str:
+        """The run's primary metric (:func:`primary_metric` of its task)."""
+        return primary_metric(self.task)
+
     def add_train(self, campus: str, *, n_train: int, loss: float, epsilon: float,
                   noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Record a campus's training reply (ε is its total so far; ``inf`` without DP)."""
         self.train[campus] = dict(n_train=int(n_train), train_loss=loss, epsilon=epsilon,
                                   noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=int(steps))
 
-    def add_evaluation(self, campus: str, *, n_test: int, metrics: dict[str, float]) -> None:
-        """Record a campus's evaluation of the current global model on its test rows."""
-        self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in METRICS})
+    def add_evaluation(self, campus: str, *, n_test: int, metrics: dict[str, float],
+                       groups: dict[tuple[str, str], tuple[int, float]]) -> None:
+        """Record a campus's evaluation of the current global model on its test rows: ``metrics`` (at
+        least :attr:`metrics`) and the subgroups it reported, ``(attribute, value) -> (test rows, primary
+        metric)`` (as from :func:`federation.training.subgroup_metrics`)."""
+        self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in self.metrics})
+        self.groups[campus] = [dict(attribute=a, value=v, n_test=int(n), **{self.primary: float(m)})
+                               for (a, v), (n, m) in groups.items()]
         self._evaluated_now.add(campus)
 
     def add_failure(self, server_round: int, phase: str, reason: str, refused: bool = False) -> None:
@@ -116,7 +158,7 @@ class Report:
         row = {
             "round": server_round,
             "train_loss": sum(t["train_loss"] * t["n_train"] for t in train) / loss_total if loss_total else float("nan"),
-            **global_metrics(rows),
+            **global_metrics(rows, self.task),
             "epsilon_max": self.epsilon_max(),
             "campuses_evaluated": len(rows),
             "failures": len(self._round_failures),
@@ -126,20 +168,21 @@ class Report:
         self._evaluated_now = set()
         self.rounds.append(row)
         eps = f"max ε {row['epsilon_max']:.3f}" if self.dp else "[bold red]NO DP[/bold red]"
+        key, name = self.primary, METRIC_NAMES[self.primary]
         self.console.print(
             f"round {server_round:>3}/{num_rounds}  loss {row['train_loss']:.4f}  "
-            f"AUC {row['auc']:.4f}  worst-campus AUC {row['worst_campus_auc']:.4f}  {eps}"
+            f"{name} {row[key]:.4f}  worst-campus {name} {row[worst_metric(self.task)]:.4f}  {eps}"
         )
         return row
 
     def state(self) -> dict:
         """What the report has collected so far (plain values), for a checkpoint; ``elapsed_s`` in seconds."""
-        return dict(train=self.train, evaluation=self.evaluation, rounds=self.rounds, failures=self.failures,
-                    receipts=self.receipts, elapsed_s=time.perf_counter() - self._started)
+        return dict(train=self.train, evaluation=self.evaluation, groups=self.groups, rounds=self.rounds,
+                    failures=self.failures, receipts=self.receipts, elapsed_s=time.perf_counter() - self._started)
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state`'s output: later rounds add to it, elapsed time counts on from it."""
-        self.train, self.evaluation, self.rounds = state["train"], state["evaluation"], state["rounds"]
+        self.train, self.evaluation, self.groups, self.rounds = state["train"], state["evaluation"], state["groups"], state["rounds"]
         self.failures, self.receipts = state["failures"], state["receipts"]
         self._started = time.perf_counter() - state["elapsed_s"]
 
@@ -180,10 +223,24 @@ class Report:
             })
         return rows
 
+    def fairness(self) -> list[dict]:
+        """The fairness table: one row per subgroup (``attribute``, ``value``) reported by at least one
+        campus in its latest evaluation, with the number of those ``campuses``, their test rows in the
+        group (``n_test``) and the primary metric weighted by those rows."""
+        key = self.primary
+        table = []
+        for attribute, values in SUBGROUPS.items():
+            for value in values:
+                reported = [g for groups in self.groups.values() for g in groups if (g["attribute"], g["value"]) == (attribute, value)]
+                if reported:
+                    table.append(dict(attribute=attribute, value=value, campuses=len(reported),
+                                      n_test=sum(g["n_test"] for g in reported), **{key: weighted(reported, key)}))
+        return table
+
     def write(self, out: Path, state_dict: dict[str, torch.Tensor] | None, wall_time_s: float) -> dict:
         """Write the results folder ``out`` and return the summary dict."""
         out.mkdir(parents=True, exist_ok=True)
-        rows = self.campus_rows()
+        rows, fairness = self.campus_rows(), self.fairness()
         summary = {
             "config": self.config,
             "versions": versions(),
@@ -200,7 +257,15 @@ class Report:
             },
             "rounds": self.rounds,
             "campuses": rows,
-            "global": global_metrics(rows),
+            "global": global_metrics(rows, self.task),
+            "fairness": {
+                "metric": self.primary,
+                "groups": fairness,
+                "how": "each campus reports the metric on each subgroup of at least its release.min_cohort_size (k) "
+                       "test rows; smaller groups are not sent, nor, per attribute, its smallest groups while fewer "
+                       "than k test rows would lie outside the groups sent; a group's value is the mean over the "
+                       "campuses that reported it, weighted by their test rows in the group",
+            },
             "failures": self.failures,
             "receipts": self.receipts,
             "wall_time_s": wall_time_s,
@@ -210,6 +275,8 @@ class Report:
         for name, table in (("rounds.csv", self.rounds), ("campuses.csv", rows)):
             frame = pd.DataFrame(table).replace([math.inf, -math.inf], math.nan)
             frame.assign(dp=self.dp, privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None).to_csv(out / name, index=False)
+        columns = ["attribute", "value", "campuses", "n_test", self.primary]
+        pd.DataFrame(fairness, columns=columns).to_csv(out / "fairness.csv", index=False)
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
         self._plot(out / "plot.png")
@@ -218,7 +285,12 @@ class Report:
                    if self.dp else "[bold red]NO DP[/bold red]")
         if central := summary["privacy"]["client_level"]:
             privacy += f", client-level ε = {central['epsilon']:.3f} (central DP, δ = {self.delta:g}, per campus)"
-        self.console.print(f"done: weighted AUC {g['auc']:.4f}, worst-campus AUC {g['worst_campus_auc']:.4f}, {privacy} -> {out}")
+        key, name = self.primary, METRIC_NAMES[self.primary]
+        self.console.print(f"done: weighted {name} {g[key]:.4f}, worst-campus {name} {g[worst_metric(self.task)]:.4f}, {privacy} -> {out}")
+        for attribute in SUBGROUPS:
+            groups = [f"{r['value']} {r[key]:.3f} (n {r['n_test']}, {r['campuses']} campus{'es' if r['campuses'] > 1 else ''})"
+                      for r in fairness if r["attribute"] == attribute]
+            self.console.print(f"  {name} by {attribute}: {', '.join(groups) or 'no group reported'}")
         return summary
 
     def _plot(self, path: Path) -> None:
@@ -229,21 +301,22 @@ class Report:
         from matplotlib.ticker import MaxNLocator
 
         frame = pd.DataFrame(self.rounds)
+        key, name = self.primary, METRIC_NAMES[self.primary]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(frame["round"], frame["auc"], marker="o", label="weighted AUC")
-        ax.plot(frame["round"], frame["worst_campus_auc"], marker=".", linestyle="--", label="worst-campus AUC")
+        ax.plot(frame["round"], frame[key], marker="o", label=f"weighted {name}")
+        ax.plot(frame["round"], frame[worst_metric(self.task)], marker=".", linestyle="--", label=f"worst-campus {name}")
         ax.set_xlabel("round")
         ax.set_xlim(0.5, frame["round"].max() + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.set_ylabel("AUC-ROC (test)")
+        ax.set_ylabel(f"{name} (test)")
         if self.dp:
             right = ax.twinx()
             right.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="max ε")
             right.set_ylabel(f"ε (max over campuses, δ={self.delta:g}, per {PRIVACY_UNIT_SHORT})")
             right.legend(loc="lower right")
-            ax.set_title("Test AUC and privacy spent per round")
+            ax.set_title(f"Test {name} and privacy spent per round")
         else:
-            ax.set_title("Test AUC per round — NO DIFFERENTIAL PRIVACY", color="red")
+            ax.set_title(f"Test {name} per round — NO DIFFERENTIAL PRIVACY", color="red")
         ax.legend(loc="upper left")
         fig.tight_layout()
         fig.savefig(path, dpi=110)

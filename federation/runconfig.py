@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .contract import CONTRACT_VERSION, parse_version, version_text
+from .contract import CATEGORICAL_FEATURES, CONTRACT_VERSION, FINAL_RESULTS, parse_version, version_text
 
 # Allowed values of the run's choices. They live here, with no heavy imports, so
 # that the command line starts (and the simulation engine with it) before torch loads.
-TASKS = ("withdrawal", "at_risk")
+TASKS = ("withdrawal", "at_risk", "final_result")
 SPLITS = ("stratified", "temporal")
 MODELS = ("mlp", "logistic")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 CAMPUS_BY = ("module", "region", "shard")
 CENTRAL_DP = ("off", "fixed")
+SECURE_AGGREGATION = ("off", "secaggplus")
 
 # Keys of records inside Flower messages (one place, used by both sides).
 ARRAYS = "arrays"
@@ -32,14 +33,42 @@ STATE_PRIVACY = "privacy"
 # its privacy budget, an invalid config), or its release guard blocked the reply.
 REFUSED = 4000
 BLOCKED = 4001
-# The metric keys of each reply: the campus's release guard lets no other key leave.
+# The metric keys of each reply (evaluate: per task, and the subgroup_keys below): the
+# campus's release guard lets no other key leave.
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
-EVALUATE_METRICS = (NUM_EXAMPLES, "auc", "average-precision", "f1", "brier", "loss")
+_BINARY_METRICS = ("auc", "average-precision", "f1", "brier", "loss")
+EVALUATE_METRICS = {
+    "withdrawal": (NUM_EXAMPLES, *_BINARY_METRICS),
+    "at_risk": (NUM_EXAMPLES, *_BINARY_METRICS),
+    "final_result": (NUM_EXAMPLES, "macro-f1", "accuracy", "macro-auc", *(f"f1-{c}" for c in FINAL_RESULTS), "loss"),
+}
+# The metric each task is judged by: in the worst-campus figure, study tables and plots, and per subgroup.
+PRIMARY_METRIC = {"withdrawal": "auc", "at_risk": "auc", "final_result": "macro-f1"}
+# The fairness view: besides EVALUATE_METRICS, a campus releases, for every value of these
+# attributes held by at least release.min_cohort_size of its test rows, that group's number
+# of test rows and the task's primary metric on them (subgroup_keys); smaller groups are not
+# sent (see federation.training.subgroup_metrics).
+SUBGROUPS = {a: CATEGORICAL_FEATURES[a] for a in ("gender", "age_band", "disability", "imd_band")}
 
 # Simulation only: the folder of per-campus data folders, and the manifest in it
 # mapping each virtual SuperNode's partition-id to its campus.
 SIM_ENV = "EDUFL_SIM_DIR"
 SIM_MANIFEST = "campuses.json"
+
+
+def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """The declared per-subgroup metric keys of ``task``'s evaluate replies.
+
+    Returns
+    -------
+    dict
+        ``(attribute, value) -> (count key, metric key)`` for every value of
+        every attribute of :data:`SUBGROUPS`, e.g. ``("gender", "F") ->
+        ("group:gender=F:num-examples", "group:gender=F:auc")``.
+    """
+    metric = PRIMARY_METRIC[task]
+    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}")
+            for a, vocab in SUBGROUPS.items() for v in vocab}
 
 
 class ConfigError(ValueError):
@@ -63,6 +92,16 @@ class RunConfig:
     minus the round's global weights) to L2 norm ``central_clipping_norm`` and
     adds Gaussian noise of ``central_noise_multiplier`` times that norm to
     their sum (the mean's noise is that divided by the number of campuses).
+
+    ``secure_aggregation = "secaggplus"`` runs the training rounds through
+    Flower's SecAgg+ protocol (``SecAggPlusWorkflow`` on the coordinator,
+    ``secaggplus_mod`` on the campuses): the coordinator receives only masked
+    updates and learns only their example-weighted sum. Each campus's secrets
+    are split into ``secagg_num_shares`` shares (a number <= 1: that fraction
+    of the campuses; above 1: that many), any ``secagg_reconstruction_threshold``
+    of which rebuild them (<= 1: that fraction of the shares, above 0.5 so that
+    a majority is needed; above 1: that many). ``secagg_max_weight`` bounds a
+    campus's weight (its training rows) in the masked sum.
 
     Raises
     ------
@@ -96,6 +135,10 @@ class RunConfig:
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
     contract_version: str = version_text(CONTRACT_VERSION)
+    secure_aggregation: str = "off"
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_max_weight: float = 100000.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,7 +146,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check every field; raises ConfigError naming the key and the allowed range."""
         choices = {"task": TASKS, "model": MODELS, "strategy": STRATEGIES, "split": SPLITS, "campus_by": CAMPUS_BY,
-                   "central_dp": CENTRAL_DP}
+                   "central_dp": CENTRAL_DP, "secure_aggregation": SECURE_AGGREGATION}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -112,7 +155,7 @@ class RunConfig:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected a whole number >= 1")
         for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout", "central_noise_multiplier",
-                    "central_clipping_norm"):
+                    "central_clipping_norm", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_max_weight"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_key(key)} = {value!r}; expected a finite number > 0")
@@ -130,6 +173,29 @@ class RunConfig:
             # FedAdam's server step rescales the averaged update before the wrapper adds
             # noise, so the noise would no longer match one campus's clipped influence.
             raise ConfigError(f"central-dp = {self.central_dp!r} needs strategy fedavg or fedprox, not fedadam")
+        self._validate_secure_aggregation()
+
+    def _validate_secure_aggregation(self) -> None:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares > 1 and (shares != int(shares) or shares < 3):
+            raise ConfigError(f"secagg-num-shares = {shares!r}; expected a fraction of the campuses in (0, 1] "
+                              "or a whole number of shares >= 3")
+        if threshold <= 0.5 or (threshold > 1 and threshold != int(threshold)):
+            raise ConfigError(f"secagg-reconstruction-threshold = {threshold!r}; expected a fraction of the shares "
+                              "in (0.5, 1] (a majority) or a whole number >= 2")
+        if threshold > 1 and shares > 1 and not (shares / 2 < threshold < shares):
+            raise ConfigError(f"secagg-reconstruction-threshold = {threshold:g} with secagg-num-shares = {shares:g}; "
+                              "expected more than half of the shares and fewer than all of them")
+        if self.secure_aggregation == "off":
+            return
+        if self.central_dp != "off":
+            # The wrapper clips each campus's update on the coordinator, which under SecAgg+ sees only the sum.
+            raise ConfigError(f"secure-aggregation = {self.secure_aggregation!r} cannot be combined with "
+                              f"central-dp = {self.central_dp!r}: the coordinator sees only the sum of the updates, "
+                              "not the individual updates central DP clips")
+        if self.strategy == "fedadam":
+            raise ConfigError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, "
+                              "not fedadam")
 
     def to_flower(self) -> dict[str, int | float | str | bool]:
         """The flat dict with dashed keys that Flower's ConfigRecord and run config use."""

@@ -2,8 +2,10 @@
 
 Tasks ``withdrawal`` and ``at_risk`` (early warning at day D): will this
 registration end as "Withdrawn" (``withdrawal``), or as "Fail" or "Withdrawn"
-(``at_risk``)? The population is every registration made before day D and not
-unregistered before day D; features use only information dated before D.
+(``at_risk``)? Task ``final_result``: which of the four final results
+(Distinction, Fail, Pass, Withdrawn) will it end with? The population is every
+registration made before day D and not unregistered before day D; features use
+only information dated before D.
 Encodings are fixed by :mod:`federation.contract`, so every campus produces the
 same columns in the same order without seeing any other campus's data.
 """
@@ -15,13 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES
 from .data import Tables, campus_slices
-from .runconfig import SPLITS, TASKS, RunConfig
+from .runconfig import SPLITS, SUBGROUPS, TASKS, RunConfig
 
 MISSING_SLOT = "<missing>"
-# The final results that make an example positive, per task.
+# Binary tasks: the final results that make an example positive.
 POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn")}
+# Multiclass tasks: the classes, in the order of the model's outputs.
+CLASSES = {"final_result": FINAL_RESULTS}
+
+
+def n_outputs(task: str) -> int:
+    """The number of logits a model for ``task`` outputs: 1 for a binary task, one per class otherwise."""
+    return len(CLASSES[task]) if task in CLASSES else 1
 
 
 def feature_names() -> list[str]:
@@ -35,8 +44,11 @@ class TaskData:
     """A campus's examples for one task.
 
     ``x`` is float32 of shape (n, len(feature_names())) with values in [0, 1];
-    ``y`` is float32 of shape (n,) with 1 = positive class; ``rows`` holds the
-    registration keys (course, presentation, student_id), one per example.
+    ``y`` is float32 of shape (n,): 1 = positive class for a binary task, the
+    class's index in ``CLASSES[task]`` for a multiclass task; ``rows`` holds,
+    one row per example, the registration keys (course, presentation,
+    student_id) and the subgroup attributes of :data:`~federation.runconfig.SUBGROUPS`
+    (gender, age_band, disability, imd_band; None where missing).
     """
 
     x: np.ndarray
@@ -92,11 +104,12 @@ def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: 
 
 
 def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> TaskData:
-    """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal`` or ``at_risk``.
+    """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal``, ``at_risk`` or ``final_result``.
 
     Population: registrations with ``registration_day < D`` (or unknown) and
     no ``unregistration_day < D``. Label: ``final_result`` in
-    ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``).
+    ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``);
+    for ``final_result``, the index of ``final_result`` in :data:`FINAL_RESULTS`.
     Neither ``final_result`` nor ``unregistration_day`` enters a feature, and
     only submissions with ``submission_day < D`` and assessments due before D count.
 
@@ -105,7 +118,7 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     ValueError
         For a task not in :data:`TASKS`.
     """
-    if task not in POSITIVE:
+    if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     key = ["course", "presentation", "student_id"]
     info = tables["learners"].merge(tables["registrations"].drop(columns="_line"), on=key)
@@ -132,8 +145,11 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     for col, (low, high) in NUMERIC_FEATURES.items():
         columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
     x = np.stack(columns, axis=1) if len(population) else np.zeros((0, len(feature_names())), np.float32)
-    y = population["final_result"].isin(POSITIVE[task]).to_numpy(np.float32)
-    return TaskData(x, y, population[key])
+    if task in CLASSES:
+        y = population["final_result"].map({c: i for i, c in enumerate(CLASSES[task])}).to_numpy(np.float32)
+    else:
+        y = population["final_result"].isin(POSITIVE[task]).to_numpy(np.float32)
+    return TaskData(x, y, population[[*key, *SUBGROUPS]])
 
 
 def build_task(task: str, tables: Tables, cutoff_day: int) -> TaskData:
@@ -144,8 +160,9 @@ def build_task(task: str, tables: Tables, cutoff_day: int) -> TaskData:
 def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:
     """Split a campus's examples into (train, test); the test part never leaves the campus.
 
-    ``stratified``: a seeded split keeping the positive rate in both parts
-    (falls back to a seeded random split when a class has fewer than 2 rows).
+    ``stratified``: a seeded split keeping each class's share (the positive
+    rate; the four final results) in both parts (falls back to a seeded random
+    split when a class present has fewer than 2 rows).
     ``temporal``: train on 2013 presentations, test on 2014 presentations.
     """
     if kind == "temporal":
@@ -155,8 +172,8 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
         raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(seed)
     test = []
-    classes = [np.flatnonzero(data.y == c) for c in (0, 1)]
-    if min(len(c) for c in classes) < 2:
+    classes = [np.flatnonzero(data.y == c) for c in np.unique(data.y)]
+    if min((len(c) for c in classes), default=0) < 2:
         classes = [np.arange(len(data))]
     for members in classes:
         members = rng.permutation(members)

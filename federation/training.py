@@ -19,15 +19,17 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .privacy import ACCOUNTANT, History
-from .tasks import TaskData
+from .runconfig import PRIMARY_METRIC, SUBGROUPS
+from .tasks import CLASSES, TaskData
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """Outcome of one local training call.
 
-    ``loss`` is the mean training loss (binary cross-entropy, nats) over the
-    batches of the call; ``history`` is the accountant history after it.
+    ``loss`` is the mean training loss (binary cross-entropy for one logit,
+    cross-entropy over the classes for several; nats) over the batches of the
+    call; ``history`` is the accountant history after it.
     """
 
     loss: float
@@ -38,6 +40,8 @@ class TrainResult:
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Mean over the batch, and 0 (not NaN) for the empty batches Poisson sampling can draw.
+    if logits.ndim == 2:  # one logit per class; y holds class indices
+        return F.cross_entropy(logits, y.long(), reduction="sum") / max(len(y), 1)
     return F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / max(len(y), 1)
 
 
@@ -118,10 +122,12 @@ def train(
 
 
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """Predicted probabilities of the positive class, shape (n,)."""
+    """Predicted probabilities: of the positive class, shape (n,), for a one-logit model;
+    of each class, shape (n, classes), for a model with one logit per class."""
     model.eval()
     with torch.no_grad():
-        return torch.sigmoid(model(torch.from_numpy(x))).numpy().astype(np.float64)
+        logits = model(torch.from_numpy(x))
+        return (torch.softmax(logits, dim=1) if logits.ndim == 2 else torch.sigmoid(logits)).numpy().astype(np.float64)
 
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -133,13 +139,11 @@ def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
-def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData) -> dict[str, float]:
-    """Test-set metrics of ``model``: ``auc`` (ROC), ``average_precision``,
-    ``f1`` at the threshold maximising F1 on ``train_data``, ``brier`` and
-    ``loss`` (BCE, nats). AUC and AP are NaN when the test set holds one class only."""
-    y = test_data.y.astype(np.float64)
-    p = predict(model, test_data.x)
-    threshold = best_f1_threshold(train_data.y, predict(model, train_data.x)) if len(train_data) else 0.5
+def binary_scores(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Scores of positive-class probabilities ``p`` for labels ``y`` (1 = positive; both shape (n,)):
+    ``auc`` (ROC), ``average_precision``, ``f1`` at ``threshold``, ``brier`` and ``loss``
+    (BCE, nats). AUC and AP are NaN when ``y`` holds one class only; all but F1 are NaN on no rows."""
+    y = y.astype(np.float64)
     both = 0 < y.sum() < len(y)
     pred = p >= threshold
     tp = float((pred & (y == 1)).sum())
@@ -151,5 +155,77 @@ def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData) -> dic
         "f1": float(f1),
         "brier": float(brier_score_loss(y, p)) if len(y) else float("nan"),
         "loss": float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan"),
-        "threshold": threshold,
     }
+
+
+def multiclass_scores(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
+    """Scores of class probabilities ``p`` (n, len(classes)) for class indices ``y`` (n,), predicting
+    the most probable class.
+
+    ``f1_<class>`` for each class (NaN for a class neither in ``y`` nor predicted);
+    ``macro_f1``, their mean over the classes in ``y`` or predicted (as scikit-learn's
+    ``f1_score(average="macro")``); ``accuracy``; ``macro_auc``, the mean one-vs-rest ROC AUC
+    over the classes with both positive and negative rows (NaN if none); ``loss``
+    (cross-entropy, nats). All are NaN on no rows.
+    """
+    y = y.astype(np.int64)
+    pred = p.argmax(axis=1)
+    f1 = {}
+    for i, name in enumerate(classes):
+        tp, counted = np.sum((pred == i) & (y == i)), np.sum(pred == i) + np.sum(y == i)
+        f1[f"f1_{name}"] = float(2 * tp / counted) if counted else float("nan")
+    aucs = [roc_auc_score(y == i, p[:, i]) for i in range(len(classes)) if 0 < np.sum(y == i) < len(y)]
+    present = [v for v in f1.values() if not np.isnan(v)]
+    return {
+        "macro_f1": float(np.mean(present)) if present else float("nan"),
+        "accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
+        "macro_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        **f1,
+        "loss": float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-7))) if len(y) else float("nan"),
+    }
+
+
+def _scores(task: str, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    return multiclass_scores(y, p, CLASSES[task]) if task in CLASSES else binary_scores(y, p, threshold)
+
+
+def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData, task: str) -> dict[str, float]:
+    """Test-set metrics of ``model`` for ``task``: :func:`multiclass_scores` for a multiclass
+    task; for a binary task :func:`binary_scores` at the threshold maximising F1 on
+    ``train_data``, returned as ``threshold`` too."""
+    p = predict(model, test_data.x)
+    if task in CLASSES:
+        return _scores(task, test_data.y, p, 0.5)
+    threshold = best_f1_threshold(train_data.y, predict(model, train_data.x)) if len(train_data) else 0.5
+    return {**_scores(task, test_data.y, p, threshold), "threshold": threshold}
+
+
+def subgroup_metrics(model: nn.Module, test_data: TaskData, task: str, min_size: int) -> dict[tuple[str, str], tuple[int, float]]:
+    """``task``'s primary metric (:data:`~federation.runconfig.PRIMARY_METRIC`: AUC, or macro-F1)
+    on each subgroup of ``test_data``'s rows: each value of each attribute of
+    :data:`~federation.runconfig.SUBGROUPS` (gender, age band, disability, IMD band).
+
+    Only groups of at least ``k = max(min_size, 1)`` rows are kept, and so that no
+    smaller group's size can be recovered by subtracting the kept groups' sizes from
+    ``len(test_data)``, an attribute's smallest kept groups are dropped too until the
+    rows outside its kept groups (smaller groups, and rows with the attribute missing)
+    number 0 or at least k (complementary suppression).
+
+    Returns
+    -------
+    dict
+        ``(attribute, value) -> (rows in the group, metric)`` for the kept groups.
+    """
+    p = predict(model, test_data.x)
+    metric, k = PRIMARY_METRIC[task].replace("-", "_"), max(min_size, 1)
+    out = {}
+    for attribute, values in SUBGROUPS.items():
+        column = test_data.rows[attribute].to_numpy(object)
+        members = {value: np.flatnonzero(column == value) for value in values}
+        kept = sorted((v for v in values if len(members[v]) >= k), key=lambda v: len(members[v]))
+        while kept and 0 < len(test_data) - sum(len(members[v]) for v in kept) < k:
+            kept.pop(0)
+        for value in (v for v in values if v in kept):
+            index = members[value]
+            out[(attribute, value)] = (len(index), _scores(task, test_data.y[index], p[index], 0.5)[metric])
+    return out

@@ -1,12 +1,16 @@
-"""The coordinator side of DP federated statistics: a Flower ServerApp that asks every campus one query.
+"""The coordinator side of DP federated statistics: the ServerApp's run that asks every campus one query.
 
-``analytics_app`` sends the query (:mod:`federation.statistics`) to every
-connected campus as a ``query`` message, sums the cells the campuses released
+The edufl ServerApp (``server/app.py``) runs :func:`answer_query` when its run
+config holds a ``statistic-query``, on either engine: it sends the query
+(:mod:`federation.statistics`) to every connected campus as a ``query``
+message, sums the cells the campuses released
 (:func:`federation.statistics.combine`) and writes the results folder:
 
-* ``statistics.csv``: one row per released cell: the group fields, ``bin``
-  (histograms), ``estimate``, its noise ``std`` and 95 % ``bound95``
-  (1.96 · std), the summed ``noisy_count`` and the number of ``campuses`` that released the cell;
+* ``statistics.csv``: one row per released cell (per group and probability,
+  for a quantile): the group fields, ``bin`` (histograms) or ``p`` (quantiles),
+  ``estimate``, its noise ``std`` and 95 % error bound ``bound95`` (1.96 · std;
+  a quantile's adds the bin width, see :class:`federation.statistics.Estimate`),
+  the summed ``noisy_count`` and the number of ``campuses`` that released the cell;
 * ``statistics.md``: the same table, with each campus's ε, δ, noise multiplier,
   noise std and suppressed cells;
 * ``statistics.png``: the estimates as bars with their 95 % bounds;
@@ -21,11 +25,12 @@ Run config keys: ``statistic-query`` (the StatisticQuery as protobuf JSON),
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from google.protobuf import json_format
 
 from federation.audit import payload_digest
@@ -33,16 +38,13 @@ from federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
 from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from federation.runconfig import CAMPUS, CONFIG
 from federation.contract import CONTRACT_VERSION, version_text
-from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine
+from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine, over_submissions
 
 from .app import NO_REPLY, await_campuses, silent_nodes
 
-analytics_app = ServerApp()
 
-
-@analytics_app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point on Flower's engines (see the module docstring for the run config keys)."""
+def answer_query(grid: Grid, context: Context) -> None:
+    """The ServerApp's statistics run (see the module docstring for the run config keys)."""
     rc = context.run_config
     query = json_format.Parse(str(rc[QUERY_KEY]), StatisticQuery())
     run_query(grid, query, str(rc.get("run-name") or context.run_id), Path(str(rc["out"])),
@@ -80,7 +82,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
     summary = {
         "query": json_format.MessageToDict(query, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
         "run_name": run_name,
-        "privacy": {"mechanism": "gaussian", "accountant": ACCOUNTANT, "unit": PRIVACY_UNIT_SHORT},
+        "privacy": {"mechanism": "gaussian", "accountant": ACCOUNTANT, "unit": unit(query)},
         "campuses": [_campus(query, a) for a in answers],
         "refusals": sorted(refusals, key=lambda r: r["node"]),
         "receipts": sorted(receipts, key=lambda r: r["campus"]),
@@ -95,11 +97,21 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
 
 
 def describe(query: StatisticQuery) -> str:
-    """One line: the statistic, its value field and bounds, and the grouping."""
-    what = {"count": "count of registrations",
+    """One line: the statistic, its value field and bounds, the records and the grouping."""
+    records = f"submissions (at most {query.max_rows_per_registration} per registration)" if over_submissions(query) else "registrations"
+    what = {"count": f"count of {records}",
             "mean": f"share of {query.value}" if "=" in query.value else f"mean of {query.value} clipped to [{query.low:g}, {query.high:g}]",
-            "histogram": f"histogram of {query.value}"}[query.statistic]
-    return f"{query.name}: {what}" + (f" by {', '.join(query.group_by)}" if query.group_by else "")
+            "histogram": f"histogram of {query.value}",
+            "quantile": f"quantiles {', '.join(f'{p:g}' for p in query.quantiles)} of {query.value} in [{query.low:g}, {query.high:g}] "
+                        f"({query.bins} bins)"}[query.statistic]
+    return (f"{query.name}: {what}" + (f" over {records}" if query.statistic != "count" else "")
+            + (f" by {', '.join(query.group_by)}" if query.group_by else ""))
+
+
+def unit(query: StatisticQuery) -> str:
+    """The privacy unit of the query's ε, with the per-registration bound of a submission statistic."""
+    bound = f", at most {query.max_rows_per_registration} submissions counted each" if over_submissions(query) else ""
+    return PRIVACY_UNIT_SHORT + bound
 
 
 def _campus(query: StatisticQuery, a: StatisticAnswer) -> dict:
@@ -118,27 +130,33 @@ def _row(query: StatisticQuery, e: Estimate) -> dict:
     row = dict(zip(query.group_by, e.group))
     if query.statistic == "histogram":
         row["bin"] = e.bin
+    elif query.statistic == "quantile":
+        row["p"] = e.p
     return {**row, "estimate": e.estimate, "std": e.std, "bound95": e.bound95, "noisy_count": e.count, "campuses": e.campuses}
 
 
 def markdown(query: StatisticQuery, summary: dict) -> str:
     """The results as Markdown: the query, each campus's release parameters, then the estimates."""
     lines = [f"# {describe(query)}", "",
-             (f"Gaussian mechanism on each campus, privacy unit {PRIVACY_UNIT_SHORT}, ε accounted with Rényi DP; "
-              "± is the 95 % bound of the noise (1.96 std), not of clipping or suppressed cells."), "",
+             f"Gaussian mechanism on each campus, privacy unit {unit(query)}, ε accounted with Rényi DP; " + (
+                 "± is one bin width plus the 95th percentile of the noise's effect (parametric bootstrap)"
+                 if query.statistic == "quantile" else "± is the 95 % bound of the noise (1.96 std)")
+             + ", not of clipping or suppressed cells.", "",
              "| campus | ε | δ | noise multiplier | count noise std | sum noise std | k | suppressed cells |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['campus']} | {c['epsilon']:.3f} | {c['delta']:g} | {c['noise_multiplier']:.3f} | {c['count_std']:.2f} "
               f"| {c['sum_std']:.2f} | {c['min_cell_count']} | {c['cells_suppressed']} |" for c in summary["campuses"]]
+    if over_submissions(query):
+        lines.append(f"\nA cell is sent when its noisy count reaches k × {query.max_rows_per_registration} submissions.")
     lines += [f"\nrefused: {r['reason']}" for r in summary["refusals"]]
-    keys = [*query.group_by, *(["bin"] if query.statistic == "histogram" else [])]
-    mean = query.statistic == "mean"
-    digits = 4 if mean else 1
-    lines += ["", f"| {' | '.join(keys) or 'group'} | {query.statistic} | ± 95 % | std |{' noisy count |' * mean} campuses |",
-              "|" + "---|" * (max(len(keys), 1) + 4 + mean)]
+    keys = [*query.group_by, *({"histogram": ["bin"], "quantile": ["p"]}.get(query.statistic, []))]
+    counted = query.statistic in ("mean", "quantile")  # the estimate is not itself the count
+    digits = {"mean": 4, "quantile": 2}.get(query.statistic, 1)
+    lines += ["", f"| {' | '.join(keys) or 'group'} | {query.statistic} | ± 95 % | std |{' noisy count |' * counted} campuses |",
+              "|" + "---|" * (max(len(keys), 1) + 4 + counted)]
     for r in summary["estimates"]:
         cells_ = [str(r[k]) for k in keys] or ["all"]
-        count = f" {r['noisy_count']:.1f} |" if mean else ""
+        count = f" {r['noisy_count']:.1f} |" if counted else ""
         lines.append(f"| {' | '.join(cells_)} | {r['estimate']:.{digits}f} | {r['bound95']:.{digits}f} | {r['std']:.{digits}f} "
                      f"|{count} {r['campuses']} |")
     return "\n".join(lines) + "\n"
@@ -154,8 +172,8 @@ def _plot(path: Path, query: StatisticQuery, estimates: list[Estimate]) -> None:
     x = range(len(estimates))
     ax.bar(x, [e.estimate for e in estimates], yerr=[e.bound95 for e in estimates], capsize=3, color="tab:blue")
     ax.set_xticks(list(x), [_label(e.group, e.bin) for e in estimates], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(f"{query.statistic} (error bars: 95 % noise bound)")
-    ax.set_title(f"{describe(query)}\nGaussian mechanism, ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}", fontsize=9)
+    ax.set_ylabel(f"{query.statistic} (error bars: 95 % error bound)")
+    ax.set_title(f"{textwrap.fill(describe(query), 110)}\nGaussian mechanism, ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}", fontsize=9)
     if not estimates:
         ax.text(0.5, 0.5, "no cell released", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

@@ -6,6 +6,11 @@ campus's metrics and ε, prints a progress line per round and never changes
 what is aggregated. The run ends with the results folder written by
 :class:`federation.results.Report`.
 
+With ``secure-aggregation = "secaggplus"`` the training rounds run through
+Flower's SecAgg+ workflow instead (:mod:`server.secagg`): the coordinator
+learns only the sum of the campuses' updates; evaluation, the round lines and
+checkpoints go through :class:`ReportingStrategy` as in any run.
+
 A run with a run name (every ``edufl coordinator run``) writes a checkpoint,
 ``checkpoint.pt`` in its results folder, after every round, and a ServerApp
 started with the run name and results folder of a checkpoint continues after
@@ -28,9 +33,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from federation.audit import payload_digest
 from federation.models import build_model
-from federation.results import METRICS as METRICS_REPORTED, Report
-from federation.runconfig import BLOCKED, CAMPUS, METRICS, NUM_EXAMPLES, REFUSED, RunConfig
-from federation.tasks import feature_names
+from federation.results import Report
+from federation.runconfig import BLOCKED, CAMPUS, METRICS, NUM_EXAMPLES, REFUSED, RunConfig, subgroup_keys
+from federation.statistics import QUERY_KEY
+from federation.tasks import feature_names, n_outputs
 
 app = ServerApp()
 CHECKPOINT = "checkpoint.pt"
@@ -164,7 +170,8 @@ def silent_nodes(asked: Iterable[int], replies: Iterable[Message]) -> list[int]:
 
 
 class ReportingStrategy(Strategy):
-    """Delegates every step to ``inner`` and records per-campus replies in ``report``.
+    """Delegates every step to ``inner`` and records per-campus replies in ``report``, whose
+    test-row-weighted metrics (:func:`federation.results.global_metrics`) are the round's aggregated evaluation.
 
     Before each phase it waits at most ``timeout`` seconds for ``min_campuses``
     connected campuses (:func:`await_campuses`). Rounds are numbered from
@@ -182,7 +189,8 @@ class ReportingStrategy(Strategy):
         self._asked: set[int] = set()  # node ids sent the current phase's message
         self.arrays: ArrayRecord | None = None  # the global model after the latest round
 
-    def _ask(self, messages: Iterable[Message]) -> list[Message]:
+    def ask(self, messages: Iterable[Message]) -> list[Message]:
+        """Note the nodes ``messages`` go to (the current phase's); returns the messages as a list."""
         messages = list(messages)
         self._asked = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -194,15 +202,17 @@ class ReportingStrategy(Strategy):
         server_round += self.offset
         self.arrays = arrays
         await_campuses(grid, self.min_campuses, self.timeout, server_round)
-        return self._ask(self.inner.configure_train(server_round, arrays, config, grid))
+        return self.ask(self.inner.configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.offset
         await_campuses(grid, self.min_campuses, self.timeout, server_round)
-        return self._ask(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self.ask(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
-    def _ok(self, server_round: int, phase: str, replies: list[Message]) -> list[tuple[str, MetricRecord]]:
-        good = []
+    def received(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[tuple[str, RecordDict]]:
+        """Record ``replies`` to the nodes last asked (:meth:`ask`) in ``phase``: a receipt for each reply, a failure
+        for each error reply and each node that sent none. Returns (campus, content) of the good replies, in campus order."""
+        good, replies = [], self._in_campus_order(replies)
         for reply in replies:
             if reply.has_error():
                 if reply.metadata.src_node_id in self._asked:  # else the SuperLink's: counted as no reply below
@@ -211,10 +221,17 @@ class ReportingStrategy(Strategy):
             else:
                 campus = str(reply.content[CAMPUS]["name"])
                 self.report.add_receipt(server_round, phase, campus, *payload_digest(reply.content))
-                good.append((campus, reply.content[METRICS]))
+                good.append((campus, reply.content))
         for node in silent_nodes(self._asked, replies):
             self.report.add_failure(server_round, phase, NO_REPLY.format(node=node))
         return good
+
+    def add_train(self, campus: str, m) -> None:
+        """Record a campus's training metrics (the declared train metrics; under SecAgg+ in a ConfigRecord)."""
+        self.report.add_train(
+            campus, n_train=int(m[NUM_EXAMPLES]), loss=float(m["train-loss"]), epsilon=float(m["epsilon"]),
+            noise_multiplier=float(m["noise-multiplier"]), sample_rate=float(m["sample-rate"]), steps=int(m["steps"]),
+        )
 
     @staticmethod
     def _in_campus_order(replies: Iterable[Message]) -> list[Message]:
@@ -225,11 +242,8 @@ class ReportingStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
         replies = self._in_campus_order(replies)
-        for campus, m in self._ok(server_round, "train", replies):
-            self.report.add_train(
-                campus, n_train=int(m[NUM_EXAMPLES]), loss=float(m["train-loss"]), epsilon=float(m["epsilon"]),
-                noise_multiplier=float(m["noise-multiplier"]), sample_rate=float(m["sample-rate"]), steps=int(m["steps"]),
-            )
+        for campus, content in self.received(server_round, "train", replies):
+            self.add_train(campus, content[METRICS])
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         self.arrays = self.arrays if arrays is None else arrays
         return arrays, metrics
@@ -237,14 +251,18 @@ class ReportingStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
         replies = self._in_campus_order(replies)
-        for campus, m in self._ok(server_round, "evaluate", replies):
-            scores = {k: float(m[k.replace("_", "-")]) for k in METRICS_REPORTED}
-            self.report.add_evaluation(campus, n_test=int(m[NUM_EXAMPLES]), metrics=scores)
-        self.report.end_round(server_round, self.num_rounds)
-        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        keys = subgroup_keys(self.report.task)
+        for campus, content in self.received(server_round, "evaluate", replies):
+            m = content[METRICS]
+            scores = {k: float(m[k.replace("_", "-")]) for k in self.report.metrics}
+            groups = {g: (int(m[n]), float(m[metric])) for g, (n, metric) in keys.items() if n in m}
+            self.report.add_evaluation(campus, n_test=int(m[NUM_EXAMPLES]), metrics=scores, groups=groups)
+        row = self.report.end_round(server_round, self.num_rounds)
         if self.checkpoint:
             self._save(server_round)
-        return aggregated
+        # The report's test-row-weighted metrics, not the inner strategy's aggregation: Flower's
+        # refuses replies whose metric keys differ, and campuses send different subgroups.
+        return MetricRecord({k: row[k] for k in self.report.metrics})
 
     def _save(self, server_round: int) -> None:
         path, cfg = self.checkpoint
@@ -260,11 +278,13 @@ class ReportingStrategy(Strategy):
             raise RunPaused(server_round)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict | None:
+def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Context | None = None) -> dict | None:
     """Run ``cfg.num_rounds`` rounds on ``grid`` and write the results folder ``cfg.out``.
 
     With ``cfg.run_name`` set, a checkpoint is written after every round, and a
-    checkpoint of this run in ``cfg.out`` is continued after its round.
+    checkpoint of this run in ``cfg.out`` is continued after its round. With
+    ``cfg.secure_aggregation = "secaggplus"`` the training rounds run through
+    Flower's SecAgg+ workflow (:mod:`server.secagg`; it needs the ServerApp's ``context``).
     Returns the summary dict (as written to ``summary.json``), or None when the
     run was paused (a ``STOP`` file in ``cfg.out``).
     """
@@ -281,27 +301,44 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict) -> dict | No
         started -= saved["report"]["elapsed_s"]
         report.console.print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}")
     else:
-        arrays = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict())
+        arrays = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)).state_dict())
     first = saved["round"] + 1 if saved else 1
     strategy = ReportingStrategy(inner, report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout, first_round=first,
                                  checkpoint=(out / CHECKPOINT, cfg) if cfg.run_name else None)
     config = ConfigRecord(cfg.to_flower())
     try:
-        result = strategy.start(
-            grid=grid, initial_arrays=arrays, num_rounds=cfg.num_rounds - first + 1,
-            timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
-        )
+        if cfg.secure_aggregation == "secaggplus":
+            from .secagg import run_secaggplus  # Flower's legacy server API, loaded for SecAgg+ runs only
+
+            report.console.print("secure aggregation: SecAgg+; the coordinator receives masked updates and learns only "
+                                 "their weighted sum")
+            trained = run_secaggplus(grid, context, cfg, strategy, arrays)
+        else:
+            result = strategy.start(
+                grid=grid, initial_arrays=arrays, num_rounds=cfg.num_rounds - first + 1,
+                timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
+            )
+            trained = len(result.arrays) > 0
     except RunPaused as paused:
         report.console.print(f"paused after round {paused.args[0]}/{cfg.num_rounds} ({STOP_FILE} file); "
                              f"continue with `edufl coordinator run --resume {out}`")
         return None
-    state = strategy.arrays.to_torch_state_dict() if len(result.arrays) or saved else None
+    state = strategy.arrays.to_torch_state_dict() if trained or saved else None
     return report.write(out, state, time.perf_counter() - started)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point on Flower's engines; settings come from the run config (``flwr run --run-config``)."""
-    cfg = RunConfig.from_flower(dict(context.run_config))
-    run_federation(grid, cfg, {"mode": "federated", **cfg.to_flower()})
+    """Entry point on Flower's engines; settings come from the run config (``flwr run --run-config``).
+
+    A run config with a ``statistic-query`` runs that DP statistic instead (:func:`server.analytics.answer_query`).
+    """
+    config = dict(context.run_config)
+    if config.pop(QUERY_KEY, ""):
+        from .analytics import answer_query  # here: server.analytics imports this module
+
+        answer_query(grid, context)
+        return
+    cfg = RunConfig.from_flower(config)
+    run_federation(grid, cfg, {"mode": "federated", **cfg.to_flower()}, context)
 

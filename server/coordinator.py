@@ -5,7 +5,9 @@
   every campus public key in the PKI folder is registered
   (``flwr supernode register``), so only those campuses can connect.
 * :func:`run` launches the ServerApp (``server/app.py``) on a SuperLink with
-  ``flwr run``, streams its round lines and checks how the run ended; every
+  ``flwr run`` (:func:`open_connection`, :func:`launch`; ``edufl analytics run
+  --superlink`` launches its statistics runs the same way), streams its round
+  lines and checks how the run ended; every
   run gets a unique run name, which campuses key their privacy ledger by, and
   a paused or interrupted run is continued from its last checkpoint
   (``resume``) under the same name.
@@ -224,28 +226,17 @@ def resumed_config(run_dir: Path) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
-        insecure: bool = False, wait: float = 60.0, resume: Path | None = None) -> dict:
-    """Run ``cfg`` on the SuperLink at ``superlink`` and return the summary written to ``cfg.out``.
-
-    ``cfg.out`` is made absolute here: the ServerApp writes the results folder
-    on the coordinator's machine, at that path. A new run is named
-    ``<out folder name>-<8 hex digits>`` (``run-name``, recorded in the
-    summary). With ``resume`` (a results folder), ``cfg`` is ignored: the run
-    of that folder's checkpoint continues after its last finished round,
-    with the same settings and run name. Waits at most ``wait`` seconds for
-    ``cfg.min_campuses`` campuses to be online before launching.
+def open_connection(superlink: str, *, pki: Path | None = None, root_cert: Path | None = None, insecure: bool = False) -> None:
+    """Check that the coordinator at ``superlink`` answers and is vouched for by the CA (``root_cert``, else
+    ``pki/ca.crt``; none with ``insecure``), then point the ``flwr`` connection :data:`CONNECTION` at it.
 
     Raises
     ------
     ConfigError, PKIError
-        On a bad address, a missing CA certificate, or nothing to resume.
+        On a bad address or a missing CA certificate.
     RunFailed
-        When the SuperLink cannot be reached or trusted, too few campuses are
-        online, or the run does not complete (also when it was paused).
+        When the SuperLink cannot be reached or trusted.
     """
-    if resume is not None:
-        cfg = resumed_config(resume)
     host, port = parse_address(superlink)
     if not insecure:
         if pki is None and root_cert is None:
@@ -260,18 +251,29 @@ def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_
     if problem:
         raise RunFailed(problem)
     connect(superlink, root_cert)
-    online = await_campuses(cfg.min_campuses, wait, pki)
-    out = Path(cfg.out).resolve()
-    name = cfg.run_name if resume is not None else f"{out.name}-{uuid.uuid4().hex[:8]}"
-    cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out), "run-name": name})
-    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
-          f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
-          flush=True)
+
+
+def new_run_name(out: Path) -> str:
+    """A unique run name, ``<out folder name>-<8 hex digits>``: what campuses key their privacy ledger by."""
+    return f"{Path(out).name}-{uuid.uuid4().hex[:8]}"
+
+
+def launch(run_config: dict, out: Path) -> str:
+    """``flwr run`` the edufl app on :data:`CONNECTION` with ``run_config`` (dashed keys of
+    ``[tool.flwr.app.config]``), echoing the ServerApp's lines; returns Flower's run id once the run completed.
+    First prints the SHA-256 of the app bundle it submits: what campus policies approve (``[apps]``).
+
+    Raises
+    ------
+    RunFailed
+        When the run does not start or ends in another state than completed (naming it, and how to
+        resume when ``out`` holds a checkpoint).
+    """
     fab_hash, app = bundle_sha256(APP_DIR)  # built from the same files, the same way, as `flwr run` builds it
     print(f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
           "(apps.approved_fab_hashes)", flush=True)
     with tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
-        tomli_w.dump(cfg.to_flower(), overrides)
+        tomli_w.dump(run_config, overrides)
         overrides.flush()
         run_id = _launch(overrides.name)
     listing = json.loads(_flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
@@ -284,19 +286,54 @@ def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_
                         + (f" ({details})" if details and details != "N/A" else "")
                         + f"; see `flwr log {run_id} {CONNECTION} --show`"
                         + ("; continue it from its last finished round with --resume" if (out / "checkpoint.pt").is_file() else ""))
+    return run_id
+
+
+def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
+        insecure: bool = False, wait: float = 60.0, resume: Path | None = None) -> dict:
+    """Run ``cfg`` on the SuperLink at ``superlink`` and return the summary written to ``cfg.out``.
+
+    ``cfg.out`` is made absolute here: the ServerApp writes the results folder
+    on the coordinator's machine, at that path. A new run is named
+    :func:`new_run_name` (``run-name``, recorded in the summary). With
+    ``resume`` (a results folder), ``cfg`` is ignored: the run
+    of that folder's checkpoint continues after its last finished round,
+    with the same settings and run name. Waits at most ``wait`` seconds for
+    ``cfg.min_campuses`` campuses to be online before launching.
+
+    Raises
+    ------
+    ConfigError, PKIError
+        On a bad address, a missing CA certificate, or nothing to resume.
+    RunFailed
+        When the SuperLink cannot be reached or trusted, too few campuses are
+        online, or the run does not complete (also when it was paused).
+    """
+    if resume is not None:
+        cfg = resumed_config(resume)
+    open_connection(superlink, pki=pki, root_cert=root_cert, insecure=insecure)
+    online = await_campuses(cfg.min_campuses, wait, pki)
+    out = Path(cfg.out).resolve()
+    name = cfg.run_name if resume is not None else new_run_name(out)
+    cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out), "run-name": name})
+    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
+          f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
+          flush=True)
+    launch(cfg.to_flower(), out)
     summary_file = out / "summary.json"
     if not summary_file.is_file() or json.loads(summary_file.read_text())["config"].get("run-name") != name:
         raise RunFailed(f"run {name} was paused before its last round; continue it with "
                         f"`edufl coordinator run --superlink {superlink} ... --resume {out}`")
-    return _name_campuses(summary_file, _registered_nodes(pki))
+    return name_campuses(summary_file, "failures", pki)
 
 
-def _name_campuses(summary_file: Path, nodes: dict[str, str]) -> dict:
-    """Put campus names next to the node ids in the run's recorded failures (the ServerApp knows only ids)."""
+def name_campuses(summary_file: Path, key: str, pki: Path | None) -> dict:
+    """Put campus names (as registered in ``pki``) next to the node ids in the ``reason`` of each entry of
+    ``summary[key]`` (the ServerApp knows only node ids); returns the summary, also rewritten in place."""
     summary = json.loads(summary_file.read_text())
-    for campus, node in nodes.items():
-        for failure in summary["failures"]:
-            failure["reason"] = failure["reason"].replace(f"node {node}:", f"campus {campus} (node {node}):")
+    for campus, node in _registered_nodes(pki).items():
+        for entry in summary[key]:
+            entry["reason"] = entry["reason"].replace(f"node {node}:", f"campus {campus} (node {node}):")
     summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -237,7 +237,8 @@ def test_unapproved_bundle_is_refused_before_any_app_starts(tmp_path, tables):
     with federation(tmp_path, tables, {"AAA": "approved.toml", "BBB": "changed.toml"}) as (superlink, procs):
         result = coordinator_run(tmp_path, superlink, "run1", "--rounds", "1", "--min-campuses", "2")
         aaa, bbb = procs.output("AAA"), procs.output("BBB")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr  # the run completed with AAA; BBB's refusal is named
+    assert "campuses refused the run" in result.stderr and "apps.approved_fab_hashes" in result.stderr
     assert f"app bundle edufl/edufl 0.1.0, sha256 {fab_hash}" in result.stdout
     summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
     name = summary["config"]["run-name"]

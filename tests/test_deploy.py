@@ -275,14 +275,14 @@ def test_plaintext_or_a_wrong_ca_is_refused_before_connecting(deployment, tls, m
 
 def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
     root, superlink, _ = deployment
-    (aaa_dir / "vle.csv").unlink()
+    (aaa_dir / "studentAssessment.csv").unlink()
     lines = (aaa_dir / "studentInfo.csv").read_text().splitlines()
     lines[5] = lines[5].replace('"F"', '"X"').replace('"M"', '"X"')
     (aaa_dir / "studentInfo.csv").write_text("\n".join(lines) + "\n")
     result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", superlink,
                    "--pki", str(root / "pki"), *state(root, "AAA-invalid"), timeout=60)
     assert result.returncode == 2
-    assert "vle.csv: file not found" in result.stderr
+    assert "studentAssessment.csv: file not found" in result.stderr
     assert "campus AAA does not join with this folder" in result.stderr
     assert "starting its SuperNode" not in result.stdout
 
@@ -311,3 +311,32 @@ def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deploymen
     assert [f["reason"].split(":")[0].split(" (")[0] for f in dropped] == ["campus BBB"], summary["failures"]
     assert summary["rounds"][-1]["campuses_evaluated"] == 3  # BBB is back by round 3
     assert summary["rounds"][-1]["failures"] == 0
+
+
+def test_a_dp_statistic_runs_on_the_deployment_and_charges_each_campus(deployment):
+    root, superlink, _ = deployment
+    out = root / "stats"
+    result = edufl("analytics", "run", str(REPO / "experiments" / "queries" / "score_by_assessment_type.toml"),
+                   "--superlink", superlink, "--pki", str(root / "pki"), "--min-campuses", "3", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    name = summary["run_name"]
+    assert name.startswith("stats-") and f"run {name}" in result.stdout
+    assert [c["campus"] for c in summary["campuses"]] == list(CAMPUSES) and summary["refusals"] == []
+    assert all(c["min_cell_count"] == 20 and 0.99 <= c["epsilon"] <= 1.0 for c in summary["campuses"])  # the campuses' policy
+    with open(out / "statistics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["assessment_type"], r["p"]) for r in rows} >= {(t, p) for t in ("CMA", "TMA") for p in ("0.25", "0.5", "0.75")}
+    assert "| assessment_type | p | quantile | ± 95 % |" in (out / "statistics.md").read_text()
+    assert (out / "statistics.png").stat().st_size > 0
+    for campus in CAMPUSES:  # each campus charged its own ledger once, and logged what it sent
+        ledger = PrivacyLedger(root / "state" / campus)
+        [release] = ledger.releases(run_id=name)
+        ledger.close()
+        assert (release.mechanism, release.task, release.sample_rate, release.steps) == (
+            "gaussian", "statistic:score-quartiles-by-assessment-type", 1.0, 1)
+        assert release.epsilon == pytest.approx(summary["campuses"][CAMPUSES.index(campus)]["epsilon"])
+        log = AuditLog(root / "state" / campus)
+        [record] = [r for r in log.records(name) if r.sent]
+        log.close()
+        assert (campus, record.payload_sha256) in {(r["campus"], r["payload_sha256"]) for r in summary["receipts"]}

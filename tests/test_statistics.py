@@ -25,13 +25,15 @@ from federation.policy import CampusPolicy
 from federation.privacy import epsilon
 from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
 from federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
-from federation.statistics import (ANSWER, QUERY_KEY, QueryError, answer, cells, exact_cells, load_query, noise,
-                                   noise_multiplier)
+from federation.data import campus_slices
+from federation.statistics import (ANSWER, QUERY_KEY, QueryError, answer, answer_problems, cells, combine, exact_cells,
+                                   load_query, noise, noise_multiplier, records)
 from federation.tasks import feature_names
 
 ROOT = Path(__file__).parents[1]
 WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
                                    group_by=["imd_band"], epsilon=1.0, delta=1e-5)
+SCORE_BY_TYPE = ROOT / "experiments" / "queries" / "score_by_assessment_type.toml"
 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0, 3.0])
@@ -50,14 +52,13 @@ def test_noise_scale_matches_the_stated_epsilon_and_sensitivity(eps):
 
 
 def test_empirical_noise_matches_the_stated_std(aaa):
-    info = aaa["learners"]
-    exact = exact_cells(WITHDRAWAL_BY_IMD, info)
+    exact = exact_cells(WITHDRAWAL_BY_IMD, aaa)
     big = [key for key, (n, _) in exact.items() if n >= 60]  # never near k = 10: suppression cannot bias the residuals
     assert len(big) >= 5
     z = noise_multiplier(WITHDRAWAL_BY_IMD)
     count_res, sum_res = [], []
     for _ in range(200):
-        reply = answer(WITHDRAWAL_BY_IMD, info, "AAA", z, 10)
+        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10)
         got = {(tuple(c.group), c.bin): c for c in reply.cells}
         for key in big:
             count_res.append(got[key].noisy_count - exact[key][0])
@@ -70,10 +71,9 @@ def test_empirical_noise_matches_the_stated_std(aaa):
 
 
 def test_small_cells_are_suppressed(aaa):
-    info = aaa["learners"]
     query = StatisticQuery(name="fine", statistic="count", group_by=["region", "imd_band", "age_band"], epsilon=1.0, delta=1e-5)
-    exact = exact_cells(query, info)
-    reply = answer(query, info, "AAA", noise_multiplier(query), 10)
+    exact = exact_cells(query, aaa)
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10)
     released = {(tuple(c.group), c.bin) for c in reply.cells}
     assert len(released) + reply.suppressed_cells == len(cells(query)) == 13 * 11 * 3
     assert all(c.noisy_count >= 10 for c in reply.cells) and reply.min_cell_count == 10
@@ -81,6 +81,74 @@ def test_small_cells_are_suppressed(aaa):
     # An empty cell is released only when its noise alone reaches k: P(N(0, 4.06²) ≥ 10) = 0.7 %, about 1.4 of 193.
     assert len(empty) > 150 and sum(key in released for key in empty) <= 8
     assert all(key in released for key, (n, _) in exact.items() if n >= 40)
+
+
+def test_submission_statistics_scale_the_noise_by_the_rows_per_registration():
+    query = load_query(SCORE_BY_TYPE)  # m = 14 submissions per registration
+    z = noise_multiplier(query)
+    assert query.max_rows_per_registration == 14
+    assert astuple(noise(query, z)) == pytest.approx((z, 14 * z, 0.0))  # Δ = m for counts
+    mean = StatisticQuery(name="s", statistic="mean", value="score", low=0, high=100, group_by=["assessment_type"],
+                          max_rows_per_registration=14, epsilon=1.0, delta=1e-5)
+    assert astuple(noise(mean, z)) == pytest.approx((z, 14 * math.sqrt(2) * z, 14 * math.sqrt(2) * 100 * z))  # Δ = √2·m
+
+
+def test_a_registration_contributes_at_most_m_submissions(aaa):
+    query = StatisticQuery(name="s", statistic="histogram", value="score", bin_edges=[0, 40, 70, 100],
+                           group_by=["assessment_type", "imd_band"], max_rows_per_registration=3, epsilon=1.0, delta=1e-5)
+    key = ["course", "presentation", "student_id"]
+    kept = records(query, aaa)
+    per_registration = kept.groupby(key).size()
+    assert per_registration.max() == 3 and len(per_registration) > 300
+    submitted = aaa["submissions"].merge(aaa["assessments"][["assessment_id", "course", "presentation"]], on="assessment_id")
+    submitted = submitted[submitted["score"].notna()]
+    assert len(kept) == submitted.groupby(key).size().clip(upper=3).sum()  # each keeps min(its scored rows, m)
+    # Sensitivity on the real rows: removing the registration with the most submissions moves the counts by m in all.
+    busiest = submitted.groupby(key).size().idxmax()
+    assert submitted.groupby(key).size().max() > 3
+    without = {name: frame for name, frame in aaa.frames.items()}
+    for name in ("learners", "registrations"):
+        frame = aaa[name]
+        without[name] = frame[~(frame[key] == list(busiest)).all(axis=1)]
+    own = aaa["assessments"][(aaa["assessments"][["course", "presentation"]] == list(busiest[:2])).all(axis=1)]["assessment_id"]
+    subs = aaa["submissions"]
+    without["submissions"] = subs[~((subs["student_id"] == busiest[2]) & subs["assessment_id"].isin(own))]
+    full, less = exact_cells(query, aaa), exact_cells(query, without)
+    assert sum(abs(full[c][0] - less[c][0]) for c in full) == 3
+    # and the campus's threshold is k·m records: a cell of fewer than 10 × 3 noisy submissions may not leave
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10)
+    assert all(c.noisy_count >= 30 for c in reply.cells) and answer_problems(query, reply, 10) == []
+    reply.cells[0].noisy_count = 25.0
+    assert "below release.min_cohort_size 10 × max_rows_per_registration 3" in answer_problems(query, reply, 10)[0]
+
+
+def _true_quantiles(query: StatisticQuery, tables) -> dict[tuple[str, ...], np.ndarray]:
+    rows = records(query, tables)
+    value = rows[query.value].astype(float).clip(query.low, query.high)
+    groups = rows.groupby(list(query.group_by)) if query.group_by else [((), rows)]
+    return {(g if isinstance(g, tuple) else (g,)): np.quantile(value[r.index], list(query.quantiles), method="inverted_cdf")
+            for g, r in groups}
+
+
+@pytest.mark.parametrize("query", [
+    StatisticQuery(name="credits", statistic="quantile", value="studied_credits", low=0, high=360, bins=36,
+                   quantiles=[0.25, 0.5, 0.75], epsilon=1.0, delta=1e-5),
+    SCORE_BY_TYPE,
+], ids=["median-credits", "score-by-assessment-type"])
+def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, query):
+    query = load_query(query) if isinstance(query, Path) else query
+    answers = [answer(query, own, name, noise_multiplier(query), 10) for name, own in campus_slices(tables, "module").items()]
+    estimates = combine(query, answers)
+    truth = _true_quantiles(query, tables)
+    assert len(estimates) == len(truth) * len(query.quantiles)
+    width = (query.high - query.low) / query.bins
+    for e in estimates:
+        true = truth[e.group][list(query.quantiles).index(e.p)]
+        assert abs(e.estimate - true) <= e.bound95, (e, true)
+        assert width <= e.bound95 <= width + 6 * e.std + 1e-9  # resolution plus the noise's 95th percentile
+    if query.statistic == "quantile" and query.group_by:
+        exam = [e for e in estimates if e.group == ("Exam",)]
+        assert all(e.std > 0.3 for e in exam)  # the smallest group carries visible noise at m = 14
 
 
 # --- the campus: the ClientApp's query handler behind the release guard ---------------------------------------------
@@ -108,6 +176,15 @@ def _policy(tmp_path: Path, text: str) -> str:
     (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
     (dict(value="shoe_size"), "value 'shoe_size' is not a numeric contract field"),
     (dict(value="final_result=Withdrawn", low=0, high=5), "an indicator's bounds are low = 0, high = 1"),
+    (dict(statistic="quantile", value="studied_credits", low=0, high=math.inf, bins=10, quantiles=[0.5]),
+     "a quantile needs finite clipping bounds"),
+    (dict(statistic="quantile", value="studied_credits", low=0, high=0, bins=10, quantiles=[0.5]), "an unbounded range is refused"),
+    (dict(statistic="quantile", value="studied_credits", low=0, high=360, quantiles=[0.5]), "a quantile needs 2 to 1000 bins"),
+    (dict(statistic="quantile", value="studied_credits", low=0, high=360, bins=10, quantiles=[1.0]), "distinct probabilities in (0, 1)"),
+    (dict(statistic="quantile", value="score", low=0, high=100, bins=10, quantiles=[0.5]),
+     "a statistic over submissions needs a bound m >= 1 on the rows one registration contributes"),
+    (dict(statistic="count", value="", group_by=["assessment_type"]), "an unbounded contribution is refused"),
+    (dict(group_by=["assessment_id"]), "group_by field 'assessment_id' is not a categorical field"),
     (dict(epsilon=5.0), "privacy.max_epsilon_per_run"),
     (dict(delta=1e-3), "privacy.delta"),
 ])
@@ -223,6 +300,18 @@ def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--insecure"], "--insecure: deployment options; give --superlink HOST:PORT too"),
+    (["--superlink", "127.0.0.1:1", "--insecure", "--policy", "p.toml"], "--policy: simulation options"),
+])
+def test_simulation_and_deployment_options_are_not_mixed(tmp_path, capsys, args, named):
+    from experiments.cli import main
+
+    assert main(["analytics", "run", str(SCORE_BY_TYPE), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_shipped_queries_are_valid():
     queries = sorted((ROOT / "experiments" / "queries").glob("*.toml"))
     assert len(queries) >= 2
@@ -247,7 +336,7 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir
         assert (out / name).stat().st_size > 0
     assert "noise multiplier" in (out / "statistics.md").read_text()
     query = load_query(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml")
-    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables["learners"]).items()}
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
     rows = summary["estimates"]
     assert len(rows) == 11
     errors = [abs(r["estimate"] - truth[(r["imd_band"],)]) for r in rows]

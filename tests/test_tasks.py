@@ -1,4 +1,4 @@
-"""The withdrawal task: population, leakage, fixed vocabularies, splits."""
+"""The early-warning tasks: population, leakage, fixed vocabularies, splits (final_result: tests/test_final_result.py)."""
 
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def test_at_risk_shares_population_and_features_and_adds_failures(tables):
     campus = campus_slice(tables, "module", "CCC")
     withdrawn, at_risk = build_task("withdrawal", campus, 60), build_task("at_risk", campus, 60)
     assert np.array_equal(withdrawn.x, at_risk.x) and withdrawn.rows.equals(at_risk.rows)
-    results = campus["learners"].set_index(["course", "presentation", "student_id"])["final_result"]
-    expected = results.loc[list(at_risk.rows.itertuples(index=False, name=None))].isin(["Fail", "Withdrawn"]).to_numpy()
+    key = ["course", "presentation", "student_id"]
+    results = campus["learners"].set_index(key)["final_result"]
+    expected = results.loc[list(at_risk.rows[key].itertuples(index=False, name=None))].isin(["Fail", "Withdrawn"]).to_numpy()
     assert np.array_equal(at_risk.y.astype(bool), expected)
     assert (at_risk.y >= withdrawn.y).all() and at_risk.y.sum() > withdrawn.y.sum()
     with pytest.raises(ValueError, match="unknown task 'final_grade'"):

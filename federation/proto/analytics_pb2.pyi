@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StatisticQuery(_message.Message):
-    __slots__ = ("name", "statistic", "value", "low", "high", "bin_edges", "group_by", "epsilon", "delta")
+    __slots__ = ("name", "statistic", "value", "low", "high", "bin_edges", "group_by", "epsilon", "delta", "quantiles", "bins", "max_rows_per_registration")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATISTIC_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,9 @@ class StatisticQuery(_message.Message):
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_PER_REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     statistic: str
     value: str
@@ -26,7 +29,10 @@ class StatisticQuery(_message.Message):
     group_by: _containers.RepeatedScalarFieldContainer[str]
     epsilon: float
     delta: float
-    def __init__(self, name: _Optional[str] = ..., statistic: _Optional[str] = ..., value: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., bin_edges: _Optional[_Iterable[float]] = ..., group_by: _Optional[_Iterable[str]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    bins: int
+    max_rows_per_registration: int
+    def __init__(self, name: _Optional[str] = ..., statistic: _Optional[str] = ..., value: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., bin_edges: _Optional[_Iterable[float]] = ..., group_by: _Optional[_Iterable[str]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., quantiles: _Optional[_Iterable[float]] = ..., bins: _Optional[int] = ..., max_rows_per_registration: _Optional[int] = ...) -> None: ...
 
 class Cell(_message.Message):
     __slots__ = ("group", "bin", "noisy_count", "noisy_sum")
