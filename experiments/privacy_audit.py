@@ -21,11 +21,11 @@ import torch
 from federation.data import file_hashes, load_tables
 from federation.membership import loss_attack_auc
 from federation.models import build_model
-from federation.results import weighted
+from federation.results import primary_metric, weighted
 from federation.runconfig import ConfigError, RunConfig
-from federation.tasks import campus_splits, feature_names
+from federation.tasks import campus_splits, feature_names, n_outputs
 
-ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example BCE; members = campus training rows, " \
+ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, " \
          "non-members = campus test rows, both subsampled to the smaller group's size"
 
 
@@ -35,7 +35,8 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
     ``data_dir`` overrides the data folder recorded in ``summary.json`` (needed
     for deployment runs, whose coordinator holds no data); its tables must have
     the SHA-256 hashes the run recorded. ``seed`` drives the subsampling.
-    Returns a dict with ``campuses`` (one row each: ``campus``, ``n_train``,
+    Returns a dict with ``model_metric`` and ``model_score`` (the run's weighted primary metric),
+    ``campuses`` (one row each: ``campus``, ``n_train``,
     ``n_test``, ``n_attack`` rows per group, ``attack_auc``, ``epsilon``) and
     ``weighted_attack_auc`` (weighted by ``n_attack``).
 
@@ -65,7 +66,7 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
     tables = load_tables(data_dir)
     if "data_sha256" in config and file_hashes(data_dir) != config["data_sha256"]:
         raise ConfigError(f"{data_dir}: the tables differ from those the run used (SHA-256 recorded in summary.json)")
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
     model.load_state_dict(torch.load(model_path), strict=True)
     reported = {c["campus"]: c for c in summary["campuses"]}
     rows = []
@@ -86,7 +87,8 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
         "seed": seed,
         "dp": summary["privacy"]["dp"],
         "epsilon": summary["privacy"]["epsilon"],
-        "model_auc": summary["global"]["auc"],
+        "model_metric": primary_metric(cfg.task),
+        "model_score": summary["global"][primary_metric(cfg.task)],
         "campuses": rows,
         "weighted_attack_auc": weighted(rows, "attack_auc", weight="n_attack"),
     }
@@ -105,4 +107,4 @@ def print_audit(result: dict) -> None:
         print(f"{r['campus']:<10}{r['n_train']:>9}{r['n_test']:>8}{r['n_attack']:>7}{auc:>12}{eps:>8}")
     privacy = f"DP, ε = {result['epsilon']:.3f}" if result["dp"] else "NO DP"
     print(f"weighted attack AUC {result['weighted_attack_auc']:.4f} (0.5 = no membership signal), "
-          f"model AUC {result['model_auc']:.4f}, {privacy} -> {Path(result['run']) / 'privacy_audit.json'}")
+          f"model {result['model_metric']} {result['model_score']:.4f}, {privacy} -> {Path(result['run']) / 'privacy_audit.json'}")

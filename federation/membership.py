@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.nn import functional as F
 
 from .tasks import TaskData
+from .training import row_loss
 
 
 def per_example_loss(model: nn.Module, data: TaskData) -> np.ndarray:
-    """Binary cross-entropy (nats) of ``model`` on each row of ``data``, shape (n,)."""
+    """The training loss (nats) of ``model`` on each row of ``data``, shape (n,): binary
+    cross-entropy for a binary task, cross-entropy over the classes for ``final_result``."""
     model.eval()
     with torch.no_grad():
-        logits = model(torch.from_numpy(data.x))
-        return F.binary_cross_entropy_with_logits(logits, torch.from_numpy(data.y), reduction="none").numpy()
+        return row_loss(model(torch.from_numpy(data.x)), torch.from_numpy(data.y)).numpy()
 
 
 def loss_attack_auc(model: nn.Module, members: TaskData, non_members: TaskData, seed: int = 0) -> tuple[float, int]:

@@ -38,11 +38,17 @@ class TrainResult:
     history: History
 
 
+def row_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss of each row, shape (n,), in nats: binary cross-entropy for logits of shape (n,),
+    cross-entropy for logits of shape (n, classes) with ``y`` holding class indices."""
+    if logits.ndim == 2:
+        return F.cross_entropy(logits, y.long(), reduction="none")
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+
+
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Mean over the batch, and 0 (not NaN) for the empty batches Poisson sampling can draw.
-    if logits.ndim == 2:  # one logit per class; y holds class indices
-        return F.cross_entropy(logits, y.long(), reduction="sum") / max(len(y), 1)
-    return F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / max(len(y), 1)
+    return row_loss(logits, y).sum() / max(len(y), 1)
 
 
 def train(

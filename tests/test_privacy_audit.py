@@ -86,3 +86,21 @@ def test_membership_attack_auc_of_a_dp_model_is_closer_to_chance_than_without_dp
         assert pairs == len(test_part) == 140
     assert attack["nodp"] > 0.55, attack
     assert abs(attack["dp"] - 0.5) < abs(attack["nodp"] - 0.5), attack
+
+
+def test_the_attack_scores_a_four_class_model_by_its_cross_entropy(aaa):
+    import torch
+    from torch.nn import functional as F
+
+    from federation.membership import per_example_loss
+    from federation.tasks import n_outputs
+
+    data = build_task("final_result", aaa, 60)
+    model = build_model("mlp", len(feature_names()), outputs=n_outputs("final_result"))
+    losses = per_example_loss(model, data)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(torch.from_numpy(data.x)), torch.from_numpy(data.y).long(), reduction="none")
+    assert losses.shape == (len(data),) and n_outputs("final_result") == 4
+    assert losses == pytest.approx(expected.numpy(), rel=1e-6)
+    auc, k = loss_attack_auc(model, *split(data, "stratified", 0.2, seed=0))
+    assert k == min(len(s) for s in split(data, "stratified", 0.2, seed=0)) and 0.3 < auc < 0.7  # untrained: no signal
