@@ -10,8 +10,10 @@ Where a campus's data, state and policy come from:
   defaults of :class:`federation.policy.CampusPolicy` without one);
 * simulation (``edufl simulate``): each virtual SuperNode's ``partition-id``
   picks one campus from the manifest in ``$EDUFL_SIM_DIR``, which holds one
-  folder per campus with only that campus's rows, the folder under which each
-  campus keeps its state, and the policy file, if the researcher gave one.
+  folder per campus with only that campus's rows (the contract's tables as
+  Parquet files, read through ``federation/mappings/contract-parquet.toml``),
+  the folder under which each campus keeps its state, and the policy file, if
+  the researcher gave one.
 
 Privacy is enforced here, not trusted from the coordinator: every requested
 configuration is validated and checked against the campus policy, the noise

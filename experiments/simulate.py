@@ -2,8 +2,9 @@
 
 * ``federated``: the ServerApp and ClientApp of ``server/`` and ``clients/`` on
   Flower's simulation engine (Ray backend). Each virtual campus reads only a
-  folder holding its own rows, written to a temporary directory that is
-  deleted at the end (raw rows are never written into the results folder).
+  folder holding its own rows (the contract's tables as Parquet files), written
+  to a temporary directory that is deleted at the end (raw rows are never
+  written into the results folder).
 * ``centralized`` and ``local``: the baselines of :mod:`experiments.baselines`.
 
 All modes use the same features, splits, model, optimizer and DP-SGD code,
@@ -24,7 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_tables
+from federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_parquet
+from federation.mapping import CONTRACT_PARQUET
 from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 
 MODES = ("federated", "centralized", "local")
@@ -118,9 +120,9 @@ def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str
     tables = tables or load_tables(data_dir)
     names = headline(cfg, tables, "federated")
     for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
-        write_tables(own, Path(sim_dir) / name)
+        write_parquet(own, Path(sim_dir) / name)  # the contract's tables: each campus reads them without a CSV parse
     manifest = {"campuses": names, "state-root": str(Path(cfg.out).resolve() / "campuses"),
-                "policy": str(policy.resolve()) if policy else None}
+                "policy": str(policy.resolve()) if policy else None, "mapping": str(CONTRACT_PARQUET)}
     (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))
     return tables, names, _run_simulation, client_app, server
 

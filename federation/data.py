@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .contract import TABLES, Column, Table
-from .mapping import Mapping, TableMapping, load_mapping
+from .mapping import CONTRACT_PARQUET, Mapping, TableMapping, load_mapping
 
 DATA_ENV = "EDUFL_DATA"
 OULAD_URL = "https://analyse.kmi.open.ac.uk/open_dataset/download"
@@ -139,8 +139,7 @@ def _parse(directory: Path, mapping: Mapping, table: Table) -> pd.DataFrame:
     source = {**{c.name: given.columns[c.name] for c in table.columns}, **extra}
     if path.suffix == ".parquet":
         data = pd.read_parquet(path)
-        header, lines = [str(c) for c in data.columns], list(range(1, len(data) + 1))
-        rows = data.astype(object).where(data.notna(), "").astype(str).to_numpy().tolist()
+        header, lines = [str(c) for c in data.columns], np.arange(1, len(data) + 1)
     else:
         header, rows, lines = _rows(path, given.delimiter or mapping.delimiter, given.encoding or mapping.encoding,
                                     list(source.values()))
@@ -148,8 +147,12 @@ def _parse(directory: Path, mapping: Mapping, table: Table) -> pd.DataFrame:
     if absent:
         raise DataError([Problem(path.name, 1, col, f"column is missing (mapped to contract field {table.name}.{name}); "
                                  f"the file has columns {', '.join(header)}") for name, col in absent])
-    frame = pd.DataFrame(rows, columns=header, dtype=str)[list(source.values())]
-    frame.columns = list(source)
+    if path.suffix == ".parquet":  # typed columns, as text (missing as ""), checked like a text file's
+        frame = pd.DataFrame({name: data[col].astype(object).where(data[col].notna(), "").astype(str)
+                              for name, col in source.items()})
+    else:
+        frame = pd.DataFrame(rows, columns=header, dtype=str)[list(source.values())]
+        frame.columns = list(source)
     frame[LINE] = np.asarray(lines, dtype=np.int64)
     return frame
 
@@ -470,6 +473,17 @@ def _own_rows(tables: Tables, learners: pd.DataFrame) -> Tables:
         "submissions": subs[[*f["submissions"].columns]],
     }
     return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping)
+
+
+def write_parquet(tables: Tables, directory: Path) -> Mapping:
+    """Write ``tables`` as the contract's own tables, one Parquet file each; returns the mapping that
+    reads them (``federation/mappings/contract-parquet.toml``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mapping = load_mapping(CONTRACT_PARQUET)
+    for table in TABLES:
+        frame = tables[table.name][[c.name for c in table.columns]]
+        frame.to_parquet(directory / mapping.table(table.name).file, index=False)
+    return mapping
 
 
 def write_tables(tables: Tables, directory: Path) -> None:

@@ -40,6 +40,7 @@ from .contract import CONTRACT_VERSION, TABLES, parse_version, supports, version
 from .tomlfile import load_model
 
 OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
+CONTRACT_PARQUET = Path(__file__).parent / "mappings" / "contract-parquet.toml"
 DAY_COLUMNS = frozenset({"due_day", "registration_day", "unregistration_day", "submission_day"})
 
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from clients.app import train_handler
 from clients.guard import release_guard
 from federation.contract import TABLES, from_proto, to_proto
-from federation.data import DataError, Tables, load_tables
+from federation.data import DataError, Tables, load_tables, write_parquet
 from federation.mapping import MappingError, load_mapping
 from federation.models import build_model
 from federation.proto.learner_pb2 import CampusData
@@ -217,3 +217,12 @@ def test_a_campus_whose_contract_version_the_run_does_not_read_is_refused_at_joi
         {**RunConfig(model="logistic").to_flower(), "server-round": 1})}), dst_node_id=1, message_type="train"),
         context, train_handler)
     assert not accepted.has_error()  # the same campus, mapped, trains in a run that reads contract 1.0
+
+
+def test_the_contract_parquet_layout_reads_back_the_same_tables(aaa, tmp_path):
+    # What `edufl simulate` gives each virtual campus: the contract's own tables as Parquet files.
+    mapping = write_parquet(aaa, tmp_path / "AAA")
+    assert sorted(p.name for p in (tmp_path / "AAA").iterdir()) == sorted(f"{t.name}.parquet" for t in TABLES)
+    again = load_tables(tmp_path / "AAA", mapping)
+    for table in TABLES:
+        pd.testing.assert_frame_equal(_contract(again, table.name), _contract(aaa, table.name))
