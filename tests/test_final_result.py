@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from federation.results import primary_metric
 from federation.runconfig import BLOCKED, CONFIG, EVALUATE_METRICS, METRICS, SUBGROUPS, TASKS, RunConfig, subgroup_keys
 from federation.tasks import build_task, campus_splits, feature_names, n_outputs, split
 from federation.training import evaluate, predict, subgroup_metrics, train
+from test_simulate import _simulate  # the tests folder is on sys.path (pytest's default import mode)
 
 KEY = ["course", "presentation", "student_id"]
 D = 60
@@ -161,14 +159,6 @@ def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, ta
 
 
 # --- end to end: `edufl simulate`, as a user runs it ------------------------------------------------------------------
-
-def _simulate(data_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--out", str(out), *args],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
 
 def _weighted_majority_macro_f1(splits: dict) -> float:
     return sum(len(test) * _majority_macro_f1(train_part, test) for train_part, test in splits.values()) / \
