@@ -48,7 +48,8 @@ def campus_setup(node_config: dict) -> CampusSetup:
         manifest = json.loads((root / SIM_MANIFEST).read_text())
         name = manifest["campuses"][int(node_config["partition-id"])]
         policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
-        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy, Path(manifest["mapping"]))
+        mapping = Path(manifest["mapping"]) if manifest.get("mapping") else None  # None: OULAD layout
+        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy, mapping)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
 
 
