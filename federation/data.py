@@ -197,17 +197,24 @@ def _check_column(frame: pd.DataFrame, col: Column, file: str, source: str, miss
     return (number.astype("Int64") if col.kind == "int" and not problems else number), problems, n_missing
 
 
-def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, mapping: Mapping, given: TableMapping
-             ) -> tuple[list[Problem], pd.Series]:
+def _dates(frame: pd.DataFrame, name: str, missing: pd.Series, file: str, column: str, fmt: str
+           ) -> tuple[pd.Series, list[Problem]]:
+    """The calendar dates in ``frame[name]`` (format ``fmt``; NaT where ``missing`` or unreadable), and a
+    problem naming the export's ``file`` and ``column`` for each unreadable one."""
+    raw = frame[name].str.strip()
+    dates = pd.to_datetime(raw.where(~missing), format=fmt, errors="coerce")
+    bad = ~missing & dates.isna()
+    return dates, [Problem(file, int(line), column, f"{value!r} is not a date in format {fmt!r}")
+                   for line, value in zip(frame.loc[bad, LINE], raw[bad])]
+
+
+def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, missing_markers: frozenset[str], mapping: Mapping,
+             given: TableMapping) -> tuple[list[Problem], pd.Series]:
     """Turn the calendar dates in ``frame[name]`` into days since each row's presentation start (in place).
     ``starts`` holds each row's start date (NaT where unknown). Returns the problems and the rows they concern."""
-    missing_markers = frozenset(given.missing if given.missing is not None else mapping.missing)
     raw = frame[name].str.strip()
     missing = raw.isin(missing_markers)
-    dates = pd.to_datetime(raw.where(~missing), format=mapping.date_format, errors="coerce")
-    problems = []
-    for line, value in zip(frame.loc[~missing & dates.isna(), LINE], raw[~missing & dates.isna()]):
-        problems.append(Problem(given.file, int(line), given.columns[name], f"{value!r} is not a date in format {mapping.date_format!r}"))
+    dates, problems = _dates(frame, name, missing, given.file, given.columns[name], mapping.date_format)
     unknown = ~missing & dates.notna() & starts.isna().to_numpy()
     for line in frame.loc[unknown, LINE]:
         problems.append(Problem(given.file, int(line), given.columns[name], "no start date known for this row's presentation; expected one in the presentations file"))
@@ -234,14 +241,12 @@ def _read_table(directory: Path, mapping: Mapping, table: Table, f: dict[str, pd
     given = mapping.table(table.name)
     missing_markers = frozenset(given.missing if given.missing is not None else mapping.missing)
     problems: list[Problem] = []
-    if table.name == "presentations" and mapping.start_date:
-        starts = pd.to_datetime(frame[START].str.strip(), format=mapping.date_format, errors="coerce")
-        for line, value in zip(frame.loc[starts.isna(), LINE], frame.loc[starts.isna(), START]):
-            problems.append(Problem(given.file, int(line), mapping.start_date, f"{value!r} is not a date in format {mapping.date_format!r}"))
-        frame[START] = starts
+    if table.name == "presentations" and mapping.start_date:  # every presentation needs its start date
+        frame[START], problems = _dates(frame, START, pd.Series(False, index=frame.index), given.file,
+                                        mapping.start_date, mapping.date_format)
     reported = {}
     for name in given.dates:
-        found, reported[name] = _to_days(frame, name, _start_dates(frame, table, f), mapping, given)
+        found, reported[name] = _to_days(frame, name, _start_dates(frame, table, f), missing_markers, mapping, given)
         problems += found
     missingness = []
     for col in table.columns:
