@@ -18,7 +18,6 @@ writes the results folder.
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 from federation.data import Tables
@@ -63,9 +62,11 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     DataError
         When the tables fail validation.
     """
+    from server.coordinator import new_run_name
+
     query, extra = _query_config(query_file)
     CampusPolicy.load(policy)  # a bad policy file is the user's mistake, reported before anything starts
-    cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=f"{out.name}-{secrets.token_hex(4)}")
+    cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out))
 
     def headline(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
         from federation.data import campus_names
