@@ -27,12 +27,11 @@ leaves the campus.
 from __future__ import annotations
 
 import math
-import zlib
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from federation.contract import parse_version, supports, version_text
 from federation.data import dataset_id, load_tables
@@ -40,19 +39,20 @@ from federation.mapping import Mapping, MappingError, load_mapping
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
 from federation.policy import CampusPolicy
-from federation.privacy import DPSettings, History, calibrate_noise, epsilon, steps_per_epoch
+from federation.privacy import DPSettings, History, calibrate_noise, epsilon, poisson_plan
 from federation.proto.analytics_pb2 import StatisticQuery
-from federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, STATE_PRIVACY, RunConfig,
+from federation.randomness import SECRET, Randomness, round_seed
+from federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, ConfigError, RunConfig,
                                   subgroup_keys)
 from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
 from federation.tasks import TaskData, build_task, feature_names, n_outputs, split
 from federation.training import evaluate, subgroup_metrics, train
 
-from .guard import release_guard
+from .guard import GuardedClientApp, release_guard
 from .node import CampusRefusal, CampusSetup, campus_setup, run_id
 from .secagg import secure_aggregation_mod
 
-app = ClientApp(mods=[release_guard])
+app = GuardedClientApp(mods=[release_guard])
 
 
 @dataclass
@@ -87,23 +87,24 @@ def campus_mapping(setup: CampusSetup, contract_version: str) -> Mapping:
     return mapping
 
 
-def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
-    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process).
+def _files_identity(folder: Path) -> tuple:
+    # (name, size, mtime) of every file in the data folder: a changed file is read again.
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if (st := p.stat()) and p.is_file()))
 
-    Raises CampusRefusal as :func:`campus_mapping`."""
-    key = (str(setup.data_dir), str(setup.mapping), cfg.contract_version, cfg.task, cfg.cutoff_day, cfg.split,
-           cfg.test_fraction, cfg.seed)
+
+def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
+    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process, and read
+    again when a data file's size or modification time changes).
+
+    Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
+    key = (str(setup.data_dir), _files_identity(setup.data_dir), str(setup.mapping), cfg.contract_version, cfg.task,
+           cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
         data = build_task(cfg.task, load_tables(setup.data_dir, mapping), cfg.cutoff_day)
         train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
         _CAMPUS_CACHE[key] = Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
     return _CAMPUS_CACHE[key]
-
-
-def round_seed(cfg: RunConfig, campus: str, server_round: int) -> int:
-    """Seed for one campus's local training in one round (reproducible, distinct per campus and round)."""
-    return (cfg.seed * 1_000_003 + server_round * 1009 + zlib.crc32(campus.encode())) % 2**31
 
 
 def _model(cfg: RunConfig, msg: Message):
@@ -116,21 +117,18 @@ def _campus_record(name: str) -> ConfigRecord:
     return ConfigRecord({"name": name})
 
 
-# Settings that fix this campus's privacy guarantee for a run: taken from the first
-# round's request and never changed by a later one.
-PRIVACY_CONTRACT = ("dp", "target-epsilon", "delta", "max-grad-norm", "num-rounds", "local-epochs", "batch-size")
+# Settings that fix this campus's privacy guarantee for a run: pinned in the ledger by the run's
+# first request (of its run name) and never changed by a later one, in any Flower run.
+PRIVACY_CONTRACT = ("dp", "target-epsilon", "delta", "max-grad-norm", "num-rounds", "local-epochs", "batch-size",
+                    "reproducible-noise")
 
 
-def _check_contract(cfg: RunConfig, state: ConfigRecord, campus: str, server_round: int) -> None:
+def _check_contract(cfg: RunConfig, ledger: PrivacyLedger, campus: Campus, run: str, server_round: int) -> None:
     values = cfg.to_flower()
-    requested = {k: values[k] for k in PRIVACY_CONTRACT}
-    agreed = {k: state[f"contract.{k}"] for k in PRIVACY_CONTRACT if f"contract.{k}" in state}
-    changed = {k: (agreed[k], v) for k, v in requested.items() if k in agreed and agreed[k] != v}
+    changed = ledger.pin(campus.dataset, run, {k: values[k] for k in PRIVACY_CONTRACT})
     if changed:
         detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise CampusRefusal(f"campus {campus} refuses round {server_round}: the run's privacy settings changed ({detail})")
-    for k, v in requested.items():
-        state[f"contract.{k}"] = v
+        raise CampusRefusal(f"campus {campus.name} refuses round {server_round}: the run's privacy settings changed ({detail})")
 
 
 def _check_policy(setup: CampusSetup, cfg: RunConfig, server_round: int) -> None:
@@ -173,31 +171,29 @@ def train_handler(msg: Message, context: Context) -> Message:
     _check_policy(setup, cfg, server_round)
     campus = load_campus(setup, cfg)
     model = _model(cfg, msg)
-    state = context.state.get(STATE_PRIVACY, ConfigRecord())
-    _check_contract(cfg, state, campus.name, server_round)
-    context.state[STATE_PRIVACY] = state
     run = run_id(msg.content[CONFIG], context)
     n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
+    seed = round_seed(cfg.seed, campus.name, server_round)
     with closing(PrivacyLedger(setup.state_dir)) as ledger:
+        _check_contract(cfg, ledger, campus, run, server_round)
         history = ledger.history(campus.dataset, run)
         if n > 0:
-            spe = steps_per_epoch(n, cfg.batch_size)
-            q = 1.0 / spe
+            q, steps = poisson_plan(n, cfg.batch_size)
             if cfg.dp:
                 # σ is fixed for the run by its first round: calibrated so that all of the
                 # run's steps spend at most target-epsilon, never below the policy's floor.
                 sigma = history[0][0] if history else calibrate_noise(
                     DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), n, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
                 sigma = setup.policy.noise_multiplier(sigma) if setup.policy else sigma
-                _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * spe), server_round)
+                _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * steps), server_round)
             result = train(
                 model, campus.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=round_seed(cfg, campus.name, server_round),
-                noise_multiplier=sigma if cfg.dp else None, max_grad_norm=cfg.max_grad_norm,
-                proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                learning_rate=cfg.learning_rate, seed=seed, noise_multiplier=sigma if cfg.dp else None,
+                max_grad_norm=cfg.max_grad_norm, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                randomness=Randomness(seed) if cfg.reproducible_noise else SECRET,
             )
             loss = result.loss
-            released = (sigma if cfg.dp else 0.0, result.sample_rate, result.steps)  # as the accountant saw it
+            released = (sigma if cfg.dp else 0.0, result.sample_rate, result.steps)  # as the sampler ran it
             eps = epsilon([*history, released], cfg.delta)
             if cfg.dp and eps > cfg.target_epsilon:  # fail closed: never released
                 raise CampusRefusal(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
@@ -234,9 +230,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     _check_policy(setup, cfg, int(msg.content[CONFIG]["server-round"]))
     campus = load_campus(setup, cfg)
     k = setup.policy.release.min_cohort_size if setup.policy else 1
-    if len(campus.test) < k:
-        raise CampusRefusal(f"campus {campus.name} refuses to release metrics on {len(campus.test)} test rows: "
-                            f"release.min_cohort_size is {k}")
+    if len(campus.test) < k:  # the reason does not say how many: a count below k is what k withholds
+        raise CampusRefusal(f"campus {campus.name} refuses to release metrics: it has fewer test rows than "
+                            f"release.min_cohort_size ({k})")
     model = _model(cfg, msg)
     scores = evaluate(model, campus.train, campus.test, cfg.task)
     metrics = MetricRecord({NUM_EXAMPLES: len(campus.test),
@@ -245,6 +241,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, group_k).items():
         metrics.update(zip(keys[group], (n, value)))
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
+
+
+QUERY_CONFIG = frozenset({QUERY_KEY, "contract-version", "run-name", "server-round"})
+"""The config keys a statistic query may carry."""
 
 
 @app.query()
@@ -267,6 +267,9 @@ def query_handler(msg: Message, context: Context) -> Message:
         or one the campus policy or its remaining ε budget does not allow.
     """
     config = msg.content[CONFIG]
+    unknown = sorted(set(config) - QUERY_CONFIG)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s) of a statistic query: {', '.join(unknown)}")
     setup = campus_setup(context.node_config)
     run, server_round = run_id(config, context), int(config.get("server-round", 1))
     query = StatisticQuery.FromString(config[QUERY_KEY])

@@ -23,15 +23,20 @@ least ``release.min_cohort_size`` records. Anything else (an extra array or
 record, a string, a list of per-student values, a metric on too few records)
 is blocked: the coordinator gets an error reply (code ``BLOCKED``) saying it
 was blocked, and nothing of the content. A request the ClientApp refuses (its
-policy, its privacy budget, an invalid configuration) is answered with an
-error reply (code ``REFUSED``) carrying only the reason. Every outcome, sent,
-blocked or refused, is written to the campus's audit log
-(:mod:`federation.audit`) before the mod returns.
+policy, its privacy budget, an invalid configuration, a message type it does
+not answer) is answered with an error reply (code ``REFUSED``) carrying only
+the reason. Any other failure (an exception while handling the message, such
+as data that no longer validate) is answered with an error reply (code
+``FAILED``) carrying a fixed sentence, never the exception's text, which may
+quote a student's record. Every outcome, sent, blocked, refused or failed, is
+written to the campus's audit log (:mod:`federation.audit`) with its details
+before the mod returns.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from contextlib import closing
 
@@ -39,6 +44,7 @@ import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
+from flwr.clientapp import ClientApp
 from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -54,12 +60,14 @@ from federation.models import build_model
 from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
 from federation.policy import CampusPolicy, PolicyError
-from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, REFUSED,
+from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, FAILED, METRICS, NUM_EXAMPLES, REFUSED,
                                   SUBGROUPS, TRAIN_METRICS, ConfigError, RunConfig, subgroup_keys)
 from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, answer_problems
 from federation.tasks import feature_names, n_outputs
 
-from .node import CampusRefusal, campus_setup, run_id
+from .node import CampusRefusal, CampusSetup, campus_setup, run_id
+
+logger = logging.getLogger(__name__)
 
 # SecAgg+ (Flower's secaggplus_mod): the record holding each stage's request and reply values, and the
 # records of a masked-vector reply, which is Flower's legacy FitRes with its parameters emptied.
@@ -300,24 +308,50 @@ def _answer_violations(msg: Message, reply: Message, k: int) -> list[str]:
 
 def release_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower client mod: let a reply leave only if :func:`violations` (:func:`secagg_violations` for a
-    SecAgg+ stage) finds nothing; log every outcome."""
-    setup = campus_setup(context.node_config)
-    config = msg.content.config_records.get(CONFIG, {})
-    run = run_id(config, context)
+    SecAgg+ stage) finds nothing; log every outcome.
+
+    What the coordinator gets back on anything but a clean reply holds nothing
+    computed from the campus's data: a refusal (``REFUSED``) carries the
+    refusal's reason, which names the policy key or the setting and is built
+    from the request, the policy and the ledger only; a blocked reply
+    (``BLOCKED``) and a fault (``FAILED``: any other exception, such as data
+    that no longer validate) carry a fixed sentence naming the campus and the
+    message type. The details (which record, which value) stay in the
+    campus's audit log.
+    """
+    record = AuditRecord(recorded_at="", campus=str(context.node_config.get("campus", "")),
+                         message_type=msg.metadata.message_type)
+    state_dir = None
+    try:
+        setup = campus_setup(context.node_config)
+        state_dir, record.campus = setup.state_dir, setup.name
+        config = msg.content.config_records.get(CONFIG, {})
+        record.run_id, record.server_round = run_id(config, context), int(config.get("server-round", 0))
+        record.message_type = message_kind(msg)
+        return _guarded(msg, context, call_next, setup, record)
+    except Exception as err:  # a fault, not a decision: the reason stays here
+        record.sent, record.reason, record.recorded_at = False, f"failed: {type(err).__name__}: {err}", now()
+        if state_dir is not None:
+            _log(state_dir, record)
+        logger.exception("campus %s: the %s message failed", record.campus, record.message_type)
+        return Message(Error(code=FAILED, reason=fault_reason(record.campus, record.message_type)), reply_to=msg)
+
+
+def fault_reason(campus: str, message_type: str) -> str:
+    """The fixed reason of a ``FAILED`` reply: which campus, which message, where the details are."""
+    return f"campus {campus}: the {message_type} message failed on the campus (details in its audit log)"
+
+
+def _guarded(msg: Message, context: Context, call_next: Callable[[Message, Context], Message], setup: CampusSetup,
+             record: AuditRecord) -> Message:
     stage = secagg_stage(msg)
     asked = None if stage is None else dict(msg.content.config_records[SECAGG])  # as it arrived: the mod consumes it
-    record = AuditRecord(recorded_at="", campus=setup.name, run_id=run, server_round=int(config.get("server-round", 0)),
-                         message_type=message_kind(msg))
     try:
         reply = call_next(msg, context)
     except (CampusRefusal, ConfigError, PolicyError) as err:
         record.sent, record.reason, record.recorded_at = False, f"refused: {err}", now()
         _log(setup.state_dir, record)
         return Message(Error(code=REFUSED, reason=str(err)), reply_to=msg)
-    except Exception as err:  # a fault, not a decision: Flower reports it as the ClientApp's exception
-        record.sent, record.reason, record.recorded_at = False, f"failed: {type(err).__name__}: {err}", now()
-        _log(setup.state_dir, record)
-        raise
     min_cohort = setup.policy.release.min_cohort_size if setup.policy else 0
     problems = (violations(msg, reply, min_cohort) if stage is None
                 else secagg_violations(stage, asked, msg, reply, context, min_cohort))
@@ -331,12 +365,33 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         record.num_examples = int(n) if isinstance(n, int) else 0
     record.payload_bytes, record.payload_sha256 = payload_digest(reply.content)
     if record.sent and record.message_type in ("train", "query", f"secaggplus:{Stage.COLLECT_MASKED_VECTORS}"):
-        record.dp.CopyFrom(_dp_release(setup.state_dir, run, record.server_round))
+        record.dp.CopyFrom(_dp_release(setup.state_dir, record.run_id, record.server_round))
     record.recorded_at = now()
     _log(setup.state_dir, record)
     if problems:
-        return Message(Error(code=BLOCKED, reason=f"campus {setup.name}: release guard blocked the reply ({record.reason})"), reply_to=msg)
+        return Message(Error(code=BLOCKED, reason=f"campus {setup.name}: release guard blocked the {record.message_type} "
+                                                  "reply (details in its audit log)"), reply_to=msg)
     return reply
+
+
+def _refuse_unknown(msg: Message, context: Context) -> Message:
+    raise CampusRefusal(f"campus {campus_setup(context.node_config).name} refuses message type "
+                        f"{msg.metadata.message_type!r}: it answers only {', '.join(HANDLED)}")
+
+
+HANDLED = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
+"""The message types a campus answers (each with its default action)."""
+
+
+class GuardedClientApp(ClientApp):
+    """Flower's ClientApp, but a message of a type the campus does not answer (e.g. ``train.other``) is refused
+    through :func:`release_guard` and audited, instead of failing before any mod runs."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind = message.metadata.message_type
+        if kind in HANDLED or kind in (f"{t}.default" for t in HANDLED):
+            return super().__call__(message, context)
+        return release_guard(message, context, _refuse_unknown)
 
 
 def _masked_specs(reply: Message) -> list[ArraySpec]:

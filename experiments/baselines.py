@@ -6,7 +6,7 @@
 * ``local``: every campus trains alone and is evaluated on its own test rows.
 
 Both train with the federated run's features, splits, model, optimizer and
-DP-SGD code, for ``num_rounds * local_epochs`` epochs, evaluating after each
+DP-SGD code (noise and sampling secret unless ``reproducible-noise``), for ``num_rounds * local_epochs`` epochs, evaluating after each
 round's worth of epochs (subgroup metrics on groups of at least the default
 policy's ``release.min_cohort_size`` test rows per campus, as a federated
 campus without a policy sends), and write the same results folder.
@@ -21,6 +21,7 @@ from federation.data import Tables
 from federation.models import build_model
 from federation.policy import CampusPolicy
 from federation.privacy import DPSettings, calibrate_noise, epsilon
+from federation.randomness import SECRET, Randomness, round_seed
 from federation.results import Report
 from federation.runconfig import RunConfig
 from federation.tasks import TaskData, campus_splits, feature_names, n_outputs
@@ -56,10 +57,12 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
         for g, (train_part, members) in groups.items():
             if not len(train_part):
                 continue
+            seed = round_seed(cfg.seed, g, server_round)
             result = train(
                 models[g], train_part, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=cfg.seed * 1_000_003 + server_round,
-                noise_multiplier=sigmas.get(g), max_grad_norm=cfg.max_grad_norm, history=histories[g],
+                learning_rate=cfg.learning_rate, seed=seed, noise_multiplier=sigmas.get(g),
+                max_grad_norm=cfg.max_grad_norm, history=histories[g],
+                randomness=Randomness(seed) if cfg.reproducible_noise else SECRET,
             )
             histories[g] = result.history
             steps_done[g] += result.steps

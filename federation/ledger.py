@@ -15,10 +15,16 @@ the sum of the per-run ε values, the conservative alternative.
 
 Each write is committed before :meth:`PrivacyLedger.record` returns, so a
 release is on disk before its message is handed to Flower.
+
+The ledger also pins each run's privacy settings (:meth:`PrivacyLedger.pin`):
+the first request of a run name fixes them for that dataset, and any later
+request of the same run name, in a new Flower run or after a campus restart,
+must ask for exactly the same.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timezone
@@ -62,6 +68,8 @@ class PrivacyLedger:
         columns = ", ".join(f"{f.name} {_SQL_TYPES[f.type]} NOT NULL" for f in fields(Release))
         with self._db:
             self._db.execute(f"CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, {columns})")
+            self._db.execute("CREATE TABLE IF NOT EXISTS run_settings (dataset TEXT NOT NULL, run_id TEXT NOT NULL, "
+                             "settings TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (dataset, run_id))")
 
     def close(self) -> None:
         self._db.close()
@@ -73,6 +81,23 @@ class PrivacyLedger:
             self._db.execute(f"INSERT INTO releases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                              astuple(stamped))
         return stamped
+
+    def pin(self, dataset: str, run_id: str, settings: dict[str, int | float | str | bool]) -> dict[str, tuple]:
+        """Pin ``settings`` for run ``run_id`` on ``dataset`` if none are pinned yet (committed at once).
+
+        Returns every key whose pinned value differs from the requested one, as
+        ``key -> (pinned, requested)`` (a key missing on either side counts as
+        different); empty when the request matches what is pinned.
+        """
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO run_settings VALUES (?, ?, ?, ?)",
+                             (dataset, run_id, json.dumps(settings, sort_keys=True),
+                              datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        (text,) = self._db.execute("SELECT settings FROM run_settings WHERE dataset = ? AND run_id = ?",
+                                   (dataset, run_id)).fetchone()
+        pinned = json.loads(text)
+        return {k: (pinned.get(k), settings.get(k)) for k in sorted(set(pinned) | set(settings))
+                if pinned.get(k) != settings.get(k) or (k in pinned) != (k in settings)}
 
     def releases(self, dataset: str | None = None, run_id: str | None = None) -> list[Release]:
         """Recorded releases in the order they were made, optionally of one dataset and one run."""

@@ -67,9 +67,21 @@ class DPSettings:
             raise ValueError(f"max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
 
 
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    """Optimizer steps per local epoch under Poisson sampling (Opacus: ``ceil(n / batch_size)``)."""
-    return max(1, math.ceil(n_examples / batch_size))
+def poisson_plan(n_examples: int, batch_size: int) -> tuple[float, int]:
+    """(sampling rate q, steps per epoch) of DP-SGD's Poisson sampling over ``n_examples`` rows at expected
+    batch ``batch_size``: exactly what Opacus's ``DPDataLoader`` runs for a plain loader of that batch size,
+    ``q = 1 / ceil(n / batch_size)`` and ``int(1 / q)`` batches per epoch (which is one fewer than
+    ``ceil(n / batch_size)`` wherever the division rounds down, e.g. 92 at n = 5,000, batch 54).
+
+    Raises
+    ------
+    ValueError
+        Unless ``n_examples`` and ``batch_size`` are >= 1.
+    """
+    if n_examples < 1 or batch_size < 1:
+        raise ValueError(f"Poisson sampling needs n_examples and batch_size >= 1, got {n_examples}, {batch_size}")
+    q = 1 / math.ceil(n_examples / batch_size)
+    return q, int(1 / q)
 
 
 @contextlib.contextmanager
@@ -83,10 +95,10 @@ def _best_order_is_largest_ok():
 
 def calibrate_noise(settings: DPSettings, n_examples: int, batch_size: int, epochs: int) -> float:
     """The smallest noise multiplier (Opacus's search, tolerance 0.01 in ε) such that ``epochs``
-    epochs of DP-SGD over ``n_examples`` rows, at sampling rate ``1 / steps_per_epoch(n, batch)``,
-    spend at most ``settings.target_epsilon`` at ``settings.delta``."""
-    spe = steps_per_epoch(n_examples, batch_size)
-    return _calibrated(settings, 1.0 / spe, epochs * spe)
+    epochs of DP-SGD over ``n_examples`` rows, at the sampling rate and steps of
+    :func:`poisson_plan` (what the sampler runs), spend at most ``settings.target_epsilon`` at ``settings.delta``."""
+    q, steps = poisson_plan(n_examples, batch_size)
+    return _calibrated(settings, q, epochs * steps)
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,11 +21,13 @@ import torch
 from rich.console import Console
 
 from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
+from .randomness import REPRODUCIBLE_WARNING
 from .runconfig import EVALUATE_METRICS, NUM_EXAMPLES, PRIMARY_METRIC, SUBGROUPS
 
 METRIC_NAMES = {"auc": "AUC", "macro_f1": "macro-F1"}
 """How the console and plots name each task's primary metric."""
 NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
+SECRET_NOISE = "secret: drawn on each campus from OS entropy for every release, never from the run config"
 
 
 def versions() -> dict[str, str]:
@@ -86,7 +88,10 @@ class Report:
     """Collects per-round, per-campus results of one run and writes the results folder.
 
     ``config`` is stored as given under ``summary["config"]`` and names the run's
-    ``task``; ``dp`` says whether DP was on.
+    ``task`` (and ``reproducible-noise``, when the run asked for it); ``dp`` says
+    whether DP was on. A DP run with reproducible noise is marked
+    (:data:`~federation.randomness.REPRODUCIBLE_WARNING`) on the console, in
+    summary.json, in the CSVs and on the plot.
     """
 
     config: dict
@@ -106,6 +111,20 @@ class Report:
     def __post_init__(self) -> None:
         if not self.dp:
             self.console.print(f"[bold red]WARNING: --no-dp: {NO_DP_WARNING}[/bold red]")
+        if self.reproducible_noise:
+            self.console.print(f"[bold red]WARNING: --reproducible-noise: {REPRODUCIBLE_WARNING}[/bold red]")
+
+    @property
+    def reproducible_noise(self) -> bool:
+        """Whether DP noise and sampling followed the run's seed (research only; never private against the coordinator)."""
+        return self.dp and bool(self.config.get("reproducible-noise", False))
+
+    @property
+    def noise(self) -> str | None:
+        """Where the DP noise came from, as outputs state it (None without DP)."""
+        if not self.dp:
+            return None
+        return REPRODUCIBLE_WARNING if self.reproducible_noise else SECRET_NOISE
 
     @property
     def task(self) -> str:
@@ -168,6 +187,7 @@ class Report:
         self._evaluated_now = set()
         self.rounds.append(row)
         eps = f"max ε {row['epsilon_max']:.3f}" if self.dp else "[bold red]NO DP[/bold red]"
+        eps += f" [bold red]({REPRODUCIBLE_WARNING})[/bold red]" if self.reproducible_noise else ""
         key, name = self.primary, METRIC_NAMES[self.primary]
         self.console.print(
             f"round {server_round:>3}/{num_rounds}  loss {row['train_loss']:.4f}  "
@@ -247,6 +267,7 @@ class Report:
             "privacy": {
                 "dp": self.dp,
                 **({"warning": NO_DP_WARNING} if not self.dp else {}),
+                "noise": self.noise,
                 "epsilon": self.epsilon_max(),
                 "epsilon_is": "maximum over campuses",
                 "delta": self.delta if self.dp else None,
@@ -274,7 +295,9 @@ class Report:
         # As in summary.json, no ε applies without DP: an empty cell, not "inf".
         for name, table in (("rounds.csv", self.rounds), ("campuses.csv", rows)):
             frame = pd.DataFrame(table).replace([math.inf, -math.inf], math.nan)
-            frame.assign(dp=self.dp, privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None).to_csv(out / name, index=False)
+            frame.assign(dp=self.dp, privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None,
+                         noise="reproducible" if self.reproducible_noise else ("secret" if self.dp else None),
+                         ).to_csv(out / name, index=False)
         columns = ["attribute", "value", "campuses", "n_test", self.primary]
         pd.DataFrame(fairness, columns=columns).to_csv(out / "fairness.csv", index=False)
         if state_dict is not None:
@@ -283,6 +306,7 @@ class Report:
         g = summary["global"]
         privacy = (f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g}, per {PRIVACY_UNIT_SHORT})"
                    if self.dp else "[bold red]NO DP[/bold red]")
+        privacy += f" [bold red]({REPRODUCIBLE_WARNING})[/bold red]" if self.reproducible_noise else ""
         if central := summary["privacy"]["client_level"]:
             privacy += f", client-level ε = {central['epsilon']:.3f} (central DP, δ = {self.delta:g}, per campus)"
         key, name = self.primary, METRIC_NAMES[self.primary]
@@ -314,7 +338,10 @@ class Report:
             right.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="max ε")
             right.set_ylabel(f"ε (max over campuses, δ={self.delta:g}, per {PRIVACY_UNIT_SHORT})")
             right.legend(loc="lower right")
-            ax.set_title(f"Test {name} and privacy spent per round")
+            if self.reproducible_noise:
+                ax.set_title(f"Test {name} and privacy spent per round\n{REPRODUCIBLE_WARNING}", color="red")
+            else:
+                ax.set_title(f"Test {name} and privacy spent per round")
         else:
             ax.set_title(f"Test {name} per round — NO DIFFERENTIAL PRIVACY", color="red")
         ax.legend(loc="upper left")

@@ -28,11 +28,12 @@ CONFIG = "config"
 METRICS = "metrics"
 CAMPUS = "campus"
 NUM_EXAMPLES = "num-examples"
-STATE_PRIVACY = "privacy"
 # Error codes of a campus's error replies: it refused the request (its policy,
-# its privacy budget, an invalid config), or its release guard blocked the reply.
+# its privacy budget, an invalid config), its release guard blocked the reply, or
+# handling the message failed on the campus (the reason then is a fixed sentence).
 REFUSED = 4000
 BLOCKED = 4001
+FAILED = 4002
 # The metric keys of each reply (evaluate: per task, and the subgroup_keys below): the
 # campus's release guard lets no other key leave.
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
@@ -69,6 +70,11 @@ def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
     metric = PRIMARY_METRIC[task]
     return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}")
             for a, vocab in SUBGROUPS.items() for v in vocab}
+
+
+LIMITS = {"num_rounds": 10_000, "local_epochs": 1_000, "batch_size": 1_000_000, "min_campuses": 100_000,
+          "shards": 100_000}
+"""The largest value of each whole-number setting (a run that large is a mistake, not a study)."""
 
 
 class ConfigError(ValueError):
@@ -139,6 +145,7 @@ class RunConfig:
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
     secagg_max_weight: float = 100000.0
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,10 +157,10 @@ class RunConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
-        positive_ints = ("num_rounds", "local_epochs", "batch_size", "min_campuses", "shards")
-        for key in positive_ints:
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected a whole number >= 1")
+        for key, most in LIMITS.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ConfigError(f"{_key(key)} = {value!r}; expected a whole number from 1 to {most}")
         for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout", "central_noise_multiplier",
                     "central_clipping_norm", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_max_weight"):
             value = getattr(self, key)

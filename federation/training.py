@@ -12,13 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .privacy import ACCOUNTANT, History
+from .privacy import History, poisson_plan
+from .randomness import SECRET, Randomness, gaussian
 from .runconfig import PRIMARY_METRIC, SUBGROUPS
 from .tasks import CLASSES, TaskData
 
@@ -51,6 +56,23 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return row_loss(logits, y).sum() / max(len(y), 1)
 
 
+class _SecretNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DP-SGD optimizer with its Gaussian noise drawn from ``rng`` (:func:`federation.randomness.gaussian`)
+    instead of torch's generator; clipping, scaling and the accountant's step hook are Opacus's own."""
+
+    def __init__(self, *args, rng: np.random.Generator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rng = rng
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = torch.from_numpy(gaussian(self._rng, std, tuple(p.summed_grad.shape)))
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def train(
     model: nn.Module,
     data: TaskData,
@@ -63,14 +85,21 @@ def train(
     max_grad_norm: float | None = None,
     history: History = (),
     proximal_mu: float = 0.0,
+    randomness: Randomness = SECRET,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with SGD, or DP-SGD when ``noise_multiplier`` is given.
 
-    DP-SGD (Opacus ``make_private``): Poisson sampling with rate
-    ``1 / ceil(n / batch_size)``, per-example clipping to ``max_grad_norm``,
-    Gaussian noise. Every step, empty batches included, is added to the
-    accountant history, which starts from ``history`` (the steps released in
-    earlier rounds) so ε composes over the whole run. The model is wrapped
+    DP-SGD (Abadi et al., CCS 2016) from Opacus's parts (``GradSampleModule``,
+    ``DPDataLoader``, ``DPOptimizer``, the RDP accountant's step hook, as
+    ``PrivacyEngine.make_private`` assembles them): Poisson sampling at the rate
+    and for the steps of :func:`federation.privacy.poisson_plan`, per-example
+    clipping to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier *
+    max_grad_norm``. Noise and sampling come from ``randomness`` (secret by
+    default, :mod:`federation.randomness`), never from ``seed``, which orders
+    the batches of plain SGD only. Every step, empty batches included, is added
+    to the accountant history, which starts from ``history`` (the steps released
+    in earlier rounds) so ε composes over the whole run; the returned
+    ``sample_rate`` and ``steps`` are what the sampler ran. The model is wrapped
     afresh on each call, so Opacus hooks never stack across rounds.
 
     FedProx (Li et al., MLSys 2020): with ``proximal_mu`` > 0 each step also
@@ -78,32 +107,31 @@ def train(
     proximal_mu * (w - w_start)``; that term does not depend on data, so it is
     applied after the private gradient step and costs no privacy.
     """
-    torch.manual_seed(seed)
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
-    net = model
-    engine = None
+    net: nn.Module = model
+    accountant = None
     losses, steps = [], 0
     with warnings.catch_warnings():
-        # Noise comes from torch's default generator, as in Opacus without secure_mode
-        # (see README, "Limitations"); the warning would repeat on every round.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         # Opacus's backward hooks on the first layer, whose input needs no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        if noise_multiplier is not None:
-            engine = PrivacyEngine(accountant=ACCOUNTANT)
-            engine.accountant.history = list(history)
-            net, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                poisson_sampling=True,
-            )
+        if noise_multiplier is None:
+            torch.manual_seed(seed)  # the shuffle follows torch's default generator
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+        else:
+            rng = randomness.generator()
+            sample_rate, _ = poisson_plan(len(dataset), batch_size)
+            sampler = torch.Generator().manual_seed(int(rng.integers(2**63)))
+            loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampler)
+            net = GradSampleModule(model)
+            net.forbid_grad_accumulation()
+            optimizer = _SecretNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                                expected_batch_size=int(len(dataset) * sample_rate), rng=rng)
+            accountant = RDPAccountant()
+            accountant.history = list(history)
+            optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         for _ in range(epochs):
             for x, y in loader:
                 optimizer.zero_grad()
@@ -117,13 +145,12 @@ def train(
                     with torch.no_grad():
                         for p, p0 in zip(model.parameters(), anchor):
                             p.sub_(learning_rate * proximal_mu * (p - p0))
-    sample_rate = 1.0 / len(loader)
-    if engine is not None:
-        new_history = [tuple(h) for h in engine.accountant.history]
+    if accountant is None:
+        sample_rate, new_history = 1.0 / len(loader), list(history)
+    else:
+        new_history = [tuple(h) for h in accountant.history]
         net.remove_hooks()  # the caller's model leaves without Opacus hooks or attributes
         net.cleanup()
-    else:
-        new_history = list(history)
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, sample_rate, new_history)
 
 

@@ -40,7 +40,7 @@ from federation.runconfig import CAMPUS, CONFIG
 from federation.contract import CONTRACT_VERSION, version_text
 from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine, over_submissions
 
-from .app import NO_REPLY, await_campuses, silent_nodes
+from .app import NO_REPLY, await_campuses, error_reason, silent_nodes
 
 
 def answer_query(grid: Grid, context: Context) -> None:
@@ -70,7 +70,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
     answers, refusals, receipts = [], [], []
     for reply in replies:
         if reply.has_error():
-            refusals.append({"node": reply.metadata.src_node_id, "code": reply.error.code, "reason": reply.error.reason})
+            refusals.append({"node": reply.metadata.src_node_id, "code": reply.error.code, "reason": error_reason(reply)})
             continue
         answer = StatisticAnswer.FromString(reply.content[ANSWER][ANSWER])
         answers.append(answer)

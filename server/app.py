@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
 from federation.audit import payload_digest
 from federation.models import build_model
 from federation.results import Report
-from federation.runconfig import BLOCKED, CAMPUS, METRICS, NUM_EXAMPLES, REFUSED, RunConfig, subgroup_keys
+from federation.runconfig import BLOCKED, CAMPUS, FAILED, METRICS, NUM_EXAMPLES, REFUSED, RunConfig, subgroup_keys
 from federation.statistics import QUERY_KEY
 from federation.tasks import feature_names, n_outputs
 
@@ -162,6 +163,19 @@ def load_checkpoint(out: Path, run_name: str) -> dict | None:
 
 
 NO_REPLY = "node {node}: no reply (disconnected, or past round-timeout)"
+CAMPUS_CODES = (REFUSED, BLOCKED, FAILED)
+"""Error codes set by a campus's release guard, whose reasons it builds without data (:mod:`clients.guard`)."""
+
+
+def error_reason(reply: Message) -> str:
+    """What the coordinator keeps of an error reply: the campus guard's reason for its own codes; for any other
+    code (Flower's, e.g. a ClientApp that crashed outside the guard) only the code, since Flower's reason may
+    carry an exception's text."""
+    node, code = reply.metadata.src_node_id, reply.error.code
+    if code in CAMPUS_CODES:
+        return f"node {node}: {reply.error.reason}"
+    name = next((k for k, v in vars(ErrorCode).items() if v == code and not k.startswith("_")), "UNKNOWN")
+    return f"node {node}: Flower error {code} ({name}); its reason is not kept"
 
 
 def silent_nodes(asked: Iterable[int], replies: Iterable[Message]) -> list[int]:
@@ -216,7 +230,7 @@ class ReportingStrategy(Strategy):
         for reply in replies:
             if reply.has_error():
                 if reply.metadata.src_node_id in self._asked:  # else the SuperLink's: counted as no reply below
-                    self.report.add_failure(server_round, phase, f"node {reply.metadata.src_node_id}: {reply.error.reason}",
+                    self.report.add_failure(server_round, phase, error_reason(reply),
                                             refused=reply.error.code in (REFUSED, BLOCKED))
             else:
                 campus = str(reply.content[CAMPUS]["name"])

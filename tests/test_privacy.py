@@ -17,7 +17,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from clients.app import CampusRefusal, evaluate_handler, train_handler
 from federation.ledger import PrivacyLedger
 from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, steps_per_epoch
+from federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
 from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, SIM_ENV, SIM_MANIFEST, RunConfig
 from federation.tasks import TaskData, build_task, feature_names, split
 from federation.training import train
@@ -37,7 +37,7 @@ def aaa_train(aaa) -> TaskData:
 
 def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(aaa_train):
     settings = DPSettings(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0)
-    spe = steps_per_epoch(len(aaa_train), 64)
+    q, spe = poisson_plan(len(aaa_train), 64)
     sigma = calibrate_noise(settings, len(aaa_train), 64, 3 * 2)
     model = build_model("mlp", len(feature_names()))
     history = []
@@ -47,8 +47,8 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
         assert result.steps == 2 * spe
         history = result.history
         spent = epsilon(history, 1e-5)
-        assert spent == pytest.approx(_independent_epsilon(sigma, 1 / spe, (r + 1) * 2 * spe, 1e-5), rel=1e-9)
-    assert history == [(sigma, 1 / spe, 3 * 2 * spe)]  # never reset between rounds
+        assert spent == pytest.approx(_independent_epsilon(sigma, q, (r + 1) * 2 * spe, 1e-5), rel=1e-9)
+    assert history == [(sigma, q, 3 * 2 * spe)]  # never reset between rounds
     assert 0 < spent <= 2.0 and spent > 1.9
     # no Opacus hooks or per-sample attributes left on the caller's model
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
@@ -207,6 +207,6 @@ def test_metrics_on_fewer_test_rows_than_the_cohort_minimum_are_not_released(aaa
     policy = tmp_path / "policy.toml"
     policy.write_text("[release]\nmin_cohort_size = 1000\n")
     cfg = RunConfig(model="logistic")
-    with pytest.raises(CampusRefusal, match="140 test rows: release.min_cohort_size is 1000"):
+    with pytest.raises(CampusRefusal, match=r"fewer test rows than release.min_cohort_size \(1000\)"):
         evaluate_handler(_message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
                          _campus_context(aaa_dir, policy=str(policy)))

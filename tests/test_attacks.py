@@ -1,0 +1,245 @@
+"""The coordinator as an attacker: everything it sees (run config, round, campus name, replies) used against a campus.
+
+Each test plays a curious or malicious coordinator against the real ClientApp (``clients.app.app``, release guard
+included) on campus AAA's real rows, and checks the attack fails; where an attack needs a campus to have opted out of
+a protection (reproducible noise), the same attack is shown to succeed there, so the test can tell the two apart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from opacus.data_loader import DPDataLoader
+from rich.console import Console
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients.app import app
+from experiments.cli import CampusesFailed, _check_refusals
+from federation.audit import AuditLog
+from federation.data import Tables
+from federation.ledger import PrivacyLedger
+from federation.models import build_model
+from federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
+from federation.randomness import Randomness, gaussian, round_seed
+from federation.results import Report
+from federation.runconfig import ARRAYS, CONFIG, FAILED, METRICS, REFUSED, SIM_ENV, SIM_MANIFEST, RunConfig
+from federation.statistics import QUERY_KEY
+from federation.tasks import build_task, feature_names, split
+from federation.training import train
+from server.app import ReportingStrategy, build_strategy
+
+
+def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: dict | None = None) -> Message:
+    arrays = arrays or build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict()
+    config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
+    return Message(RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: config}), dst_node_id=1, message_type=kind)
+
+
+def _context(campus_dir: Path, state: Path, run_id: int = 5, **node_config) -> Context:
+    config = {"data-dir": str(campus_dir), "campus": "AAA", "state-dir": str(state), **node_config}
+    return Context(run_id=run_id, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def _flat(state: dict) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in state.values()])
+
+
+# --- 1. predicting and subtracting the DP-SGD noise ------------------------------------------------------------------
+
+# One full-batch step (batch 1024 > AAA's 563 training rows: q = 1, every row in the batch), so that the update is
+# -lr * (clipped gradient sum + noise) / n and a coordinator that knew the noise would get the clipped sum exactly.
+ATTACK = RunConfig(model="logistic", num_rounds=1, batch_size=1024, learning_rate=0.3, target_epsilon=3.0)
+
+
+def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None) -> torch.Tensor:
+    """The coordinator's estimate of the campus's clipped gradient sum: the update, rescaled, minus the noise it
+    predicts from the public seed by replaying the campus's code (the sampler's draw, then each parameter's noise)."""
+    metrics = reply.content[METRICS]
+    n, sigma = int(metrics["num-examples"]), float(metrics["noise-multiplier"])
+    after = reply.content[ARRAYS].to_torch_state_dict()
+    noisy_sum = (_flat(start) - _flat(after)) * n / cfg.learning_rate
+    rng = Randomness(seed).generator()
+    rng.integers(2**63)  # the Poisson sampler's seed
+    predicted = torch.cat([torch.from_numpy(gaussian(rng, sigma * cfg.max_grad_norm, tuple(t.shape))).float().flatten()
+                           for t in start.values()])
+    return noisy_sum - predicted
+
+
+def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
+    """What the campus really summed (known to this test, not to the coordinator): the same step without noise."""
+    rows = split(build_task(cfg.task, aaa, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)[0]
+    model = build_model(cfg.model, len(feature_names()))
+    model.load_state_dict(start)
+    train(model, rows, epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0,
+          noise_multiplier=0.0, max_grad_norm=cfg.max_grad_norm)
+    return (_flat(start) - _flat(model.state_dict())) * len(rows) / cfg.learning_rate
+
+
+def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(aaa: Tables, aaa_dir: Path, tmp_path: Path,
+                                                                    task_identity, capsys, monkeypatch):
+    start = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed).state_dict()
+    replies = [app(_request(ATTACK, arrays=start), _context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)]
+    assert not any(r.has_error() for r in replies)
+    updates = [_flat(r.content[ARRAYS].to_torch_state_dict()) for r in replies]
+    assert not torch.equal(updates[0], updates[1])  # two runs of one config: different noise
+
+    truth = _true_sum(aaa, ATTACK, start)
+    sigma = float(replies[0].content[METRICS]["noise-multiplier"])
+    noise_norm = sigma * ATTACK.max_grad_norm * math.sqrt(len(truth))  # the norm of one noise draw, about
+    public_seed = round_seed(ATTACK.seed, "AAA", 1)  # everything the old derivation used is known to the coordinator
+    residual = [float((_recovered_sum(ATTACK, start, r, public_seed) - truth).norm()) for r in replies]
+
+    # The control: a virtual campus of a research simulation without a policy, asked for reproducible noise (the only
+    # place it is allowed), is fully exposed by the same attack.
+    research = RunConfig(**{**ATTACK.__dict__, "reproducible_noise": True})
+    manifest = {"campuses": ["AAA"], "state-root": str(tmp_path / "sim"), "policy": None}
+    (aaa_dir.parent / SIM_MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv(SIM_ENV, str(aaa_dir.parent))
+    simulated = Context(run_id=9, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    exposed = app(_request(research, arrays=start), simulated)
+    assert not exposed.has_error()
+    control = float((_recovered_sum(research, start, exposed, public_seed) - truth).norm())
+    with capsys.disabled():
+        print(f"\nnoise-subtraction attack, ‖recovered − true clipped sum‖ (one noise draw ≈ {noise_norm:.2f}): "
+              f"secret noise {residual[0]:.3f}, {residual[1]:.3f}; reproducible noise (control) {control:.2e}")
+    assert control < 1e-3 * noise_norm  # the attack itself works when the noise is predictable
+    assert min(residual) > 0.5 * noise_norm  # and removes nothing of the secret noise (the residual is ~√2 draws)
+
+
+def test_every_campus_policy_refuses_reproducible_noise(aaa_dir: Path, tmp_path: Path, task_identity):
+    cfg = RunConfig(model="logistic", reproducible_noise=True)
+    reply = app(_request(cfg), _context(aaa_dir, tmp_path / "state", policy=str(_write(tmp_path / "p.toml", ""))))
+    assert reply.error.code == REFUSED and "reproducible-noise" in reply.error.reason
+    assert PrivacyLedger(tmp_path / "state").releases() == []
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- 2. data in error replies ----------------------------------------------------------------------------------------
+
+def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(aaa: Tables, aaa_dir: Path, tmp_path: Path,
+                                                                           task_identity):
+    cfg = RunConfig(model="logistic", num_rounds=2)
+    context, state = _context(aaa_dir, tmp_path / "state"), tmp_path / "state"
+    first = app(_request(cfg, 1), context)
+    assert not first.has_error()
+
+    # A student's record breaks after the run started: an impossible gender for one learner.
+    info = pd.read_csv(aaa_dir / "studentInfo.csv", dtype=str, keep_default_na=False)
+    victim = info.iloc[17]
+    info.loc[17, "gender"] = "Q7Z"
+    info.to_csv(aaa_dir / "studentInfo.csv", index=False)
+    secrets_ = {"Q7Z", victim["id_student"], *info["id_student"]}
+
+    request = _request(cfg, 2, arrays=first.content[ARRAYS].to_torch_state_dict())
+    second = app(request, context)
+    assert second.has_error() and second.error.code == FAILED
+    assert "AAA" in second.error.reason and not _leaks(second.error.reason, secrets_)
+    [*_, record] = AuditLog(state).records()  # the detail stays on the campus
+    assert not record.sent and record.reason.startswith("failed: DataError") and "Q7Z" in record.reason
+
+    # The coordinator side: the strategy records the failure, writes summary.json and prints its log lines.
+    log = io.StringIO()
+    report = Report(config={"mode": "federated", **cfg.to_flower()}, dp=True, delta=cfg.delta,
+                    console=Console(file=log, width=200))
+    strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, 1, 5.0)
+    strategy.ask([request])
+    strategy.received(2, "train", [second])
+    report.end_round(2, 2)
+    summary = report.write(tmp_path / "results", None, 0.0)
+    written = (tmp_path / "results" / "summary.json").read_text()
+    assert not _leaks(written, secrets_) and not _leaks(log.getvalue(), secrets_)
+    with pytest.raises(CampusesFailed, match="campus AAA"):  # the run ends non-zero, naming the campus
+        _check_refusals(summary)
+
+
+def _leaks(text: str, values: set[str]) -> list[str]:
+    tokens = set(re.findall(r"[A-Za-z0-9_]+", text))
+    return sorted(v for v in values if v and v in tokens)
+
+
+def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path):
+    from flwr.app import Error
+
+    from server.app import error_reason
+
+    request = Message(RecordDict(), dst_node_id=3, message_type="train")
+    crash = Message(Error(code=2, reason="ValueError: student 2645731 in AAA 2014J"), reply_to=request)
+    assert error_reason(crash) == "node 3: Flower error 2 (CLIENT_APP_RAISED_EXCEPTION); its reason is not kept"
+
+
+# --- 3. messages and keys the campus does not answer -----------------------------------------------------------------
+
+def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Path, task_identity):
+    reply = app(_request(RunConfig(model="logistic"), kind="train.other"), _context(aaa_dir, tmp_path / "state"))
+    assert reply.error.code == REFUSED and "train.other" in reply.error.reason
+    [record] = AuditLog(tmp_path / "state").records()
+    assert (record.message_type, record.sent) == ("train.other", False) and record.reason.startswith("refused")
+
+
+def test_query_with_an_unknown_config_key_is_refused(aaa_dir: Path, tmp_path: Path, task_identity):
+    config = ConfigRecord({QUERY_KEY: b"", "contract-version": "1.0", "server-round": 1, "seed": 4})
+    reply = app(Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"),
+                _context(aaa_dir, tmp_path / "state"))
+    assert reply.error.code == REFUSED and "unknown configuration key(s) of a statistic query: seed" in reply.error.reason
+
+
+# --- 4. a new Flower run under the same run name ---------------------------------------------------------------------
+
+def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa_dir: Path, tmp_path: Path,
+                                                                             task_identity):
+    state = tmp_path / "state"
+    first = RunConfig(model="logistic", num_rounds=3, run_name="study-7")
+    assert not app(_request(first, 1), _context(aaa_dir, state, run_id=11)).has_error()
+    # A new Flower run (new run id, new context: as after a campus restart), the same run name, a smaller batch.
+    looser = RunConfig(**{**first.__dict__, "batch_size": 16})
+    reply = app(_request(looser, 2), _context(aaa_dir, state, run_id=12))
+    assert reply.error.code == REFUSED and "batch-size 64 -> 16" in reply.error.reason
+    assert len(PrivacyLedger(state).releases()) == 1
+    assert not app(_request(first, 2), _context(aaa_dir, state, run_id=13)).has_error()  # the agreed settings go on
+
+
+# --- 5. the ledger records what ran ----------------------------------------------------------------------------------
+
+def test_poisson_plan_equals_what_opacus_samples_for_many_sizes():
+    rng = np.random.default_rng(20261202)
+    pairs = [(n, b) for n in range(1, 1201) for b in (1, 3, 6, 7, 54, 64, 256, 1024)]
+    pairs += [(int(n), int(b)) for n, b in zip(rng.integers(1, 100_000, 400), rng.integers(1, 2_000, 400))]
+    differ = 0
+    for n, b in pairs:
+        loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.empty(n, 0)), batch_size=b))
+        assert poisson_plan(n, b) == (loader.sample_rate, len(loader)), (n, b)
+        differ += len(loader) != math.ceil(n / b)
+    assert differ > 100  # sizes where Opacus runs one batch fewer than ceil(n / b): the plan must follow Opacus
+
+
+def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity):
+    rows = split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)[0].take(np.arange(555))
+    q, steps = poisson_plan(555, 6)  # ceil(555 / 6) = 93 batches planned naively; Opacus runs int(1 / (1 / 93)) = 92
+    assert (q, steps) == (1 / 93, 92)
+    sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 555, 6, 2)
+    result = train(build_model("logistic", len(feature_names())), rows, epochs=2, batch_size=6, learning_rate=0.1,
+                   seed=0, noise_multiplier=sigma, max_grad_norm=1.0)
+    assert (result.sample_rate, result.steps, result.history) == (q, 2 * steps, [(sigma, q, 2 * steps)])
+    assert 2.9 < epsilon(result.history, 1e-5) <= 3.0  # calibrated on exactly those steps: the target, not less
+
+    cfg = RunConfig(model="logistic", num_rounds=2, batch_size=6)  # AAA itself: 563 rows, 94 batches
+    reply = app(_request(cfg), _context(aaa_dir, tmp_path / "state"))
+    with closing(PrivacyLedger(tmp_path / "state")) as ledger:
+        [release] = ledger.releases()
+    assert (release.sample_rate, release.steps) == poisson_plan(563, 6)
+    assert release.noise_multiplier == calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 563, 6, 2)
+    assert reply.content[METRICS]["steps"] == release.steps and json.dumps(release.epsilon)
