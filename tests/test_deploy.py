@@ -305,7 +305,7 @@ def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deploymen
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-    assert run.returncode == 0, output
+    assert run.returncode == 4 and "campuses failed during the run" in output, output  # the run names its failures
     summary = json.loads((root / "run-kill" / "summary.json").read_text())
     dropped = [f for f in summary["failures"] if f["round"] == 1 and f["phase"] == "train"]
     assert [f["reason"].split(":")[0].split(" (")[0] for f in dropped] == ["campus BBB"], summary["failures"]
