@@ -3,8 +3,10 @@
 * ``federated``: the ServerApp and ClientApp of ``server/`` and ``clients/`` on
   Flower's simulation engine (Ray backend). Each virtual campus reads only a
   folder holding its own rows (the contract's tables as Parquet files), written
-  to a temporary directory that is deleted at the end (raw rows are never
-  written into the results folder).
+  to a private folder of this process (see :func:`campus_folders`) that is
+  deleted at the end, on an error, Ctrl-C or SIGTERM (raw rows are never
+  written into the results folder). A run killed outright (SIGKILL, out of
+  memory) cannot clean up: the next simulation removes its folder when it starts.
 * ``centralized`` and ``local``: the baselines of :mod:`experiments.baselines`.
 
 All modes use the same features, splits, model, optimizer and DP-SGD code,
@@ -20,16 +22,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import stat
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_parquet
 from federation.mapping import CONTRACT_PARQUET
 from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 
 MODES = ("federated", "centralized", "local")
+
+CAMPUS_ROOT = "edufl-campuses"
+"""Name of the folder in the temporary directory (``$TMPDIR``) that holds the campus folders of
+this user's simulations (``-<uid>`` appended where the system has user ids)."""
+_START_TOLERANCE_S = 2.0  # a process's start time as the system reports it may move by up to ~1 s
 
 
 def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None,
@@ -60,12 +75,14 @@ def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Ta
 def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     """Print the data notes and a one-line description of the run; return the campus names."""
     from federation.privacy import PRIVACY_UNIT_SHORT
+    from federation.randomness import REPRODUCIBLE_WARNING
 
     for note in tables.notes:
         print(f"note: {note}")
     names = campus_names(tables, cfg.campus_by, cfg.shards)
     privacy = (f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
                if cfg.dp else "NO DP")
+    privacy += f" ({REPRODUCIBLE_WARNING})" if cfg.dp and cfg.reproducible_noise else ""
     print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
           f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}")
     return names
@@ -75,6 +92,182 @@ def provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> d
     """The results folder's record of what ran on which data (mode, settings, campuses, file hashes)."""
     return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source.resolve()),
             "data_sha256": file_hashes(tables.source)}
+
+
+def campus_root(base: Path | str | None = None) -> Path:
+    """The folder of this user's simulation campus folders, created with mode 0700 if missing.
+
+    Parameters
+    ----------
+    base
+        The folder to hold it; default: the temporary directory (``$TMPDIR``, else ``/tmp``).
+
+    Returns
+    -------
+    Path
+        ``base/edufl-campuses-<uid>``.
+
+    Raises
+    ------
+    PermissionError
+        When that path exists but is not a folder of this user closed to everyone else (a
+        symbolic link, another user's folder, or one others may read): raw rows are not
+        written there.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    name = CAMPUS_ROOT if uid is None else f"{CAMPUS_ROOT}-{uid}"
+    root = Path(tempfile.gettempdir() if base is None else base) / name
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid) or info.st_mode & 0o077:
+        raise PermissionError(f"{root} is not a private folder of this user (mode 0700, not a link): campus rows "
+                              "are not written there; remove it, or point TMPDIR at another folder")
+    return root
+
+
+def _owner_tag(pid: int, started: float) -> str:
+    """The start of a campus folder's name: its owner's process id and start time (ms since the epoch)."""
+    return f"{pid}-{round(started * 1000)}"
+
+
+def _owner_alive(name: str) -> bool | None:
+    """Whether the process named by a campus folder's name still runs (None: not such a name)."""
+    pid, _, rest = name.partition("-")
+    started, _, _ = rest.partition("-")
+    if not (pid.isdigit() and started.isdigit()):
+        return None
+    try:
+        owner = psutil.Process(int(pid))
+        # The same pid with another start time is a new process: the owner has ended.
+        return (abs(owner.create_time() - int(started) / 1000) < _START_TOLERANCE_S
+                and owner.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists and may be the owner: keep its rows
+
+
+def remove_stale_campus_folders(root: Path | str | None = None) -> int:
+    """Remove the campus folders under ``root`` whose owning process has ended.
+
+    A run that could not clean up (killed with SIGKILL, out of memory) leaves
+    its campus folder behind; every simulation calls this when it starts.
+    Folders of running processes are left alone, and so is anything not
+    named as a campus folder (``<pid>-<start, ms>-...``).
+
+    Parameters
+    ----------
+    root
+        The folder of campus folders; default: :func:`campus_root`.
+
+    Returns
+    -------
+    int
+        How many folders were removed.
+
+    Raises
+    ------
+    PermissionError
+        When ``root`` is not given and :func:`campus_root` refuses its folder.
+    """
+    root = campus_root() if root is None else Path(root)
+    removed = 0
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and _owner_alive(entry.name) is False:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += not entry.exists()
+    return removed
+
+
+@contextmanager
+def campus_folders(base: Path | str | None = None) -> Iterator[Path]:
+    """A new folder (mode 0700) for one simulation's campus folders, removed when the block ends.
+
+    Before creating it, removes the folders of simulations whose process has
+    ended (:func:`remove_stale_campus_folders`; one line says how many). The
+    folder is ``<root>/<pid>-<process start, ms>-<random>`` (``<root>``: see
+    :func:`campus_root`), so that a later start can tell whether its owner
+    still runs. It is removed when the block ends, normally or by an
+    exception (Ctrl-C included). In the main thread, a
+    SIGTERM handler is installed for the block: SIGTERM raises
+    ``SystemExit(143)``, the folder is removed, the previous handler is put
+    back and the SIGTERM raised again for it (by default it ends the process:
+    a simulation's ServerApp thread would otherwise keep it alive until its
+    round timeout). A SIGTERM arriving while the folder is being removed takes
+    effect once it is gone.
+
+    Parameters
+    ----------
+    base
+        Where the folder of campus folders is (see :func:`campus_root`); default: ``$TMPDIR``.
+
+    Yields
+    ------
+    Path
+        The run's folder, empty.
+
+    Raises
+    ------
+    PermissionError
+        When :func:`campus_root` refuses the folder of campus folders.
+    SystemExit
+        On SIGTERM during the block (status 143), when the previous SIGTERM handler
+        does not end the process.
+    """
+    root = campus_root(base)
+    stale = remove_stale_campus_folders(root)
+    if stale:
+        print(f"edufl simulate: removed {stale} campus folder{'s' if stale != 1 else ''} "
+              f"left in {root} by simulations that ended without cleaning up")
+    me = psutil.Process()
+    with _sigterm_exits() as hold:
+        path = Path(tempfile.mkdtemp(prefix=f"{_owner_tag(me.pid, me.create_time())}-", dir=root))
+        try:
+            yield path
+        finally:
+            hold()
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                print(f"edufl simulate: could not remove {path}; the next simulation removes it")
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[Callable[[], None]]:
+    """For the block, SIGTERM unwinds the main thread's stack, then takes its own effect.
+
+    In the main thread (elsewhere, or where SIGTERM is ignored, nothing
+    changes), the first SIGTERM raises ``SystemExit(143)``, so that the blocks
+    it leaves clean up; when this block ends, the previous handler is put back
+    and the SIGTERM raised again for it (by default: the process ends). The
+    yielded function, called as the block's last cleanup starts, holds any
+    SIGTERM until then.
+    """
+    state = {"holding": False, "received": False}
+
+    def on_sigterm(signum, frame) -> None:
+        first = not state["received"]
+        state["received"] = True
+        if first and not state["holding"]:
+            raise SystemExit(128 + signum)
+
+    def hold() -> None:
+        state["holding"] = True
+
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN)
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if install else None
+    try:
+        yield hold
+    finally:
+        if install:  # previous None: a handler not set from Python, i.e. the default one
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            if state["received"]:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                signal.raise_signal(signal.SIGTERM)
 
 
 def _start_ray(sim_dir: str) -> None:
@@ -99,9 +292,15 @@ def _start_ray(sim_dir: str) -> None:
     # Ray starts, so that this process's own torch keeps its settings.
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="clients.app")
+    # ray.init() sets its own SIGTERM handler (and its core worker a C++ one that ends the
+    # process with SIGABRT): put back the run's, which removes the campus folders (campus_folders).
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         os.environ.pop("RAY_preload_python_modules")
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -155,28 +354,31 @@ def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
     """
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="edufl-campuses-") as sim_dir, ThreadPoolExecutor(1) as pool:
+    with campus_folders() as folder, ThreadPoolExecutor(1) as pool:
+        sim_dir = str(folder)
         prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy, headline)
-        _start_ray(sim_dir)
         try:
+            _start_ray(sim_dir)
             tables, names, run_simulation, client_app, server = prepared.result()
+            from flwr.app import Context, RecordDict
+            from flwr.supercore.telemetry import EventType
+
+            logging.getLogger("flwr").setLevel(logging.WARNING)
+            cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
+            # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
+            # internal entry point runs the same engine with the ServerApp's context given.
+            run_simulation(
+                num_supernodes=len(names),
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server,
+                server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                           run_config={**cfg.to_flower(), **(extra_config or {})}),
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            )
         except BaseException:
+            # Stop the engine's processes now: after a SIGTERM the process ends by the signal
+            # (campus_folders), without the exit handler that would stop them.
             ray.shutdown()
             raise
-        from flwr.app import Context, RecordDict
-        from flwr.supercore.telemetry import EventType
-
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
-        # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
-        # internal entry point runs the same engine with the ServerApp's context given.
-        run_simulation(
-            num_supernodes=len(names),
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server,
-            server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
-                                       run_config={**cfg.to_flower(), **(extra_config or {})}),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
     return cfg, tables, names

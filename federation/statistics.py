@@ -24,15 +24,37 @@ are released together, a vector of L2 sensitivity ``Δ = √2·m``; counts alone
 (count, histogram, quantile) have ``Δ = m``.
 
 Mechanism: the Gaussian mechanism (Dwork and Roth, "The Algorithmic
-Foundations of Differential Privacy", 2014, Appendix A): independent normal
-noise of standard deviation ``z·Δ`` on each count and ``z·Δ·B`` on each sum.
-Its Rényi DP is ``α / (2 z²)`` at every order α (Mironov, "Rényi Differential
+Foundations of Differential Privacy", 2014, Appendix A) on the whole released
+vector at once, in one call of :func:`federation.randomness.add_gaussian`:
+the cells' counts, and for a mean the cells' sums / B after them, each with
+noise of standard deviation ``z·Δ``; the noisy sums / B are then multiplied by
+B (post-processing), so each sum carries noise of std ``z·Δ·B``
+(:func:`noise` states both stds). A campus's noise is secret
+(:data:`federation.randomness.SECRET`): OpenDP's ``make_gaussian`` over a
+vector of float64 with L2 distance (OpenDP 0.16). OpenDP rounds each value
+to the nearest multiple of ``2^k``, at its default ``k = -1074`` (the spacing
+of float64 subnormals, so every float is already such a multiple and nothing
+moves), adds to each an independent sample of the discrete Gaussian over the
+multiples of ``2^k`` with scale ``z·Δ`` (Canonne, Kamath and Steinke, "The
+Discrete Gaussian for Differential Privacy", NeurIPS 2020; on so fine a grid
+its std is ``z·Δ`` to far below float precision), drawn exactly, in rational
+arithmetic from its own CSPRNG's bits, and converts each noisy value back
+to float64. So there is no floating-point sampler whose gaps could give the data
+away (Mironov, CCS 2012), and no seed which, recorded, would let anyone
+remove the noise.
+
+Accounting: OpenDP's privacy map gives the release zero-concentrated DP
+``ρ = Δ² / (2 (z·Δ)²) = 1 / (2 z²)`` (Bun and Steinke, TCC 2016), i.e. Rényi
+DP ``α·ρ = α / (2 z²)`` at every order α (Mironov, "Rényi Differential
 Privacy", CSF 2017, Proposition 7), which is the sampled Gaussian mechanism of
 DP-SGD at sampling rate q = 1 for one step. So a statistic is calibrated with
 :func:`federation.privacy.calibrate_noise` and recorded in the campus's
 privacy ledger as ``(z, q = 1, 1 step)``, composing with training on the same
-dataset. Noise comes from NumPy's generator seeded from OS entropy: a
-recorded seed would let anyone remove it.
+dataset. :func:`answer` fails closed: should the ρ that the release's privacy
+map states at Δ exceed that ``1 / (2 z²)`` (beyond float rounding,
+:data:`RHO_SLACK`), it raises :class:`QueryError` and returns nothing. Reproducible noise
+(``Randomness(seed=...)``, tests and research only) is NumPy normals from the
+seed and is not private against anyone who knows the seed.
 
 Quantiles: each campus releases a DP histogram of the value over ``bins``
 equal-width bins of [low, high] (values clipped to the bounds), exactly as a
@@ -78,6 +100,7 @@ from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS
 from .policy import CampusPolicy
 from .privacy import DPSettings, History, calibrate_noise, epsilon
 from .proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from .randomness import SECRET, Randomness, add_gaussian
 from .runconfig import ConfigError
 
 STATISTICS = ("count", "mean", "histogram", "quantile")
@@ -94,6 +117,8 @@ QUERY_KEY = "statistic-query"
 """Key of the serialized StatisticQuery in a query message's config record (and in the ServerApp's run config, as JSON)."""
 ANSWER = "answer"
 """Name of the reply record, and of its one key, holding the serialized StatisticAnswer."""
+RHO_SLACK = 1e-12
+"""Relative float rounding allowed between the ρ OpenDP states for a release and the ledger's ``1 / (2 z²)``."""
 
 _KEYS = {"course", "presentation", "student_id", "assessment_id"}  # identifiers: never a value or a group
 _REGISTRATION_TABLES = (LEARNERS, REGISTRATIONS)
@@ -234,14 +259,25 @@ class Noise:
     sum_std: float
 
 
-def noise(query: StatisticQuery, z: float) -> Noise:
-    """Noise std for multiplier ``z``: ``z·Δ`` per count, ``z·Δ·B`` per sum, with ``Δ = m`` for counts alone
-    and ``√2·m`` for a mean's counts and sums / B (see the module docstring)."""
+def sensitivity(query: StatisticQuery) -> float:
+    """Δ, the L2 sensitivity of the vector a campus releases: ``m`` for counts alone, ``√2·m`` for a mean's
+    counts and sums / B together (see the module docstring)."""
     m = rows_per_registration(query)
+    return math.sqrt(2.0) * m if query.statistic == "mean" else float(m)
+
+
+def sum_bound(query: StatisticQuery) -> float:
+    """B = ``max(|low|, |high|)``: the most one clipped value adds to a mean's sum (the sums are released over B)."""
+    return max(abs(query.low), abs(query.high))
+
+
+def noise(query: StatisticQuery, z: float) -> Noise:
+    """Noise std for multiplier ``z``: ``z·Δ`` per count, ``z·Δ·B`` per sum, with ``Δ`` = :func:`sensitivity`
+    (``m`` for counts alone, ``√2·m`` for a mean's counts and sums / B) and ``B`` = :func:`sum_bound`."""
+    delta_l2 = sensitivity(query)
     if query.statistic != "mean":
-        return Noise(z, z * m, 0.0)
-    delta_l2 = math.sqrt(2.0) * m
-    return Noise(z, z * delta_l2, z * delta_l2 * max(abs(query.low), abs(query.high)))
+        return Noise(z, z * delta_l2, 0.0)
+    return Noise(z, z * delta_l2, z * delta_l2 * sum_bound(query))
 
 
 def noise_multiplier(query: StatisticQuery) -> float:
@@ -347,16 +383,37 @@ def threshold(query: StatisticQuery, k: int) -> int:
     return k * rows_per_registration(query)
 
 
-def answer(query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: str, z: float, k: int) -> StatisticAnswer:
+def answer(query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: str, z: float, k: int, *,
+           randomness: Randomness = SECRET) -> StatisticAnswer:
     """The campus's noised answer over its contract ``tables`` with multiplier ``z``; cells whose
-    noisy count is below :func:`threshold` are left out and counted in ``suppressed_cells``."""
-    rng = np.random.default_rng()  # seeded from OS entropy
+    noisy count is below :func:`threshold` are left out and counted in ``suppressed_cells``.
+
+    The noise is one :func:`federation.randomness.add_gaussian` release of the
+    cells' counts (and, for a mean, their sums / B), at L2 sensitivity
+    :func:`sensitivity` and the std of :func:`noise`, from ``randomness``
+    (secret unless a test or research run passes a seeded one).
+
+    Raises
+    ------
+    QueryError
+        When the query is invalid (:func:`problems`), or when the ρ the noise
+        library states for the release exceeds ``1 / (2 z²)``, what the ledger
+        accounts for it (then nothing is returned).
+    """
     scale = noise(query, z)
     exact = exact_cells(query, tables)
-    counts = np.array([n for n, _ in exact.values()], dtype=float) + rng.normal(0.0, scale.count_std, len(exact))
-    sums = np.array([s for _, s in exact.values()]) + rng.normal(0.0, scale.sum_std, len(exact))
-    released = [Cell(group=group, bin=label, noisy_count=float(c), noisy_sum=float(s) if query.statistic == "mean" else None)
-                for (group, label), c, s in zip(exact, counts, sums) if c >= threshold(query, k)]
+    mean = query.statistic == "mean"
+    bound = sum_bound(query) if mean else 1.0
+    vector = [float(n) for n, _ in exact.values()] + ([s / bound for _, s in exact.values()] if mean else [])
+    noisy, rho = add_gaussian(np.array(vector), sensitivity(query), scale.count_std, randomness)
+    accounted = 1.0 / (2.0 * z**2)
+    if not rho <= accounted * (1.0 + RHO_SLACK):  # also refuses a NaN
+        raise QueryError(f"the noise's privacy loss rho = {rho!r} exceeds the ledger's 1 / (2 z²) = {accounted!r} "
+                         f"for z = {z!r}: nothing released")
+    noisy_counts = noisy[:len(exact)]
+    noisy_sums = noisy[len(exact):] * bound if mean else np.zeros(len(exact))  # post-processing: back to value units
+    released = [Cell(group=group, bin=label, noisy_count=float(c), noisy_sum=float(s) if mean else None)
+                for (group, label), c, s in zip(exact, noisy_counts, noisy_sums) if c >= threshold(query, k)]
     return StatisticAnswer(campus=campus, query_name=query.name, cells=released, noise_multiplier=z,
                            count_std=scale.count_std, sum_std=scale.sum_std, epsilon=release_epsilon(z, query.delta),
                            delta=query.delta, suppressed_cells=len(exact) - len(released), min_cell_count=k)

@@ -317,7 +317,9 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
     monkeypatch.setattr(CampusGrid, "send_and_receive", spy)
     monkeypatch.setenv(SIM_ENV, "")  # the engine sets it; restored afterwards
     out = tmp_path / "run"
-    cfg = RunConfig(campus_by="shard", shards=3, num_rounds=2, out=str(out), secure_aggregation="secaggplus")
+    # Reproducible noise (research only) so that the campuses' updates can be recomputed below.
+    cfg = RunConfig(campus_by="shard", shards=3, num_rounds=2, out=str(out), secure_aggregation="secaggplus",
+                    reproducible_noise=True)
     try:
         summary = simulate(cfg, data_dir, "federated", tables=tables)
     finally:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
+from scipy.stats import chi2, norm
 
 from clients.app import query_handler, train_handler
 from clients.guard import release_guard
@@ -24,16 +25,19 @@ from federation.models import build_model
 from federation.policy import CampusPolicy
 from federation.privacy import epsilon
 from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from federation.randomness import SECRET, Randomness
 from federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
 from federation.data import campus_slices
-from federation.statistics import (ANSWER, QUERY_KEY, QueryError, answer, answer_problems, cells, combine, exact_cells,
-                                   load_query, noise, noise_multiplier, records)
+from federation import statistics
+from federation.statistics import (ANSWER, QUERY_KEY, Z_95, QueryError, answer, answer_problems, cells, combine,
+                                   exact_cells, load_query, noise, noise_multiplier, records)
 from federation.tasks import feature_names
 
 ROOT = Path(__file__).parents[1]
 WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
                                    group_by=["imd_band"], epsilon=1.0, delta=1e-5)
 SCORE_BY_TYPE = ROOT / "experiments" / "queries" / "score_by_assessment_type.toml"
+WITHDRAWAL_FILE = ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"
 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0, 3.0])
@@ -57,8 +61,8 @@ def test_empirical_noise_matches_the_stated_std(aaa):
     assert len(big) >= 5
     z = noise_multiplier(WITHDRAWAL_BY_IMD)
     count_res, sum_res = [], []
-    for _ in range(200):
-        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10)
+    for seed in range(200):  # reproducible noise: the test is deterministic
+        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=seed))
         got = {(tuple(c.group), c.bin): c for c in reply.cells}
         for key in big:
             count_res.append(got[key].noisy_count - exact[key][0])
@@ -70,10 +74,122 @@ def test_empirical_noise_matches_the_stated_std(aaa):
         assert abs(res.mean()) < 4 * std / math.sqrt(len(res))  # unbiased
 
 
+def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
+    # The campus default (SECRET: OpenDP's Gaussian) cannot be seeded, so this test is statistical; its failure
+    # chance is computed below and asserted < 1e-6.
+    query = StatisticQuery(name="credits", statistic="mean", value="studied_credits", low=0, high=360,
+                           group_by=["region", "imd_band"], epsilon=1.0, delta=1e-5)
+    exact = exact_cells(query, tables)
+    big = [key for key, (n, _) in exact.items() if n >= 60]  # suppressed only if its noise is below -50, -8.7 stds
+    assert len(big) >= 120
+    z = noise_multiplier(query)
+    stated = noise(query, z)
+    replies = [answer(query, tables, "all", z, 10) for _ in range(25)]  # randomness: the default, SECRET
+    first, second = ({(tuple(c.group), c.bin): c for c in reply.cells} for reply in replies[:2])
+    assert all(first[key].noisy_count != second[key].noisy_count and first[key].noisy_sum != second[key].noisy_sum
+               for key in big)  # not reproducible: the same query on the same rows gets fresh noise
+    count_res, sum_res = [], []
+    for reply in replies:
+        assert (reply.count_std, reply.sum_std) == (stated.count_std, stated.sum_std)
+        got = {(tuple(c.group), c.bin): c for c in reply.cells}
+        for key in big:
+            count_res.append(got[key].noisy_count - exact[key][0])
+            sum_res.append(got[key].noisy_sum - exact[key][1])
+    n = len(count_res)
+    assert n >= 3000
+    # The noise is N(0, std²), so n·(rms / std)² is χ² with n degrees of freedom: rms / std is outside [0.9, 1.1]
+    # with the probability below; the mean is outside 5.5 std / √n with P = 3.8e-8. Four checks (counts, sums).
+    failure = 2 * (chi2.cdf(0.81 * n, n) + chi2.sf(1.21 * n, n) + 2 * norm.sf(5.5))
+    assert failure < 1e-6  # 7.6e-8 at n = 3,225; the suppression of a big cell adds below 1e-13
+    for res, std in ((np.array(count_res), stated.count_std), (np.array(sum_res), stated.sum_std)):
+        assert abs(math.sqrt(np.mean(res ** 2)) / std - 1) < 0.10, (res.std(), std)  # the std about the known mean 0
+        assert abs(res.mean()) < 5.5 * std / math.sqrt(len(res))  # unbiased
+
+
+def test_seeded_noise_is_reproducible(aaa):
+    z = noise_multiplier(WITHDRAWAL_BY_IMD)
+    one, two = (answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=11)) for _ in range(2))
+    assert len(one.cells) >= 5 and one.SerializeToString() == two.SerializeToString()
+    other = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=12))
+    assert [c.noisy_count for c in other.cells] != [c.noisy_count for c in one.cells]
+
+
+def test_the_noise_is_one_release_of_counts_and_sums_over_b(aaa, monkeypatch):
+    calls = []
+    real = statistics.add_gaussian
+
+    def spy(values, sensitivity, std, randomness=SECRET):
+        noisy, rho = real(values, sensitivity, std, randomness)
+        calls.append((np.array(values), sensitivity, std, randomness, noisy, rho))
+        return noisy, rho
+
+    monkeypatch.setattr(statistics, "add_gaussian", spy)
+    credits = StatisticQuery(name="credits", statistic="mean", value="studied_credits", low=-20, high=360,
+                             group_by=["imd_band"], epsilon=1.0, delta=1e-5)
+    z = noise_multiplier(credits)
+    reply = answer(credits, aaa, "AAA", z, 10, randomness=Randomness(seed=3))
+    [(values, sensitivity, std, randomness, noisy, rho)] = calls  # one call over the whole released vector
+    exact = exact_cells(credits, aaa)
+    assert values.tolist() == [float(n) for n, _ in exact.values()] + [s / 360 for _, s in exact.values()]  # B = 360
+    assert sensitivity == math.sqrt(2) and std == noise(credits, z).count_std == reply.count_std  # Δ = √2·m
+    assert randomness == Randomness(seed=3) and rho == pytest.approx(1 / (2 * z ** 2), rel=1e-12)
+    got = {(tuple(c.group), c.bin): c for c in reply.cells}
+    assert len(got) >= 5
+    for i, key in enumerate(exact):  # the noisy sums / B, times B: sum noise of std z·Δ·B, as stated
+        if key in got:
+            assert (got[key].noisy_count, got[key].noisy_sum) == (noisy[i], noisy[len(exact) + i] * 360)
+    assert std * 360 == reply.sum_std == noise(credits, z).sum_std
+    # Counts alone (a quantile's histogram, m = 14): Δ = m, and the campus default is the secret source.
+    calls.clear()
+    scores = load_query(SCORE_BY_TYPE)
+    z = noise_multiplier(scores)
+    answer(scores, aaa, "AAA", z, 10)
+    [(values, sensitivity, std, randomness, _, rho)] = calls
+    assert len(values) == len(cells(scores)) and sensitivity == 14 and randomness is SECRET
+    assert std == noise(scores, z).count_std and rho == pytest.approx(1 / (2 * z ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("excess", [1e-9, 0.5, math.nan])
+def test_an_answer_fails_closed_when_the_noise_costs_more_than_the_ledger_records(aaa, monkeypatch, excess):
+    real = statistics.add_gaussian
+
+    def overspending(values, sensitivity, std, randomness=SECRET):
+        noisy, rho = real(values, sensitivity, std, randomness)
+        return noisy, rho * (1 + excess)
+
+    monkeypatch.setattr(statistics, "add_gaussian", overspending)
+    reply = None
+    with pytest.raises(QueryError, match=r"exceeds the ledger's 1 / \(2 z²\)"):
+        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", noise_multiplier(WITHDRAWAL_BY_IMD), 10)
+    assert reply is None  # no answer
+
+
+def test_the_campus_sends_nothing_when_the_noise_costs_more_than_the_ledger_records(aaa_dir, task_identity, monkeypatch):
+    real = statistics.add_gaussian
+    monkeypatch.setattr(statistics, "add_gaussian", lambda *args: (real(*args)[0], math.inf))
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), query_handler)
+    assert reply.has_error() and not reply.has_content()
+    [record] = AuditLog(aaa_dir.parent / "state").records()
+    assert not record.sent and "exceeds the ledger's" in record.reason
+
+
+def test_float_rounding_of_rho_is_not_an_overspend(aaa, monkeypatch):
+    real = statistics.add_gaussian
+
+    def rounded_up(values, sensitivity, std, randomness=SECRET):
+        noisy, rho = real(values, sensitivity, std, randomness)
+        return noisy, rho * (1 + 1e-13)  # within the 1e-12 relative slack
+
+    monkeypatch.setattr(statistics, "add_gaussian", rounded_up)
+    z = noise_multiplier(WITHDRAWAL_BY_IMD)
+    reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=4))
+    assert len(reply.cells) >= 5
+
+
 def test_small_cells_are_suppressed(aaa):
     query = StatisticQuery(name="fine", statistic="count", group_by=["region", "imd_band", "age_band"], epsilon=1.0, delta=1e-5)
     exact = exact_cells(query, aaa)
-    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10)
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, randomness=Randomness(seed=1))
     released = {(tuple(c.group), c.bin) for c in reply.cells}
     assert len(released) + reply.suppressed_cells == len(cells(query)) == 13 * 11 * 3
     assert all(c.noisy_count >= 10 for c in reply.cells) and reply.min_cell_count == 10
@@ -116,7 +232,7 @@ def test_a_registration_contributes_at_most_m_submissions(aaa):
     full, less = exact_cells(query, aaa), exact_cells(query, without)
     assert sum(abs(full[c][0] - less[c][0]) for c in full) == 3
     # and the campus's threshold is k·m records: a cell of fewer than 10 × 3 noisy submissions may not leave
-    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10)
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, randomness=Randomness(seed=2))
     assert all(c.noisy_count >= 30 for c in reply.cells) and answer_problems(query, reply, 10) == []
     reply.cells[0].noisy_count = 25.0
     assert "below release.min_cohort_size 10 × max_rows_per_registration 3" in answer_problems(query, reply, 10)[0]
@@ -137,7 +253,8 @@ def _true_quantiles(query: StatisticQuery, tables) -> dict[tuple[str, ...], np.n
 ], ids=["median-credits", "score-by-assessment-type"])
 def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, query):
     query = load_query(query) if isinstance(query, Path) else query
-    answers = [answer(query, own, name, noise_multiplier(query), 10) for name, own in campus_slices(tables, "module").items()]
+    answers = [answer(query, own, name, noise_multiplier(query), 10, randomness=Randomness(seed=seed))
+               for seed, (name, own) in enumerate(campus_slices(tables, "module").items())]
     estimates = combine(query, answers)
     truth = _true_quantiles(query, tables)
     assert len(estimates) == len(truth) * len(query.quantiles)
@@ -264,7 +381,8 @@ def test_the_guard_blocks_an_answer_the_query_does_not_declare(aaa_dir, task_ide
         return reply
 
     reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), leaky_handler)
-    assert reply.error.code == BLOCKED and reason in reply.error.reason and not reply.has_content()
+    assert reply.error.code == BLOCKED and "release guard blocked the query reply" in reply.error.reason
+    assert not reply.has_content() and reason not in reply.error.reason  # the details stay on the campus
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert not record.sent and reason in record.reason
 
@@ -276,7 +394,10 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
         return reply
 
     reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), smuggler)
-    assert reply.error.code == BLOCKED and "not StatisticAnswer fields" in reply.error.reason
+    assert reply.error.code == BLOCKED and "release guard blocked the query reply" in reply.error.reason
+    assert not reply.has_content() and "not StatisticAnswer fields" not in reply.error.reason
+    [record] = AuditLog(aaa_dir.parent / "state").records()
+    assert not record.sent and "not StatisticAnswer fields" in record.reason
 
 
 # --- the query file and the command ---------------------------------------------------------------------------------
@@ -319,6 +440,22 @@ def test_shipped_queries_are_valid():
         load_query(path)
 
 
+def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(tables):
+    # The run below, in process and with reproducible noise (deterministic): each module campus answers with the
+    # multiplier and k the simulation uses, the coordinator combines, the bounds hold at full strength.
+    query = load_query(WITHDRAWAL_FILE)
+    z = noise_multiplier(query)
+    answers = [answer(query, own, name, z, 10, randomness=Randomness(seed=100 + i))
+               for i, (name, own) in enumerate(campus_slices(tables, "module").items())]
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
+    rows = combine(query, answers)
+    assert len(answers) == 7 and len(rows) == 11
+    errors = [abs(r.estimate - truth[r.group]) for r in rows]
+    assert sum(e <= r.bound95 for e, r in zip(errors, rows)) >= 7, list(zip(errors, rows))  # 95 % bounds: most
+    assert all(e <= 5 * r.std for e, r in zip(errors, rows))
+    assert all(r.bound95 == pytest.approx(Z_95 * r.std) for r in rows)
+
+
 def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir, tmp_path):
     out = tmp_path / "imd"
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
@@ -335,13 +472,20 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir
     for name in ("statistics.csv", "statistics.md", "statistics.png"):
         assert (out / name).stat().st_size > 0
     assert "noise multiplier" in (out / "statistics.md").read_text()
-    query = load_query(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml")
+    query = load_query(WITHDRAWAL_FILE)
     truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
     rows = summary["estimates"]
     assert len(rows) == 11
     errors = [abs(r["estimate"] - truth[(r["imd_band"],)]) for r in rows]
-    assert sum(e <= r["bound95"] for e, r in zip(errors, rows)) >= 7, list(zip(errors, rows))  # 95 % bounds: most (fails ~1e-4 by chance)
-    assert all(e <= 5 * r["std"] for e, r in zip(errors, rows))
+    # The campuses' noise is secret here, so these two checks are statistical, sized to fail with P < 1e-6 (the
+    # same bounds at full strength, 7 of 11 and 5 std, are checked on seeded noise in
+    # test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise). Each band's error / std is
+    # nearly N(b, 1), independently across bands, with |b| < 0.2 from campuses' suppressed or barely released
+    # cells (GGG's 7 "missing" registrations: b < 0.11 each way; 3,000 seeded runs: |mean| <= 0.07, sd 0.98-1.02).
+    # At |b| = 0.2 a band is outside bound95 with P = 0.055 and outside 6 std with P = 3.6e-9, so more than 6 of
+    # 11 outside bound95 has P = 3.9e-7 (binomial) and any beyond 6 std P = 4.0e-8: together 4.3e-7.
+    assert sum(e <= r["bound95"] for e, r in zip(errors, rows)) >= 5, list(zip(errors, rows))
+    assert all(e <= 6 * r["std"] for e, r in zip(errors, rows)), list(zip(errors, rows))
     # What the coordinator received is what each campus logged as sent, with the release's DP parameters.
     logged = set()
     for campus in summary["campuses"]:
