@@ -1,7 +1,8 @@
 """The ``edufl`` command line.
 
 Exit status: 0 on success, 2 for a user mistake (bad data, bad option, bad
-policy file), 3 when campuses refused a run; each with a message and no traceback.
+policy file), 3 when campuses refused a run, 4 when campuses failed (an error
+on the campus, or no reply); each with a message and no traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ for _var, _value in (
 # Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
 from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
 from federation.mapping import MappingError  # noqa: E402
-from federation.policy import PolicyError  # noqa: E402
+from federation.policy import CampusPolicy, PolicyError  # noqa: E402
 from federation.runconfig import (CAMPUS_BY, CENTRAL_DP, MODELS, SECURE_AGGREGATION, SPLITS, STRATEGIES, TASKS,  # noqa: E402
                                   ConfigError, RunConfig)
 
@@ -33,6 +34,10 @@ DEFAULTS = RunConfig()
 
 class CampusesRefused(RuntimeError):
     """One or more campuses refused the run, or blocked its replies (exit status 3)."""
+
+
+class CampusesFailed(RuntimeError):
+    """One or more campuses failed a request, or did not reply (exit status 4)."""
 
 
 def _simulate_parser(sub) -> None:
@@ -82,7 +87,11 @@ def _run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=SPLITS, default=DEFAULTS.split,
                    help="stratified held-out test rows per campus, or temporal (train 2013, test 2014)")
     p.add_argument("--test-fraction", type=float, default=DEFAULTS.test_fraction, help="share of each campus's rows held out")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for splits, initial weights, sampling and noise")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="seed for data splits and initial weights (DP noise and batch sampling are secret on each campus)")
+    p.add_argument("--reproducible-noise", action="store_true",
+                   help="research only: DP noise and batch sampling follow --seed too, so runs repeat exactly; "
+                        "NOT private against the coordinator, and every campus policy refuses it")
     p.add_argument("--out", default=DEFAULTS.out, help="results folder")
 
 
@@ -96,6 +105,8 @@ def _run_simulate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--secure-aggregation is a federation protocol, for federated runs only (not --mode {args.mode})")
     if args.policy and args.mode != "federated":
         raise ConfigError(f"--policy is enforced by campuses, in federated runs only (not --mode {args.mode})")
+    if args.policy:  # a bad policy file is the user's mistake (exit 2), reported before the engine starts
+        CampusPolicy.load(Path(args.policy))
     started = time.perf_counter()
     summary = simulate(cfg, resolve_data_dir(args.data), args.mode, policy=args.policy and Path(args.policy))
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
@@ -103,10 +114,14 @@ def _run_simulate(args: argparse.Namespace) -> None:
 
 
 def _check_refusals(summary: dict) -> None:
-    """Raise CampusesRefused listing each campus's refusal (its reason names the campus and the policy key)."""
+    """Raise CampusesRefused listing each campus's refusal (its reason names the campus and the policy key), or,
+    when none refused, CampusesFailed listing each failure (a campus's error, or a missing reply)."""
     refusals = sorted({f["reason"] for f in summary["failures"] if f["refused"]})
+    failures = sorted({f["reason"] for f in summary["failures"] if not f["refused"]})
     if refusals:
-        raise CampusesRefused("campuses refused the run:\n  " + "\n  ".join(refusals))
+        raise CampusesRefused("campuses refused the run:\n  " + "\n  ".join(refusals + failures))
+    if failures:
+        raise CampusesFailed("campuses failed during the run:\n  " + "\n  ".join(failures))
 
 
 def _run_config(args: argparse.Namespace, **extra) -> RunConfig:
@@ -121,7 +136,7 @@ def _run_config(args: argparse.Namespace, **extra) -> RunConfig:
             secagg_num_shares=args.secagg_num_shares, secagg_reconstruction_threshold=args.secagg_reconstruction_threshold,
             secagg_max_weight=args.secagg_max_weight,
             cutoff_day=args.cutoff_day, split=args.split, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
-            **extra,
+            reproducible_noise=args.reproducible_noise, **extra,
         )
     except ConfigError as err:
         key, _, rest = str(err).partition(" ")
@@ -281,6 +296,11 @@ def _analytics_parser(sub) -> None:
 
 
 def _run_analytics(args: argparse.Namespace) -> None:
+    from federation.statistics import load_query
+
+    # A bad query file is the user's mistake (exit 2), reported before anything starts, in both paths
+    # (experiments.analytics reads it again when it builds the run).
+    load_query(Path(args.query))
     from .analytics import run_analytics, run_deployed
 
     if args.superlink:
@@ -319,7 +339,8 @@ def _run_experiment(args: argparse.Namespace) -> None:
         report(Path(args.dir))
         return
     config = Path(args.config)
-    out = Path(args.out) if args.out else Path("results") / Study.load(config).name
+    study = Study.load(config)  # a bad config is the user's mistake (exit 2), reported before any data or engine
+    out = Path(args.out) if args.out else Path("results") / study.name
     run(config, out, resolve_data_dir(args.data))
 
 
@@ -388,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except CampusesRefused as err:
         print(f"edufl: {err}", file=sys.stderr)
         return 3
+    except CampusesFailed as err:
+        print(f"edufl: {err}", file=sys.stderr)
+        return 4
     return 0
 
 

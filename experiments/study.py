@@ -21,73 +21,139 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import pandas as pd
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, \
+    model_validator
 
 from federation.data import file_hashes, load_tables
 from federation.privacy import ACCOUNTANT
 from federation.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
-from federation.runconfig import ConfigError, RunConfig
+from federation.runconfig import CAMPUS_BY, LIMITS, MODELS, STRATEGIES, TASKS, ConfigError, RunConfig
+from federation.tomlfile import load_model
 
 from .simulate import MODES, simulate
 
 NO_DP = "none"
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
 
+# Run settings each cell sets from the study's own keys (or from `edufl experiment run --out`):
+# not allowed in `settings`, where the cell's value would silently replace them.
+_CELL_SETTINGS = {
+    "task": "the study key task", "num-rounds": "the study key rounds", "local-epochs": "the study key local_epochs",
+    "model": "the study key model", "campus-by": "the study key campus_by", "cutoff-day": "the study key cutoff_days",
+    "seed": "the study key seeds", "strategy": "the study key strategies", "dp": 'the study key epsilons ("none": no DP)',
+    "target-epsilon": "the study key epsilons", "out": "edufl experiment run --out (each cell's folder is OUT/cells/<cell>)",
+    "server-round": "the coordinator, each round",
+}
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-@dataclass(frozen=True)
-class Study:
-    """A study's grid. ``epsilons`` holds target ε values and ``"none"`` for no DP;
-    ``settings`` holds any other run setting (dashed keys, as in ``[tool.flwr.app.config]``)."""
 
-    name: str
-    task: str = "withdrawal"
-    campus_by: tuple[str, ...] = ("module",)
-    cutoff_days: tuple[int, ...] = (60,)
-    modes: tuple[str, ...] = ("centralized", "local", "federated")
-    strategies: tuple[str, ...] = ("fedavg",)
-    epsilons: tuple[float | str, ...] = (3.0,)
-    seeds: tuple[int, ...] = (0,)
-    rounds: int = 10
-    local_epochs: int = 1
-    model: str = "mlp"
-    settings: dict = field(default_factory=dict)
+def _listed(value: object) -> object:
+    """A TOML list as the tuple the study holds (strict mode takes no list for a tuple, and no single value)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, tuple):
+        return value
+    raise ValueError(f"expected a list, e.g. [{json.dumps(value) if isinstance(value, (int, float, str)) else '...'}], "
+                     f"not {value!r}")
+
+
+def _distinct(values: tuple) -> tuple:
+    """Each value of a grid axis once: a repeated value would repeat cells under one cell id."""
+    repeated = sorted({repr(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} listed more than once")
+    return values
+
+
+def _folder_name(value: str) -> str:
+    if not _FOLDER_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a safe folder name (1 to 100 letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit); the study's default folder is results/<name>")
+    return value
+
+
+def _epsilon(value: object) -> int | float | str:
+    if value == NO_DP or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and math.isfinite(value) and value > 0):
+        return value  # as written: ε 3 stays 3, so that cell ids, rows and file names read "3"
+    raise ValueError(f"epsilons holds {value!r}; expected numbers > 0 or \"{NO_DP}\"")
+
+
+def _axis(item: object) -> object:
+    """The type of a grid axis: a non-empty TOML list of distinct ``item`` values."""
+    return Annotated[tuple[item, ...], BeforeValidator(_listed), Field(min_length=1), AfterValidator(_distinct)]
+
+
+class Study(BaseModel):
+    """A study's grid: the ``[study]`` table of a study config, validated (unknown keys refused, strict types).
+
+    ``epsilons`` holds target ε values and ``"none"`` for no DP; ``settings``
+    holds any other run setting (dashed keys, as in ``[tool.flwr.app.config]``),
+    e.g. ``settings = {"reproducible-noise" = true}`` (research only: each
+    cell's DP noise and batch sampling follow its seed), validated as a run
+    configuration. Lists are TOML lists, each value once, none empty.
+
+    Raises
+    ------
+    pydantic.ValidationError
+        When built from invalid values (:meth:`load` reports them as ConfigError).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: Annotated[str, AfterValidator(_folder_name)]
+    task: Literal[TASKS] = "withdrawal"  # type: ignore[valid-type]
+    campus_by: _axis(Literal[CAMPUS_BY]) = ("module",)  # type: ignore[valid-type]
+    cutoff_days: _axis(int) = (60,)  # type: ignore[valid-type]
+    modes: _axis(Literal[MODES]) = ("centralized", "local", "federated")  # type: ignore[valid-type]
+    strategies: _axis(Literal[STRATEGIES]) = ("fedavg",)  # type: ignore[valid-type]
+    epsilons: _axis(Annotated[int | float | str, PlainValidator(_epsilon)]) = (3.0,)  # type: ignore[valid-type]
+    seeds: _axis(Annotated[int, Field(ge=0, lt=2**31)]) = (0,)  # type: ignore[valid-type]
+    rounds: int = Field(10, ge=1, le=LIMITS["num_rounds"])
+    local_epochs: int = Field(1, ge=1, le=LIMITS["local_epochs"])
+    model: Literal[MODELS] = "mlp"  # type: ignore[valid-type]
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("settings")
+    @classmethod
+    def _run_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        for key in settings:
+            if key in _CELL_SETTINGS:
+                raise ValueError(f"{key} is set by {_CELL_SETTINGS[key]}, not in settings")
+        try:
+            RunConfig.from_flower(settings)  # unknown keys, types and ranges, as a campus checks them
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return settings
+
+    @model_validator(mode="after")
+    def _every_cell_runs(self) -> Study:
+        for cell in self.cells():  # settings that conflict with a cell's own (e.g. central-dp with fedadam)
+            try:
+                cell.config(Path("."))
+            except ConfigError as err:
+                raise ValueError(f"cell {cell.id}: {err}") from None
+        return self
 
     @classmethod
-    def load(cls, path: Path) -> Study:
-        """Read a study config (TOML, a ``[study]`` table).
+    def load(cls, path: str | Path) -> Study:
+        """Read a study config (TOML, a ``[study]`` table and nothing else).
 
         Raises
         ------
         ConfigError
-            Naming the file and the key for unknown keys or invalid values.
+            When the file is missing or not TOML, has no ``[study]`` table, or a
+            key is unknown, missing (``name``) or invalid; the message names the
+            file and each offending key (e.g. ``study.seeds``).
         """
-        try:
-            raw = tomllib.loads(path.read_text())["study"]
-        except (OSError, tomllib.TOMLDecodeError, KeyError) as err:
-            raise ConfigError(f"{path}: cannot read a [study] table ({err})") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) in [study]: {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        study = cls(**values)
-        bad_modes = set(study.modes) - set(MODES)
-        if bad_modes:
-            raise ConfigError(f"{path}: modes {sorted(bad_modes)}; expected some of {', '.join(MODES)}")
-        for eps in study.epsilons:
-            if eps != NO_DP and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-                raise ConfigError(f"{path}: epsilons holds {eps!r}; expected numbers > 0 or \"{NO_DP}\"")
-        try:
-            for cell in study.cells():
-                cell.config(Path("."))
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-        return study
+        return load_model(_StudyFile, path, ConfigError, "study config").study
 
     def cells(self) -> list[Cell]:
         """Every run of the grid, in a fixed order."""
@@ -100,6 +166,12 @@ class Study:
                             for seed in self.seeds:
                                 out.append(Cell(self, campus_by, cutoff, mode, strategy, eps, seed))
         return out
+
+
+class _StudyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    study: Study
 
 
 @dataclass(frozen=True)
@@ -155,7 +227,7 @@ def run(config_path: Path, out: Path, data_dir: Path) -> Path:
     tables = load_tables(data_dir)
     reference = RunConfig()
     manifest = {
-        "config": {**asdict(study), "file": str(config_path)},
+        "config": {**study.model_dump(), "file": str(config_path)},
         "seeds": list(study.seeds),
         "git_commit": _git_commit(),
         "versions": versions(),
@@ -166,6 +238,8 @@ def run(config_path: Path, out: Path, data_dir: Path) -> Path:
             "accountant": ACCOUNTANT,
             "delta": study.settings.get("delta", reference.delta),
             "max_grad_norm": study.settings.get("max-grad-norm", reference.max_grad_norm),
+            # research only: noise and sampling that follow each cell's seed (see RunConfig.reproducible_noise)
+            "reproducible_noise": study.settings.get("reproducible-noise", reference.reproducible_noise),
             "target_epsilons": [e for e in study.epsilons if e != NO_DP],
         },
     }

@@ -2,21 +2,31 @@
 
 The policy is a TOML file kept by the campus (never sent by the coordinator).
 Every key is optional; a missing key takes the safe default below, and a
-campus always runs under a policy (``CampusPolicy()`` when no file is given)::
+campus always runs under a policy (``CampusPolicy()`` when no file is given).
+Each key's allowed values follow its comment::
 
     [privacy]
-    max_epsilon_per_run = 3.0     # ε of one run, at the policy's δ
-    total_epsilon_budget = 10.0   # ε over all runs on this campus's dataset
-    delta = 1e-5                  # δ of every guarantee (a run may ask for less)
-    min_noise_multiplier = 0.5    # DP-SGD and statistics noise never below this, whatever ε allows
+    max_epsilon_per_run = 3.0     # ε of one run, at the policy's δ; > 0 and <= 100
+    total_epsilon_budget = 10.0   # ε over all runs on this campus's dataset; > 0 and <= 1000
+    delta = 1e-5                  # δ of every guarantee (a run may ask for less); > 0 and < 0.01
+    min_noise_multiplier = 0.5    # DP-SGD and statistics noise never below this, whatever ε allows; 0 to 100
     [training]
-    max_rounds = 50
-    max_local_epochs = 5
-    allowed_tasks = ["withdrawal"]
+    max_rounds = 50               # a whole number from 1 to 10000
+    max_local_epochs = 5          # a whole number from 1 to 1000
+    allowed_tasks = ["withdrawal"]  # some of "withdrawal", "at_risk", "final_result" ([]: no training)
     [release]
-    min_cohort_size = 10          # no metric or statistic on fewer records
+    min_cohort_size = 10          # no metric or statistic on fewer records; a whole number from 1 to 1000000
     [apps]
-    approved_fab_hashes = []      # SHA-256 of each app bundle (FAB) the data steward approved
+    approved_fab_hashes = []      # SHA-256 of each app bundle (FAB) the data steward approved (64 hex digits)
+
+Values are strictly typed: a number is written as a TOML number (``"3"`` is a
+string and is refused; a whole number such as ``3`` is accepted where a
+decimal is expected), a count as a whole number (``50.0`` is refused), a list
+as a TOML list, and ``inf`` or ``nan`` are refused everywhere. The upper
+bounds are far above any sensible setting: a value beyond them is a mistake
+(a typo, a missing minus sign in an exponent), not a policy. An unknown
+section or key is refused too, so a typo never silently leaves a limit at its
+default.
 
 ``[apps]`` is code approval. A deployed campus (``edufl campus start``) starts a
 ClientApp only for a run whose app bundle's SHA-256 (what Flower calls the
@@ -32,16 +42,18 @@ not apply.
 
 A run configuration may only be stricter than the policy: :meth:`CampusPolicy.check`
 lists every key a request would loosen, so that the campus can refuse it, say
-why, and log the refusal.
+why, and log the refusal. A request for reproducible noise (``reproducible-noise``,
+research only: the noise would follow the run's seed, which the coordinator
+knows) is refused under every policy; no key allows it.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .runconfig import TASKS, RunConfig
 from .tomlfile import load_model
@@ -52,24 +64,37 @@ class PolicyError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a string is never a number, a decimal never a count, a bool neither (an int is a valid float)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _listed(value: object) -> object:
+    """A TOML list as the tuple a section holds (strict mode takes no list for a tuple)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, tuple):
+        return value
+    raise ValueError(f"expected a list, not {value!r}")
+
+
+Task = Literal[TASKS]  # type: ignore[valid-type]  # the names of federation.runconfig.TASKS
 
 
 class PrivacyLimits(_Section):
-    max_epsilon_per_run: float = Field(3.0, gt=0, allow_inf_nan=False)
-    total_epsilon_budget: float = Field(10.0, gt=0, allow_inf_nan=False)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    min_noise_multiplier: float = Field(0.5, ge=0, allow_inf_nan=False)
+    max_epsilon_per_run: float = Field(3.0, gt=0, le=100, allow_inf_nan=False)
+    total_epsilon_budget: float = Field(10.0, gt=0, le=1000, allow_inf_nan=False)
+    delta: float = Field(1e-5, gt=0, lt=0.01, allow_inf_nan=False)
+    min_noise_multiplier: float = Field(0.5, ge=0, le=100, allow_inf_nan=False)
 
 
 class TrainingLimits(_Section):
-    max_rounds: int = Field(50, ge=1)
-    max_local_epochs: int = Field(5, ge=1)
-    allowed_tasks: tuple[str, ...] = TASKS
+    max_rounds: int = Field(50, ge=1, le=10_000)
+    max_local_epochs: int = Field(5, ge=1, le=1_000)
+    allowed_tasks: Annotated[tuple[Task, ...], BeforeValidator(_listed)] = ("withdrawal",)
 
 
 class ReleaseLimits(_Section):
-    min_cohort_size: int = Field(10, ge=1)
+    min_cohort_size: int = Field(10, ge=1, le=1_000_000)
 
 
 def _fab_hash(value: str) -> str:
@@ -81,7 +106,8 @@ def _fab_hash(value: str) -> str:
 class AppApproval(_Section):
     """The app bundles (FABs) the data steward approved, by SHA-256 (see the module docstring)."""
 
-    approved_fab_hashes: tuple[Annotated[str, AfterValidator(_fab_hash)], ...] = ()
+    approved_fab_hashes: Annotated[tuple[Annotated[str, AfterValidator(_fab_hash)], ...],
+                                   BeforeValidator(_listed)] = ()
 
     def refusal(self, fab_hash: str) -> str | None:
         """Why the app bundle with SHA-256 ``fab_hash`` may not run on this campus; None when it is approved."""
@@ -118,9 +144,10 @@ class CampusPolicy(_Section):
 
         An empty list means the request is within the policy. DP off, a run ε
         above ``max_epsilon_per_run``, a δ above ``delta``, more rounds or local
-        epochs than allowed, or a task not allowed are each reported. The noise
-        floor and the total budget depend on the campus's data and ledger and
-        are enforced when a round is planned (see ``clients.app``).
+        epochs than allowed, or a task not allowed are each reported, and so is
+        reproducible noise (key ``reproducible-noise``), which no policy allows.
+        The noise floor and the total budget depend on the campus's data and
+        ledger and are enforced when a round is planned (see ``clients.app``).
         """
         p, t = self.privacy, self.training
         found = []
@@ -135,7 +162,11 @@ class CampusPolicy(_Section):
         if cfg.local_epochs > t.max_local_epochs:
             found.append(("training.max_local_epochs", f"local-epochs {cfg.local_epochs} > {t.max_local_epochs}"))
         if cfg.task not in t.allowed_tasks:
-            found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks)}"))
+            found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks) or '(none)'}"))
+        if cfg.reproducible_noise:
+            found.append(("reproducible-noise", "the run asks for DP noise and batch sampling that follow its seed, so the "
+                                                "coordinator, which knows the seed, could predict the noise and subtract "
+                                                "it; no campus policy allows this (research simulations only)"))
         return found
 
     def over_budget(self, spent: list[tuple[float, float, int]], planned: tuple[float, float, int]) -> str | None:

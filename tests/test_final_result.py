@@ -102,15 +102,15 @@ def _recomputed(task: str, y: np.ndarray, p: np.ndarray) -> float:
 @pytest.mark.parametrize("task, policy_k", [("final_result", None), ("withdrawal", None), ("final_result", 30)])
 def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_recomputation(
         aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, task: str, policy_k: int | None):
-    node_config = {}
-    if policy_k:
-        (tmp_path / "policy.toml").write_text(f"[release]\nmin_cohort_size = {policy_k}\n")
-        node_config["policy"] = str(tmp_path / "policy.toml")
+    # The default policy allows the withdrawal task only: a campus answering final_result lists it.
+    (tmp_path / "policy.toml").write_text(f'[training]\nallowed_tasks = ["{task}"]\n'
+                                          + (f"[release]\nmin_cohort_size = {policy_k}\n" if policy_k else ""))
+    node_config = {"policy": str(tmp_path / "policy.toml")}
     request = _evaluate_request(RunConfig(task=task, model="logistic"))
     reply = release_guard(request, _context(aaa_dir, **node_config), evaluate_handler)
     assert not reply.has_error(), reply.error.reason
     sent = reply.content[METRICS]
-    k = policy_k or CampusPolicy().release.min_cohort_size  # no policy: the default, 10
+    k = policy_k or CampusPolicy().release.min_cohort_size  # no [release] in the policy: the default, 10
     test_part = split(build_task(task, aaa, D), "stratified", 0.2, 0)[1]
     model = build_model("logistic", len(feature_names()), outputs=n_outputs(task))
     model.load_state_dict(request.content["arrays"].to_torch_state_dict())
@@ -151,7 +151,10 @@ def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, ta
         tamper(reply.content[METRICS])
         return reply
 
-    reply = release_guard(_evaluate_request(RunConfig(task="final_result", model="logistic")), _context(aaa_dir), leaky_handler)
+    policy = aaa_dir.parent / "policy.toml"
+    policy.write_text('[training]\nallowed_tasks = ["final_result"]\n')  # the default policy allows withdrawal only
+    reply = release_guard(_evaluate_request(RunConfig(task="final_result", model="logistic")),
+                          _context(aaa_dir, policy=str(policy)), leaky_handler)
     assert reply.has_error() and reply.error.code == BLOCKED and "release guard blocked" in reply.error.reason
     assert not reply.has_content() and not re.search(reason, reply.error.reason)  # the details stay on the campus
     [record] = AuditLog(aaa_dir.parent / "state").records()

@@ -16,7 +16,7 @@ from federation.audit import AuditLog, as_dict, payload_digest
 from federation.ledger import PrivacyLedger, Release
 from federation.models import build_model
 from federation.policy import CampusPolicy, PolicyError
-from federation.runconfig import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED, TRAIN_METRICS, RunConfig
+from federation.runconfig import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED, TASKS, TRAIN_METRICS, RunConfig
 from federation.tasks import feature_names
 
 POLICY = """
@@ -58,6 +58,74 @@ def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str):
     path.write_text(text)
     with pytest.raises(PolicyError, match=r"policy\.toml: .*" + named.replace(".", r"\.")):
         CampusPolicy.load(path)
+
+
+@pytest.mark.parametrize("text, named, why", [
+    ('[privacy]\nmax_epsilon_per_run = "3"\n', "privacy.max_epsilon_per_run", "Input should be a valid number"),  # a string
+    ("[privacy]\nmax_epsilon_per_run = 1e308\n", "privacy.max_epsilon_per_run", "Input should be less than or equal to 100"),
+    ("[privacy]\nmax_epsilon_per_run = true\n", "privacy.max_epsilon_per_run", "Input should be a valid number"),
+    ("[privacy]\ntotal_epsilon_budget = inf\n", "privacy.total_epsilon_budget", "Input should be a finite number"),
+    ("[privacy]\ntotal_epsilon_budget = 1000.5\n", "privacy.total_epsilon_budget", "Input should be less than or equal to 1000"),
+    ("[privacy]\ndelta = nan\n", "privacy.delta", "Input should be a finite number"),
+    ("[privacy]\ndelta = 0.01\n", "privacy.delta", "Input should be less than 0.01"),
+    ("[privacy]\nmin_noise_multiplier = 101\n", "privacy.min_noise_multiplier", "Input should be less than or equal to 100"),
+    ('[training]\nallowed_tasks = ["withdrawl"]\n', "training.allowed_tasks.0",
+     "Input should be 'withdrawal', 'at_risk' or 'final_result'"),
+    ('[training]\nallowed_tasks = "withdrawal"\n', "training.allowed_tasks", "Value error, expected a list, not 'withdrawal'"),
+    ("[training]\nmax_rounds = 10001\n", "training.max_rounds", "Input should be less than or equal to 10000"),
+    ("[training]\nmax_rounds = 50.0\n", "training.max_rounds", "Input should be a valid integer"),  # a decimal, not a count
+    ('[training]\nmax_local_epochs = "5"\n', "training.max_local_epochs", "Input should be a valid integer"),
+    ("[training]\nmax_local_epochs = 1001\n", "training.max_local_epochs", "Input should be less than or equal to 1000"),
+    ("[release]\nmin_cohort_size = 1000001\n", "release.min_cohort_size", "Input should be less than or equal to 1000000"),
+    ("[release]\nmin_cohort_size = true\n", "release.min_cohort_size", "Input should be a valid integer"),
+])
+def test_policy_values_are_strictly_typed_and_bounded(tmp_path: Path, text: str, named: str, why: str):
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as err:
+        CampusPolicy.load(path)
+    assert str(err.value) == f"{path}: {named}: {why}"  # the file, the one offending key, and why
+
+
+def test_policy_accepts_whole_numbers_for_decimals_and_values_at_their_bounds(tmp_path: Path):
+    path = tmp_path / "policy.toml"
+    path.write_text("[privacy]\nmax_epsilon_per_run = 100\ntotal_epsilon_budget = 1000\ndelta = 0.0099\n"
+                    "min_noise_multiplier = 0\n[training]\nmax_rounds = 10000\nmax_local_epochs = 1000\n"
+                    'allowed_tasks = ["final_result", "at_risk"]\n[release]\nmin_cohort_size = 1000000\n')
+    policy = CampusPolicy.load(path)
+    assert (policy.privacy.max_epsilon_per_run, policy.privacy.total_epsilon_budget) == (100.0, 1000.0)
+    assert type(policy.privacy.max_epsilon_per_run) is float and type(policy.privacy.min_noise_multiplier) is float
+    assert (policy.privacy.delta, policy.training.max_rounds, policy.training.max_local_epochs) == (0.0099, 10000, 1000)
+    assert policy.training.allowed_tasks == ("final_result", "at_risk") and policy.release.min_cohort_size == 1_000_000
+    assert [k for k, _ in policy.check(RunConfig(task="withdrawal"))] == ["training.allowed_tasks"]
+    assert policy.check(RunConfig(task="at_risk", target_epsilon=100.0, num_rounds=10000)) == []
+
+
+def test_default_policy_allows_only_the_withdrawal_task_as_documented():
+    policy = CampusPolicy()
+    assert policy.training.allowed_tasks == ("withdrawal",) and CampusPolicy.load(None) == policy
+    assert (policy.training.max_rounds, policy.training.max_local_epochs, policy.release.min_cohort_size) == (50, 5, 10)
+    assert policy.check(RunConfig(task="withdrawal")) == []
+    for task in ("at_risk", "final_result"):
+        [(key, why)] = policy.check(RunConfig(task=task))
+        assert (key, why) == ("training.allowed_tasks", f"task {task!r} is not one of withdrawal")
+    none = CampusPolicy.model_validate({"training": {"allowed_tasks": []}})  # a campus that trains nothing
+    assert none.check(RunConfig()) == [("training.allowed_tasks", "task 'withdrawal' is not one of (none)")]
+
+
+def test_reproducible_noise_is_refused_under_every_policy():
+    request = RunConfig(reproducible_noise=True)
+    [(key, why)] = CampusPolicy().check(request)
+    assert key == "reproducible-noise" and "coordinator" in why and "seed" in why and "predict the noise" in why
+    loosest = CampusPolicy.model_validate({
+        "privacy": {"max_epsilon_per_run": 100, "total_epsilon_budget": 1000, "delta": 0.0099, "min_noise_multiplier": 0},
+        "training": {"max_rounds": 10000, "max_local_epochs": 1000, "allowed_tasks": list(TASKS)},
+        "release": {"min_cohort_size": 1}})
+    assert loosest.check(RunConfig()) == []
+    assert [k for k, _ in loosest.check(request)] == ["reproducible-noise"]
+    # reported with every other key the request loosens
+    assert [k for k, _ in CampusPolicy().check(RunConfig(reproducible_noise=True, num_rounds=51))] == \
+        ["training.max_rounds", "reproducible-noise"]
 
 
 @pytest.mark.parametrize("request_, key", [
@@ -165,8 +233,19 @@ def test_guard_answers_a_refusal_with_its_reason_only_and_logs_it(aaa_dir, task_
     assert as_dict(record)["sent"] is False  # the JSON form `edufl campus audit --format json` prints
 
 
+def test_campus_refuses_a_request_for_reproducible_noise_before_training(aaa_dir, task_identity):
+    reply = release_guard(_train_request(RunConfig(model="logistic", reproducible_noise=True)), _context(aaa_dir), train_handler)
+    assert reply.error.code == REFUSED and not reply.has_content()
+    assert "the request breaks its policy (reproducible-noise: " in reply.error.reason
+    assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing trained, nothing spent
+    [record] = AuditLog(aaa_dir.parent / "state").records()
+    assert not record.sent and "reproducible-noise" in record.reason
+
+
 def test_guard_withholds_metrics_on_a_cohort_smaller_than_the_policy_minimum(aaa_dir, task_identity, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text("[release]\nmin_cohort_size = 600\n")  # AAA trains on 563 rows
     reply = release_guard(_train_request(RunConfig(model="logistic")), _context(aaa_dir, policy=str(policy)), train_handler)
-    assert reply.error.code == BLOCKED and "fewer than release.min_cohort_size 600" in reply.error.reason
+    assert reply.error.code == BLOCKED and "fewer than release.min_cohort_size" not in reply.error.reason
+    [record] = AuditLog(aaa_dir.parent / "state").records()  # the details stay on the campus
+    assert not record.sent and "fewer than release.min_cohort_size 600" in record.reason

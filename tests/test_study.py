@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,19 +39,148 @@ def test_grid_expansion_and_cell_configs(tmp_path):
     assert next(c for c in cells if c.id == "module-d0-local-nodp-s0").config(tmp_path).dp is False
 
 
-def test_bad_study_config_names_file_and_key(tmp_path):
+@pytest.mark.parametrize("change, named, why", [
+    (('name = "tiny"\n', ""), "study.name", "Field required"),
+    (("seeds = [0]", "seeds = 5"), "study.seeds", "Value error, expected a list, e.g. [5], not 5"),
+    (("rounds = 1", "rounds = 1\nroundz = 2"), "study.roundz", "Extra inputs are not permitted"),
+    (("[study]", "[studdy]"), "study", "Field required; studdy: Extra inputs are not permitted"),
+    (("seeds = [0]", 'seeds = ["0"]'), "study.seeds.0", "Input should be a valid integer"),
+    (("seeds = [0]", "seeds = [0, 1, 0]"), "study.seeds", "Value error, 0 listed more than once"),
+    (("seeds = [0]", "seeds = []"), "study.seeds", "Value should have at least 1 item after validation, not 0"),
+    (("seeds = [0]", "seeds = [-1]"), "study.seeds.0", "Input should be greater than or equal to 0"),
+    (("rounds = 1", "rounds = 1.0"), "study.rounds", "Input should be a valid integer"),
+    (("rounds = 1", "rounds = 10001"), "study.rounds", "Input should be less than or equal to 10000"),
+    (("rounds = 1", 'rounds = "1"'), "study.rounds", "Input should be a valid integer"),
+    (('name = "tiny"', 'name = "../tiny"'), "study.name", "Value error, '../tiny' is not a safe folder name"),
+    (('name = "tiny"', 'name = 7'), "study.name", "Input should be a valid string"),
+    (("epsilons = [3]", "epsilons = [0]"), "study.epsilons.0", 'Value error, epsilons holds 0; expected numbers > 0 or "none"'),
+    (("epsilons = [3]", 'epsilons = ["3"]'), "study.epsilons.0", "Value error, epsilons holds '3'"),
+    (("epsilons = [3]", "epsilons = [3, 3.0]"), "study.epsilons", "Value error, 3, 3.0 listed more than once"),
+    (('modes = ["local", "federated"]', 'modes = ["local", "fedrated"]'), "study.modes.1",
+     "Input should be 'federated', 'centralized' or 'local'"),
+    (('model = "logistic"', 'model = "logistic"\ntask = "withdrawl"'), "study.task",
+     "Input should be 'withdrawal', 'at_risk' or 'final_result'"),
+    (('model = "logistic"', 'model = "logistic"\nsettings = {learning-rate = "0.3"}'), "study.settings",
+     "Value error, learning-rate = '0.3'; expected a float"),
+    (('model = "logistic"', 'model = "logistic"\nsettings = {learnin-rate = 0.3}'), "study.settings",
+     "Value error, unknown configuration key(s): learnin-rate"),
+    (('model = "logistic"', 'model = "logistic"\nsettings = {"reproducible-noise" = "yes"}'), "study.settings",
+     "Value error, reproducible-noise = 'yes'; expected a bool"),
+    (('model = "logistic"', 'model = "logistic"\nsettings = {num-rounds = 5}'), "study.settings",
+     "Value error, num-rounds is set by the study key rounds, not in settings"),
+    (('model = "logistic"', 'model = "logistic"\nstrategies = ["fedadam"]\nsettings = {central-dp = "fixed"}'), "study",
+     "Value error, cell module-d60-federated-fedadam-eps3-s0: central-dp = 'fixed' needs strategy fedavg or fedprox"),
+])
+def test_bad_study_config_names_file_and_key(tmp_path, change, named, why):
     path = tmp_path / "bad.toml"
-    path.write_text(TINY.replace("rounds = 1", "rounds = 1\nroundz = 2"))
-    with pytest.raises(ConfigError, match=r"bad.toml: unknown key\(s\) in \[study\]: roundz"):
+    path.write_text(TINY.replace(*change))
+    assert path.read_text() != TINY
+    with pytest.raises(ConfigError) as err:
         Study.load(path)
-    path.write_text(TINY.replace("epsilons = [3]", "epsilons = [0]"))
-    with pytest.raises(ConfigError, match="epsilons holds 0"):
-        Study.load(path)
+    assert str(err.value).startswith(f"{path}: {named}: {why}")
+
+
+def test_study_config_that_is_missing_or_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'none.toml'}: study config not found$"):
+        Study.load(tmp_path / "none.toml")
+    (tmp_path / "broken.toml").write_text("[study\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'broken.toml'}: not a TOML file"):
+        Study.load(tmp_path / "broken.toml")
+
+
+def test_study_keeps_values_as_written_and_its_defaults(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.replace("epsilons = [3]", 'epsilons = [3, 1.5, "none"]'))
+    study = Study.load(path)
+    assert study.epsilons == (3, 1.5, "none") and type(study.epsilons[0]) is int  # so ids, rows and plots say "3"
+    assert [c.id for c in study.cells()][:3] == ["module-d60-local-eps3-s0", "module-d60-local-eps1.5-s0",
+                                                 "module-d60-local-nodp-s0"]
+    assert study.cells()[0].keys()["epsilon"] == "3"
+    assert (study.name, study.modes, study.seeds, study.rounds, study.model) == ("tiny", ("local", "federated"), (0,), 1, "logistic")
+    default = Study(name="d")
+    assert (default.task, default.campus_by, default.cutoff_days, default.modes, default.strategies, default.epsilons,
+            default.seeds, default.rounds, default.local_epochs, default.model, default.settings) == (
+        "withdrawal", ("module",), (60,), ("centralized", "local", "federated"), ("fedavg",), (3.0,), (0,), 10, 1, "mlp", {})
+    assert len(default.cells()) == 3
+
+
+def test_a_study_may_ask_for_reproducible_noise_in_its_settings(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY + 'settings = {"reproducible-noise" = true, learning-rate = 0.1}\n')
+    study = Study.load(path)
+    assert study.settings == {"reproducible-noise": True, "learning-rate": 0.1}
+    configs = [c.config(tmp_path) for c in study.cells()]
+    assert len(configs) == 2 and all(c.reproducible_noise and c.learning_rate == 0.1 for c in configs)
+    assert not any(c.config(tmp_path).reproducible_noise for c in Study.load(_write(tmp_path, TINY)).cells())
+
+
+def _write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _no_engine(*args, **kwargs):
+    raise AssertionError("the engine was started before the bad file was reported")
+
+
+@pytest.mark.parametrize("out", [None, "given"])
+def test_experiment_run_reports_a_bad_config_with_status_2_before_anything_starts(tmp_path, capsys, monkeypatch, out):
+    from experiments import study
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default --out is results/<name>, under the working folder
+    monkeypatch.setattr(study, "simulate", _no_engine)
+    bad = _write(tmp_path, TINY.replace("seeds = [0]", "seeds = 5"), "bad.toml")
+    args = ["experiment", "run", str(bad), "--data", str(tmp_path / "no-data")]  # the config is read before the data
+    assert main(args + (["--out", str(tmp_path / "given")] if out else [])) == 2
+    err = capsys.readouterr().err
+    assert err == f"edufl: {bad}: study.seeds: Value error, expected a list, e.g. [5], not 5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]  # no results folder, no study folder
+    no_name = _write(tmp_path, TINY.replace('name = "tiny"\n', ""), "no-name.toml")
+    assert main(["experiment", "run", str(no_name)]) == 2
+    assert capsys.readouterr().err == f"edufl: {no_name}: study.name: Field required\n"
+    assert not (tmp_path / "results").exists()
+
+
+def test_simulate_reports_a_bad_policy_file_with_status_2_before_the_engine_starts(tmp_path, capsys, monkeypatch):
+    from experiments import simulate
+    from experiments.cli import main
+
+    monkeypatch.setattr(simulate, "simulate", _no_engine)
+    policy = _write(tmp_path, "[privacy]\nmax_epsilon = 3.0\n", "policy.toml")  # a typo'd key
+    run = tmp_path / "run"
+    args = ["simulate", "--policy", str(policy), "--out", str(run), "--data", str(tmp_path / "no-data")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"edufl: {policy}: privacy.max_epsilon: Extra inputs are not permitted\n"
+    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["policy.toml"]
+    policy.write_text('[training]\nallowed_tasks = ["withdrawl"]\n')
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"edufl: {policy}: training.allowed_tasks.0: Input should be 'withdrawal', "
+                                       "'at_risk' or 'final_result'\n")
+    assert main(["simulate", "--policy", str(tmp_path / "missing.toml"), "--out", str(run)]) == 2
+    assert capsys.readouterr().err == f"edufl: {tmp_path / 'missing.toml'}: policy file not found\n"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("where", [[], ["--superlink", "127.0.0.1:1", "--insecure"]])
+def test_analytics_run_reports_a_bad_query_file_with_status_2_before_anything_starts(tmp_path, capsys, monkeypatch, where):
+    from experiments import analytics
+    from experiments.cli import main
+
+    monkeypatch.setattr(analytics, "run_analytics", _no_engine)
+    monkeypatch.setattr(analytics, "run_deployed", _no_engine)
+    query = _write(tmp_path, 'statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "query.toml")  # group_by
+    assert main(["analytics", "run", str(query), "--out", str(tmp_path / "out"), *where]) == 2
+    assert capsys.readouterr().err == f"edufl: {query}: group: Extra inputs are not permitted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["query.toml"]
 
 
 def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp_path, capsys):
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    # DP noise and batch sampling are secret unless the study asks for reproducible noise (research only)
+    config.write_text(TINY + 'settings = {"reproducible-noise" = true}\n')
     first, second = run(config, tmp_path / "a", data_dir), run(config, tmp_path / "b", data_dir)
     rows = [pd.read_csv(d / "rows.csv").drop(columns="wall_time_s") for d in (first, second)]
     assert len(rows[0]) == 2
@@ -74,6 +204,9 @@ def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp
     assert "| module | 60 | federated (fedavg) | 3 |" in (first / "summary.md").read_text()
     assert (first / "privacy_utility.png").stat().st_size > 10_000
     assert (first / "manifest.json").read_text().count("data_sha256") == 1
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["privacy"]["reproducible_noise"] is True and manifest["config"]["epsilons"] == [3]
+    assert manifest["config"]["settings"] == {"reproducible-noise": True} and manifest["seeds"] == [0]
 
 
 def test_bench_measures_a_whole_process(data_dir, tmp_path):
