@@ -36,6 +36,7 @@ CAMPUSES = ("AAA", "BBB", "CCC")
 POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n[release]\nmin_cohort_size = 20\n"  # every campus's policy file
 EDUFL = [sys.executable, "-m", "experiments.cli"]
 REPO = Path(__file__).resolve().parents[1]
+CLIENTAPP_STARTED = "is approved; starting its ClientApp"  # what a campus's gate prints for each message it runs
 
 
 class Processes:
@@ -54,9 +55,10 @@ class Processes:
     def output(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def wait_for(self, name: str, text: str, timeout: float = 60.0) -> None:
+    def wait_for(self, name: str, text: str, timeout: float = 60.0, times: int = 1) -> None:
+        """Wait until ``name`` has printed ``text`` ``times`` times in all (its log is polled every 0.5 s)."""
         deadline = time.monotonic() + timeout
-        while text not in self.output(name):
+        while self.output(name).count(text) < times:
             if self.running[name].poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"{name} never printed {text!r}:\n{self.output(name)[-3000:]}")
             time.sleep(0.5)
@@ -289,6 +291,7 @@ def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
 
 def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deployment):
     root, superlink, procs = deployment
+    launched = procs.output("BBB").count(CLIENTAPP_STARTED)  # ClientApps BBB's gate started for earlier tests
     run = subprocess.Popen([*EDUFL, "coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"),
                             "--rounds", "3", "--model", "logistic", "--min-campuses", "2", "--round-timeout", "120",
                             "--out", str(root / "run-kill")],
@@ -297,7 +300,9 @@ def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deploymen
     try:
         while "started" not in (line := run.stdout.readline()):
             assert line, "coordinator run ended before the run started"
-        time.sleep(8)  # inside round 1's training
+        # Round 1's train message is BBB's first of this run: once its gate starts a ClientApp, BBB has taken
+        # the message from the SuperLink and is training on it.
+        procs.wait_for("BBB", CLIENTAPP_STARTED, timeout=120, times=launched + 1)
         procs.kill("BBB")
         start_campus(procs, root, superlink, "BBB", timeout=150)  # refused until the SuperLink marks it offline
         output, _ = run.communicate(timeout=400)
