@@ -33,20 +33,20 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from federation.contract import parse_version, supports, version_text
-from federation.data import dataset_id, load_tables
-from federation.mapping import Mapping, MappingError, load_mapping
-from federation.ledger import PrivacyLedger, Release
-from federation.models import build_model
-from federation.policy import CampusPolicy
-from federation.privacy import DPSettings, History, calibrate_noise, epsilon, poisson_plan
-from federation.proto.analytics_pb2 import StatisticQuery
-from federation.randomness import SECRET, Randomness, round_seed
-from federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, ConfigError, RunConfig,
+from edufl.federation.contract import parse_version, supports, version_text
+from edufl.federation.data import dataset_id, load_tables
+from edufl.federation.mapping import Mapping, MappingError, load_mapping
+from edufl.federation.ledger import PrivacyLedger, Release
+from edufl.federation.models import build_model
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.privacy import DPSettings, History, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.proto.analytics_pb2 import StatisticQuery
+from edufl.federation.randomness import SECRET, Randomness, round_seed
+from edufl.federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, ConfigError, RunConfig,
                                   subgroup_keys)
-from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
-from federation.tasks import TaskData, build_task, feature_names, n_outputs, split
-from federation.training import evaluate, subgroup_metrics, train
+from edufl.federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
+from edufl.federation.tasks import TaskData, build_task, feature_names, n_outputs, split
+from edufl.federation.training import evaluate, subgroup_metrics, train
 
 from .guard import GuardedClientApp, release_guard
 from .node import CampusRefusal, CampusSetup, campus_setup, run_id

@@ -55,11 +55,11 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
-from federation.audit import AuditLog, now
-from federation.deploy import flwr_env
-from federation.policy import AppApproval, CampusPolicy, PolicyError
-from federation.proto.audit_pb2 import AuditRecord
-from federation.runconfig import CONFIG, REFUSED
+from edufl.federation.audit import AuditLog, now
+from edufl.federation.deploy import flwr_env
+from edufl.federation.policy import AppApproval, CampusPolicy, PolicyError
+from edufl.federation.proto.audit_pb2 import AuditRecord
+from edufl.federation.runconfig import CONFIG, REFUSED
 
 from .node import run_id
 
@@ -254,8 +254,8 @@ class GateProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m clients.approval``: the gate process (started by ``edufl campus start``)."""
-    p = argparse.ArgumentParser(prog="python -m clients.approval", description="edufl's code-approval gate (a Flower SuperExec)")
+    """``python -m edufl.clients.approval``: the gate process (started by ``edufl campus start``)."""
+    p = argparse.ArgumentParser(prog="python -m edufl.clients.approval", description="edufl's code-approval gate (a Flower SuperExec)")
     p.add_argument("--campus", required=True)
     p.add_argument("--state", required=True, help="the campus's state folder (its audit log)")
     p.add_argument("--policy", help="the campus policy file (default: the safe defaults, which approve no app bundle)")

@@ -21,11 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from federation.data import DataError, Problem, Tables, campus_names, campus_slice, load_tables, write_tables
-from federation.deploy import bundle_sha256, free_port, foreground, parse_address, probe_tls
-from federation.pki import PKIError, check_campus_name, campus_key, require
-from federation.policy import CampusPolicy
-from federation.runconfig import ConfigError
+from edufl.federation.data import DataError, Problem, Tables, campus_names, campus_slice, load_tables, write_tables
+from edufl.federation.bundle import bundle_sha256
+from edufl.federation.deploy import free_port, foreground, parse_address, probe_tls
+from edufl.federation.pki import PKIError, check_campus_name, campus_key, require
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.runconfig import ConfigError
 
 from .approval import GateProcess, add_approval, gate_command
 
@@ -237,9 +238,9 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
                             + (f": {reasons[0]}" if reasons else " (see its output above)"))
 
 
-def approve(bundle: Path, policy: Path | None = None) -> str:
+def approve(bundle: Path | None, policy: Path | None = None) -> str:
     """Print the SHA-256 of the app bundle ``bundle`` (a ``.fab`` file, or an app folder built as ``flwr build``
-    builds it) and, with ``policy``, add it to that policy file's approved bundles. Returns the hash.
+    builds it; None: the bundle this installed edufl submits) and, with ``policy``, add it to that policy file's approved bundles. Returns the hash.
 
     Raises
     ------
@@ -248,10 +249,10 @@ def approve(bundle: Path, policy: Path | None = None) -> str:
     PolicyError
         When the policy file is not valid, or cannot take the hash without being rewritten.
     """
-    from federation.audit import now
+    from edufl.federation.audit import now
 
     fab_hash, name = bundle_sha256(bundle)
-    print(f"{bundle}: app bundle {name}, sha256 {fab_hash}")
+    print(f"{bundle or 'this edufl'}: app bundle {name}, sha256 {fab_hash}")
     if policy is not None:
         added = add_approval(policy, fab_hash, f"{name}, approved {now()[:10]}")
         print(f"{policy}: " + ("added to apps.approved_fab_hashes; campuses under this policy start this bundle's "
@@ -304,7 +305,7 @@ def budget(state: Path, policy: Path | None = None) -> list[dict]:
 
     from rich.table import Table
 
-    from federation.ledger import LEDGER_FILE, PrivacyLedger
+    from edufl.federation.ledger import LEDGER_FILE, PrivacyLedger
 
     limits = CampusPolicy.load(policy).privacy
     _state_file(state, LEDGER_FILE, "privacy ledger")
@@ -344,7 +345,7 @@ def audit(state: Path, run: str | None = None, fmt: str = "table") -> list[dict]
     import json
     from contextlib import closing
 
-    from federation.audit import AUDIT_FILE, AuditLog, as_dict
+    from edufl.federation.audit import AUDIT_FILE, AuditLog, as_dict
 
     _state_file(state, AUDIT_FILE, "audit log")
     with closing(AuditLog(state)) as log:

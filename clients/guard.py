@@ -54,16 +54,16 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, public_key_to_bytes
 from google.protobuf.message import DecodeError
 
-from federation.audit import AuditLog, array_specs, now, payload_digest
-from federation.ledger import PrivacyLedger
-from federation.models import build_model
-from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
-from federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
-from federation.policy import CampusPolicy, PolicyError
-from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, FAILED, METRICS, NUM_EXAMPLES, REFUSED,
+from edufl.federation.audit import AuditLog, array_specs, now, payload_digest
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.models import build_model
+from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
+from edufl.federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
+from edufl.federation.policy import CampusPolicy, PolicyError
+from edufl.federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, FAILED, METRICS, NUM_EXAMPLES, REFUSED,
                                   SUBGROUPS, TRAIN_METRICS, ConfigError, RunConfig, subgroup_keys)
-from federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, answer_problems
-from federation.tasks import feature_names, n_outputs
+from edufl.federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, answer_problems
+from edufl.federation.tasks import feature_names, n_outputs
 
 from .node import CampusRefusal, CampusSetup, campus_setup, run_id
 

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.policy import CampusPolicy
-from federation.runconfig import SIM_ENV, SIM_MANIFEST
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.runconfig import SIM_ENV, SIM_MANIFEST
 
 
 class CampusRefusal(RuntimeError):

@@ -34,7 +34,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, ConfigError, RunConfig
+from edufl.federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, ConfigError, RunConfig
 
 from .guard import FIT_OK, SECAGG, _expected_arrays, secagg_stage
 from .node import CampusRefusal, campus_setup

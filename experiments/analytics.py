@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from federation.data import Tables
-from federation.policy import CampusPolicy
-from federation.proto.analytics_pb2 import StatisticQuery
-from federation.runconfig import RunConfig
-from federation.statistics import QUERY_KEY, load_query
+from edufl.federation.data import Tables
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.proto.analytics_pb2 import StatisticQuery
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.statistics import QUERY_KEY, load_query
 
 from .simulate import run_engine
 
@@ -38,7 +38,7 @@ def _query_config(query_file: Path) -> tuple[StatisticQuery, dict]:
 
 
 def _headline(query: StatisticQuery, campuses: str) -> None:
-    from server.analytics import describe, unit
+    from edufl.server.analytics import describe, unit
 
     print(f"edufl analytics: {describe(query)}, {campuses}, Gaussian mechanism, "
           f"ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}, privacy unit: {unit(query)}", flush=True)
@@ -62,14 +62,14 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     DataError
         When the tables fail validation.
     """
-    from server.coordinator import new_run_name
+    from edufl.server.coordinator import new_run_name
 
     query, extra = _query_config(query_file)
     CampusPolicy.load(policy)  # a bad policy file is the user's mistake, reported before anything starts
     cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out))
 
     def headline(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
-        from federation.data import campus_names
+        from edufl.federation.data import campus_names
 
         for note in tables.notes:
             print(f"note: {note}")
@@ -101,7 +101,7 @@ def run_deployed(query_file: Path, *, superlink: str, pki: Path | None, root_cer
         When the coordinator cannot be reached or trusted, too few campuses
         are online, or the run does not complete.
     """
-    from server.coordinator import await_campuses, launch, name_campuses, new_run_name, open_connection
+    from edufl.server.coordinator import await_campuses, launch, name_campuses, new_run_name, open_connection
 
     query, extra = _query_config(query_file)
     out = out.resolve()

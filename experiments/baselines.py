@@ -17,15 +17,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from federation.data import Tables
-from federation.models import build_model
-from federation.policy import CampusPolicy
-from federation.privacy import DPSettings, calibrate_noise, epsilon
-from federation.randomness import SECRET, Randomness
-from federation.results import Report
-from federation.runconfig import RunConfig
-from federation.tasks import TaskData, campus_splits, feature_names, n_outputs
-from federation.training import evaluate, subgroup_metrics, train
+from edufl.federation.data import Tables
+from edufl.federation.models import build_model
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
+from edufl.federation.randomness import SECRET, Randomness
+from edufl.federation.results import Report
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.tasks import TaskData, campus_splits, feature_names, n_outputs
+from edufl.federation.training import evaluate, subgroup_metrics, train
 
 from .simulate import provenance
 

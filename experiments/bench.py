@@ -35,7 +35,7 @@ SETTLE_S = 5.0
 
 def measure(args: list[str], data_dir: Path, out: Path) -> dict:
     """Run ``edufl simulate ARGS --out OUT`` as its own process; wall time, peak memory, summary."""
-    command = [sys.executable, "-m", "experiments.cli", "simulate", "--data", str(data_dir), "--out", str(out), *args]
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", "--data", str(data_dir), "--out", str(out), *args]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(process.pid)

@@ -23,10 +23,10 @@ for _var, _value in (
     os.environ.setdefault(_var, _value)
 
 # Only light modules here: `edufl simulate` starts the simulation engine before torch loads.
-from federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
-from federation.mapping import MappingError  # noqa: E402
-from federation.policy import CampusPolicy, PolicyError  # noqa: E402
-from federation.runconfig import (CAMPUS_BY, CENTRAL_DP, MODELS, SECURE_AGGREGATION, SPLITS, STRATEGIES, TASKS,  # noqa: E402
+from edufl.federation.data import DataError, download, load_tables, resolve_data_dir  # noqa: E402
+from edufl.federation.mapping import MappingError  # noqa: E402
+from edufl.federation.policy import CampusPolicy, PolicyError  # noqa: E402
+from edufl.federation.runconfig import (CAMPUS_BY, CENTRAL_DP, MODELS, SECURE_AGGREGATION, SPLITS, STRATEGIES, TASKS,  # noqa: E402
                                   ConfigError, RunConfig)
 
 DEFAULTS = RunConfig()
@@ -155,7 +155,7 @@ def _certs_parser(sub) -> None:
 def _run_certs(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from federation.pki import make_pki
+    from edufl.federation.pki import make_pki
 
     written = make_pki(Path(args.out), [c.strip() for c in args.campuses.split(",") if c.strip()], args.host)
     for path in written:
@@ -198,7 +198,7 @@ def _coordinator_parser(sub) -> None:
 def _run_coordinator(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from server.coordinator import RunFailed, run, start
+    from edufl.server.coordinator import RunFailed, run, start
 
     pki, root_cert = args.pki and Path(args.pki), args.root_cert and Path(args.root_cert)
     try:
@@ -240,7 +240,9 @@ def _campus_parser(sub) -> None:
     v.add_argument("--data", required=True, help="the campus's folder")
     v.add_argument("--mapping", help="mapping file (TOML) of the export to the learner-record contract (default: OULAD layout)")
     ap = c_sub.add_parser("approve", help="the SHA-256 of an app bundle the data steward reviewed; with --policy, approve it there")
-    ap.add_argument("bundle", metavar="FAB_OR_APP_DIR", help="a .fab file (`flwr build`), or an app folder, built as `flwr run` builds it")
+    ap.add_argument("bundle", metavar="FAB_OR_APP_DIR", nargs="?",
+                    help="a .fab file (`flwr build`), or an app folder, built as `flwr run` builds it (default: the bundle "
+                         "this installed edufl submits)")
     ap.add_argument("--policy", help="the campus policy file to add the hash to (created if missing; the rest is kept as written)")
     b = c_sub.add_parser("budget", help="ε spent per dataset over all runs, from the campus's privacy ledger")
     b.add_argument("--state", required=True, help="the campus's state folder")
@@ -254,12 +256,12 @@ def _campus_parser(sub) -> None:
 def _run_campus(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from clients.campus import CampusRefused, approve, audit, budget, export_oulad, start, validate
+    from edufl.clients.campus import CampusRefused, approve, audit, budget, export_oulad, start, validate
 
     if args.campus_command == "validate":
         validate(Path(args.data), args.mapping and Path(args.mapping))
     elif args.campus_command == "approve":
-        approve(Path(args.bundle), args.policy and Path(args.policy))
+        approve(args.bundle and Path(args.bundle), args.policy and Path(args.policy))
     elif args.campus_command == "budget":
         budget(Path(args.state), args.policy and Path(args.policy))
     elif args.campus_command == "audit":
@@ -296,7 +298,7 @@ def _analytics_parser(sub) -> None:
 
 
 def _run_analytics(args: argparse.Namespace) -> None:
-    from federation.statistics import load_query
+    from edufl.federation.statistics import load_query
 
     # A bad query file is the user's mistake (exit 2), reported before anything starts, in both paths
     # (experiments.analytics reads it again when it builds the run).
@@ -308,7 +310,7 @@ def _run_analytics(args: argparse.Namespace) -> None:
                  if given]
         if stray:
             raise ConfigError(f"{', '.join(stray)}: simulation options; with --superlink each campus answers from its own data under its own policy")
-        from server.coordinator import RunFailed
+        from edufl.server.coordinator import RunFailed
 
         try:
             summary = run_deployed(Path(args.query), superlink=args.superlink, pki=args.pki and Path(args.pki),

@@ -18,12 +18,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from federation.data import file_hashes, load_tables
-from federation.membership import loss_attack_auc
-from federation.models import build_model
-from federation.results import primary_metric, weighted
-from federation.runconfig import ConfigError, RunConfig
-from federation.tasks import campus_splits, feature_names, n_outputs
+from edufl.federation.data import file_hashes, load_tables
+from edufl.federation.membership import loss_attack_auc
+from edufl.federation.models import build_model
+from edufl.federation.results import primary_metric, weighted
+from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.tasks import campus_splits, feature_names, n_outputs
 
 ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, " \
          "non-members = campus test rows, both subsampled to the smaller group's size"

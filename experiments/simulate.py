@@ -35,9 +35,9 @@ from pathlib import Path
 
 import psutil
 
-from federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_parquet
-from federation.mapping import CONTRACT_PARQUET
-from federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
+from edufl.federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_parquet
+from edufl.federation.mapping import CONTRACT_PARQUET
+from edufl.federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
 
 MODES = ("federated", "centralized", "local")
 
@@ -74,8 +74,8 @@ def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Ta
 
 def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     """Print the data notes and a one-line description of the run; return the campus names."""
-    from federation.privacy import PRIVACY_UNIT_SHORT
-    from federation.randomness import REPRODUCIBLE_WARNING
+    from edufl.federation.privacy import PRIVACY_UNIT_SHORT
+    from edufl.federation.randomness import REPRODUCIBLE_WARNING
 
     for note in tables.notes:
         print(f"note: {note}")
@@ -291,7 +291,7 @@ def _start_ray(sim_dir: str) -> None:
     # OMP_NUM_THREADS when the preloaded import starts its thread pool. Set only while
     # Ray starts, so that this process's own torch keeps its settings.
     saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="clients.app")
+    os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="edufl.clients.app")
     # ray.init() sets its own SIGTERM handler (and its core worker a C++ one that ends the
     # process with SIGABRT): put back the run's, which removes the campus folders (campus_folders).
     main = threading.current_thread() is threading.main_thread()
@@ -313,8 +313,8 @@ def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str
     """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
 
-    from clients.app import app as client_app
-    from server.app import app as server
+    from edufl.clients.app import app as client_app
+    from edufl.server.app import app as server
 
     tables = tables or load_tables(data_dir)
     names = headline(cfg, tables, "federated")

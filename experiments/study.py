@@ -31,11 +31,11 @@ import pandas as pd
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, \
     model_validator
 
-from federation.data import file_hashes, load_tables
-from federation.privacy import ACCOUNTANT
-from federation.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
-from federation.runconfig import CAMPUS_BY, LIMITS, MODELS, STRATEGIES, TASKS, ConfigError, RunConfig
-from federation.tomlfile import load_model
+from edufl.federation.data import file_hashes, load_tables
+from edufl.federation.privacy import ACCOUNTANT
+from edufl.federation.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
+from edufl.federation.runconfig import CAMPUS_BY, LIMITS, MODELS, STRATEGIES, TASKS, ConfigError, RunConfig
+from edufl.federation.tomlfile import load_model
 
 from .simulate import MODES, simulate
 

@@ -10,7 +10,6 @@ plain words instead of a retry loop.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -40,27 +39,6 @@ def flwr_env() -> dict[str, str]:
     """
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**FLWR_ENV, **os.environ, "PATH": path}
-
-
-def bundle_sha256(path: Path) -> tuple[str, str]:
-    """(SHA-256, "publisher/name version") of the app bundle ``path``: a ``.fab`` file, or an app
-    folder built into one exactly as ``flwr build`` and ``flwr run`` build it.
-
-    Raises
-    ------
-    ConfigError
-        When ``path`` is neither a readable FAB nor a Flower app folder.
-    """
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.config_utils import get_fab_metadata
-
-    path = Path(path)
-    try:
-        content = build_fab_from_disk(path) if path.is_dir() else path.read_bytes()
-        fab_id, version = get_fab_metadata(content)
-    except Exception as err:  # Flower raises click, zip, TOML and OS errors alike
-        raise ConfigError(f"{path}: not a Flower app bundle (.fab) or app folder ({err})") from None
-    return hashlib.sha256(content).hexdigest(), f"{fab_id} {version}"
 
 
 def parse_address(address: str, option: str = "--superlink") -> tuple[str, int]:

@@ -33,12 +33,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from google.protobuf import json_format
 
-from federation.audit import payload_digest
-from federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
-from federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
-from federation.runconfig import CAMPUS, CONFIG
-from federation.contract import CONTRACT_VERSION, version_text
-from federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine, over_submissions
+from edufl.federation.audit import payload_digest
+from edufl.federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
+from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
+from edufl.federation.runconfig import CAMPUS, CONFIG
+from edufl.federation.contract import CONTRACT_VERSION, version_text
+from edufl.federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine, over_submissions
 
 from .app import NO_REPLY, await_campuses, error_reason, silent_nodes
 

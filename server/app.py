@@ -32,12 +32,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
-from federation.audit import payload_digest
-from federation.models import build_model
-from federation.results import Report
-from federation.runconfig import BLOCKED, CAMPUS, FAILED, METRICS, NUM_EXAMPLES, REFUSED, RunConfig, subgroup_keys
-from federation.statistics import QUERY_KEY
-from federation.tasks import feature_names, n_outputs
+from edufl.federation.audit import payload_digest
+from edufl.federation.models import build_model
+from edufl.federation.results import Report
+from edufl.federation.runconfig import BLOCKED, CAMPUS, FAILED, METRICS, NUM_EXAMPLES, REFUSED, RunConfig, subgroup_keys
+from edufl.federation.statistics import QUERY_KEY
+from edufl.federation.tasks import feature_names, n_outputs
 
 app = ServerApp()
 CHECKPOINT = "checkpoint.pt"

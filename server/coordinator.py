@@ -32,15 +32,15 @@ from pathlib import Path
 
 import tomli_w
 
-from federation.deploy import bundle_sha256, flwr_env, foreground, parse_address, probe_tls
-from federation.pki import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, registered_campuses, require
-from federation.runconfig import ConfigError, RunConfig
+from edufl.federation.bundle import app_folder, bundle_sha256
+from edufl.federation.deploy import flwr_env, foreground, parse_address, probe_tls
+from edufl.federation.pki import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, registered_campuses, require
+from edufl.federation.runconfig import ConfigError, RunConfig
 
 CONNECTION = "edufl"
 NODES_FILE = "registered-nodes.json"  # campus name -> Flower node id, written by `coordinator start`
 INSECURE_WARNING = ("WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT campus authentication; "
                     "model updates travel in plaintext and anyone who reaches the port can join. Local experiments only.")
-APP_DIR = Path(__file__).resolve().parents[1]  # the folder whose pyproject.toml declares the Flower app
 # Flower's own log lines, which `flwr run --stream` prints twice; edufl shows the rest.
 _FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):|^Successfully installed")
 
@@ -212,7 +212,7 @@ def resumed_config(run_dir: Path) -> RunConfig:
     """
     import torch
 
-    from server.app import CHECKPOINT
+    from edufl.server.app import CHECKPOINT
 
     path = Path(run_dir).resolve() / CHECKPOINT
     if not path.is_file():
@@ -269,13 +269,13 @@ def launch(run_config: dict, out: Path) -> str:
         When the run does not start or ends in another state than completed (naming it, and how to
         resume when ``out`` holds a checkpoint).
     """
-    fab_hash, app = bundle_sha256(APP_DIR)  # built from the same files, the same way, as `flwr run` builds it
-    print(f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
-          "(apps.approved_fab_hashes)", flush=True)
-    with tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
+    with app_folder() as app_dir, tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
+        fab_hash, app = bundle_sha256(app_dir)  # built from the same folder, the same way, as `flwr run` builds it
+        print(f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
+              "(apps.approved_fab_hashes)", flush=True)
         tomli_w.dump(run_config, overrides)
         overrides.flush()
-        run_id = _launch(overrides.name)
+        run_id = _launch(app_dir, overrides.name)
     listing = json.loads(_flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
     if listing["fab-hash"] != fab_hash:
         print(f"note: run {run_id} ran app bundle {listing['fab-hash']}, not {fab_hash} (the app's files changed "
@@ -338,9 +338,9 @@ def name_campuses(summary_file: Path, key: str, pki: Path | None) -> dict:
     return summary
 
 
-def _launch(run_config: str) -> str:
-    """``flwr run`` the app with ``run_config``, echoing the ServerApp's own lines; returns the run id."""
-    command = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"]
+def _launch(app_dir: Path, run_config: str) -> str:
+    """``flwr run`` the app folder ``app_dir`` with ``run_config``, echoing the ServerApp's own lines; returns the run id."""
+    command = ["flwr", "run", str(app_dir), CONNECTION, "--run-config", run_config, "--stream"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(),
                             bufsize=1, errors="replace")
     run_id, lines = None, []

@@ -36,7 +36,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from federation.runconfig import CONFIG, RunConfig
+from edufl.federation.runconfig import CONFIG, RunConfig
 
 from .app import ReportingStrategy, await_campuses
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.data import Tables, campus_slice, load_tables, write_tables
+from edufl.federation.data import Tables, campus_slice, load_tables, write_tables
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

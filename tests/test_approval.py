@@ -15,17 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import get_fab_config, get_fused_config_from_fab
 from flwr.proto.task_pb2 import Task
 from flwr.supercore.constant import TaskType
+from flwr.supercore.run import Run
 from flwr.supercore.superexec.executor import LaunchResult, LaunchResultStatus
 
-from clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, add_approval, gate_command
-from clients.campus import supernode_command
-from federation.audit import AuditLog
-from federation.deploy import bundle_sha256, flwr_env
-from federation.ledger import PrivacyLedger
-from federation.policy import CampusPolicy, PolicyError
-from federation.runconfig import ConfigError
+from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, add_approval, gate_command
+from edufl.clients.campus import supernode_command
+from edufl.federation.audit import AuditLog
+from edufl.federation.bundle import APP_MODULES, app_folder, bundle_sha256, stage
+from edufl.federation.deploy import flwr_env
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.policy import CampusPolicy, PolicyError
+from edufl.federation.runconfig import ConfigError, RunConfig
 from test_deploy import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
 OTHER = "ab" * 32
@@ -33,17 +37,18 @@ OTHER = "ab" * 32
 pytestmark = pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 
 
-def app_copy(dest: Path, change_one_byte: bool = False) -> Path:
-    """A copy of this app's bundled files (pyproject.toml and the apps' packages) in the new folder ``dest``;
-    optionally with one byte changed."""
-    dest.mkdir()
-    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
-    for package in ("clients", "server", "federation"):
-        shutil.copytree(REPO / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-    if change_one_byte:
-        source = dest / "clients" / "app.py"
-        source.write_bytes(source.read_bytes().replace(b"DP-SGD", b"DP-SGd", 1))
-    return dest
+def app_copy(dest: Path, change: str | None = None) -> Path:
+    """The app folder staged (as `coordinator run` stages it) from a copy of this checkout's source folders
+    in the new folder ``dest``; ``change``: a source file (relative to the checkout) with one byte changed first."""
+    sources = {part: dest / "src" / part for part in ("federation", "clients", "server")}
+    for part, folder in sources.items():
+        shutil.copytree(REPO / part, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    if change:
+        source = dest / "src" / change
+        content = source.read_bytes()
+        source.write_bytes(content.replace(b"campus", b"campuS", 1))
+        assert source.read_bytes() != content
+    return stage(dest / "app", sources)
 
 
 def policy_file(tmp_path: Path, text: str) -> Path:
@@ -82,16 +87,55 @@ def test_policy_refuses_a_malformed_apps_section(tmp_path, text, message):
 
 
 def test_bundle_hash_is_flowers_fab_hash_and_changes_with_one_byte(tmp_path):
-    fab_hash, name = bundle_sha256(REPO)
+    fab_hash, name = bundle_sha256()
     assert name == "edufl/edufl 0.1.0"
-    built = subprocess.run(["flwr", "build", "--app", str(app_copy(tmp_path / "edufl"))], cwd=tmp_path,
+    assert bundle_sha256(app_copy(tmp_path / "same"))[0] == fab_hash  # the installed edufl is this checkout
+    built = subprocess.run(["flwr", "build", "--app", str(tmp_path / "same" / "app")], cwd=tmp_path,
                            capture_output=True, text=True, env=flwr_env())
     assert built.returncode == 0, built.stdout + built.stderr
     fab = next(tmp_path.glob("*.fab"))
     assert fab_hash[:8] in fab.name and bundle_sha256(fab)[0] == fab_hash  # `flwr build` names its file by this hash
-    assert bundle_sha256(app_copy(tmp_path / "changed", change_one_byte=True))[0] != fab_hash
+    assert bundle_sha256(app_copy(tmp_path / "changed", change="clients/app.py"))[0] != fab_hash
     with pytest.raises(ConfigError, match="not a Flower app bundle"):
         bundle_sha256(REPO / "README.md")
+
+
+@pytest.mark.parametrize("outside", ["clients/campus.py", "clients/approval.py", "server/coordinator.py",
+                                     "federation/pki.py", "federation/deploy.py", "federation/bundle.py"])
+def test_an_edit_outside_the_apps_leaves_the_bundle_hash_alone(tmp_path, outside):
+    assert bundle_sha256(app_copy(tmp_path, change=outside))[0] == bundle_sha256()[0]
+
+
+def test_the_bundle_holds_exactly_the_modules_the_apps_import(tmp_path):
+    with app_folder() as folder:
+        # The bundle's own edufl package comes first on the path, as in a flwr-clientapp process: a module
+        # missing from it would be imported from the installed edufl, outside the bundle.
+        probe = ("import sys; sys.path.insert(0, sys.argv[1]); import " + ", ".join(APP_MODULES) + "\n"
+                 "for name, module in sorted(sys.modules.items()):\n"
+                 "    if name.startswith('edufl.') and getattr(module, '__file__', None):\n"
+                 "        print(name, module.__file__)")
+        done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        loaded = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+        outside = {name: file for name, file in loaded.items() if not file.startswith(str(folder))}
+        assert outside == {}, "the apps import modules that are not in the bundle"
+        app_entry = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import edufl.clients.app, "
+                     "edufl.server.app; print(sorted(m for m in sys.modules if m.startswith('edufl.')))", str(folder)]
+        eager = subprocess.run(app_entry, capture_output=True, text=True, cwd=tmp_path)
+    assert eager.returncode == 0, eager.stderr
+    modules = {name for name in loaded if not name.endswith("__init__")} - {"edufl.clients", "edufl.server",
+                                                                            "edufl.federation", "edufl.federation.proto"}
+    assert modules == set(APP_MODULES)
+    assert {"matplotlib", "ray"}.isdisjoint(eager.stdout)  # the apps load no research code
+
+
+def test_the_bundles_run_config_is_the_run_config_defaults_as_flower_reads_it():
+    with app_folder() as folder:
+        fab = build_fab_from_disk(folder)
+    assert get_fab_config(fab)["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
+    run = Run.create_empty(run_id=1)
+    assert RunConfig.from_flower(get_fused_config_from_fab(fab, run)) == RunConfig()
 
 
 def test_approve_adds_the_hash_and_keeps_the_file_as_written(tmp_path):
@@ -121,9 +165,9 @@ def test_approve_never_rewrites_a_file_it_cannot_edit_in_place(tmp_path):
 
 
 def test_approve_command_prints_the_hash_and_approves_it(tmp_path):
-    result = edufl("campus", "approve", str(REPO), "--policy", str(tmp_path / "policy.toml"), timeout=60)
-    fab_hash = bundle_sha256(REPO)[0]
-    assert result.returncode == 0 and f"app bundle edufl/edufl 0.1.0, sha256 {fab_hash}" in result.stdout
+    result = edufl("campus", "approve", "--policy", str(tmp_path / "policy.toml"), timeout=60)
+    fab_hash = bundle_sha256()[0]
+    assert result.returncode == 0 and f"this edufl: app bundle edufl/edufl 0.1.0, sha256 {fab_hash}" in result.stdout
     assert CampusPolicy.load(tmp_path / "policy.toml").apps.approved_fab_hashes == (fab_hash,)
     bad = edufl("campus", "approve", str(REPO / "README.md"), timeout=60)
     assert bad.returncode == 2 and "not a Flower app bundle" in bad.stderr and "Traceback" not in bad.stderr
@@ -205,7 +249,7 @@ def test_supernode_leaves_every_app_launch_to_the_gate(tmp_path):
     assert command[command.index("--isolation") + 1] == "process"  # the SuperNode starts no app process itself
     assert command[command.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "secret")
     gate = gate_command("AAA", Path("state"), Path("policy.toml"), "127.0.0.1:9301", tmp_path / "secret")
-    assert gate[:3] == [sys.executable, "-m", "clients.approval"]
+    assert gate[:3] == [sys.executable, "-m", "edufl.clients.approval"]
     assert gate[gate.index("--policy") + 1] == str(Path("policy.toml").resolve())
     assert gate[gate.index("--runtime-api-address") + 1] == "127.0.0.1:9301"
 
@@ -232,8 +276,8 @@ def test_a_gate_that_fails_stops_its_supernode(status, supernode_running, failed
 def test_unapproved_bundle_is_refused_before_any_app_starts(tmp_path, tables):
     approved_policy(tmp_path / "approved.toml")
     (tmp_path / "changed.toml").write_text(POLICY)  # BBB's steward approved this app with one byte changed
-    add_approval(tmp_path / "changed.toml", bundle_sha256(app_copy(tmp_path / "changed", change_one_byte=True))[0], "")
-    fab_hash = bundle_sha256(REPO)[0]
+    add_approval(tmp_path / "changed.toml", bundle_sha256(app_copy(tmp_path / "changed", change="clients/app.py"))[0], "")
+    fab_hash = bundle_sha256()[0]
     with federation(tmp_path, tables, {"AAA": "approved.toml", "BBB": "changed.toml"}) as (superlink, procs):
         result = coordinator_run(tmp_path, superlink, "run1", "--rounds", "1", "--min-campuses", "2")
         aaa, bbb = procs.output("AAA"), procs.output("BBB")

@@ -23,20 +23,20 @@ from opacus.data_loader import DPDataLoader
 from rich.console import Console
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients.app import app
-from experiments.cli import CampusesFailed, _check_refusals
-from federation.audit import AuditLog
-from federation.data import Tables
-from federation.ledger import PrivacyLedger
-from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
-from federation.randomness import Randomness, gaussian, round_seed
-from federation.results import Report
-from federation.runconfig import ARRAYS, CONFIG, FAILED, METRICS, REFUSED, SIM_ENV, SIM_MANIFEST, RunConfig
-from federation.statistics import QUERY_KEY
-from federation.tasks import build_task, feature_names, split
-from federation.training import train
-from server.app import ReportingStrategy, build_strategy
+from edufl.clients.app import app
+from edufl.experiments.cli import CampusesFailed, _check_refusals
+from edufl.federation.audit import AuditLog
+from edufl.federation.data import Tables
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.models import build_model
+from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.randomness import Randomness, gaussian, round_seed
+from edufl.federation.results import Report
+from edufl.federation.runconfig import ARRAYS, CONFIG, FAILED, METRICS, REFUSED, SIM_ENV, SIM_MANIFEST, RunConfig
+from edufl.federation.statistics import QUERY_KEY
+from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.training import train
+from edufl.server.app import ReportingStrategy, build_strategy
 
 
 def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: dict | None = None) -> Message:
@@ -174,7 +174,7 @@ def _leaks(text: str, values: set[str]) -> list[str]:
 def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path):
     from flwr.app import Error
 
-    from server.app import error_reason
+    from edufl.server.app import error_reason
 
     request = Message(RecordDict(), dst_node_id=3, message_type="train")
     crash = Message(Error(code=2, reason="ValueError: student 2645731 in AAA 2014J"), reply_to=request)

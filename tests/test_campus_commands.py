@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main
-from federation.audit import AuditLog
-from federation.ledger import PrivacyLedger
+from edufl.experiments.cli import main
+from edufl.federation.audit import AuditLog
+from edufl.federation.ledger import PrivacyLedger
 
 POLICY = "[privacy]\ntotal_epsilon_budget = 8.0\ndelta = 1e-5\n"
 
@@ -22,7 +22,7 @@ def run(tmp_path_factory, data_dir) -> Path:
     """Two rounds of the 7 module campuses under a policy; each campus's state folder is OUT/campuses/NAME."""
     root = tmp_path_factory.mktemp("campus-commands")
     (root / "policy.toml").write_text(POLICY)
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--rounds", "2", "--model", "logistic",
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--rounds", "2", "--model", "logistic",
                            "--policy", str(root / "policy.toml"), "--out", str(root / "out")],
                           capture_output=True, text=True, env={**os.environ, "EDUFL_DATA": str(data_dir)}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

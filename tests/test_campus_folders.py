@@ -20,12 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from experiments import simulate
-from experiments.simulate import campus_folders, campus_root, remove_stale_campus_folders
-from federation.runconfig import SIM_MANIFEST
+from edufl.experiments import simulate
+from edufl.experiments.simulate import campus_folders, campus_root, remove_stale_campus_folders
+from edufl.federation.runconfig import SIM_MANIFEST
 
 # The cheapest federated run: 7 module campuses, one round of the logistic model.
-RUN = ["-m", "experiments.cli", "simulate", "--rounds", "1", "--model", "logistic"]
+RUN = ["-m", "edufl.experiments.cli", "simulate", "--rounds", "1", "--model", "logistic"]
 DEADLINE_S = 300  # to reach the event waited for; a loaded machine starts Ray slowly
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from federation.contract import TABLES
-from federation.data import OULAD_RELEASE_ROWS, DataError, campus_names, campus_slice, load_tables, resolve_data_dir
-from federation.mapping import load_mapping
+from edufl.federation.contract import TABLES
+from edufl.federation.data import OULAD_RELEASE_ROWS, DataError, campus_names, campus_slice, load_tables, resolve_data_dir
+from edufl.federation.mapping import load_mapping
 
 
 def test_loads_every_table_with_release_row_counts(tables):
@@ -173,7 +173,7 @@ def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_cli_exit_code_2_without_traceback(aaa_dir):
     _edit(aaa_dir / "studentInfo.csv", 3, '"F"', '"X"')
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "data", "validate", "--data", str(aaa_dir)],
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "data", "validate", "--data", str(aaa_dir)],
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'" in done.stderr
@@ -190,7 +190,7 @@ def _zip(directory: Path, target: Path) -> str:
 
 
 def test_download_unpacks_and_checks_row_counts(data_dir, aaa_dir, tmp_path):
-    from federation.data import download
+    from edufl.federation.data import download
 
     dest = download(_zip(data_dir, tmp_path / "release.zip"), tmp_path / "cache")
     assert len(load_tables(dest)["submissions"]) == 173912

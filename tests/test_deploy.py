@@ -24,17 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.data import campus_slice, write_tables
-from federation.deploy import flwr_env, free_port
-from federation.audit import AuditLog
-from federation.ledger import PrivacyLedger
-from federation.pki import make_pki
-from federation.tasks import build_task, split
-from server.app import CampusesMissing, await_campuses
+from edufl.federation.data import campus_slice, write_tables
+from edufl.federation.deploy import flwr_env, free_port
+from edufl.federation.audit import AuditLog
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.pki import make_pki
+from edufl.federation.tasks import build_task, split
+from edufl.server.app import CampusesMissing, await_campuses
 
 CAMPUSES = ("AAA", "BBB", "CCC")
 POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n[release]\nmin_cohort_size = 20\n"  # every campus's policy file
-EDUFL = [sys.executable, "-m", "experiments.cli"]
+EDUFL = [sys.executable, "-m", "edufl.experiments.cli"]
 REPO = Path(__file__).resolve().parents[1]
 CLIENTAPP_STARTED = "is approved; starting its ClientApp"  # what a campus's gate prints for each message it runs
 
@@ -108,7 +108,7 @@ def federation(root: Path, tables, policies: dict[str, str], unstarted: tuple[st
 def approved_policy(path: Path, text: str = POLICY) -> Path:
     """Write the policy ``text`` to ``path``, approving this app's bundle (`edufl campus approve`)."""
     path.write_text(text)
-    approved = edufl("campus", "approve", str(REPO), "--policy", str(path))
+    approved = edufl("campus", "approve", "--policy", str(path))
     assert approved.returncode == 0, approved.stderr
     return path
 

@@ -14,17 +14,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
-from clients.app import evaluate_handler
-from clients.guard import release_guard
-from federation.audit import AuditLog
-from federation.contract import FINAL_RESULTS
-from federation.data import Tables, campus_slice
-from federation.models import build_model
-from federation.policy import CampusPolicy
-from federation.results import primary_metric
-from federation.runconfig import BLOCKED, CONFIG, EVALUATE_METRICS, METRICS, SUBGROUPS, TASKS, RunConfig, subgroup_keys
-from federation.tasks import build_task, campus_splits, feature_names, n_outputs, split
-from federation.training import evaluate, predict, subgroup_metrics, train
+from edufl.clients.app import evaluate_handler
+from edufl.clients.guard import release_guard
+from edufl.federation.audit import AuditLog
+from edufl.federation.contract import FINAL_RESULTS
+from edufl.federation.data import Tables, campus_slice
+from edufl.federation.models import build_model
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.results import primary_metric
+from edufl.federation.runconfig import BLOCKED, CONFIG, EVALUATE_METRICS, METRICS, SUBGROUPS, TASKS, RunConfig, subgroup_keys
+from edufl.federation.tasks import build_task, campus_splits, feature_names, n_outputs, split
+from edufl.federation.training import evaluate, predict, subgroup_metrics, train
 from test_simulate import _simulate  # the tests folder is on sys.path (pytest's default import mode)
 
 KEY = ["course", "presentation", "student_id"]
@@ -216,7 +216,7 @@ def test_each_task_end_to_end_centralized(tables, data_dir, tmp_path, task):
 
 
 def test_a_final_result_study_reports_macro_f1(data_dir, tmp_path):
-    from experiments.study import run
+    from edufl.experiments.study import run
 
     config = tmp_path / "four.toml"
     config.write_text('[study]\nname = "four"\ntask = "final_result"\nmodes = ["centralized"]\nepsilons = ["none"]\n'

@@ -10,14 +10,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
-from clients.app import train_handler
-from clients.guard import release_guard
-from federation.audit import AuditLog, as_dict, payload_digest
-from federation.ledger import PrivacyLedger, Release
-from federation.models import build_model
-from federation.policy import CampusPolicy, PolicyError
-from federation.runconfig import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED, TASKS, TRAIN_METRICS, RunConfig
-from federation.tasks import feature_names
+from edufl.clients.app import train_handler
+from edufl.clients.guard import release_guard
+from edufl.federation.audit import AuditLog, as_dict, payload_digest
+from edufl.federation.ledger import PrivacyLedger, Release
+from edufl.federation.models import build_model
+from edufl.federation.policy import CampusPolicy, PolicyError
+from edufl.federation.runconfig import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED, TASKS, TRAIN_METRICS, RunConfig
+from edufl.federation.tasks import feature_names
 
 POLICY = """
 [privacy]

@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from clients.app import train_handler
-from clients.guard import release_guard
-from federation.contract import TABLES, from_proto, to_proto
-from federation.data import DataError, Tables, load_tables, write_parquet
-from federation.mapping import MappingError, load_mapping
-from federation.models import build_model
-from federation.proto.learner_pb2 import CampusData
-from federation.runconfig import ARRAYS, CONFIG, REFUSED, RunConfig
-from federation.tasks import build_task, feature_names
+from edufl.clients.app import train_handler
+from edufl.clients.guard import release_guard
+from edufl.federation.contract import TABLES, from_proto, to_proto
+from edufl.federation.data import DataError, Tables, load_tables, write_parquet
+from edufl.federation.mapping import MappingError, load_mapping
+from edufl.federation.models import build_model
+from edufl.federation.proto.learner_pb2 import CampusData
+from edufl.federation.runconfig import ARRAYS, CONFIG, REFUSED, RunConfig
+from edufl.federation.tasks import build_task, feature_names
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "docs" / "mapping-example" / "student_records.toml"
@@ -104,7 +104,7 @@ def test_contract_tables_survive_the_protobuf_round_trip(aaa):
 
 
 def test_proto_fields_are_the_contract_columns():
-    from federation.proto import learner_pb2
+    from edufl.federation.proto import learner_pb2
 
     for table in TABLES:
         descriptor = getattr(learner_pb2, table.message).DESCRIPTOR
@@ -184,7 +184,7 @@ def test_the_oulad_mapping_is_the_default():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "edufl.experiments.cli", *args], capture_output=True, text=True)
 
 
 def test_campus_validate_with_a_mapping(records_dir):

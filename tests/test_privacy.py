@@ -14,13 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from clients.app import CampusRefusal, evaluate_handler, train_handler
-from federation.ledger import PrivacyLedger
-from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
-from federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, SIM_ENV, SIM_MANIFEST, RunConfig
-from federation.tasks import TaskData, build_task, feature_names, split
-from federation.training import train
+from edufl.clients.app import CampusRefusal, evaluate_handler, train_handler
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.models import build_model
+from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, SIM_ENV, SIM_MANIFEST, RunConfig
+from edufl.federation.tasks import TaskData, build_task, feature_names, split
+from edufl.federation.training import train
 
 
 def _independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from federation.membership import loss_attack_auc
-from federation.models import build_model
-from federation.privacy import DPSettings, calibrate_noise, epsilon
-from federation.tasks import build_task, feature_names, split
-from federation.training import train
+from edufl.federation.membership import loss_attack_auc
+from edufl.federation.models import build_model
+from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
+from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.training import train
 
 
 def _edufl(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "edufl.experiments.cli", *args], capture_output=True, text=True, env=env,
                           timeout=1200)
 
 
@@ -92,8 +92,8 @@ def test_the_attack_scores_a_four_class_model_by_its_cross_entropy(aaa):
     import torch
     from torch.nn import functional as F
 
-    from federation.membership import per_example_loss
-    from federation.tasks import n_outputs
+    from edufl.federation.membership import per_example_loss
+    from edufl.federation.tasks import n_outputs
 
     data = build_task("final_result", aaa, 60)
     model = build_model("mlp", len(feature_names()), outputs=n_outputs("final_result"))

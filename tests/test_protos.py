@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
-from federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
+from edufl.federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from edufl.federation.proto.audit_pb2 import ArraySpec, AuditRecord, DpRelease
 
 ROOT = Path(__file__).parents[1]
 

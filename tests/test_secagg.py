@@ -26,19 +26,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
-from clients.guard import FIT_PARAMETERS, SECAGG, release_guard
-from clients.node import CampusRefusal
-from clients.secagg import check_stage_request, secure_aggregation_mod
-from federation.audit import AuditLog
-from federation.data import campus_names, campus_slices, write_tables
-from federation.ledger import PrivacyLedger
-from federation.models import build_model
-from federation.results import Report
-from federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, REFUSED,
+from edufl.clients.guard import FIT_PARAMETERS, SECAGG, release_guard
+from edufl.clients.node import CampusRefusal
+from edufl.clients.secagg import check_stage_request, secure_aggregation_mod
+from edufl.federation.audit import AuditLog
+from edufl.federation.data import campus_names, campus_slices, write_tables
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.models import build_model
+from edufl.federation.results import Report
+from edufl.federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, REFUSED,
                                   SIM_ENV, SIM_MANIFEST, TRAIN_METRICS, RunConfig)
-from federation.tasks import feature_names
-from server.app import ReportingStrategy, build_strategy
-from server.secagg import run_secaggplus
+from edufl.federation.tasks import feature_names
+from edufl.server.app import ReportingStrategy, build_strategy
+from edufl.server.secagg import run_secaggplus
 
 STAGES = [f"secaggplus:{s}" for s in Stage.all()]
 QUANTIZATION_STEP = 2 * 8.0 / 2**22  # SecAggPlusWorkflow's defaults: clipping range 8, quantization range 2**22
@@ -166,7 +166,7 @@ def test_secaggplus_aggregate_is_fedavg_and_every_stage_is_guarded_and_logged(tm
 
 
 def test_secaggplus_run_pauses_at_a_checkpoint_and_resumes_with_the_next_round(tmp_path, task_identity):
-    from server.app import STOP_FILE, run_federation
+    from edufl.server.app import STOP_FILE, run_federation
 
     cfg = RunConfig(model="logistic", num_rounds=2, min_campuses=3, round_timeout=30.0, out=str(tmp_path / "run"),
                     run_name="run-1", secure_aggregation="secaggplus")
@@ -285,7 +285,7 @@ def test_campus_refuses_to_unmask_a_node_named_both_active_and_dropped():
 
 
 def test_secure_aggregation_options_are_checked():
-    from federation.runconfig import ConfigError
+    from edufl.federation.runconfig import ConfigError
 
     for bad, match in [(dict(strategy="fedadam"), "fedavg or fedprox"), (dict(central_dp="fixed"), "central-dp"),
                        (dict(secagg_reconstruction_threshold=0.5), "a majority"), (dict(secagg_num_shares=2.0), ">= 3"),
@@ -301,9 +301,9 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
                                                                                      monkeypatch, task_identity):
     import ray
 
-    from clients.app import train_handler
-    from experiments.simulate import simulate
-    from server.secagg import CampusGrid
+    from edufl.clients.app import train_handler
+    from edufl.experiments.simulate import simulate
+    from edufl.server.secagg import CampusGrid
 
     seen: list[tuple[list[Message], list[Message]]] = []
     forward = CampusGrid.send_and_receive

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from federation.audit import AuditLog
-from federation.data import campus_names, campus_slice
-from federation.ledger import PrivacyLedger
-from federation.tasks import build_task, split
+from edufl.federation.audit import AuditLog
+from edufl.federation.data import campus_names, campus_slice
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.tasks import build_task, split
 
 SUMMARY_KEYS = {"config", "versions", "privacy", "rounds", "campuses", "global", "failures", "receipts", "wall_time_s"}
 CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", "brier", "epsilon", "delta"}
@@ -22,7 +22,7 @@ CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", 
 
 def _simulate(data_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--out", str(out), *args],
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(out), *args],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -99,7 +99,7 @@ def test_campuses_refusing_a_run_under_their_policy_end_it_with_status_3_naming_
     policy = tmp_path / "policy.toml"
     policy.write_text("[privacy]\nmax_epsilon_per_run = 1.0\n")
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--out", str(tmp_path / "run"), "--rounds", "1",
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(tmp_path / "run"), "--rounds", "1",
                            "--campus-by", "region", "--target-epsilon", "3", "--policy", str(policy)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 3, done.stderr[-3000:]

@@ -16,22 +16,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from scipy.stats import chi2, norm
 
-from clients.app import query_handler, train_handler
-from clients.guard import release_guard
-from federation.audit import AuditLog
-from federation.data import dataset_id
-from federation.ledger import PrivacyLedger
-from federation.models import build_model
-from federation.policy import CampusPolicy
-from federation.privacy import epsilon
-from federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
-from federation.randomness import SECRET, Randomness
-from federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
-from federation.data import campus_slices
-from federation import statistics
-from federation.statistics import (ANSWER, QUERY_KEY, Z_95, QueryError, answer, answer_problems, cells, combine,
+from edufl.clients.app import query_handler, train_handler
+from edufl.clients.guard import release_guard
+from edufl.federation.audit import AuditLog
+from edufl.federation.data import dataset_id
+from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.models import build_model
+from edufl.federation.policy import CampusPolicy
+from edufl.federation.privacy import epsilon
+from edufl.federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from edufl.federation.randomness import SECRET, Randomness
+from edufl.federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
+from edufl.federation.data import campus_slices
+from edufl.federation import statistics
+from edufl.federation.statistics import (ANSWER, QUERY_KEY, Z_95, QueryError, answer, answer_problems, cells, combine,
                                    exact_cells, load_query, noise, noise_multiplier, records)
-from federation.tasks import feature_names
+from edufl.federation.tasks import feature_names
 
 ROOT = Path(__file__).parents[1]
 WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
@@ -409,7 +409,7 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
     ('statistic = "count"\n', "epsilon: Field required"),
 ])
 def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text, named):
-    from experiments.cli import main
+    from edufl.experiments.cli import main
 
     path = tmp_path / "q.toml"
     path.write_text(text)
@@ -426,7 +426,7 @@ def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text
     (["--superlink", "127.0.0.1:1", "--insecure", "--policy", "p.toml"], "--policy: simulation options"),
 ])
 def test_simulation_and_deployment_options_are_not_mixed(tmp_path, capsys, args, named):
-    from experiments.cli import main
+    from edufl.experiments.cli import main
 
     assert main(["analytics", "run", str(SCORE_BY_TYPE), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
@@ -459,7 +459,7 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
 def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir, tmp_path):
     out = tmp_path / "imd"
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "analytics", "run",
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "analytics", "run",
                            str(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from federation.models import build_model
-from federation.runconfig import RunConfig
-from federation.tasks import build_task, feature_names, split
-from federation.training import train
-from server.app import build_strategy
+from edufl.federation.models import build_model
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.training import train
+from edufl.server.app import build_strategy
 
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.bench import measure
-from experiments.study import Study, run
-from federation.runconfig import ConfigError
+from edufl.experiments.bench import measure
+from edufl.experiments.study import Study, run
+from edufl.federation.runconfig import ConfigError
 
 TINY = """
 [study]
@@ -126,8 +126,8 @@ def _no_engine(*args, **kwargs):
 
 @pytest.mark.parametrize("out", [None, "given"])
 def test_experiment_run_reports_a_bad_config_with_status_2_before_anything_starts(tmp_path, capsys, monkeypatch, out):
-    from experiments import study
-    from experiments.cli import main
+    from edufl.experiments import study
+    from edufl.experiments.cli import main
 
     monkeypatch.chdir(tmp_path)  # the default --out is results/<name>, under the working folder
     monkeypatch.setattr(study, "simulate", _no_engine)
@@ -144,8 +144,8 @@ def test_experiment_run_reports_a_bad_config_with_status_2_before_anything_start
 
 
 def test_simulate_reports_a_bad_policy_file_with_status_2_before_the_engine_starts(tmp_path, capsys, monkeypatch):
-    from experiments import simulate
-    from experiments.cli import main
+    from edufl.experiments import simulate
+    from edufl.experiments.cli import main
 
     monkeypatch.setattr(simulate, "simulate", _no_engine)
     policy = _write(tmp_path, "[privacy]\nmax_epsilon = 3.0\n", "policy.toml")  # a typo'd key
@@ -166,8 +166,8 @@ def test_simulate_reports_a_bad_policy_file_with_status_2_before_the_engine_star
 
 @pytest.mark.parametrize("where", [[], ["--superlink", "127.0.0.1:1", "--insecure"]])
 def test_analytics_run_reports_a_bad_query_file_with_status_2_before_anything_starts(tmp_path, capsys, monkeypatch, where):
-    from experiments import analytics
-    from experiments.cli import main
+    from edufl.experiments import analytics
+    from edufl.experiments.cli import main
 
     monkeypatch.setattr(analytics, "run_analytics", _no_engine)
     monkeypatch.setattr(analytics, "run_deployed", _no_engine)
@@ -195,7 +195,7 @@ def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp
     for name in ("summary.md", "summary.csv", "privacy_utility.png", "auc_vs_cutoff.png", "campus_auc_eps3.png"):
         (first / name).unlink()
     env = {k: v for k, v in os.environ.items() if k != "EDUFL_DATA"}
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "experiment", "report", str(first)],
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(first)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     summary = pd.read_csv(first / "summary.csv")
@@ -216,6 +216,6 @@ def test_bench_measures_a_whole_process(data_dir, tmp_path):
 
 
 def test_report_needs_saved_rows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "experiment", "report", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(tmp_path)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no rows.csv here" in done.stderr

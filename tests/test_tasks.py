@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from federation.contract import CATEGORICAL_FEATURES
-from federation.data import Tables, campus_names, campus_slice
-from federation.tasks import MISSING_SLOT, build_task, feature_names, split
+from edufl.federation.contract import CATEGORICAL_FEATURES
+from edufl.federation.data import Tables, campus_names, campus_slice
+from edufl.federation.tasks import MISSING_SLOT, build_task, feature_names, split
 
 D = 60
 
