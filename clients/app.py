@@ -13,7 +13,8 @@ Where a campus's data, state and policy come from:
   folder per campus with only that campus's rows (the contract's tables as
   Parquet files, read through ``federation/mappings/contract-parquet.toml``),
   the folder under which each campus keeps its state, and the policy file, if
-  the researcher gave one.
+  the researcher gave one (else the campuses run under
+  :data:`federation.policy.RESEARCH_POLICY`).
 
 Privacy is enforced here, not trusted from the coordinator: every requested
 configuration is validated and checked against the campus policy, the noise
@@ -27,29 +28,33 @@ leaves the campus.
 from __future__ import annotations
 
 import math
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from edufl.federation.contract import parse_version, supports, version_text
-from edufl.federation.data import dataset_id, load_tables
-from edufl.federation.mapping import Mapping, MappingError, load_mapping
+from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger, Release
+from edufl.federation.mapping import Mapping, MappingError, load_mapping
+from edufl.federation.metrics import EVALUATE_METRICS, subgroup_keys
 from edufl.federation.models import build_model
-from edufl.federation.policy import CampusPolicy
-from edufl.federation.privacy import DPSettings, History, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.privacy import ACCOUNTANT, DPSettings, History, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
+from edufl.federation.proto.audit_pb2 import DpRelease
+from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError
 from edufl.federation.randomness import SECRET, Randomness, round_seed
-from edufl.federation.runconfig import (ARRAYS, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, ConfigError, RunConfig,
-                                  subgroup_keys)
-from edufl.federation.statistics import ANSWER, MIN_CELL_COUNT, QUERY_KEY, QueryError, answer, plan_release
-from edufl.federation.tasks import TaskData, build_task, feature_names, n_outputs, split
+from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.statistics import answer
+from edufl.federation.tables import load_tables
+from edufl.federation.tasks import TaskData, early_warning, feature_names, n_outputs, split
 from edufl.federation.training import evaluate, subgroup_metrics, train
+from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES
 
-from .guard import GuardedClientApp, release_guard
+from .gate import GuardedClientApp
+from .guard import release_guard
 from .node import CampusRefusal, CampusSetup, campus_setup, run_id
+from .query_budget import plan_release
 from .secagg import secure_aggregation_mod
 
 app = GuardedClientApp(mods=[release_guard])
@@ -101,7 +106,7 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
            cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
-        data = build_task(cfg.task, load_tables(setup.data_dir, mapping), cfg.cutoff_day)
+        data = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
         train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
         _CAMPUS_CACHE[key] = Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
     return _CAMPUS_CACHE[key]
@@ -132,7 +137,7 @@ def _check_contract(cfg: RunConfig, ledger: PrivacyLedger, campus: Campus, run: 
 
 
 def _check_policy(setup: CampusSetup, cfg: RunConfig, server_round: int) -> None:
-    found = setup.policy.check(cfg) if setup.policy else []
+    found = setup.policy.check(cfg)
     if found:
         detail = "; ".join(f"{key}: {why}" for key, why in found)
         raise CampusRefusal(f"campus {setup.name} refuses round {server_round}: the request breaks its policy ({detail})")
@@ -146,7 +151,7 @@ def _check_budget(setup: CampusSetup, cfg: RunConfig, campus: Campus, ledger: Pr
             f"campus {campus.name} refuses round {server_round}: its ε would reach {projected:.3f}, "
             f"above target-epsilon {cfg.target_epsilon} (spent so far {epsilon(run_history, cfg.delta):.3f})"
         )
-    if setup.policy and (why := setup.policy.over_budget(ledger.history(campus.dataset), planned)):
+    if why := setup.policy.over_budget(ledger.history(campus.dataset), planned):
         raise CampusRefusal(f"campus {campus.name} refuses round {server_round}: {why}")
 
 
@@ -174,7 +179,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     run = run_id(msg.content[CONFIG], context)
     n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
     seed = round_seed(cfg.seed, campus.name, server_round)
-    with closing(PrivacyLedger(setup.state_dir)) as ledger:
+    with PrivacyLedger(setup.state_dir) as ledger:
         _check_contract(cfg, ledger, campus, run, server_round)
         history = ledger.history(campus.dataset, run)
         if n > 0:
@@ -184,7 +189,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                 # run's steps spend at most target-epsilon, never below the policy's floor.
                 sigma = history[0][0] if history else calibrate_noise(
                     DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), n, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
-                sigma = setup.policy.noise_multiplier(sigma) if setup.policy else sigma
+                sigma = setup.policy.noise_multiplier(sigma)
                 _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * steps), server_round)
             result = train(
                 model, campus.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
@@ -193,12 +198,13 @@ def train_handler(msg: Message, context: Context) -> Message:
                 randomness=Randomness(seed) if cfg.reproducible_noise else SECRET,
             )
             loss = result.loss
-            released = (sigma if cfg.dp else 0.0, result.sample_rate, result.steps)  # as the sampler ran it
-            eps = epsilon([*history, released], cfg.delta)
-            if cfg.dp and eps > cfg.target_epsilon:  # fail closed: never released
+            release = DpRelease(mechanism="dp-sgd" if cfg.dp else "none", noise_multiplier=sigma if cfg.dp else 0.0,
+                                sample_rate=result.sample_rate, steps=result.steps, delta=cfg.delta, accountant=ACCOUNTANT)
+            released = (release.noise_multiplier, release.sample_rate, release.steps)  # as the sampler ran it
+            release.epsilon = epsilon([*history, released], cfg.delta)
+            if cfg.dp and release.epsilon > cfg.target_epsilon:  # fail closed: never released
                 raise CampusRefusal(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
-            ledger.record(Release(campus.dataset, campus.name, run, server_round, cfg.task, "dp-sgd" if cfg.dp else "none",
-                                  *released, eps, cfg.delta))
+            ledger.record(Release(campus.dataset, campus.name, run, server_round, cfg.task, release))
             history.append(released)
     metrics = MetricRecord({
         NUM_EXAMPLES: n, "train-loss": loss, "epsilon": epsilon(history, cfg.delta), "delta": cfg.delta,
@@ -214,9 +220,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
     The reply holds the task's declared metrics (``EVALUATE_METRICS``) and, for
     each subgroup (``SUBGROUPS``: a gender, age band, disability or IMD band) of
-    at least ``release.min_cohort_size`` test rows (the policy default without a
-    policy), its row count and the task's primary metric (``subgroup_keys``);
-    smaller groups are not sent, nor groups whose sizes would give theirs away
+    at least the policy's ``release.min_cohort_size`` test rows, its row count
+    and the task's primary metric (``subgroup_keys``); smaller groups are not sent, nor groups whose sizes would give theirs away
     by subtraction (:func:`federation.training.subgroup_metrics`).
 
     Raises
@@ -229,7 +234,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     setup = campus_setup(context.node_config)
     _check_policy(setup, cfg, int(msg.content[CONFIG]["server-round"]))
     campus = load_campus(setup, cfg)
-    k = setup.policy.release.min_cohort_size if setup.policy else 1
+    k = setup.policy.release.min_cohort_size
     if len(campus.test) < k:  # the reason does not say how many: a count below k is what k withholds
         raise CampusRefusal(f"campus {campus.name} refuses to release metrics: it has fewer test rows than "
                             f"release.min_cohort_size ({k})")
@@ -237,8 +242,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     scores = evaluate(model, campus.train, campus.test, cfg.task)
     metrics = MetricRecord({NUM_EXAMPLES: len(campus.test),
                             **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}})
-    keys, group_k = subgroup_keys(cfg.task), (setup.policy or CampusPolicy()).release.min_cohort_size
-    for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, group_k).items():
+    keys = subgroup_keys(cfg.task)
+    for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, k).items():
         metrics.update(zip(keys[group], (n, value)))
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
 
@@ -255,8 +260,9 @@ def query_handler(msg: Message, context: Context) -> Message:
     leaves as a serialized ``StatisticAnswer`` in the ``answer`` record. The
     release is recorded in the privacy ledger (mechanism ``gaussian``, the
     noise multiplier, q = 1, one step) before the noise is drawn and the reply
-    returned; cells with a noisy count below ``release.min_cohort_size`` (10
-    without a policy), times the query's rows per registration, are not sent.
+    returned; cells with a noisy count below the policy's
+    ``release.min_cohort_size``, times the query's rows per registration, are
+    not sent.
 
     Raises
     ------
@@ -275,15 +281,16 @@ def query_handler(msg: Message, context: Context) -> Message:
     query = StatisticQuery.FromString(config[QUERY_KEY])
     mapping = campus_mapping(setup, str(config["contract-version"]))
     dataset = dataset_id(setup.data_dir, mapping)
-    with closing(PrivacyLedger(setup.state_dir)) as ledger:
+    with PrivacyLedger(setup.state_dir) as ledger:
         try:
             z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
         tables = load_tables(setup.data_dir, mapping)
-        ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", "gaussian", z, 1.0, 1,
-                              run_eps, query.delta))
-    k = setup.policy.release.min_cohort_size if setup.policy else MIN_CELL_COUNT
+        ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", DpRelease(
+            mechanism="gaussian", noise_multiplier=z, sample_rate=1.0, steps=1, epsilon=run_eps, delta=query.delta,
+            accountant=ACCOUNTANT)))
+    k = setup.policy.release.min_cohort_size
     reply = answer(query, tables, setup.name, z, k)
     content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: _campus_record(setup.name)})
     return Message(content=content, reply_to=msg)

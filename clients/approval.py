@@ -55,11 +55,12 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
-from edufl.federation.audit import AuditLog, now
+from edufl.federation.audit import AuditLog
 from edufl.federation.deploy import flwr_env
 from edufl.federation.policy import AppApproval, CampusPolicy, PolicyError
 from edufl.federation.proto.audit_pb2 import AuditRecord
-from edufl.federation.runconfig import CONFIG, REFUSED
+from edufl.federation.store import now
+from edufl.federation.wire import CONFIG, REFUSED
 
 from .node import run_id
 

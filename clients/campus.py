@@ -21,14 +21,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from edufl.federation.data import DataError, Problem, Tables, campus_names, campus_slice, load_tables, write_tables
 from edufl.federation.bundle import bundle_sha256
-from edufl.federation.deploy import free_port, foreground, parse_address, probe_tls
-from edufl.federation.pki import PKIError, check_campus_name, campus_key, require
+from edufl.federation.deploy import (
+    CA_CERT,
+    campus_key,
+    check_campus_name,
+    foreground,
+    free_port,
+    parse_address,
+    probe_tls,
+    tls_files,
+)
+from edufl.federation.partition import campus_names, campus_slice
 from edufl.federation.policy import CampusPolicy
+from edufl.federation.problems import DataError, Problem
 from edufl.federation.runconfig import ConfigError
+from edufl.federation.tables import Tables, load_tables
+from edufl.federation.writers import write_tables
 
 from .approval import GateProcess, add_approval, gate_command
+from .node import CampusRefusal
+
+__all__ = ["REJOIN_WAIT_S", "approve", "audit", "budget", "export_oulad", "start", "supernode_command", "validate"]
 
 # What flower-supernode prints when the SuperLink turns it away, and what it means for a campus.
 _REFUSALS = {
@@ -40,10 +54,6 @@ _REFUSALS = {
 
 # Flower marks a SuperNode offline two heartbeats (2 x 30 s) after its last one.
 REJOIN_WAIT_S = 75.0
-
-
-class CampusRefused(RuntimeError):
-    """The SuperLink turned this campus away, or its SuperNode stopped with an error."""
 
 
 def validate(data: Path, mapping: Path | None = None) -> Tables:
@@ -181,7 +191,7 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         When the policy file cannot be used (the SuperNode is never started).
     ConfigError, PKIError
         On a bad address, campus name or missing key/certificate file.
-    CampusRefused
+    CampusRefusal
         When the coordinator cannot be trusted or refuses this campus, or the SuperNode or its gate fails.
     """
     campus = check_campus_name(campus or Path(data).resolve().name)
@@ -189,10 +199,7 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
     approved = CampusPolicy.load(policy).apps.approved_fab_hashes
     state = Path(state or Path("edufl-state") / campus).resolve()
     if not insecure:
-        if pki is None and (root_cert is None or key is None):
-            raise PKIError("give --pki DIR, or both --root-cert FILE and --key FILE (or --insecure for plaintext)")
-        root_cert = require(root_cert or Path(pki) / "ca.crt", "CA certificate (--root-cert)")
-        key = require(key or campus_key(pki, campus), f"campus {campus}'s private key (--key)")
+        root_cert, key = tls_files(pki, {CA_CERT: root_cert, campus_key(campus): key})
     else:
         root_cert = key = None
         print("WARNING: --insecure: this campus sends model updates in plaintext and is not authenticated; "
@@ -207,7 +214,7 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         print(f"note: {err}; the SuperNode keeps trying to connect")
         problem = None
     if problem:
-        raise CampusRefused(f"campus {campus} does not connect: {problem}")
+        raise CampusRefusal(f"campus {campus} does not connect: {problem}")
     print(f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'}); "
           f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}; "
           f"{len(approved)} approved app bundle(s)")
@@ -230,11 +237,11 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
                   f"{REJOIN_WAIT_S:g} s ago it is still marked online there; retrying in 5 s", flush=True)
             time.sleep(5.0)
     if gate.failed is not None:
-        raise CampusRefused(f"campus {campus}: its code-approval gate stopped with status {gate.failed} (see its output "
+        raise CampusRefusal(f"campus {campus}: its code-approval gate stopped with status {gate.failed} (see its output "
                             "above); the SuperNode was stopped with it, since no app may start without the gate")
     if status != 0:
         reasons = [why for marker, why in _REFUSALS.items() if any(marker in line for line in tail)]
-        raise CampusRefused(f"campus {campus}: the SuperNode stopped with status {status}"
+        raise CampusRefusal(f"campus {campus}: the SuperNode stopped with status {status}"
                             + (f": {reasons[0]}" if reasons else " (see its output above)"))
 
 
@@ -249,7 +256,7 @@ def approve(bundle: Path | None, policy: Path | None = None) -> str:
     PolicyError
         When the policy file is not valid, or cannot take the hash without being rewritten.
     """
-    from edufl.federation.audit import now
+    from edufl.federation.store import now
 
     fab_hash, name = bundle_sha256(bundle)
     print(f"{bundle or 'this edufl'}: app bundle {name}, sha256 {fab_hash}")

@@ -7,23 +7,31 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edufl.federation.policy import CampusPolicy
-from edufl.federation.runconfig import SIM_ENV, SIM_MANIFEST
+from edufl.federation.errors import EduflError
+from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy
+
+SIM_ENV = "EDUFL_SIM_DIR"
+"""Simulation only: the environment variable naming the folder of per-campus data folders."""
+SIM_MANIFEST = "campuses.json"
+"""Simulation only: the manifest in that folder mapping each virtual SuperNode's partition-id to its campus."""
 
 
-class CampusRefusal(RuntimeError):
-    """A requested round would break the campus's policy, take an ε past its limit, or change the run's privacy settings."""
+class CampusRefusal(EduflError):
+    """The campus does not take part: a requested round would break its policy, take an ε past its limit or
+    change the run's privacy settings; or, at ``edufl campus start``, the coordinator cannot be trusted or
+    turns the campus away, or its SuperNode or code-approval gate stops with an error (exit status 1)."""
 
 
 @dataclass(frozen=True)
 class CampusSetup:
-    """What the campus operator configured: name, data folder, state folder, policy (None: no policy)
+    """What the campus operator configured: name, data folder, state folder, policy (the safe defaults
+    without a policy file; in a simulation without one, :data:`~edufl.federation.policy.RESEARCH_POLICY`)
     and the mapping file of its export to the learner-record contract (None: the OULAD layout)."""
 
     name: str
     data_dir: Path
     state_dir: Path
-    policy: CampusPolicy | None
+    policy: CampusPolicy
     mapping: Path | None = None
 
 
@@ -47,7 +55,7 @@ def campus_setup(node_config: dict) -> CampusSetup:
         root = Path(os.environ[SIM_ENV])
         manifest = json.loads((root / SIM_MANIFEST).read_text())
         name = manifest["campuses"][int(node_config["partition-id"])]
-        policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else None
+        policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else RESEARCH_POLICY
         mapping = Path(manifest["mapping"]) if manifest.get("mapping") else None  # None: OULAD layout
         return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy, mapping)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")

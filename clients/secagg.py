@@ -28,16 +28,21 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key, Stage
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from edufl.federation.runconfig import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, ConfigError, RunConfig
+from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.secaggplus import doubly_named, named_arrays
+from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES
 
-from .guard import FIT_OK, SECAGG, _expected_arrays, secagg_stage
 from .node import CampusRefusal, campus_setup
+from .reply_checks import expected_arrays
+from .secagg_checks import FIT_OK, SECAGG, secagg_stage
+
+__all__ = ["check_stage_request", "legacy_fit_adapter", "secure_aggregation_mod"]
 
 FITINS_PARAMETERS = "fitins.parameters"  # the global model in Flower's legacy FitIns (unnamed arrays)
 
@@ -94,8 +99,7 @@ def check_stage_request(campus: str, stage: str, values: dict, node_id: int) -> 
                 "it needs at least 3 shares and a threshold above half of them, or the coordinator could rebuild "
                 "this campus's secrets and unmask its update")
     elif stage == Stage.UNMASK:
-        active, dropped = values.get(Key.ACTIVE_NODE_ID_LIST, []), values.get(Key.DEAD_NODE_ID_LIST, [])
-        both = sorted(set(active) & set(dropped) | {node_id} & set(dropped))
+        both = doubly_named(values.get(Key.ACTIVE_NODE_ID_LIST, []), values.get(Key.DEAD_NODE_ID_LIST, []), node_id)
         if both:
             raise CampusRefusal(f"campus {campus} refuses SecAgg+ unmask: nodes {both} are named both active and "
                                 "dropped out, which would reveal both shares of their secrets")
@@ -143,8 +147,8 @@ def legacy_fit_adapter(msg: Message, context: Context, call_next: Callable[[Mess
 
 
 def _named(cfg: RunConfig, record: ArrayRecord) -> ArrayRecord:
-    arrays = parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
-    expected = _expected_arrays(cfg.model, cfg.task)
-    if [list(a.shape) for a in arrays] != [shape for _, shape, _ in expected]:
-        raise ConfigError(f"the SecAgg+ training request's arrays are not the {cfg.model} model's parameters")
-    return ArrayRecord({name: Array(arrays[i].astype(dtype)) for i, (name, _, dtype) in enumerate(expected)})
+    specs = expected_arrays(cfg.model, cfg.task)
+    try:
+        return named_arrays(record, specs)
+    except ValueError:
+        raise ConfigError(f"the SecAgg+ training request's arrays are not the {cfg.model} model's parameters") from None

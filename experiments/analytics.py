@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edufl.federation.data import Tables
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
+from edufl.federation.queries import QUERY_KEY, load_query
 from edufl.federation.runconfig import RunConfig
-from edufl.federation.statistics import QUERY_KEY, load_query
+from edufl.federation.tables import Tables
 
 from .simulate import run_engine
 
@@ -69,7 +69,7 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out))
 
     def headline(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
-        from edufl.federation.data import campus_names
+        from edufl.federation.partition import campus_names
 
         for note in tables.notes:
             print(f"note: {note}")

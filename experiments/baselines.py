@@ -7,9 +7,9 @@
 
 Both train with the federated run's features, splits, model, optimizer and
 DP-SGD code (noise and sampling secret unless ``reproducible-noise``), for ``num_rounds * local_epochs`` epochs, evaluating after each
-round's worth of epochs (subgroup metrics on groups of at least the default
+round's worth of epochs (subgroup metrics on groups of at least the research
 policy's ``release.min_cohort_size`` test rows per campus, as a federated
-campus without a policy sends), and write the same results folder.
+campus simulated without ``--policy`` sends), and write the same results folder.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edufl.federation.data import Tables
 from edufl.federation.models import build_model
-from edufl.federation.policy import CampusPolicy
+from edufl.federation.policy import RESEARCH_POLICY
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
 from edufl.federation.randomness import SECRET, Randomness
-from edufl.federation.results import Report
 from edufl.federation.runconfig import RunConfig
-from edufl.federation.tasks import TaskData, campus_splits, feature_names, n_outputs
+from edufl.federation.tables import Tables
+from edufl.federation.tasks import TaskData, feature_names, n_outputs
 from edufl.federation.training import evaluate, subgroup_metrics, train
+from edufl.server.results import Report
 
 from .simulate import provenance
+from .splits import campus_splits
 
 
 def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dict:
@@ -45,7 +46,7 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
     else:
         groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
     models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)) for g in groups}
-    group_k = CampusPolicy().release.min_cohort_size
+    group_k = RESEARCH_POLICY.release.min_cohort_size
     histories = {g: [] for g in groups}
     steps_done = {g: 0 for g in groups}
     sigmas = {}

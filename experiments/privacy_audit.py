@@ -3,7 +3,7 @@
 The researcher's side of the empirical privacy check: it rebuilds every
 campus's train/test split exactly as the run did (same tables, task, cutoff,
 split, test fraction and seed, recorded in ``summary.json``), runs the
-loss-threshold attack of :mod:`federation.membership` against ``model.pt``, and
+loss-threshold attack of :mod:`experiments.membership` against ``model.pt``, and
 writes ``privacy_audit.json`` and ``privacy_audit.csv`` into the run folder. In
 a deployment each campus runs the same attack on its own rows and releases only
 its AUC.
@@ -12,18 +12,20 @@ its AUC.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from edufl.federation.data import file_hashes, load_tables
-from edufl.federation.membership import loss_attack_auc
+from edufl.federation.fingerprint import file_hashes
 from edufl.federation.models import build_model
-from edufl.federation.results import primary_metric, weighted
 from edufl.federation.runconfig import ConfigError, RunConfig
-from edufl.federation.tasks import campus_splits, feature_names, n_outputs
+from edufl.federation.tables import load_tables
+from edufl.federation.tasks import feature_names, n_outputs
+from edufl.server.results import primary_metric, weighted
+
+from .membership import loss_attack_auc
+from .splits import campus_splits
 
 ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, " \
          "non-members = campus test rows, both subsampled to the smaller group's size"
@@ -57,7 +59,7 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
     if not model_path.is_file():
         raise ConfigError(f"{run_dir}: no model.pt to audit (mode {config.get('mode')!r}; "
                           "the local mode trains one model per campus and keeps none)")
-    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
+    known = RunConfig().to_flower().keys()
     cfg = RunConfig.from_flower({k: v for k, v in config.items() if k in known})
     if data_dir is None:
         if "data" not in config:

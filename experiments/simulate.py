@@ -32,14 +32,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal, get_args
 
 import psutil
 
-from edufl.federation.data import Tables, campus_names, campus_slices, file_hashes, load_tables, write_parquet
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST
+from edufl.federation.fingerprint import file_hashes
 from edufl.federation.mapping import CONTRACT_PARQUET
-from edufl.federation.runconfig import SIM_ENV, SIM_MANIFEST, RunConfig
+from edufl.federation.partition import campus_names, campus_slices
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.tables import Tables, load_tables
+from edufl.federation.writers import write_parquet
 
-MODES = ("federated", "centralized", "local")
+Mode = Literal["federated", "centralized", "local"]
+MODES = get_args(Mode)
 
 CAMPUS_ROOT = "edufl-campuses"
 """Name of the folder in the temporary directory (``$TMPDIR``) that holds the campus folders of
@@ -53,8 +59,9 @@ def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Ta
 
     Campuses are formed by ``cfg.campus_by``. Federated: every virtual campus
     keeps its privacy ledger under ``cfg.out/campuses/<campus>/`` and, when
-    ``policy`` (a campus policy file) is given, enforces it; without one, the
-    research settings of ``cfg`` (no DP, a large ε) run as asked. Returns the
+    ``policy`` (a campus policy file) is given, enforces it; without one, it
+    runs under :data:`~edufl.federation.policy.RESEARCH_POLICY`: the research
+    settings of ``cfg`` (no DP, a large ε) run as asked. Returns the
     summary dict written to ``cfg.out/summary.json``.
 
     Raises

@@ -25,19 +25,28 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, TypeVar
 
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, \
-    model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
 
-from edufl.federation.data import file_hashes, load_tables
+from edufl.federation.fingerprint import file_hashes
 from edufl.federation.privacy import ACCOUNTANT
-from edufl.federation.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
-from edufl.federation.runconfig import CAMPUS_BY, LIMITS, MODELS, STRATEGIES, TASKS, ConfigError, RunConfig
-from edufl.federation.tomlfile import load_model
+from edufl.federation.runconfig import CampusBy, ConfigError, LocalEpochs, Model, Rounds, RunConfig, Strategy, Task
+from edufl.federation.tables import load_tables
+from edufl.federation.tomlfile import listed, load_model
+from edufl.server.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
 
-from .simulate import MODES, simulate
+from .simulate import Mode, simulate
 
 NO_DP = "none"
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
@@ -54,17 +63,11 @@ _CELL_SETTINGS = {
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def _listed(value: object) -> object:
-    """A TOML list as the tuple the study holds (strict mode takes no list for a tuple, and no single value)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, tuple):
-        return value
-    raise ValueError(f"expected a list, e.g. [{json.dumps(value) if isinstance(value, (int, float, str)) else '...'}], "
-                     f"not {value!r}")
+_RUN = RunConfig()  # the study's defaults are the run configuration's
+T = TypeVar("T")
 
 
-def _distinct(values: tuple) -> tuple:
+def _distinct(values: tuple[T, ...]) -> tuple[T, ...]:
     """Each value of a grid axis once: a repeated value would repeat cells under one cell id."""
     repeated = sorted({repr(v) for v in values if values.count(v) > 1})
     if repeated:
@@ -86,9 +89,10 @@ def _epsilon(value: object) -> int | float | str:
     raise ValueError(f"epsilons holds {value!r}; expected numbers > 0 or \"{NO_DP}\"")
 
 
-def _axis(item: object) -> object:
-    """The type of a grid axis: a non-empty TOML list of distinct ``item`` values."""
-    return Annotated[tuple[item, ...], BeforeValidator(_listed), Field(min_length=1), AfterValidator(_distinct)]
+Axis = Annotated[tuple[T, ...], BeforeValidator(listed), Field(min_length=1), AfterValidator(_distinct)]
+"""A grid axis: a non-empty TOML list of distinct values."""
+Epsilon = Annotated[int | float | str, PlainValidator(_epsilon)]
+"""A target ε as written (a number > 0), or ``"none"``: no DP."""
 
 
 class Study(BaseModel):
@@ -109,16 +113,16 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: Annotated[str, AfterValidator(_folder_name)]
-    task: Literal[TASKS] = "withdrawal"  # type: ignore[valid-type]
-    campus_by: _axis(Literal[CAMPUS_BY]) = ("module",)  # type: ignore[valid-type]
-    cutoff_days: _axis(int) = (60,)  # type: ignore[valid-type]
-    modes: _axis(Literal[MODES]) = ("centralized", "local", "federated")  # type: ignore[valid-type]
-    strategies: _axis(Literal[STRATEGIES]) = ("fedavg",)  # type: ignore[valid-type]
-    epsilons: _axis(Annotated[int | float | str, PlainValidator(_epsilon)]) = (3.0,)  # type: ignore[valid-type]
-    seeds: _axis(Annotated[int, Field(ge=0, lt=2**31)]) = (0,)  # type: ignore[valid-type]
-    rounds: int = Field(10, ge=1, le=LIMITS["num_rounds"])
-    local_epochs: int = Field(1, ge=1, le=LIMITS["local_epochs"])
-    model: Literal[MODELS] = "mlp"  # type: ignore[valid-type]
+    task: Task = _RUN.task
+    campus_by: Axis[CampusBy] = (_RUN.campus_by,)
+    cutoff_days: Axis[int] = (_RUN.cutoff_day,)
+    modes: Axis[Mode] = ("centralized", "local", "federated")
+    strategies: Axis[Strategy] = (_RUN.strategy,)
+    epsilons: Axis[Epsilon] = (_RUN.target_epsilon,)
+    seeds: Axis[Annotated[int, Field(ge=0, lt=2**31)]] = (_RUN.seed,)
+    rounds: Rounds = _RUN.num_rounds
+    local_epochs: LocalEpochs = _RUN.local_epochs
+    model: Model = _RUN.model
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("settings")
@@ -212,8 +216,8 @@ class Cell:
 def _git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        commit, dirty = (subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+                         for args in (["rev-parse", "HEAD"], ["status", "--porcelain"]))
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -291,7 +295,8 @@ def _markdown(table: pd.DataFrame, task: str) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in table.iterrows():
         cells = [f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if pd.notna(r[c + "_mean"]) else "—" for c in cols]
-        lines.append(f"| {r['campus_by']} | {r['cutoff_day']} | {_label(r)} | {r['epsilon']} | " + " | ".join(cells) + f" | {r['seeds']} |")
+        row = [r["campus_by"], r["cutoff_day"], _label(r), r["epsilon"], *cells, r["seeds"]]
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from datetime import datetime, timezone
-from pathlib import Path
 
 from flwr.app import RecordDict
 from google.protobuf import json_format
 
 from .proto.audit_pb2 import ArraySpec, AuditRecord
+from .store import SQLiteStore
+
+__all__ = ["AUDIT_FILE", "AuditLog", "array_specs", "as_dict", "payload_digest"]
 
 AUDIT_FILE = "audit.sqlite"
 
@@ -32,15 +32,16 @@ def payload_digest(content: RecordDict) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     for record_name in sorted(content):
-        record = content[record_name]
         digest.update(record_name.encode())
         if record_name in content.array_records:
-            for name in record:
-                array = record[name]
+            arrays = content.array_records[record_name]
+            for name in arrays:
+                array = arrays[name]
                 digest.update(json.dumps([name, array.dtype, list(array.shape)]).encode())
                 digest.update(array.data)
                 size += len(array.data)
         else:
+            record = content[record_name]
             entries = json.dumps({k: record[k] for k in sorted(record)}, default=str).encode()
             digest.update(entries)
             size += len(entries)
@@ -53,23 +54,13 @@ def array_specs(content: RecordDict) -> list[ArraySpec]:
             for record in content.array_records.values() for name in record]
 
 
-def now() -> str:
-    """The current UTC time, ISO 8601, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class AuditLog(SQLiteStore):
+    """The audit log at ``state_dir / audit.sqlite`` (created on first use; see :class:`~federation.store.SQLiteStore`)."""
 
-
-class AuditLog:
-    """The audit log at ``state_dir / audit.sqlite`` (created on first use)."""
-
-    def __init__(self, state_dir: str | Path):
-        self.path = Path(state_dir) / AUDIT_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
-        with self._db:
-            self._db.execute("CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, record BLOB NOT NULL)")
-
-    def close(self) -> None:
-        self._db.close()
+    FILE = AUDIT_FILE
+    VERSION = 1
+    WHAT = "audit log"
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, record BLOB NOT NULL)",)
 
     def append(self, record: AuditRecord) -> None:
         """Store ``record`` and commit it to disk."""

@@ -3,7 +3,9 @@
 The bundle holds exactly the modules the ServerApp and ClientApp execute
 (:data:`APP_MODULES`, laid out as the ``edufl`` package), the export mappings
 they read, and a ``pyproject.toml`` declaring the two apps with
-:class:`~edufl.federation.runconfig.RunConfig`'s defaults as the app config.
+:class:`~edufl.federation.runconfig.RunConfig`'s defaults as the app config
+(plus an empty ``statistic-query``: set, it makes the ServerApp answer that DP
+statistic instead of training).
 Commands, certificates, process supervision, plots and the approval gate stay
 outside it, so editing them leaves every campus's approval valid. Files are read
 from the installed edufl (a wheel or an editable checkout), and the bundle is
@@ -21,11 +23,13 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 
+from .queries import QUERY_KEY
 from .runconfig import ConfigError, RunConfig
 
 __all__ = ["APP_MODULES", "COMPONENTS", "app_folder", "bundle_sha256", "installed_sources", "stage"]
@@ -33,13 +37,19 @@ __all__ = ["APP_MODULES", "COMPONENTS", "app_folder", "bundle_sha256", "installe
 # Every edufl module the ServerApp and ClientApp import, lazily imported ones included
 # (tests/test_approval.py checks this list against what the apps really import).
 APP_MODULES = (
-    "edufl.clients.app", "edufl.clients.guard", "edufl.clients.node", "edufl.clients.secagg",
-    "edufl.server.app", "edufl.server.analytics", "edufl.server.secagg",
-    "edufl.federation.audit", "edufl.federation.contract", "edufl.federation.data", "edufl.federation.ledger",
-    "edufl.federation.mapping", "edufl.federation.models", "edufl.federation.policy", "edufl.federation.privacy",
-    "edufl.federation.proto.analytics_pb2", "edufl.federation.proto.audit_pb2", "edufl.federation.randomness",
-    "edufl.federation.results", "edufl.federation.runconfig", "edufl.federation.statistics",
-    "edufl.federation.tasks", "edufl.federation.tomlfile", "edufl.federation.training",
+    "edufl.clients.app", "edufl.clients.audit_trail", "edufl.clients.gate", "edufl.clients.guard", "edufl.clients.node",
+    "edufl.clients.query_budget", "edufl.clients.reply_checks", "edufl.clients.secagg", "edufl.clients.secagg_checks",
+    "edufl.server.analytics", "edufl.server.app", "edufl.server.checkpoint", "edufl.server.combine",
+    "edufl.server.replies", "edufl.server.reporting", "edufl.server.results", "edufl.server.secagg",
+    "edufl.server.strategies", "edufl.server.training",
+    "edufl.federation.audit", "edufl.federation.contract", "edufl.federation.errors", "edufl.federation.fingerprint",
+    "edufl.federation.ledger", "edufl.federation.mapping", "edufl.federation.metrics", "edufl.federation.models",
+    "edufl.federation.policy", "edufl.federation.privacy", "edufl.federation.problems",
+    "edufl.federation.proto.analytics_pb2", "edufl.federation.proto.audit_pb2", "edufl.federation.proto.learner_pb2",
+    "edufl.federation.queries", "edufl.federation.randomness", "edufl.federation.reading",
+    "edufl.federation.references", "edufl.federation.runconfig", "edufl.federation.secaggplus",
+    "edufl.federation.statistics", "edufl.federation.store", "edufl.federation.tables", "edufl.federation.tasks",
+    "edufl.federation.tomlfile", "edufl.federation.training", "edufl.federation.validation", "edufl.federation.wire",
 )
 COMPONENTS = {"serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
 PUBLISHER = "edufl"
@@ -74,11 +84,11 @@ def _files(sources: Mapping[str, Path]) -> dict[str, Path]:
     return files
 
 
-def _pyproject() -> dict:
+def _pyproject() -> dict[str, Any]:
     return {
         "build-system": {"requires": ["setuptools>=69"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "edufl", "version": importlib.metadata.version("edufl"), "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": COMPONENTS, "config": RunConfig().to_flower()}}},
+        "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": COMPONENTS, "config": {**RunConfig().to_flower(), QUERY_KEY: ""}}}},
     }
 
 

@@ -17,7 +17,14 @@ system-neutral terms.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pandas as pd
+from google.protobuf.message import Message
+
+from .proto import learner_pb2 as pb
 
 CONTRACT_VERSION = (1, 0)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
@@ -72,7 +79,7 @@ class Table:
 _COURSE = Column("course", "str")
 _PRESENTATION = Column("presentation", "str")
 _STUDENT = Column("student_id", "int", low=0)
-_DAY = {"low": -1000, "high": 1000}
+_DAY_LOW, _DAY_HIGH = -1000, 1000
 
 GENDER = ("F", "M")
 REGIONS = (
@@ -104,7 +111,7 @@ ASSESSMENTS = Table(
     (
         Column("assessment_id", "int", low=0), _COURSE, _PRESENTATION,
         Column("assessment_type", "cat", vocab=ASSESSMENT_TYPES),
-        Column("due_day", "int", nullable=True, **_DAY),
+        Column("due_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
         Column("weight", "float", low=0, high=100),
     ),
     key=("assessment_id",),
@@ -129,8 +136,8 @@ REGISTRATIONS = Table(
     "registrations", "Registration",
     (
         _COURSE, _PRESENTATION, _STUDENT,
-        Column("registration_day", "int", nullable=True, **_DAY),
-        Column("unregistration_day", "int", nullable=True, **_DAY),
+        Column("registration_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
+        Column("unregistration_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
     ),
     key=("course", "presentation", "student_id"),
 )
@@ -138,7 +145,7 @@ SUBMISSIONS = Table(
     "submissions", "Submission",
     (
         Column("assessment_id", "int", low=0), _STUDENT,
-        Column("submission_day", "int", **_DAY),
+        Column("submission_day", "int", low=_DAY_LOW, high=_DAY_HIGH),
         Column("banked", "int", low=0, high=1),
         Column("score", "float", nullable=True, low=0, high=100),
     ),
@@ -178,21 +185,20 @@ NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
 
 
 # --- Protobuf form ----------------------------------------------------------
-def _field_value(value, col: Column):
+def _field_value(value: Any, col: Column) -> bool | int | float | str:
     if col.kind == "int":
         return bool(value) if col.name == "banked" else int(value)
     return float(value) if col.kind == "float" else str(value)
 
 
-def _message(cls, row: dict, table: Table):
-    import pandas as pd
+_M = TypeVar("_M", bound=Message)
 
+
+def _message(cls: type[_M], row: dict[str, Any], table: Table) -> _M:
     return cls(**{c.name: _field_value(row[c.name], c) for c in table.columns if not pd.isna(row[c.name])})
 
 
-def _frame(messages, table: Table):
-    import pandas as pd
-
+def _frame(messages: Iterable[Any], table: Table) -> pd.DataFrame:
     rows = [{c.name: (_field_value(getattr(m, c.name), c) if not c.nullable or m.HasField(c.name) else None)
              for c in table.columns} for m in messages]
     frame = pd.DataFrame(rows, columns=[c.name for c in table.columns])
@@ -201,19 +207,21 @@ def _frame(messages, table: Table):
     return frame
 
 
-def to_proto(frames: dict):
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
     presentations, assessments, and one ``LearnerRecord`` per learner with its registration and submissions."""
-    from .proto import learner_pb2 as pb
-
-    def rows(name: str) -> list[dict]:
-        return frames[name][[c.name for c in TABLE[name].columns]].to_dict("records")
+    def rows(name: str) -> list[dict[str, Any]]:
+        return _records(frames[name][[c.name for c in TABLE[name].columns]])
 
     key = list(LEARNERS.key)
     registration = {tuple(r[k] for k in key): r for r in rows("registrations")}
     where = frames["assessments"][["assessment_id", "course", "presentation"]]
-    submissions: dict[tuple, list] = {}
-    for r in frames["submissions"].merge(where, on="assessment_id").to_dict("records"):
+    submissions: dict[tuple[Any, ...], list[pb.Submission]] = {}
+    for r in _records(frames["submissions"].merge(where, on="assessment_id")):
         submissions.setdefault(tuple(r[k] for k in key), []).append(_message(pb.Submission, r, SUBMISSIONS))
     records = [
         pb.LearnerRecord(learner=_message(pb.Learner, r, LEARNERS),
@@ -229,7 +237,7 @@ def to_proto(frames: dict):
     )
 
 
-def from_proto(data) -> dict:
+def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
     """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`).
 
     Raises

@@ -6,11 +6,18 @@ Ctrl-C or SIGTERM stops it, and its exit status becomes edufl's. Before a
 campus connects, :func:`probe_tls` checks the SuperLink's address and
 certificate, so that a wrong CA or a TLS/plaintext mismatch is reported in
 plain words instead of a retry loop.
+
+Both sides also read the PKI folder ``edufl certs`` writes
+(:mod:`edufl.server.pki`): :func:`tls_files` finds the files a command needs
+there, or where its options (``--root-cert``, ``--cert``, ``--key``) point,
+and :data:`PkiOption`, :data:`RootCertOption` and :data:`InsecureOption`
+declare those options once for every command that connects.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -18,10 +25,22 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Annotated
 
+import typer
+
+from .errors import UserError
 from .runconfig import ConfigError
+
+__all__ = [
+    "CA_CERT", "FLWR_ENV", "SUPERLINK_CERT", "SUPERLINK_KEY", "InsecureOption", "PKIError", "PKIFile", "PkiOption",
+    "RootCertOption", "campus_key", "check_campus_name", "flwr_env", "foreground", "free_port", "parse_address",
+    "probe_tls", "tls_files",
+]
 
 # A deployment runs offline: no telemetry, no update check, no per-run `uv sync`.
 FLWR_ENV = {
@@ -60,7 +79,7 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def probe_tls(host: str, port: int, root_cert: Path | None, timeout: float = 5.0) -> str | None:
@@ -125,14 +144,14 @@ def foreground(command: list[str], on_line: Callable[[str], None] | None = None,
                             bufsize=1, errors="replace")
 
     def echo() -> None:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line.rstrip("\n"))
             if on_line:
                 on_line(line)
 
-    def stop(signum, _frame) -> None:
+    def stop(signum: int, _frame: FrameType | None) -> None:
         proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -156,3 +175,74 @@ def foreground(command: list[str], on_line: Callable[[str], None] | None = None,
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+# --- the PKI folder (written by `edufl certs`) and the options that point past it --------------
+
+
+class PKIError(UserError):
+    """A missing, unreadable or mismatched key or certificate, or an invalid campus or host name (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class PKIFile:
+    """One file a command reads from a PKI folder: its ``name`` there, the ``option`` that gives it
+    directly instead, and ``what`` it is (for messages)."""
+
+    name: str
+    option: str
+    what: str
+
+
+CA_CERT = PKIFile("ca.crt", "--root-cert", "CA certificate")
+SUPERLINK_CERT = PKIFile("superlink.crt", "--cert", "SuperLink certificate")
+SUPERLINK_KEY = PKIFile("superlink.key", "--key", "SuperLink private key")
+CAMPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+PkiOption = Annotated[Path | None, typer.Option(
+    "--pki", help="folder written by `edufl certs` (the flags below override its files)")]
+RootCertOption = Annotated[Path | None, typer.Option(
+    "--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")]
+InsecureOption = Annotated[bool, typer.Option("--insecure", help="plaintext, no authentication: local experiments only")]
+
+
+def campus_key(campus: str) -> PKIFile:
+    """Campus ``campus``'s SuperNode authentication private key (OpenSSH format, ``campus-NAME.key``)."""
+    return PKIFile(f"campus-{campus}.key", "--key", f"campus {campus}'s private key")
+
+
+def check_campus_name(name: str) -> str:
+    """Return ``name`` if it can name a campus (letters, digits, ``_ . -``; at most 64), else raise PKIError."""
+    if not CAMPUS_NAME.fullmatch(name):
+        raise PKIError(f"campus name {name!r}: use letters, digits, '_', '.' or '-' "
+                       "(at most 64, starting with a letter or digit)")
+    return name
+
+
+def tls_files(pki: Path | None, given: Mapping[PKIFile, Path | None]) -> list[Path]:
+    """The resolved path of each file of ``given``, in its order: the path given (by its option), else
+    that file in the folder ``pki``.
+
+    Raises
+    ------
+    PKIError
+        When ``pki`` is None and a file was not given, or a file is not there (naming its option).
+    """
+    found = []
+    for file, path in given.items():
+        if path is None:
+            if pki is None:
+                options = [f"{file.option} FILE" for file in given]
+                listed = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} and {options[-1]}"
+                raise PKIError(f"give --pki DIR, or {listed} (or --insecure for plaintext)")
+            path = Path(pki) / file.name
+        found.append(_existing(path, file))
+    return found
+
+
+def _existing(path: Path, file: PKIFile) -> Path:
+    """``path`` resolved if it is a file, else raise PKIError naming the ``file`` it should be."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PKIError(f"{file.what} ({file.option}) not found: {path} (make demo files with `edufl certs`, or pass your own)")
+    return path.resolve()

@@ -1,9 +1,10 @@
 """The errors edufl reports to its user, each with the exit status its commands end with.
 
 Every command catches :class:`EduflError` alone, prints its message (no
-traceback) and exits with its :attr:`~EduflError.exit_code`: 2 for a user
-mistake (a bad option, file or value), 3 when campuses refused, 4 when campuses
-failed. Anything else is a bug and keeps its traceback.
+traceback) and exits with its :attr:`~EduflError.exit_code`: 1 when a run, a
+coordinator or a campus could not go on (the base class's own code), 2 for a
+user mistake (a bad option, file or value), 3 when campuses refused, 4 when
+campuses failed. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ __all__ = ["CampusesFailed", "CampusesRefused", "EduflError", "UserError"]
 
 
 class EduflError(Exception):
-    """An error meant for the user; its message says what went wrong and what to do."""
+    """An error meant for the user; its message says what went wrong and what to do (exit status 1,
+    unless a subclass says otherwise)."""
 
     exit_code = 1
 

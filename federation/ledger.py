@@ -1,8 +1,9 @@
 """The campus's privacy ledger: every release, persisted in SQLite before it leaves the campus.
 
 One row per release (a round's model update, or a DP statistic): run, round,
-task, mechanism, noise multiplier, sampling rate, steps, ε after the release,
-δ and accountant. Rows are keyed by the dataset they were computed from (the
+task, and the release's DP parameters as the audit contract declares them
+(``DpRelease`` in ``protos/audit.proto``: mechanism, noise multiplier,
+sampling rate, steps, ε after the release, δ and accountant). Rows are keyed by the dataset they were computed from (the
 SHA-256 of the campus's data files), so the budget follows the data, not the
 Flower node id or the machine.
 
@@ -25,61 +26,76 @@ must ask for exactly the same.
 from __future__ import annotations
 
 import json
-import sqlite3
-from dataclasses import astuple, dataclass, fields
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
-from .privacy import ACCOUNTANT, History, epsilon
+from google.protobuf.descriptor import FieldDescriptor
+
+from .privacy import History, epsilon
+from .proto.audit_pb2 import DpRelease
+from .store import SQLiteStore, now
+
+__all__ = ["LEDGER_FILE", "PrivacyLedger", "Release"]
 
 LEDGER_FILE = "ledger.sqlite"
 
 
 @dataclass(frozen=True)
 class Release:
-    """One recorded release. ``epsilon`` is the run's ε after it, at ``delta``."""
+    """One recorded release: what it was computed from and for (``dataset``, ``campus``, ``run_id``,
+    ``server_round``, ``task``), its mechanism and parameters ``dp`` (``dp.epsilon`` is the run's ε after
+    it, at ``dp.delta``), and when it was recorded (UTC, ISO 8601; set by :meth:`PrivacyLedger.record`)."""
 
     dataset: str
     campus: str
     run_id: str
     server_round: int
     task: str
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon: float
-    delta: float
-    accountant: str = ACCOUNTANT
+    dp: DpRelease
     recorded_at: str = ""
 
 
-_COLUMNS = [f.name for f in fields(Release)]
-_SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
+_CONTEXT = [f.name for f in fields(Release) if f.name not in ("dp", "recorded_at")]
+_DP = [f.name for f in DpRelease.DESCRIPTOR.fields]  # one column per field of the audit contract's DpRelease
+_COLUMNS = [*_CONTEXT, *_DP, "recorded_at"]
+_CONTEXT_TYPES = {"str": "TEXT", "int": "INTEGER"}  # by the annotation of a field of Release
+_DP_TYPES = {FieldDescriptor.CPPTYPE_STRING: "TEXT", FieldDescriptor.CPPTYPE_DOUBLE: "REAL",
+             FieldDescriptor.CPPTYPE_INT64: "INTEGER"}
+_COLUMN_TYPES = {**{f.name: _CONTEXT_TYPES[str(f.type)] for f in fields(Release) if f.name != "dp"},
+                 **{f.name: _DP_TYPES[f.cpp_type] for f in DpRelease.DESCRIPTOR.fields}}
 
 
-class PrivacyLedger:
-    """The SQLite ledger at ``state_dir / ledger.sqlite`` (created on first use)."""
+def _row(release: Release) -> tuple[Any, ...]:
+    """``release`` as the values of :data:`_COLUMNS`, in order."""
+    return (*(getattr(release, name) for name in _CONTEXT), *(getattr(release.dp, name) for name in _DP),
+            release.recorded_at)
 
-    def __init__(self, state_dir: str | Path):
-        self.path = Path(state_dir) / LEDGER_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
-        columns = ", ".join(f"{f.name} {_SQL_TYPES[f.type]} NOT NULL" for f in fields(Release))
-        with self._db:
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, {columns})")
-            self._db.execute("CREATE TABLE IF NOT EXISTS run_settings (dataset TEXT NOT NULL, run_id TEXT NOT NULL, "
-                             "settings TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (dataset, run_id))")
 
-    def close(self) -> None:
-        self._db.close()
+def _release(row: tuple[Any, ...]) -> Release:
+    """The release stored as ``row`` (the values of :data:`_COLUMNS`, in order)."""
+    context, dp, recorded_at = row[:len(_CONTEXT)], row[len(_CONTEXT):-1], row[-1]
+    return Release(**dict(zip(_CONTEXT, context)), dp=DpRelease(**dict(zip(_DP, dp))), recorded_at=recorded_at)
+
+
+class PrivacyLedger(SQLiteStore):
+    """The SQLite ledger at ``state_dir / ledger.sqlite`` (created on first use; see :class:`~federation.store.SQLiteStore`)."""
+
+    FILE = LEDGER_FILE
+    VERSION = 1
+    WHAT = "privacy ledger"
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, "
+        + ", ".join(f"{name} {_COLUMN_TYPES[name]} NOT NULL" for name in _COLUMNS) + ")",
+        "CREATE TABLE IF NOT EXISTS run_settings (dataset TEXT NOT NULL, run_id TEXT NOT NULL, "
+        "settings TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (dataset, run_id))",
+    )
 
     def record(self, release: Release) -> Release:
         """Append ``release`` (time-stamped now, UTC) and commit it to disk; returns what was stored."""
-        stamped = Release(*astuple(release)[:-1], recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        stamped = replace(release, recorded_at=now())
         with self._db:
             self._db.execute(f"INSERT INTO releases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                             astuple(stamped))
+                             _row(stamped))
         return stamped
 
     def pin(self, dataset: str, run_id: str, settings: dict[str, int | float | str | bool]) -> dict[str, tuple]:
@@ -92,7 +108,7 @@ class PrivacyLedger:
         with self._db:
             self._db.execute("INSERT OR IGNORE INTO run_settings VALUES (?, ?, ?, ?)",
                              (dataset, run_id, json.dumps(settings, sort_keys=True),
-                              datetime.now(timezone.utc).isoformat(timespec="seconds")))
+                              now()))
         (text,) = self._db.execute("SELECT settings FROM run_settings WHERE dataset = ? AND run_id = ?",
                                    (dataset, run_id)).fetchone()
         pinned = json.loads(text)
@@ -107,11 +123,11 @@ class PrivacyLedger:
                 where.append(f"{column} = ?")
                 args.append(value)
         query = f"SELECT {', '.join(_COLUMNS)} FROM releases {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY id"
-        return [Release(*row) for row in self._db.execute(query, args)]
+        return [_release(row) for row in self._db.execute(query, args)]
 
     def history(self, dataset: str, run_id: str | None = None) -> History:
         """The accountant history (σ, q, steps) of a dataset's releases, optionally of one run."""
-        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.releases(dataset, run_id)]
+        return [(r.dp.noise_multiplier, r.dp.sample_rate, r.dp.steps) for r in self.releases(dataset, run_id)]
 
     def spent(self, dataset: str, delta: float, run_id: str | None = None) -> float:
         """ε at ``delta`` spent on ``dataset`` (by one run, or by all runs together)."""

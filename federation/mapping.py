@@ -37,6 +37,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .contract import CONTRACT_VERSION, TABLES, parse_version, supports, version_text
+from .errors import UserError
 from .tomlfile import load_model
 
 OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
@@ -56,7 +57,7 @@ def _format_problems(prefix: str, delimiter: str | None, encoding: str | None) -
     return problems
 
 
-class MappingError(ValueError):
+class MappingError(UserError):
     """A mapping file that cannot be used; the message names the file and the offending key."""
 
 
@@ -129,7 +130,8 @@ class Mapping(_Strict):
 
     def table(self, name: str) -> TableMapping:
         """The mapping of contract table ``name``."""
-        return getattr(self, name)
+        found: TableMapping = getattr(self, name)
+        return found
 
     def files(self) -> list[str]:
         """The export's file names, in contract table order."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from .runconfig import MODELS
+
+__all__ = ["build_model"]
 
 
 def build_model(name: str, n_features: int, seed: int = 0, outputs: int = 1) -> nn.Module:
@@ -35,12 +36,3 @@ def build_model(name: str, n_features: int, seed: int = 0, outputs: int = 1) -> 
         torch.random.set_rng_state(generator_state)
     return nn.Sequential(body, nn.Flatten(0)) if outputs == 1 else nn.Sequential(body)
 
-
-def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's parameters by name, as numpy arrays (Opacus's ``_module.`` prefix removed)."""
-    return {k.removeprefix("_module."): v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Load ``weights`` (as returned by :func:`get_weights`) into ``model``; names and shapes must match."""
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=True)

@@ -44,40 +44,38 @@ A run configuration may only be stricter than the policy: :meth:`CampusPolicy.ch
 lists every key a request would loosen, so that the campus can refuse it, say
 why, and log the refusal. A request for reproducible noise (``reproducible-noise``,
 research only: the noise would follow the run's seed, which the coordinator
-knows) is refused under every policy; no key allows it.
+knows) is refused under every policy file; no key allows it.
+
+Two policies apply when no file is given. A deployed campus runs under the
+safe defaults, ``CampusPolicy()``. A virtual campus of a simulation run
+without ``--policy`` runs under :data:`RESEARCH_POLICY`, which refuses no
+setting (see :class:`ResearchPolicy`); no file can ask for it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from .runconfig import TASKS, RunConfig
-from .tomlfile import load_model
+from .errors import UserError
+from .runconfig import TASKS, RunConfig, Task
+from .tomlfile import listed, load_model
+
+__all__ = ["RESEARCH_POLICY", "AppApproval", "CampusPolicy", "PolicyError", "PrivacyLimits", "ReleaseLimits",
+           "ResearchPolicy", "TrainingLimits"]
 
 
-class PolicyError(ValueError):
-    """A policy file that cannot be read, or holds an unknown key or a value out of range."""
+class PolicyError(UserError):
+    """A policy file that cannot be read, or holds an unknown key or a value out of range (exit status 2)."""
 
 
 class _Section(BaseModel):
     # strict: a string is never a number, a decimal never a count, a bool neither (an int is a valid float)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-def _listed(value: object) -> object:
-    """A TOML list as the tuple a section holds (strict mode takes no list for a tuple)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, tuple):
-        return value
-    raise ValueError(f"expected a list, not {value!r}")
-
-
-Task = Literal[TASKS]  # type: ignore[valid-type]  # the names of federation.runconfig.TASKS
 
 
 class PrivacyLimits(_Section):
@@ -90,7 +88,7 @@ class PrivacyLimits(_Section):
 class TrainingLimits(_Section):
     max_rounds: int = Field(50, ge=1, le=10_000)
     max_local_epochs: int = Field(5, ge=1, le=1_000)
-    allowed_tasks: Annotated[tuple[Task, ...], BeforeValidator(_listed)] = ("withdrawal",)
+    allowed_tasks: Annotated[tuple[Task, ...], BeforeValidator(listed)] = ("withdrawal",)
 
 
 class ReleaseLimits(_Section):
@@ -107,7 +105,7 @@ class AppApproval(_Section):
     """The app bundles (FABs) the data steward approved, by SHA-256 (see the module docstring)."""
 
     approved_fab_hashes: Annotated[tuple[Annotated[str, AfterValidator(_fab_hash)], ...],
-                                   BeforeValidator(_listed)] = ()
+                                   BeforeValidator(listed)] = ()
 
     def refusal(self, fab_hash: str) -> str | None:
         """Why the app bundle with SHA-256 ``fab_hash`` may not run on this campus; None when it is approved."""
@@ -145,7 +143,7 @@ class CampusPolicy(_Section):
         An empty list means the request is within the policy. DP off, a run ε
         above ``max_epsilon_per_run``, a δ above ``delta``, more rounds or local
         epochs than allowed, or a task not allowed are each reported, and so is
-        reproducible noise (key ``reproducible-noise``), which no policy allows.
+        reproducible noise (key ``reproducible-noise``), which no policy file allows.
         The noise floor and the total budget depend on the campus's data and
         ledger and are enforced when a round is planned (see ``clients.app``).
         """
@@ -184,3 +182,40 @@ class CampusPolicy(_Section):
     def noise_multiplier(self, calibrated: float) -> float:
         """The noise multiplier a round uses: the calibrated one, never below ``min_noise_multiplier``."""
         return max(calibrated, self.privacy.min_noise_multiplier)
+
+
+class ResearchPolicy(CampusPolicy):
+    """The policy of a simulated campus run without ``--policy``: research settings run as asked.
+
+    :meth:`check` finds nothing to refuse, so DP off, reproducible noise and any
+    ε, δ, round count, local epochs or task run; its limits (see
+    :data:`RESEARCH_POLICY`) put no cap on ε or δ and no floor under the noise.
+    Only the release limit stays that of the safe defaults: no metric or
+    statistic on fewer than ``release.min_cohort_size`` records.
+
+    Research only: the campuses of a simulation are virtual, their data the
+    study's, and the person asking is the person whose data it is to use. A
+    policy file is always read as a :class:`CampusPolicy`, so no campus can
+    run under this one.
+    """
+
+    def check(self, cfg: RunConfig) -> list[tuple[str, str]]:
+        """Nothing: every request is within the research policy."""
+        return []
+
+    def over_budget(self, spent: list[tuple[float, float, int]], planned: tuple[float, float, int]) -> str | None:
+        """None: the research policy sets no total budget (nothing to account at its δ of 1)."""
+        return None
+
+
+RESEARCH_POLICY = ResearchPolicy.model_construct(
+    # built without validation: "no cap" (inf, δ up to 1) is outside what a policy file may write
+    privacy=PrivacyLimits.model_construct(max_epsilon_per_run=math.inf, total_epsilon_budget=math.inf, delta=1.0,
+                                          min_noise_multiplier=0.0),
+    training=TrainingLimits(max_rounds=10_000, max_local_epochs=1_000, allowed_tasks=TASKS),
+    release=ReleaseLimits(),
+    apps=AppApproval(),
+)
+"""What a simulated campus without ``--policy`` runs under: no ε cap (per run or in total), δ up to 1,
+no noise floor, the most rounds and local epochs a run may have, every task, and the safe default's
+``release.min_cohort_size`` (10)."""

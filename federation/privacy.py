@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,7 @@ def poisson_plan(n_examples: int, batch_size: int) -> tuple[float, int]:
 
 
 @contextlib.contextmanager
-def _best_order_is_largest_ok():
+def _best_order_is_largest_ok() -> Iterator[None]:
     # Opacus warns when the best RDP order is the largest one tried: the bound is then
     # looser than it could be, never smaller than the true ε.
     with warnings.catch_warnings():
@@ -106,13 +107,13 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
     # The search takes 0.2-1 s; campuses of similar size share (q, steps), so a
     # process serving many campuses (a simulation with many shards) searches once.
     with _best_order_is_largest_ok():
-        return get_noise_multiplier(
+        return float(get_noise_multiplier(
             target_epsilon=settings.target_epsilon,
             target_delta=settings.delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=ACCOUNTANT,
-        )
+        ))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -120,7 +121,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     # Rényi DP of one step at each order; composition over n steps multiplies by n.
     # Computing it is the costly part of accounting, and a campus's (σ, q) never
     # changes within a run, so it is computed once.
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS)
+    rdp: np.ndarray = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
     rdp.setflags(write=False)
     return rdp
 

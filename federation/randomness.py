@@ -84,7 +84,8 @@ def round_seed(seed: int, campus: str, server_round: int) -> int:
 def gaussian(rng: np.random.Generator, std: float, shape: tuple[int, ...]) -> np.ndarray:
     """Normal noise of standard deviation ``std``, shape ``shape`` (float64): each value the sum of four
     standard normals from ``rng`` halved, then scaled (Holohan and Braghin 2021, as Opacus's ``secure_mode``)."""
-    return rng.standard_normal((4, *shape)).sum(axis=0) * (std / 2.0)
+    noise: np.ndarray = rng.standard_normal((4, *shape)).sum(axis=0) * (std / 2.0)
+    return noise
 
 
 def add_gaussian(values: np.ndarray, sensitivity: float, std: float,
@@ -116,4 +117,4 @@ def add_gaussian(values: np.ndarray, sensitivity: float, std: float,
     dp.enable_features("contrib")
     space = dp.vector_domain(dp.atom_domain(T=float, nan=False), size=len(x)), dp.l2_distance(T=float)
     measurement = dp.m.make_gaussian(*space, scale=float(std))
-    return np.asarray(measurement(x.tolist()), dtype=float), float(measurement.map(float(sensitivity)))
+    return np.asarray(measurement(x.tolist()), dtype=float), float(measurement.map(float(sensitivity)))  # type: ignore[no-untyped-call]

@@ -1,100 +1,79 @@
-"""The run configuration shared by coordinator and campuses, and the message keys they exchange.
+"""The run configuration shared by coordinator and campuses.
 
 Flower carries the run configuration as a flat ``ConfigRecord`` with dashed
 keys (``target-epsilon``); :class:`RunConfig` is its typed, validated form.
 A campus re-validates every configuration it receives before touching data.
+The allowed values and ranges are the fields' constraints; this module has no
+heavy imports, so that the command line (and the simulation engine with it)
+starts before torch loads.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
-from .contract import CATEGORICAL_FEATURES, CONTRACT_VERSION, FINAL_RESULTS, parse_version, version_text
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
-# Allowed values of the run's choices. They live here, with no heavy imports, so
-# that the command line starts (and the simulation engine with it) before torch loads.
-TASKS = ("withdrawal", "at_risk", "final_result")
-SPLITS = ("stratified", "temporal")
-MODELS = ("mlp", "logistic")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
-CAMPUS_BY = ("module", "region", "shard")
-CENTRAL_DP = ("off", "fixed")
-SECURE_AGGREGATION = ("off", "secaggplus")
+from .contract import CONTRACT_VERSION, parse_version, version_text
+from .errors import UserError
 
-# Keys of records inside Flower messages (one place, used by both sides).
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-CAMPUS = "campus"
-NUM_EXAMPLES = "num-examples"
-# Error codes of a campus's error replies: it refused the request (its policy,
-# its privacy budget, an invalid config), its release guard blocked the reply, or
-# handling the message failed on the campus (the reason then is a fixed sentence).
-REFUSED = 4000
-BLOCKED = 4001
-FAILED = 4002
-# The metric keys of each reply (evaluate: per task, and the subgroup_keys below): the
-# campus's release guard lets no other key leave.
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
-_BINARY_METRICS = ("auc", "average-precision", "f1", "brier", "loss")
-EVALUATE_METRICS = {
-    "withdrawal": (NUM_EXAMPLES, *_BINARY_METRICS),
-    "at_risk": (NUM_EXAMPLES, *_BINARY_METRICS),
-    "final_result": (NUM_EXAMPLES, "macro-f1", "accuracy", "macro-auc", *(f"f1-{c}" for c in FINAL_RESULTS), "loss"),
-}
-# The metric each task is judged by: in the worst-campus figure, study tables and plots, and per subgroup.
-PRIMARY_METRIC = {"withdrawal": "auc", "at_risk": "auc", "final_result": "macro-f1"}
-# The fairness view: besides EVALUATE_METRICS, a campus releases, for every value of these
-# attributes held by at least release.min_cohort_size of its test rows, that group's number
-# of test rows and the task's primary metric on them (subgroup_keys); smaller groups are not
-# sent (see federation.training.subgroup_metrics).
-SUBGROUPS = {a: CATEGORICAL_FEATURES[a] for a in ("gender", "age_band", "disability", "imd_band")}
+__all__ = ["CAMPUS_BY", "CENTRAL_DP", "MODELS", "SECURE_AGGREGATION", "SPLITS", "STRATEGIES", "TASKS", "CampusBy",
+           "ConfigError", "LocalEpochs", "Model", "Rounds", "RunConfig", "Strategy", "Task"]
 
-# Simulation only: the folder of per-campus data folders, and the manifest in it
-# mapping each virtual SuperNode's partition-id to its campus.
-SIM_ENV = "EDUFL_SIM_DIR"
-SIM_MANIFEST = "campuses.json"
+Task = Literal["withdrawal", "at_risk", "final_result"]
+Split = Literal["stratified", "temporal"]
+Model = Literal["mlp", "logistic"]
+Strategy = Literal["fedavg", "fedprox", "fedadam"]
+CampusBy = Literal["module", "region", "shard"]
+CentralDP = Literal["off", "fixed"]
+SecureAggregation = Literal["off", "secaggplus"]
+TASKS, SPLITS, MODELS, STRATEGIES, CAMPUS_BY, CENTRAL_DP, SECURE_AGGREGATION = (
+    get_args(t) for t in (Task, Split, Model, Strategy, CampusBy, CentralDP, SecureAggregation))
+
+# The upper bounds of the whole-number settings are far above any study: a run that large is a mistake.
+Rounds = Annotated[int, Field(ge=1, le=10_000)]
+LocalEpochs = Annotated[int, Field(ge=1, le=1_000)]
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
-def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
-    """The declared per-subgroup metric keys of ``task``'s evaluate replies.
-
-    Returns
-    -------
-    dict
-        ``(attribute, value) -> (count key, metric key)`` for every value of
-        every attribute of :data:`SUBGROUPS`, e.g. ``("gender", "F") ->
-        ("group:gender=F:num-examples", "group:gender=F:auc")``.
-    """
-    metric = PRIMARY_METRIC[task]
-    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}")
-            for a, vocab in SUBGROUPS.items() for v in vocab}
+class ConfigError(UserError):
+    """A run configuration value outside its documented range, or an unknown key (exit status 2)."""
 
 
-LIMITS = {"num_rounds": 10_000, "local_epochs": 1_000, "batch_size": 1_000_000, "min_campuses": 100_000,
-          "shards": 100_000}
-"""The largest value of each whole-number setting (a run that large is a mistake, not a study)."""
+def _contract_version(text: str) -> str:
+    try:
+        parse_version(text)
+    except ValueError:
+        raise ValueError('MAJOR.MINOR, e.g. "1.0"') from None
+    return text
 
 
-class ConfigError(ValueError):
-    """A run configuration value outside its documented range, or an unknown key."""
+def _num_shares(shares: float) -> float:
+    if shares > 1 and (shares != int(shares) or shares < 3):
+        raise ValueError("a fraction of the campuses in (0, 1] or a whole number of shares >= 3")
+    return shares
 
 
-@dataclass(frozen=True)
-class RunConfig:
+def _reconstruction_threshold(threshold: float) -> float:
+    if threshold <= 0.5 or (threshold > 1 and threshold != int(threshold)):
+        raise ValueError("a fraction of the shares in (0.5, 1] (a majority) or a whole number >= 2")
+    return threshold
+
+
+class RunConfig(BaseModel):
     """Every setting of a federated run (the ``[tool.flwr.app.config]`` keys, dashes as underscores).
 
-    ``run_name`` is the coordinator's name for the run: campuses key their
-    privacy ledger by it, so a resumed run keeps spending the same run budget.
-    Empty means Flower's run id.
+    Each field's description gives its unit and meaning; its constraints are
+    the allowed values. Values are strictly typed (a whole number is accepted
+    where a decimal is expected, nothing else is converted), and the model is
+    frozen.
 
-    ``contract_version`` is the learner-record contract (MAJOR.MINOR) the run's
-    code reads; a campus whose data are mapped to a contract it cannot read
-    (another major version, or a newer minor one) refuses to join.
-
-    ``central_dp`` adds client-level (central) DP on the coordinator, on top of
-    each campus's DP-SGD: ``fixed`` clips each campus's update (new weights
+    ``central_dp = "fixed"`` adds client-level (central) DP on the coordinator,
+    on top of each campus's DP-SGD: it clips each campus's update (new weights
     minus the round's global weights) to L2 norm ``central_clipping_norm`` and
     adds Gaussian noise of ``central_noise_multiplier`` times that norm to
     their sum (the mean's noise is that divided by the number of campuses).
@@ -102,137 +81,152 @@ class RunConfig:
     ``secure_aggregation = "secaggplus"`` runs the training rounds through
     Flower's SecAgg+ protocol (``SecAggPlusWorkflow`` on the coordinator,
     ``secaggplus_mod`` on the campuses): the coordinator receives only masked
-    updates and learns only their example-weighted sum. Each campus's secrets
-    are split into ``secagg_num_shares`` shares (a number <= 1: that fraction
-    of the campuses; above 1: that many), any ``secagg_reconstruction_threshold``
-    of which rebuild them (<= 1: that fraction of the shares, above 0.5 so that
-    a majority is needed; above 1: that many). ``secagg_max_weight`` bounds a
-    campus's weight (its training rows) in the masked sum.
+    updates and learns only their example-weighted sum.
 
     Raises
     ------
     ConfigError
-        On any value outside its documented range (see :meth:`validate`).
+        On an unknown key or any value outside its range; the message names
+        each offending dashed key, the value and what was expected.
     """
 
-    task: str = "withdrawal"
-    num_rounds: int = 10
-    local_epochs: int = 1
-    batch_size: int = 64
-    learning_rate: float = 0.3
-    model: str = "mlp"
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    dp: bool = True
-    target_epsilon: float = 3.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    cutoff_day: int = 60
-    split: str = "stratified"
-    campus_by: str = "module"
-    shards: int = 50
-    test_fraction: float = 0.2
-    seed: int = 0
-    min_campuses: int = 2
-    round_timeout: float = 3600.0
-    out: str = "results/run"
-    run_name: str = ""
-    central_dp: str = "off"
-    central_noise_multiplier: float = 1.0
-    central_clipping_norm: float = 1.0
-    contract_version: str = version_text(CONTRACT_VERSION)
-    secure_aggregation: str = "off"
-    secagg_num_shares: float = 1.0
-    secagg_reconstruction_threshold: float = 0.67
-    secagg_max_weight: float = 100000.0
-    reproducible_noise: bool = False
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    task: Task = Field("withdrawal", description="what the model predicts for each registration (federation.tasks)")
+    num_rounds: Rounds = Field(10, description="federated rounds: local training on every campus, then aggregation")
+    local_epochs: LocalEpochs = Field(1, description="passes over its training rows each campus makes per round")
+    batch_size: int = Field(64, ge=1, le=1_000_000,
+                            description="expected batch size of DP-SGD's Poisson sampling, in rows")
+    learning_rate: _Positive = Field(0.3, description="SGD step size of local training")
+    model: Model = Field("mlp", description="the network every campus trains (federation.models)")
+    strategy: Strategy = Field("fedavg", description="how the coordinator aggregates the campuses' weights")
+    proximal_mu: float = Field(0.01, ge=0, allow_inf_nan=False,
+                               description="weight of FedProx's proximal term (strategy fedprox only)")
+    dp: bool = Field(True, description="DP-SGD on every campus; false trains without noise (research only: "
+                                       "every campus policy file refuses it)")
+    target_epsilon: _Positive = Field(3.0, description="ε each campus spends on the whole run at delta (DP-SGD)")
+    delta: _Fraction = Field(1e-5, description="δ of every campus's (ε, δ) guarantee")
+    max_grad_norm: _Positive = Field(1.0, description="L2 norm each example's gradient is clipped to (DP-SGD)")
+    cutoff_day: int = Field(60, description="day of the module presentation (days from its start) up to which "
+                                            "the features are read: the early-warning point")
+    split: Split = Field("stratified", description="how each campus's rows split into training and test rows "
+                                                   "(federation.tasks.split)")
+    campus_by: CampusBy = Field("module", description="simulation: what makes OULAD's rows one campus")
+    shards: int = Field(50, ge=1, le=100_000, description="simulation: the number of campuses of campus-by shard")
+    test_fraction: _Fraction = Field(0.2, description="share of each campus's rows held out for testing (split "
+                                                      "stratified)")
+    seed: int = Field(0, description="seed of splits, model initialisation and, with reproducible-noise, DP noise")
+    min_campuses: int = Field(2, ge=1, le=100_000,
+                              description="campuses a round needs: the coordinator waits for this many")
+    round_timeout: _Positive = Field(3600.0, description="seconds a round waits for the campuses' replies")
+    out: str = Field("results/run", description="the coordinator's results folder")
+    run_name: str = Field("", description="the coordinator's name for the run, which keys each campus's privacy "
+                                          "ledger, so that a resumed run keeps spending the same run budget; empty: "
+                                          "Flower's run id")
+    central_dp: CentralDP = Field("off", description="client-level DP on the coordinator, on top of DP-SGD "
+                                                     "(see the class docstring)")
+    central_noise_multiplier: _Positive = Field(1.0, description="central DP: noise standard deviation over the "
+                                                                 "clipping norm")
+    central_clipping_norm: _Positive = Field(1.0, description="central DP: L2 norm each campus's update is "
+                                                              "clipped to")
+    contract_version: Annotated[str, AfterValidator(_contract_version)] = Field(
+        version_text(CONTRACT_VERSION), description="the learner-record contract (MAJOR.MINOR) the run's code reads; "
+                                                    "a campus mapped to a contract it cannot read (another major, or "
+                                                    "a newer minor version) refuses to join")
+    secure_aggregation: SecureAggregation = Field("off", description="secure aggregation of the training rounds "
+                                                                     "(see the class docstring)")
+    secagg_num_shares: Annotated[_Positive, AfterValidator(_num_shares)] = Field(
+        1.0, description="SecAgg+: shares each campus's secrets are split into; <= 1: that fraction of the campuses, "
+                         "above 1: that many")
+    secagg_reconstruction_threshold: Annotated[_Positive, AfterValidator(_reconstruction_threshold)] = Field(
+        0.67, description="SecAgg+: shares that rebuild a secret; <= 1: that fraction of the shares (more than half), "
+                          "above 1: that many")
+    secagg_max_weight: _Positive = Field(100000.0, description="SecAgg+: the largest weight (training rows) of one "
+                                                               "campus in the masked sum")
+    reproducible_noise: bool = Field(False, description="DP noise and batch sampling follow the seed (research only: "
+                                                        "the coordinator knows the seed; every campus policy file "
+                                                        "refuses it)")
 
-    def validate(self) -> None:
-        """Check every field; raises ConfigError naming the key and the allowed range."""
-        choices = {"task": TASKS, "model": MODELS, "strategy": STRATEGIES, "split": SPLITS, "campus_by": CAMPUS_BY,
-                   "central_dp": CENTRAL_DP, "secure_aggregation": SECURE_AGGREGATION}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{_key(key)} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
-        for key, most in LIMITS.items():
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-                raise ConfigError(f"{_key(key)} = {value!r}; expected a whole number from 1 to {most}")
-        for key in ("learning_rate", "target_epsilon", "max_grad_norm", "round_timeout", "central_noise_multiplier",
-                    "central_clipping_norm", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_max_weight"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{_key(key)} = {value!r}; expected a finite number > 0")
+    def __init__(self, **values: Any) -> None:
         try:
-            parse_version(self.contract_version)
-        except ValueError as err:
-            raise ConfigError(f"contract-version: {err}") from None
-        if not (0 < self.delta < 1):
-            raise ConfigError(f"delta = {self.delta!r}; expected a number in (0, 1)")
-        if not (0 < self.test_fraction < 1):
-            raise ConfigError(f"test-fraction = {self.test_fraction!r}; expected a number in (0, 1)")
-        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise ConfigError(f"proximal-mu = {self.proximal_mu!r}; expected a finite number >= 0")
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError("; ".join(_problem(e) for e in err.errors())) from None
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
         if self.central_dp != "off" and self.strategy == "fedadam":
             # FedAdam's server step rescales the averaged update before the wrapper adds
             # noise, so the noise would no longer match one campus's clipped influence.
-            raise ConfigError(f"central-dp = {self.central_dp!r} needs strategy fedavg or fedprox, not fedadam")
-        self._validate_secure_aggregation()
-
-    def _validate_secure_aggregation(self) -> None:
+            raise ValueError(f"central-dp = {self.central_dp!r} needs strategy fedavg or fedprox, not fedadam")
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
-        if shares > 1 and (shares != int(shares) or shares < 3):
-            raise ConfigError(f"secagg-num-shares = {shares!r}; expected a fraction of the campuses in (0, 1] "
-                              "or a whole number of shares >= 3")
-        if threshold <= 0.5 or (threshold > 1 and threshold != int(threshold)):
-            raise ConfigError(f"secagg-reconstruction-threshold = {threshold!r}; expected a fraction of the shares "
-                              "in (0.5, 1] (a majority) or a whole number >= 2")
         if threshold > 1 and shares > 1 and not (shares / 2 < threshold < shares):
-            raise ConfigError(f"secagg-reconstruction-threshold = {threshold:g} with secagg-num-shares = {shares:g}; "
-                              "expected more than half of the shares and fewer than all of them")
+            raise ValueError(f"secagg-reconstruction-threshold = {threshold:g} with secagg-num-shares = {shares:g}; "
+                             "expected more than half of the shares and fewer than all of them")
         if self.secure_aggregation == "off":
-            return
+            return self
         if self.central_dp != "off":
             # The wrapper clips each campus's update on the coordinator, which under SecAgg+ sees only the sum.
-            raise ConfigError(f"secure-aggregation = {self.secure_aggregation!r} cannot be combined with "
-                              f"central-dp = {self.central_dp!r}: the coordinator sees only the sum of the updates, "
-                              "not the individual updates central DP clips")
+            raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} cannot be combined with "
+                             f"central-dp = {self.central_dp!r}: the coordinator sees only the sum of the updates, "
+                             "not the individual updates central DP clips")
         if self.strategy == "fedadam":
-            raise ConfigError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, "
-                              "not fedadam")
+            raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, "
+                             "not fedadam")
+        return self
 
     def to_flower(self) -> dict[str, int | float | str | bool]:
         """The flat dict with dashed keys that Flower's ConfigRecord and run config use."""
-        return {_key(k): v for k, v in asdict(self).items()}
+        return {_key(k): v for k, v in self.model_dump().items()}
 
     @classmethod
-    def from_flower(cls, values: dict) -> RunConfig:
-        """Build from a Flower run config or ConfigRecord; unknown keys are refused.
+    def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from a Flower run config or ConfigRecord (dashed keys; ``server-round`` is ignored).
 
         Raises
         ------
         ConfigError
             On an unknown key or an invalid value.
         """
-        known = {_key(f.name): f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known) - {"server-round"})
+        names = {_key(name): name for name in cls.model_fields}
+        unknown = sorted(set(values) - set(names) - {"server-round"})
         if unknown:
             raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
-        kwargs = {}
-        for key, value in values.items():
-            if key not in known:
-                continue
-            kind = type(getattr(cls, known[key].name))
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if kind is not type(value):
-                raise ConfigError(f"{key} = {value!r}; expected a {kind.__name__}")
-            kwargs[known[key].name] = value
-        return cls(**kwargs)
+        return cls(**{names[key]: value for key, value in values.items() if key in names})
 
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One validation error as a sentence naming the dashed key, the value and what was expected."""
+    if not error["loc"]:  # a combination of settings: the validator's own sentence
+        return str(error["ctx"]["error"])
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return f"unknown configuration key(s): {_key(name)}"
+    field = RunConfig.model_fields[name]
+    if error["type"].endswith("_type"):
+        kind = field.annotation.__name__ if isinstance(field.annotation, type) else "value"
+        expected = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    elif error["type"] == "value_error":
+        expected = str(error["ctx"]["error"])
+    else:
+        expected = _expected(field)
+    return f"{_key(name)} = {error['input']!r}; expected {expected}"
+
+
+def _expected(field: FieldInfo) -> str:
+    """What ``field`` takes, from its type and constraints: e.g. "a whole number from 1 to 10000"."""
+    choices = get_args(field.annotation)
+    if choices:
+        return f"one of {', '.join(choices)}"
+    bounds = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    if field.annotation is int:
+        return f"a whole number from {bounds['ge']} to {bounds['le']}"
+    if "lt" in bounds:
+        return f"a number in ({bounds['gt']:g}, {bounds['lt']:g})"
+    if "gt" in bounds:
+        return f"a finite number > {bounds['gt']:g}"
+    return f"a finite number >= {bounds['ge']:g}"

@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 
 from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES
-from .data import Tables, campus_slices
-from .runconfig import SPLITS, SUBGROUPS, TASKS, RunConfig
+from .metrics import SUBGROUPS
+from .runconfig import SPLITS, TASKS
+from .tables import Tables
+
+__all__ = ["CLASSES", "MISSING_SLOT", "POSITIVE", "TaskData", "early_warning", "feature_names", "n_outputs", "split"]
 
 MISSING_SLOT = "<missing>"
 # Binary tasks: the final results that make an example positive.
@@ -47,7 +50,7 @@ class TaskData:
     ``y`` is float32 of shape (n,): 1 = positive class for a binary task, the
     class's index in ``CLASSES[task]`` for a multiclass task; ``rows`` holds,
     one row per example, the registration keys (course, presentation,
-    student_id) and the subgroup attributes of :data:`~federation.runconfig.SUBGROUPS`
+    student_id) and the subgroup attributes of :data:`~federation.metrics.SUBGROUPS`
     (gender, age_band, disability, imd_band; None where missing).
     """
 
@@ -152,11 +155,6 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     return TaskData(x, y, population[[*key, *SUBGROUPS]])
 
 
-def build_task(task: str, tables: Tables, cutoff_day: int) -> TaskData:
-    """The examples of ``task`` (one of :data:`TASKS`) at day ``cutoff_day``; ValueError for another task."""
-    return early_warning(tables, cutoff_day, task)
-
-
 def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:
     """Split a campus's examples into (train, test); the test part never leaves the campus.
 
@@ -182,9 +180,3 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
     train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
     return data.take(train_idx), data.take(test_idx)
 
-
-def campus_splits(tables: Tables, cfg: RunConfig) -> dict[str, tuple[TaskData, TaskData]]:
-    """Every campus's (train, test) examples as a run with ``cfg`` forms them: campuses by
-    ``cfg.campus_by`` (and ``shards``), then ``cfg``'s task, cutoff day, split, test fraction and seed."""
-    return {name: split(build_task(cfg.task, own, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)
-            for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()}

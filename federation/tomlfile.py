@@ -1,15 +1,35 @@
-"""Reading a TOML settings file (campus policy, data mapping) into a validated pydantic model."""
+"""Reading a TOML settings file (campus policy, data mapping, study config) into a validated pydantic model."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
-
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+__all__ = ["listed", "load_model"]
+
 M = TypeVar("M", bound=BaseModel)
+
+
+def listed(value: object) -> object:
+    """A TOML list as a tuple: the ``BeforeValidator`` of a strict model's tuple field (strict mode takes
+    no list for a tuple, and no single value for a list of them); a tuple is returned as it is.
+
+    Raises
+    ------
+    ValueError
+        For anything but a list or tuple, showing the list that was likely meant
+        (``expected a list, e.g. [5], not 5``).
+    """
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, tuple):
+        return value
+    example = json.dumps(value) if isinstance(value, (int, float, str)) else "..."
+    raise ValueError(f"expected a list, e.g. [{example}], not {value!r}")
 
 
 def load_model(model: type[M], path: str | Path, error: type[Exception], what: str) -> M:

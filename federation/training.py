@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from .metrics import PRIMARY_METRIC, SUBGROUPS
 from .privacy import History, poisson_plan
 from .randomness import SECRET, Randomness, gaussian
-from .runconfig import PRIMARY_METRIC, SUBGROUPS
 from .tasks import CLASSES, TaskData
 
 
@@ -56,11 +57,11 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return row_loss(logits, y).sum() / max(len(y), 1)
 
 
-class _SecretNoiseDPOptimizer(DPOptimizer):
+class _SecretNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ships no type information
     """Opacus's DP-SGD optimizer with its Gaussian noise drawn from ``rng`` (:func:`federation.randomness.gaussian`)
     instead of torch's generator; clipping, scaling and the accountant's step hook are Opacus's own."""
 
-    def __init__(self, *args, rng: np.random.Generator, **kwargs):
+    def __init__(self, *args: Any, rng: np.random.Generator, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rng = rng
 
@@ -83,7 +84,7 @@ def train(
     seed: int,
     noise_multiplier: float | None = None,
     max_grad_norm: float | None = None,
-    history: History = (),
+    history: History | tuple[()] = (),
     proximal_mu: float = 0.0,
     randomness: Randomness = SECRET,
 ) -> TrainResult:
@@ -125,8 +126,9 @@ def train(
             sample_rate, _ = poisson_plan(len(dataset), batch_size)
             sampler = torch.Generator().manual_seed(int(rng.integers(2**63)))
             loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampler)
-            net = GradSampleModule(model)
-            net.forbid_grad_accumulation()
+            per_example: Any = GradSampleModule(model)  # Opacus's wrapper, untyped
+            per_example.forbid_grad_accumulation()
+            net = per_example
             optimizer = _SecretNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                                 expected_batch_size=int(len(dataset) * sample_rate), rng=rng)
             accountant = RDPAccountant()
@@ -136,7 +138,7 @@ def train(
             for x, y in loader:
                 optimizer.zero_grad()
                 loss = _loss(net(x), y)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1
                 if len(y):
@@ -149,8 +151,8 @@ def train(
         sample_rate, new_history = 1.0 / len(loader), list(history)
     else:
         new_history = [tuple(h) for h in accountant.history]
-        net.remove_hooks()  # the caller's model leaves without Opacus hooks or attributes
-        net.cleanup()
+        per_example.remove_hooks()  # the caller's model leaves without Opacus hooks or attributes
+        per_example.cleanup()
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, sample_rate, new_history)
 
 
@@ -234,9 +236,9 @@ def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData, task: 
 
 
 def subgroup_metrics(model: nn.Module, test_data: TaskData, task: str, min_size: int) -> dict[tuple[str, str], tuple[int, float]]:
-    """``task``'s primary metric (:data:`~federation.runconfig.PRIMARY_METRIC`: AUC, or macro-F1)
+    """``task``'s primary metric (:data:`~federation.metrics.PRIMARY_METRIC`: AUC, or macro-F1)
     on each subgroup of ``test_data``'s rows: each value of each attribute of
-    :data:`~federation.runconfig.SUBGROUPS` (gender, age band, disability, IMD band).
+    :data:`~federation.metrics.SUBGROUPS` (gender, age band, disability, IMD band).
 
     Only groups of at least ``k = max(min_size, 1)`` rows are kept, and so that no
     smaller group's size can be recovered by subtracting the kept groups' sizes from

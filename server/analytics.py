@@ -2,14 +2,14 @@
 
 The edufl ServerApp (``server/app.py``) runs :func:`answer_query` when its run
 config holds a ``statistic-query``, on either engine: it sends the query
-(:mod:`federation.statistics`) to every connected campus as a ``query``
+(:mod:`federation.queries`) to every connected campus as a ``query``
 message, sums the cells the campuses released
-(:func:`federation.statistics.combine`) and writes the results folder:
+(:func:`server.combine.combine`) and writes the results folder:
 
 * ``statistics.csv``: one row per released cell (per group and probability,
   for a quantile): the group fields, ``bin`` (histograms) or ``p`` (quantiles),
   ``estimate``, its noise ``std`` and 95 % error bound ``bound95`` (1.96 · std;
-  a quantile's adds the bin width, see :class:`federation.statistics.Estimate`),
+  a quantile's adds the bin width, see :class:`server.combine.Estimate`),
   the summed ``noisy_count`` and the number of ``campuses`` that released the cell;
 * ``statistics.md``: the same table, with each campus's ε, δ, noise multiplier,
   noise std and suppressed cells;
@@ -33,14 +33,16 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 from google.protobuf import json_format
 
-from edufl.federation.audit import payload_digest
+from edufl.federation.contract import CONTRACT_VERSION, version_text
 from edufl.federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
 from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
-from edufl.federation.runconfig import CAMPUS, CONFIG
-from edufl.federation.contract import CONTRACT_VERSION, version_text
-from edufl.federation.statistics import ANSWER, QUERY_KEY, Estimate, cells, combine, over_submissions
+from edufl.federation.queries import ANSWER, QUERY_KEY, cells, over_submissions
+from edufl.federation.wire import CONFIG
 
-from .app import NO_REPLY, await_campuses, error_reason, silent_nodes
+from .combine import Estimate, combine
+from .replies import await_connected_nodes, collect
+
+__all__ = ["answer_query", "describe", "markdown", "run_query", "unit"]
 
 
 def answer_query(grid: Grid, context: Context) -> None:
@@ -61,23 +63,16 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
     CampusesMissing
         When fewer than ``min_campuses`` campuses are connected after ``timeout`` seconds.
     """
-    await_campuses(grid, min_campuses, timeout, 1)
+    await_connected_nodes(grid, min_campuses, timeout, 1)
     config = ConfigRecord({"run-name": run_name, "server-round": 1, QUERY_KEY: query.SerializeToString(),
                            "contract-version": version_text(CONTRACT_VERSION)})
     nodes = sorted(grid.get_node_ids())
-    replies = list(grid.send_and_receive(
-        [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout))
-    answers, refusals, receipts = [], [], []
-    for reply in replies:
-        if reply.has_error():
-            refusals.append({"node": reply.metadata.src_node_id, "code": reply.error.code, "reason": error_reason(reply)})
-            continue
-        answer = StatisticAnswer.FromString(reply.content[ANSWER][ANSWER])
-        answers.append(answer)
-        size, digest = payload_digest(reply.content)
-        receipts.append({"campus": str(reply.content[CAMPUS]["name"]), "payload_bytes": size, "payload_sha256": digest})
-    refusals += [{"node": node, "code": None, "reason": NO_REPLY.format(node=node)} for node in silent_nodes(nodes, replies)]
-    answers.sort(key=lambda a: a.campus)
+    replies = grid.send_and_receive(
+        [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout)
+    answered, failed = collect(nodes, replies)
+    answers = [StatisticAnswer.FromString(a.content[ANSWER][ANSWER]) for a in answered]
+    refusals = [{"node": f.node, "code": f.code, "reason": f.reason} for f in failed]
+    receipts = [{"campus": a.campus, "payload_bytes": a.payload_bytes, "payload_sha256": a.payload_sha256} for a in answered]
     estimates = combine(query, answers)
     summary = {
         "query": json_format.MessageToDict(query, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
@@ -85,7 +80,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
         "privacy": {"mechanism": "gaussian", "accountant": ACCOUNTANT, "unit": unit(query)},
         "campuses": [_campus(query, a) for a in answers],
         "refusals": sorted(refusals, key=lambda r: r["node"]),
-        "receipts": sorted(receipts, key=lambda r: r["campus"]),
+        "receipts": receipts,
         "estimates": [_row(query, e) for e in estimates],
     }
     out.mkdir(parents=True, exist_ok=True)

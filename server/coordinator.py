@@ -33,9 +33,25 @@ from pathlib import Path
 import tomli_w
 
 from edufl.federation.bundle import app_folder, bundle_sha256
-from edufl.federation.deploy import flwr_env, foreground, parse_address, probe_tls
-from edufl.federation.pki import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, registered_campuses, require
+from edufl.federation.deploy import (
+    CA_CERT,
+    SUPERLINK_CERT,
+    SUPERLINK_KEY,
+    flwr_env,
+    foreground,
+    parse_address,
+    probe_tls,
+    tls_files,
+)
+from edufl.federation.errors import CampusesFailed, CampusesRefused, EduflError
 from edufl.federation.runconfig import ConfigError, RunConfig
+
+from .pki import registered_campuses
+
+__all__ = [
+    "CONNECTION", "NODES_FILE", "RunFailed", "await_campuses", "connect", "launch", "name_campuses", "new_run_name",
+    "open_connection", "raise_for_failures", "register", "resumed_config", "run", "start", "superlink_command",
+]
 
 CONNECTION = "edufl"
 NODES_FILE = "registered-nodes.json"  # campus name -> Flower node id, written by `coordinator start`
@@ -45,8 +61,8 @@ INSECURE_WARNING = ("WARNING: --insecure: the coordinator runs WITHOUT TLS and W
 _FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):|^Successfully installed")
 
 
-class RunFailed(RuntimeError):
-    """A federation run could not start, or ended without completing."""
+class RunFailed(EduflError):
+    """A federation run could not start, or ended without completing (exit status 1)."""
 
 
 def _flwr(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -71,14 +87,6 @@ def connect(address: str, root_cert: Path | None) -> None:
         name=CONNECTION, address=address, insecure=True if root_cert is None else None,
         root_certificates=None if root_cert is None else str(root_cert),
     ))
-
-
-def _tls_files(pki: Path | None, root_cert: Path | None, cert: Path | None, key: Path | None) -> tuple[Path, Path, Path]:
-    if pki is None and None in (root_cert, cert, key):
-        raise ConfigError("give --pki DIR, or all of --root-cert, --cert and --key (or --insecure for plaintext)")
-    return (require(root_cert or Path(pki) / CA_CERT, "CA certificate (--root-cert)"),
-            require(cert or Path(pki) / SUPERLINK_CERT, "SuperLink certificate (--cert)"),
-            require(key or Path(pki) / SUPERLINK_KEY, "SuperLink private key (--key)"))
 
 
 def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None) -> list[str]:
@@ -128,12 +136,12 @@ def start(*, port: int, host: str = "127.0.0.1", pki: Path | None = None, root_c
 
     Raises
     ------
-    ConfigError, PKIError
+    PKIError
         On a missing certificate or key file.
     RunFailed
         When the SuperLink stops with an error or a campus key cannot be registered.
     """
-    tls = None if insecure else _tls_files(pki, root_cert, cert, key)
+    tls = None if insecure else tuple(tls_files(pki, {CA_CERT: root_cert, SUPERLINK_CERT: cert, SUPERLINK_KEY: key}))
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -212,7 +220,7 @@ def resumed_config(run_dir: Path) -> RunConfig:
     """
     import torch
 
-    from edufl.server.app import CHECKPOINT
+    from edufl.server.checkpoint import CHECKPOINT
 
     path = Path(run_dir).resolve() / CHECKPOINT
     if not path.is_file():
@@ -238,12 +246,7 @@ def open_connection(superlink: str, *, pki: Path | None = None, root_cert: Path 
         When the SuperLink cannot be reached or trusted.
     """
     host, port = parse_address(superlink)
-    if not insecure:
-        if pki is None and root_cert is None:
-            raise ConfigError("give --pki DIR or --root-cert FILE (or --insecure for plaintext)")
-        root_cert = require(root_cert or Path(pki) / CA_CERT, "CA certificate (--root-cert)")
-    else:
-        root_cert = None
+    root_cert = None if insecure else tls_files(pki, {CA_CERT: root_cert})[0]
     try:
         problem = probe_tls(host, port, root_cert)
     except ConnectionError as err:
@@ -325,6 +328,24 @@ def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_
         raise RunFailed(f"run {name} was paused before its last round; continue it with "
                         f"`edufl coordinator run --superlink {superlink} ... --resume {out}`")
     return name_campuses(summary_file, "failures", pki)
+
+
+def raise_for_failures(summary: dict) -> None:
+    """Check how the campuses took part in the run of ``summary`` (its ``failures``, each with ``reason`` and ``refused``).
+
+    Raises
+    ------
+    CampusesRefused
+        Listing every refusal (its reason names the campus and the policy key), and any failure beside them.
+    CampusesFailed
+        When no campus refused, listing every failure (a campus's error, or a reply that never came).
+    """
+    refusals = sorted({f["reason"] for f in summary["failures"] if f["refused"]})
+    failures = sorted({f["reason"] for f in summary["failures"] if not f["refused"]})
+    if refusals:
+        raise CampusesRefused("campuses refused the run:\n  " + "\n  ".join(refusals + failures))
+    if failures:
+        raise CampusesFailed("campuses failed during the run:\n  " + "\n  ".join(failures))
 
 
 def name_campuses(summary_file: Path, key: str, pki: Path | None) -> dict:

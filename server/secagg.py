@@ -12,7 +12,7 @@ step, over a ``LegacyContext`` and Flower's legacy ``FedAvg`` (SecAgg+ in flwr
   updates and each campus's example count and training metrics, never one
   campus's update. Flower's legacy FedAvg turns the sum into the new global
   model (FedProx: the same server step; each campus applies the proximal term);
-* evaluation: the Message-API evaluation of :class:`server.app.ReportingStrategy`
+* evaluation: the Message-API evaluation of :class:`server.reporting.ReportingStrategy`
   (per-campus test metrics, receipts, round line and checkpoint), unchanged.
 
 :class:`CampusGrid` sits between the workflow and Flower's grid: it adds the
@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -36,9 +35,14 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from edufl.federation.runconfig import CONFIG, RunConfig
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.secaggplus import named_arrays
+from edufl.federation.wire import CONFIG
 
-from .app import ReportingStrategy, await_campuses
+from .replies import await_connected_nodes
+from .reporting import ReportingStrategy
+
+__all__ = ["CampusGrid", "SecAggFedAvg", "SecAggPlus", "phase", "run_secaggplus"]
 
 FIT_METRICS = "fitres.metrics"  # a masked-vector reply's training metrics (Flower's legacy FitRes)
 
@@ -55,7 +59,7 @@ def _shares(value: float) -> int | float:
 
 class CampusGrid(Grid):
     """Passes every call to ``grid``; gives each SecAgg+ stage message the run configuration with its round,
-    and records the stage's replies in ``reporting`` (a :class:`server.app.ReportingStrategy`)."""
+    and records the stage's replies in ``reporting`` (a :class:`server.reporting.ReportingStrategy`)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, reporting: ReportingStrategy):
         self.grid, self.cfg, self.reporting = grid, cfg, reporting
@@ -103,7 +107,7 @@ class CampusGrid(Grid):
 
 class SecAggFedAvg(LegacyFedAvg):
     """Flower's legacy FedAvg over every connected campus, which waits at most ``round-timeout`` seconds
-    for ``min-campuses`` of them before each round (:func:`server.app.await_campuses`)."""
+    for ``min-campuses`` of them before each round (:func:`server.replies.await_connected_nodes`)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, offset: int, initial: ArrayRecord):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_campuses,
@@ -112,7 +116,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self.grid, self.cfg, self.offset = grid, cfg, offset
 
     def configure_fit(self, server_round, parameters, client_manager):
-        await_campuses(self.grid, self.cfg.min_campuses, self.cfg.round_timeout, server_round + self.offset)
+        await_connected_nodes(self.grid, self.cfg.min_campuses, self.cfg.round_timeout, server_round + self.offset)
         return super().configure_fit(server_round, parameters, client_manager)
 
 
@@ -134,13 +138,6 @@ class SecAggPlus(SecAggPlusWorkflow):
         state.nid_to_neighbours = {nid: neighbours & state.sampled_node_ids
                                    for nid, neighbours in state.nid_to_neighbours.items() if nid in state.sampled_node_ids}
         return self._check_threshold(state)
-
-
-def named(record: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
-    """The legacy (unnamed) arrays of ``record`` with the names, shapes and dtypes of ``like``."""
-    arrays = parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
-    return ArrayRecord({name: Array(array.astype(model.numpy().dtype).reshape(model.shape))
-                        for (name, model), array in zip(like.items(), arrays, strict=True)})
 
 
 def run_secaggplus(grid: Grid, context: Context, cfg: RunConfig, reporting: ReportingStrategy, arrays: ArrayRecord) -> bool:
@@ -171,7 +168,8 @@ def run_secaggplus(grid: Grid, context: Context, cfg: RunConfig, reporting: Repo
 
     def evaluate(grid: Grid, ctx: LegacyContext) -> None:
         server_round = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-        reporting.arrays = named(ctx.state.array_records[MAIN_PARAMS_RECORD], arrays)
+        reporting.arrays = named_arrays(ctx.state.array_records[MAIN_PARAMS_RECORD],
+                                        [(name, a.shape, a.dtype) for name, a in arrays.items()])
         messages = reporting.configure_evaluate(server_round, reporting.arrays, evaluate_config, grid)
         reporting.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=cfg.round_timeout))
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edufl.federation.data import Tables, campus_slice, load_tables, write_tables
+from edufl.federation.partition import campus_slice
+from edufl.federation.tables import Tables, load_tables
+from edufl.federation.writers import write_tables
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

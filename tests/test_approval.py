@@ -21,6 +21,7 @@ from flwr.proto.task_pb2 import Task
 from flwr.supercore.constant import TaskType
 from flwr.supercore.run import Run
 from flwr.supercore.superexec.executor import LaunchResult, LaunchResultStatus
+from test_deploy import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
 from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, add_approval, gate_command
 from edufl.clients.campus import supernode_command
@@ -29,8 +30,8 @@ from edufl.federation.bundle import APP_MODULES, app_folder, bundle_sha256, stag
 from edufl.federation.deploy import flwr_env
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.policy import CampusPolicy, PolicyError
+from edufl.federation.queries import QUERY_KEY
 from edufl.federation.runconfig import ConfigError, RunConfig
-from test_deploy import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
 OTHER = "ab" * 32
 # Flower's FAB build uses pathspec's old pattern name
@@ -101,7 +102,7 @@ def test_bundle_hash_is_flowers_fab_hash_and_changes_with_one_byte(tmp_path):
 
 
 @pytest.mark.parametrize("outside", ["clients/campus.py", "clients/approval.py", "server/coordinator.py",
-                                     "federation/pki.py", "federation/deploy.py", "federation/bundle.py"])
+                                     "server/pki.py", "federation/deploy.py", "federation/bundle.py"])
 def test_an_edit_outside_the_apps_leaves_the_bundle_hash_alone(tmp_path, outside):
     assert bundle_sha256(app_copy(tmp_path, change=outside))[0] == bundle_sha256()[0]
 
@@ -134,8 +135,9 @@ def test_the_bundles_run_config_is_the_run_config_defaults_as_flower_reads_it():
         fab = build_fab_from_disk(folder)
     assert get_fab_config(fab)["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
-    run = Run.create_empty(run_id=1)
-    assert RunConfig.from_flower(get_fused_config_from_fab(fab, run)) == RunConfig()
+    config = get_fused_config_from_fab(fab, Run.create_empty(run_id=1))
+    assert config.pop(QUERY_KEY) == ""  # no DP statistic: the ServerApp trains
+    assert RunConfig.from_flower(config) == RunConfig()
 
 
 def test_approve_adds_the_hash_and_keeps_the_file_as_written(tmp_path):

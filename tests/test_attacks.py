@@ -11,7 +11,6 @@ import io
 import json
 import math
 import re
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,23 @@ from rich.console import Console
 from torch.utils.data import DataLoader, TensorDataset
 
 from edufl.clients.app import app
-from edufl.experiments.cli import CampusesFailed, _check_refusals
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST
 from edufl.federation.audit import AuditLog
-from edufl.federation.data import Tables
+from edufl.federation.errors import CampusesFailed
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.models import build_model
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.queries import QUERY_KEY
 from edufl.federation.randomness import Randomness, gaussian, round_seed
-from edufl.federation.results import Report
-from edufl.federation.runconfig import ARRAYS, CONFIG, FAILED, METRICS, REFUSED, SIM_ENV, SIM_MANIFEST, RunConfig
-from edufl.federation.statistics import QUERY_KEY
-from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.tables import Tables
+from edufl.federation.tasks import early_warning, feature_names, split
 from edufl.federation.training import train
-from edufl.server.app import ReportingStrategy, build_strategy
+from edufl.federation.wire import ARRAYS, CONFIG, FAILED, METRICS, REFUSED
+from edufl.server.coordinator import raise_for_failures
+from edufl.server.reporting import ReportingStrategy
+from edufl.server.results import Report
+from edufl.server.strategies import build_strategy
 
 
 def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: dict | None = None) -> Message:
@@ -77,7 +80,7 @@ def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None
 
 def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
     """What the campus really summed (known to this test, not to the coordinator): the same step without noise."""
-    rows = split(build_task(cfg.task, aaa, cfg.cutoff_day), cfg.split, cfg.test_fraction, cfg.seed)[0]
+    rows = split(early_warning(aaa, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)[0]
     model = build_model(cfg.model, len(feature_names()))
     model.load_state_dict(start)
     train(model, rows, epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0,
@@ -163,7 +166,7 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(aaa:
     written = (tmp_path / "results" / "summary.json").read_text()
     assert not _leaks(written, secrets_) and not _leaks(log.getvalue(), secrets_)
     with pytest.raises(CampusesFailed, match="campus AAA"):  # the run ends non-zero, naming the campus
-        _check_refusals(summary)
+        raise_for_failures(summary)
 
 
 def _leaks(text: str, values: set[str]) -> list[str]:
@@ -171,10 +174,10 @@ def _leaks(text: str, values: set[str]) -> list[str]:
     return sorted(v for v in values if v and v in tokens)
 
 
-def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path):
+def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path, task_identity):
     from flwr.app import Error
 
-    from edufl.server.app import error_reason
+    from edufl.server.replies import error_reason
 
     request = Message(RecordDict(), dst_node_id=3, message_type="train")
     crash = Message(Error(code=2, reason="ValueError: student 2645731 in AAA 2014J"), reply_to=request)
@@ -227,7 +230,7 @@ def test_poisson_plan_equals_what_opacus_samples_for_many_sizes():
 
 
 def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity):
-    rows = split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)[0].take(np.arange(555))
+    rows = split(early_warning(aaa, 60, "withdrawal"), "stratified", 0.2, 0)[0].take(np.arange(555))
     q, steps = poisson_plan(555, 6)  # ceil(555 / 6) = 93 batches planned naively; Opacus runs int(1 / (1 / 93)) = 92
     assert (q, steps) == (1 / 93, 92)
     sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 555, 6, 2)
@@ -238,8 +241,8 @@ def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: P
 
     cfg = RunConfig(model="logistic", num_rounds=2, batch_size=6)  # AAA itself: 563 rows, 94 batches
     reply = app(_request(cfg), _context(aaa_dir, tmp_path / "state"))
-    with closing(PrivacyLedger(tmp_path / "state")) as ledger:
+    with PrivacyLedger(tmp_path / "state") as ledger:
         [release] = ledger.releases()
-    assert (release.sample_rate, release.steps) == poisson_plan(563, 6)
-    assert release.noise_multiplier == calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 563, 6, 2)
-    assert reply.content[METRICS]["steps"] == release.steps and json.dumps(release.epsilon)
+    assert (release.dp.sample_rate, release.dp.steps) == poisson_plan(563, 6)
+    assert release.dp.noise_multiplier == calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 563, 6, 2)
+    assert reply.content[METRICS]["steps"] == release.dp.steps and json.dumps(release.dp.epsilon)

@@ -1,4 +1,5 @@
-"""`edufl campus budget` and `edufl campus audit` on the state folders of a real simulated run."""
+"""`edufl campus budget` and `edufl campus audit` on the state folders of a real simulated run, and what a
+campus command loads (the campus side alone: no research code, simulation engine or torch)."""
 
 from __future__ import annotations
 
@@ -51,13 +52,13 @@ def test_audit_lists_every_message_as_json_and_table(run, capsys):
     assert [(r["server_round"], r["message_type"], r["sent"]) for r in records] == [
         ("1", "train", True), ("1", "evaluate", True), ("2", "train", True), ("2", "evaluate", True)]
     releases = PrivacyLedger(state).releases()
-    assert [r["dp"]["epsilon"] for r in records if r["message_type"] == "train"] == [r.epsilon for r in releases]
+    assert [r["dp"]["epsilon"] for r in records if r["message_type"] == "train"] == [r.dp.epsilon for r in releases]
     run_id = records[0]["run_id"]
     assert main(["campus", "audit", "--state", str(state), "--run", run_id]) == 0
     table = capsys.readouterr().out
     for record in AuditLog(state).records(run_id):
         assert record.payload_sha256[:12] in table and str(record.payload_bytes) in table
-    assert table.count(" sent ") == 4 and f"{releases[-1].epsilon:.3f}" in table
+    assert table.count(" sent ") == 4 and f"{releases[-1].dp.epsilon:.3f}" in table
 
 
 @pytest.mark.parametrize("command, message", [
@@ -73,3 +74,27 @@ def test_a_wrong_state_folder_or_run_is_a_clear_error(run, tmp_path, capsys, com
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "ledger.sqlite").exists()  # looking never creates a ledger
+
+
+# Runs `edufl ARGS...` as the `edufl` script does, and writes the names of every module loaded by then to FILE at exit.
+PROBE = ("import atexit, json, sys\n"
+         "out, sys.argv = sys.argv[1], ['edufl', *sys.argv[2:]]\n"
+         "atexit.register(lambda: open(out, 'w').write(json.dumps(sorted(sys.modules))))\n"
+         "from edufl.experiments.cli import main\n"
+         "sys.exit(main())\n")
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["campus", "validate", "--data", "{campus}"], "OK, 748 registrations (courses AAA)"),
+    (["campus", "--help"], "export-oulad"),
+])
+def test_a_campus_command_loads_no_research_code_simulation_engine_or_torch(aaa_dir, tmp_path, command, shown):
+    loaded = tmp_path / "modules.json"
+    done = subprocess.run([sys.executable, "-c", PROBE, str(loaded), *[a.format(campus=aaa_dir) for a in command]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert shown in done.stdout
+    modules = json.loads(loaded.read_text())
+    assert "edufl.clients.cli" in modules
+    assert {m.split(".")[0] for m in modules}.isdisjoint({"ray", "matplotlib", "torch"})
+    assert [m for m in modules if m.startswith("edufl.experiments.")] == ["edufl.experiments.cli"]

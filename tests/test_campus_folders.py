@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edufl.clients.node import SIM_MANIFEST
 from edufl.experiments import simulate
 from edufl.experiments.simulate import campus_folders, campus_root, remove_stale_campus_folders
-from edufl.federation.runconfig import SIM_MANIFEST
 
 # The cheapest federated run: 7 module campuses, one round of the logistic model.
 RUN = ["-m", "edufl.experiments.cli", "simulate", "--rounds", "1", "--model", "logistic"]

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from edufl.experiments.oulad import OULAD_RELEASE_ROWS, download, resolve_data_dir
 from edufl.federation.contract import TABLES
-from edufl.federation.data import OULAD_RELEASE_ROWS, DataError, campus_names, campus_slice, load_tables, resolve_data_dir
+from edufl.federation.errors import UserError
 from edufl.federation.mapping import load_mapping
+from edufl.federation.partition import campus_names, campus_slice
+from edufl.federation.problems import DataError
+from edufl.federation.tables import load_tables
 
 
 def test_loads_every_table_with_release_row_counts(tables):
@@ -167,8 +171,11 @@ def test_utf16(aaa_dir):
 def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("EDUFL_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(DataError, match="edufl data download"):
+    with pytest.raises(DataError, match="edufl data download") as err:
         resolve_data_dir(None)
+    assert isinstance(err.value, UserError) and err.value.exit_code == 2  # a user mistake: exit status 2
+    assert [str(p) for p in err.value.problems] == [
+        f"{tmp_path / 'edufl' / 'oulad'}: no OULAD tables found here (from the user cache folder (no --data, no $EDUFL_DATA))"]
 
 
 def test_cli_exit_code_2_without_traceback(aaa_dir):
@@ -190,8 +197,6 @@ def _zip(directory: Path, target: Path) -> str:
 
 
 def test_download_unpacks_and_checks_row_counts(data_dir, aaa_dir, tmp_path):
-    from edufl.federation.data import download
-
     dest = download(_zip(data_dir, tmp_path / "release.zip"), tmp_path / "cache")
     assert len(load_tables(dest)["submissions"]) == 173912
     with pytest.raises(DataError) as err:

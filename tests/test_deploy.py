@@ -24,13 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edufl.federation.data import campus_slice, write_tables
-from edufl.federation.deploy import flwr_env, free_port
 from edufl.federation.audit import AuditLog
+from edufl.federation.deploy import flwr_env, free_port
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.pki import make_pki
-from edufl.federation.tasks import build_task, split
-from edufl.server.app import CampusesMissing, await_campuses
+from edufl.federation.partition import campus_slice
+from edufl.federation.tasks import early_warning, split
+from edufl.federation.writers import write_tables
+from edufl.server.pki import make_pki
+from edufl.server.replies import CampusesMissing, await_connected_nodes
 
 CAMPUSES = ("AAA", "BBB", "CCC")
 POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n[release]\nmin_cohort_size = 20\n"  # every campus's policy file
@@ -163,7 +164,7 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert [c["campus"] for c in summary["campuses"]] == list(CAMPUSES)
     # each campus trained on exactly its own export's training rows
-    own = [split(build_task("withdrawal", campus_slice(tables, "module", c), 60), "stratified", 0.2, 0) for c in CAMPUSES]
+    own = [split(early_warning(campus_slice(tables, "module", c), 60, "withdrawal"), "stratified", 0.2, 0) for c in CAMPUSES]
     assert [(c["n_train"], c["n_test"]) for c in summary["campuses"]] == [(len(tr), len(te)) for tr, te in own]
     assert all(0 < c["epsilon"] <= 3.0 for c in summary["campuses"])
     assert summary["failures"] == []
@@ -249,7 +250,7 @@ def test_server_app_never_waits_forever_for_campuses():
             return [7]
 
     with pytest.raises(CampusesMissing, match=r"round 2: only 1 of the 2 campuses needed .* after 0.2 s .*: 7\)"):
-        await_campuses(Grid(), needed=2, timeout=0.2, server_round=2)
+        await_connected_nodes(Grid(), needed=2, timeout=0.2, server_round=2)
 
 
 def test_campus_with_an_unregistered_key_is_refused_on_both_sides(deployment):
@@ -338,9 +339,9 @@ def test_a_dp_statistic_runs_on_the_deployment_and_charges_each_campus(deploymen
         ledger = PrivacyLedger(root / "state" / campus)
         [release] = ledger.releases(run_id=name)
         ledger.close()
-        assert (release.mechanism, release.task, release.sample_rate, release.steps) == (
+        assert (release.dp.mechanism, release.task, release.dp.sample_rate, release.dp.steps) == (
             "gaussian", "statistic:score-quartiles-by-assessment-type", 1.0, 1)
-        assert release.epsilon == pytest.approx(summary["campuses"][CAMPUSES.index(campus)]["epsilon"])
+        assert release.dp.epsilon == pytest.approx(summary["campuses"][CAMPUSES.index(campus)]["epsilon"])
         log = AuditLog(root / "state" / campus)
         [record] = [r for r in log.records(name) if r.sent]
         log.close()

@@ -13,19 +13,23 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+from test_simulate import _simulate  # the tests folder is on sys.path (pytest's default import mode)
 
 from edufl.clients.app import evaluate_handler
 from edufl.clients.guard import release_guard
+from edufl.experiments.splits import campus_splits
 from edufl.federation.audit import AuditLog
 from edufl.federation.contract import FINAL_RESULTS
-from edufl.federation.data import Tables, campus_slice
+from edufl.federation.metrics import EVALUATE_METRICS, SUBGROUPS, subgroup_keys
 from edufl.federation.models import build_model
+from edufl.federation.partition import campus_slice
 from edufl.federation.policy import CampusPolicy
-from edufl.federation.results import primary_metric
-from edufl.federation.runconfig import BLOCKED, CONFIG, EVALUATE_METRICS, METRICS, SUBGROUPS, TASKS, RunConfig, subgroup_keys
-from edufl.federation.tasks import build_task, campus_splits, feature_names, n_outputs, split
+from edufl.federation.runconfig import TASKS, RunConfig
+from edufl.federation.tables import Tables
+from edufl.federation.tasks import early_warning, feature_names, n_outputs, split
 from edufl.federation.training import evaluate, predict, subgroup_metrics, train
-from test_simulate import _simulate  # the tests folder is on sys.path (pytest's default import mode)
+from edufl.federation.wire import BLOCKED, CONFIG, METRICS
+from edufl.server.results import primary_metric
 
 KEY = ["course", "presentation", "student_id"]
 D = 60
@@ -34,7 +38,7 @@ FOUR_CLASS = {"macro_f1", "accuracy", "macro_auc", *(f"f1_{c}" for c in FINAL_RE
 
 def test_labels_are_the_learners_final_results_in_contract_order(tables):
     campus = campus_slice(tables, "module", "CCC")
-    four, withdrawn = build_task("final_result", campus, D), build_task("withdrawal", campus, D)
+    four, withdrawn = early_warning(campus, D, "final_result"), early_warning(campus, D, "withdrawal")
     assert np.array_equal(four.x, withdrawn.x) and four.rows.equals(withdrawn.rows)  # same population and features
     learners = campus["learners"].set_index(KEY)
     own = learners.loc[list(four.rows[KEY].itertuples(index=False, name=None))]
@@ -48,7 +52,7 @@ def test_labels_are_the_learners_final_results_in_contract_order(tables):
 
 
 def test_stratified_split_keeps_the_four_class_shares(tables):
-    data = build_task("final_result", campus_slice(tables, "module", "BBB"), D)
+    data = early_warning(campus_slice(tables, "module", "BBB"), D, "final_result")
     train_part, test_part = split(data, "stratified", 0.2, seed=3)
     assert len(train_part) + len(test_part) == len(data)
     assert set(map(tuple, train_part.rows[KEY].to_numpy())).isdisjoint(map(tuple, test_part.rows[KEY].to_numpy()))
@@ -64,7 +68,7 @@ def _majority_macro_f1(train_part, test_part) -> float:
 
 
 def test_four_class_metrics_match_scikit_learn_and_beat_the_majority_class(tables):
-    train_part, test_part = split(build_task("final_result", campus_slice(tables, "module", "CCC"), D), "stratified", 0.2, 0)
+    train_part, test_part = split(early_warning(campus_slice(tables, "module", "CCC"), D, "final_result"), "stratified", 0.2, 0)
     model = build_model("logistic", len(feature_names()), outputs=4)
     train(model, train_part, epochs=3, batch_size=64, learning_rate=0.3, seed=0)
     scores = evaluate(model, train_part, test_part, "final_result")
@@ -111,7 +115,7 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     assert not reply.has_error(), reply.error.reason
     sent = reply.content[METRICS]
     k = policy_k or CampusPolicy().release.min_cohort_size  # no [release] in the policy: the default, 10
-    test_part = split(build_task(task, aaa, D), "stratified", 0.2, 0)[1]
+    test_part = split(early_warning(aaa, D, task), "stratified", 0.2, 0)[1]
     model = build_model("logistic", len(feature_names()), outputs=n_outputs(task))
     model.load_state_dict(request.content["arrays"].to_torch_state_dict())
     p = predict(model, test_part.x)

@@ -1,7 +1,10 @@
-"""Campus governance: the policy file and its checks, the privacy ledger, the release guard and the audit log."""
+"""Campus governance: the run configuration a campus re-validates, the policy file and its checks, the research
+policy, the privacy ledger, the release guard and the audit log."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -9,15 +12,21 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
+from pydantic import ValidationError
 
 from edufl.clients.app import train_handler
 from edufl.clients.guard import release_guard
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST, campus_setup
 from edufl.federation.audit import AuditLog, as_dict, payload_digest
+from edufl.federation.errors import UserError
 from edufl.federation.ledger import PrivacyLedger, Release
+from edufl.federation.metrics import TRAIN_METRICS
 from edufl.federation.models import build_model
-from edufl.federation.policy import CampusPolicy, PolicyError
-from edufl.federation.runconfig import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED, TASKS, TRAIN_METRICS, RunConfig
+from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy, PolicyError, ResearchPolicy
+from edufl.federation.proto.audit_pb2 import DpRelease
+from edufl.federation.runconfig import TASKS, ConfigError, RunConfig
 from edufl.federation.tasks import feature_names
+from edufl.federation.wire import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED
 
 POLICY = """
 [privacy]
@@ -71,7 +80,8 @@ def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str):
     ("[privacy]\nmin_noise_multiplier = 101\n", "privacy.min_noise_multiplier", "Input should be less than or equal to 100"),
     ('[training]\nallowed_tasks = ["withdrawl"]\n', "training.allowed_tasks.0",
      "Input should be 'withdrawal', 'at_risk' or 'final_result'"),
-    ('[training]\nallowed_tasks = "withdrawal"\n', "training.allowed_tasks", "Value error, expected a list, not 'withdrawal'"),
+    ('[training]\nallowed_tasks = "withdrawal"\n', "training.allowed_tasks",
+     "Value error, expected a list, e.g. [\"withdrawal\"], not 'withdrawal'"),
     ("[training]\nmax_rounds = 10001\n", "training.max_rounds", "Input should be less than or equal to 10000"),
     ("[training]\nmax_rounds = 50.0\n", "training.max_rounds", "Input should be a valid integer"),  # a decimal, not a count
     ('[training]\nmax_local_epochs = "5"\n', "training.max_local_epochs", "Input should be a valid integer"),
@@ -154,8 +164,74 @@ def test_noise_floor():
     assert policy.noise_multiplier(0.3) == 0.5 and policy.noise_multiplier(1.7) == 1.7
 
 
+def test_the_research_policy_refuses_no_setting_but_keeps_the_release_minimum():
+    research = [RunConfig(dp=False), RunConfig(reproducible_noise=True),
+                RunConfig(task="final_result", target_epsilon=1e6, delta=0.5, num_rounds=10_000, local_epochs=1_000)]
+    assert [RESEARCH_POLICY.check(cfg) for cfg in research] == [[], [], []]
+    assert all(CampusPolicy().check(cfg) for cfg in research)  # each one breaks the safe defaults
+    spent, planned = [(1.0, 1.0, 20)], (1.0, 1.0, 20)  # ε about 49 at δ 1e-5
+    assert RESEARCH_POLICY.over_budget(spent, planned) is None
+    assert CampusPolicy().over_budget(spent, planned).startswith("privacy.total_epsilon_budget: ")
+    assert RESEARCH_POLICY.noise_multiplier(0.3) == 0.3  # no floor
+    assert RESEARCH_POLICY.release.min_cohort_size == CampusPolicy().release.min_cohort_size == 10
+    assert RESEARCH_POLICY.training.allowed_tasks == TASKS
+
+
+def test_no_policy_file_means_the_research_policy_in_a_simulation_and_the_safe_defaults_on_a_campus(tmp_path, monkeypatch):
+    manifest = {"campuses": ["AAA"], "state-root": str(tmp_path / "state"), "policy": None}
+    (tmp_path / SIM_MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv(SIM_ENV, str(tmp_path))
+    assert campus_setup({"partition-id": 0}).policy is RESEARCH_POLICY
+    deployed = campus_setup({"data-dir": str(tmp_path / "AAA")}).policy
+    assert deployed == CampusPolicy() and not isinstance(deployed, ResearchPolicy)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    (tmp_path / SIM_MANIFEST).write_text(json.dumps({**manifest, "policy": str(policy)}))
+    assert campus_setup({"partition-id": 0}).policy == CampusPolicy.load(policy)  # --policy: the file, as given
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"num-rounds": 0}, "num-rounds = 0; expected a whole number from 1 to 10000"),
+    ({"num-rounds": 5.0}, "num-rounds = 5.0; expected an int"),
+    ({"batch-size": True}, "batch-size = True; expected an int"),
+    ({"learning-rate": math.inf}, "learning-rate = inf; expected a finite number > 0"),
+    ({"learning-rate": "0.3"}, "learning-rate = '0.3'; expected a float"),
+    ({"delta": 1.0}, "delta = 1.0; expected a number in (0, 1)"),
+    ({"proximal-mu": -0.1}, "proximal-mu = -0.1; expected a finite number >= 0"),
+    ({"strategy": "fedsgd"}, "strategy = 'fedsgd'; expected one of fedavg, fedprox, fedadam"),
+    ({"contract-version": "one"}, "contract-version = 'one'; expected MAJOR.MINOR, e.g. \"1.0\""),
+    ({"dp": 1}, "dp = 1; expected a bool"),
+    ({"secagg-num-shares": 2.0}, "secagg-num-shares = 2.0; expected a fraction of the campuses in (0, 1] or a whole "
+                                 "number of shares >= 3"),
+    ({"num-rounds": 0, "shards": 0}, "num-rounds = 0; expected a whole number from 1 to 10000; "
+                                     "shards = 0; expected a whole number from 1 to 100000"),
+    ({"central-dp": "fixed", "strategy": "fedadam"}, "central-dp = 'fixed' needs strategy fedavg or fedprox, not fedadam"),
+    ({"num-round": 5}, "unknown configuration key(s): num-round"),
+])
+def test_run_config_errors_name_the_dashed_key_and_what_was_expected(values: dict, message: str):
+    named = {key.replace("-", "_"): value for key, value in values.items()}
+    for build in (lambda: RunConfig.from_flower(values), lambda: RunConfig(**named)):
+        with pytest.raises(ConfigError) as err:
+            build()
+        assert str(err.value) == message
+        assert isinstance(err.value, UserError) and err.value.exit_code == 2
+
+
+def test_run_config_round_trips_through_flower_and_documents_every_key():
+    cfg = RunConfig(num_rounds=3, learning_rate=1, run_name="r")  # a whole number where a decimal is expected
+    assert type(cfg.learning_rate) is float and cfg.to_flower()["learning-rate"] == 1.0
+    flower = cfg.to_flower()
+    assert RunConfig.from_flower({**flower, "server-round": 2}) == cfg  # the coordinator's round key is not a setting
+    assert list(flower) == [name.replace("_", "-") for name in RunConfig.model_fields]
+    assert all(field.description for field in RunConfig.model_fields.values())
+    assert RunConfig.from_flower({}) == RunConfig() and RunConfig().num_rounds == 10
+    with pytest.raises(ValidationError):
+        cfg.seed = 1  # frozen
+
+
 def _release(run: str, rnd: int, sigma: float = 1.1, q: float = 0.02, steps: int = 50) -> Release:
-    return Release("data-sha", "AAA", run, rnd, "withdrawal", "dp-sgd", sigma, q, steps, 0.0, 1e-5)
+    return Release("data-sha", "AAA", run, rnd, "withdrawal", DpRelease(mechanism="dp-sgd", noise_multiplier=sigma,
+                                                                 sample_rate=q, steps=steps, delta=1e-5, accountant="rdp"))
 
 
 def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
@@ -202,7 +278,7 @@ def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, 
     assert (record.payload_bytes, record.payload_sha256) == payload_digest(reply.content)
     assert record.num_examples == 563 and sorted(record.metric_keys) == sorted(TRAIN_METRICS)
     [release] = PrivacyLedger(aaa_dir.parent / "state").releases()
-    assert (record.dp.noise_multiplier, record.dp.steps, record.dp.epsilon) == (release.noise_multiplier, release.steps, release.epsilon)
+    assert record.dp == release.dp and record.dp.mechanism == "dp-sgd" and record.dp.accountant == "rdp"  # the ledger's row, as sent
     assert record.dp.epsilon == reply.content[METRICS]["epsilon"] > 0
 
 

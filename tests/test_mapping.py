@@ -14,12 +14,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from edufl.clients.app import train_handler
 from edufl.clients.guard import release_guard
 from edufl.federation.contract import TABLES, from_proto, to_proto
-from edufl.federation.data import DataError, Tables, load_tables, write_parquet
 from edufl.federation.mapping import MappingError, load_mapping
 from edufl.federation.models import build_model
+from edufl.federation.problems import DataError
 from edufl.federation.proto.learner_pb2 import CampusData
-from edufl.federation.runconfig import ARRAYS, CONFIG, REFUSED, RunConfig
-from edufl.federation.tasks import build_task, feature_names
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.tables import Tables, load_tables
+from edufl.federation.tasks import early_warning, feature_names
+from edufl.federation.wire import ARRAYS, CONFIG, REFUSED
+from edufl.federation.writers import write_parquet
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "docs" / "mapping-example" / "student_records.toml"
@@ -82,7 +85,7 @@ def test_example_export_gives_the_native_tables_and_features(aaa, records_dir):
     for table in TABLES:
         pd.testing.assert_frame_equal(_contract(mapped, table.name), _contract(aaa, table.name))
     for task in ("withdrawal", "at_risk"):
-        native, other = build_task(task, aaa, 60), build_task(task, mapped, 60)
+        native, other = early_warning(aaa, 60, task), early_warning(mapped, 60, task)
         np.testing.assert_array_equal(native.x, other.x)
         np.testing.assert_array_equal(native.y, other.y)
         pd.testing.assert_frame_equal(native.rows, other.rows)

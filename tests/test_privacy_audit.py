@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from edufl.federation.membership import loss_attack_auc
+from edufl.experiments.membership import loss_attack_auc, per_example_loss
 from edufl.federation.models import build_model
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
-from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.tasks import early_warning, feature_names, split
 from edufl.federation.training import train
 
 
@@ -74,7 +74,7 @@ def test_membership_attack_auc_of_a_dp_model_is_closer_to_chance_than_without_dp
     # One small campus trained alone for many epochs: without DP the MLP memorises its 563 training
     # rows (attack AUC 0.575 on this data); DP-SGD at ε = 3 keeps the attack near chance (0.489).
     # With the default federation neither model leaks measurably (README, "Empirical privacy check").
-    train_part, test_part = split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)
+    train_part, test_part = split(early_warning(aaa, 60, "withdrawal"), "stratified", 0.2, 0)
     attack = {}
     for name, dp in (("dp", True), ("nodp", False)):
         model = build_model("mlp", len(feature_names()), seed=0)
@@ -92,10 +92,9 @@ def test_the_attack_scores_a_four_class_model_by_its_cross_entropy(aaa):
     import torch
     from torch.nn import functional as F
 
-    from edufl.federation.membership import per_example_loss
     from edufl.federation.tasks import n_outputs
 
-    data = build_task("final_result", aaa, 60)
+    data = early_warning(aaa, 60, "final_result")
     model = build_model("mlp", len(feature_names()), outputs=n_outputs("final_result"))
     losses = per_example_loss(model, data)
     with torch.no_grad():

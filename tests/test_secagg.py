@@ -21,24 +21,32 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
-from edufl.clients.guard import FIT_PARAMETERS, SECAGG, release_guard
-from edufl.clients.node import CampusRefusal
+from edufl.clients.guard import release_guard
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST, CampusRefusal
 from edufl.clients.secagg import check_stage_request, secure_aggregation_mod
+from edufl.clients.secagg_checks import FIT_PARAMETERS, SECAGG
 from edufl.federation.audit import AuditLog
-from edufl.federation.data import campus_names, campus_slices, write_tables
 from edufl.federation.ledger import PrivacyLedger
+from edufl.federation.metrics import EVALUATE_METRICS, TRAIN_METRICS
 from edufl.federation.models import build_model
-from edufl.federation.results import Report
-from edufl.federation.runconfig import (ARRAYS, BLOCKED, CAMPUS, CONFIG, EVALUATE_METRICS, METRICS, NUM_EXAMPLES, REFUSED,
-                                  SIM_ENV, SIM_MANIFEST, TRAIN_METRICS, RunConfig)
+from edufl.federation.partition import campus_names, campus_slices
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.secaggplus import named_arrays
 from edufl.federation.tasks import feature_names
-from edufl.server.app import ReportingStrategy, build_strategy
-from edufl.server.secagg import run_secaggplus
+from edufl.federation.wire import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, REFUSED
+from edufl.federation.writers import write_tables
+from edufl.server.checkpoint import STOP_FILE
+from edufl.server.reporting import ReportingStrategy
+from edufl.server.results import Report
+from edufl.server.secagg import CampusGrid, run_secaggplus
+from edufl.server.strategies import build_strategy
+from edufl.server.training import run_federation
 
 STAGES = [f"secaggplus:{s}" for s in Stage.all()]
 QUANTIZATION_STEP = 2 * 8.0 / 2**22  # SecAggPlusWorkflow's defaults: clipping range 8, quantization range 2**22
@@ -166,8 +174,6 @@ def test_secaggplus_aggregate_is_fedavg_and_every_stage_is_guarded_and_logged(tm
 
 
 def test_secaggplus_run_pauses_at_a_checkpoint_and_resumes_with_the_next_round(tmp_path, task_identity):
-    from edufl.server.app import STOP_FILE, run_federation
-
     cfg = RunConfig(model="logistic", num_rounds=2, min_campuses=3, round_timeout=30.0, out=str(tmp_path / "run"),
                     run_name="run-1", secure_aggregation="secaggplus")
     (tmp_path / "run").mkdir()
@@ -284,6 +290,17 @@ def test_campus_refuses_to_unmask_a_node_named_both_active_and_dropped():
         check_stage_request("C1", Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [2, 3], Key.DEAD_NODE_ID_LIST: [1]}, 1)
 
 
+def test_legacy_arrays_get_the_model_names_back_and_other_shapes_are_refused():
+    model = build_model("logistic", len(feature_names()), seed=0).state_dict()
+    specs = [(name, list(t.shape), "float32") for name, t in model.items()]
+    unnamed = [t.numpy().astype(np.float64) for t in model.values()]  # as Flower's legacy aggregation returns them
+    named = named_arrays(parameters_to_arrayrecord(ndarrays_to_parameters(unnamed), keep_input=True), specs)
+    assert list(named) == list(model) and {a.dtype for a in named.values()} == {"float32"}
+    assert all(np.array_equal(named[k].numpy(), model[k].numpy()) for k in model)
+    with pytest.raises(ValueError, match="expected"):
+        named_arrays(parameters_to_arrayrecord(ndarrays_to_parameters(unnamed[::-1]), keep_input=True), specs)
+
+
 def test_secure_aggregation_options_are_checked():
     from edufl.federation.runconfig import ConfigError
 
@@ -303,7 +320,6 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
 
     from edufl.clients.app import train_handler
     from edufl.experiments.simulate import simulate
-    from edufl.server.secagg import CampusGrid
 
     seen: list[tuple[list[Message], list[Message]]] = []
     forward = CampusGrid.send_and_receive
@@ -375,10 +391,10 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
     logged = set()
     for name in campuses:
         releases = PrivacyLedger(out / "campuses" / name).releases()
-        assert [(r.server_round, r.mechanism) for r in releases] == [(1, "dp-sgd"), (2, "dp-sgd")]
+        assert [(r.server_round, r.dp.mechanism) for r in releases] == [(1, "dp-sgd"), (2, "dp-sgd")]
         records = AuditLog(out / "campuses" / name).records()
         assert [r.message_type for r in records] == [*STAGES, "evaluate"] * 2 and all(r.sent for r in records)
         for release, record in zip(releases, [r for r in records if r.message_type == STAGES[2]]):
-            assert (record.dp.epsilon, record.dp.noise_multiplier) == (release.epsilon, release.noise_multiplier)
+            assert (record.dp.epsilon, record.dp.noise_multiplier) == (release.dp.epsilon, release.dp.noise_multiplier)
         logged |= {(r.server_round, r.message_type, name, r.payload_sha256) for r in records}
     assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from edufl.federation.audit import AuditLog
-from edufl.federation.data import campus_names, campus_slice
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.tasks import build_task, split
+from edufl.federation.partition import campus_names, campus_slice
+from edufl.federation.tasks import early_warning, split
 
 SUMMARY_KEYS = {"config", "versions", "privacy", "rounds", "campuses", "global", "failures", "receipts", "wall_time_s"}
 CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", "brier", "epsilon", "delta"}
@@ -48,7 +48,7 @@ def test_federated_dp_run_beats_constant_predictor_on_every_campus(tables, data_
     for name, row in campuses.items():
         assert CAMPUS_KEYS <= set(row)
         assert 0 < row["epsilon"] <= 3.0 and row["delta"] == 1e-5
-        test = split(build_task("withdrawal", campus_slice(tables, "module", name), 60), "stratified", 0.2, 0)[1]
+        test = split(early_warning(campus_slice(tables, "module", name), 60, "withdrawal"), "stratified", 0.2, 0)[1]
         assert row["n_test"] == len(test)
         if test.y.sum() >= 30:
             assert row["auc"] > 0.5, (name, row)  # a constant predictor has AUC 0.5

@@ -18,20 +18,22 @@ from scipy.stats import chi2, norm
 
 from edufl.clients.app import query_handler, train_handler
 from edufl.clients.guard import release_guard
+from edufl.federation import statistics
 from edufl.federation.audit import AuditLog
-from edufl.federation.data import dataset_id
+from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.models import build_model
+from edufl.federation.partition import campus_slices
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.privacy import epsilon
 from edufl.federation.proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
+from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, cells, load_query
 from edufl.federation.randomness import SECRET, Randomness
-from edufl.federation.runconfig import ARRAYS, BLOCKED, CONFIG, REFUSED, RunConfig
-from edufl.federation.data import campus_slices
-from edufl.federation import statistics
-from edufl.federation.statistics import (ANSWER, QUERY_KEY, Z_95, QueryError, answer, answer_problems, cells, combine,
-                                   exact_cells, load_query, noise, noise_multiplier, records)
+from edufl.federation.runconfig import RunConfig
+from edufl.federation.statistics import answer, answer_problems, exact_cells, noise, noise_multiplier, records
 from edufl.federation.tasks import feature_names
+from edufl.federation.wire import ARRAYS, BLOCKED, CONFIG, REFUSED
+from edufl.server.combine import Z_95, combine
 
 ROOT = Path(__file__).parents[1]
 WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
@@ -288,10 +290,10 @@ def _policy(tmp_path: Path, text: str) -> str:
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(group_by=["student_id"]), "group_by field 'student_id' is not a categorical field of the data contract"),
+    (dict(group_by=["student_id"]), "group_by: field 'student_id' is not a categorical field of the data contract"),
     (dict(value="studied_credits", low=0, high=math.inf), "a mean needs finite clipping bounds"),
     (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
-    (dict(value="shoe_size"), "value 'shoe_size' is not a numeric contract field"),
+    (dict(value="shoe_size"), "value: 'shoe_size' is not a numeric contract field"),
     (dict(value="final_result=Withdrawn", low=0, high=5), "an indicator's bounds are low = 0, high = 1"),
     (dict(statistic="quantile", value="studied_credits", low=0, high=math.inf, bins=10, quantiles=[0.5]),
      "a quantile needs finite clipping bounds"),
@@ -301,7 +303,7 @@ def _policy(tmp_path: Path, text: str) -> str:
     (dict(statistic="quantile", value="score", low=0, high=100, bins=10, quantiles=[0.5]),
      "a statistic over submissions needs a bound m >= 1 on the rows one registration contributes"),
     (dict(statistic="count", value="", group_by=["assessment_type"]), "an unbounded contribution is refused"),
-    (dict(group_by=["assessment_id"]), "group_by field 'assessment_id' is not a categorical field"),
+    (dict(group_by=["assessment_id"]), "group_by: field 'assessment_id' is not a categorical field"),
     (dict(epsilon=5.0), "privacy.max_epsilon_per_run"),
     (dict(delta=1e-3), "privacy.delta"),
 ])
@@ -333,7 +335,7 @@ def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity,
     assert replies[-1].error.code == REFUSED and "privacy.total_epsilon_budget" in replies[-1].error.reason
     state = aaa_dir.parent / "state"
     ledger = PrivacyLedger(state)
-    assert [r.mechanism for r in ledger.releases()] == ["gaussian"] * affordable
+    assert [r.dp.mechanism for r in ledger.releases()] == ["gaussian"] * affordable
     assert 2.9 < ledger.spent(dataset_id(aaa_dir), 1e-5) <= 3.0
     records = AuditLog(state).records()
     assert [r.sent for r in records] == [True] * affordable + [False]
@@ -353,9 +355,9 @@ def test_a_statistic_and_training_spend_one_budget(aaa_dir, task_identity):
     ledger = PrivacyLedger(aaa_dir.parent / "state")
     assert list(ledger.datasets()) == [dataset_id(aaa_dir)]  # one dataset identity for both kinds of release
     trained, queried = ledger.releases()
-    assert (trained.mechanism, queried.mechanism) == ("dp-sgd", "gaussian")
+    assert (trained.dp.mechanism, queried.dp.mechanism) == ("dp-sgd", "gaussian")
     total = ledger.spent(dataset_id(aaa_dir), 1e-5)
-    assert max(trained.epsilon, queried.epsilon) < total <= trained.epsilon + queried.epsilon
+    assert max(trained.dp.epsilon, queried.dp.epsilon) < total <= trained.dp.epsilon + queried.dp.epsilon
 
 
 def _tamper_small(a: StatisticAnswer) -> None:
@@ -404,9 +406,12 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
 
 @pytest.mark.parametrize("text, named", [
     ('statistic = "mean"\nvalue = "studied_credits"\nepsilon = 1\n', "a mean needs finite clipping bounds"),
-    ('statistic = "count"\ngroup_by = ["student_id"]\nepsilon = 1\n', "group_by field 'student_id'"),
+    ('statistic = "count"\ngroup_by = ["student_id"]\nepsilon = 1\n', "group_by: field 'student_id'"),
     ('statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "group: Extra inputs are not permitted"),
     ('statistic = "count"\n', "epsilon: Field required"),
+    ('statistic = "count"\nepsilon = "1"\n', "epsilon: Input should be a valid number"),  # strict: a string is no number
+    ('statistic = "quantile"\nvalue = "studied_credits"\nlow = 0\nhigh = 360\nbins = 10.0\nquantiles = [0.5]\nepsilon = 1\n',
+     "bins: Input should be a valid integer"),  # nor a decimal a count
 ])
 def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text, named):
     from edufl.experiments.cli import main

@@ -8,9 +8,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from edufl.federation.models import build_model
 from edufl.federation.runconfig import RunConfig
-from edufl.federation.tasks import build_task, feature_names, split
+from edufl.federation.tasks import early_warning, feature_names, split
 from edufl.federation.training import train
-from edufl.server.app import build_strategy
+from edufl.server.strategies import build_strategy
 
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
@@ -22,7 +22,7 @@ def test_build_strategy(name, cls):
 
 
 def test_proximal_term_keeps_weights_near_the_global_model(aaa):
-    data = split(build_task("withdrawal", aaa, 60), "stratified", 0.2, 0)[0]
+    data = split(early_warning(aaa, 60, "withdrawal"), "stratified", 0.2, 0)[0]
     drift = {}
     for mu in (0.0, 5.0):
         model = build_model("mlp", len(feature_names()), seed=0)

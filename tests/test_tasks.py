@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from edufl.federation.contract import CATEGORICAL_FEATURES
-from edufl.federation.data import Tables, campus_names, campus_slice
-from edufl.federation.tasks import MISSING_SLOT, build_task, feature_names, split
+from edufl.federation.partition import campus_names, campus_slice
+from edufl.federation.tables import Tables
+from edufl.federation.tasks import MISSING_SLOT, early_warning, feature_names, split
 
 D = 60
 
@@ -36,8 +37,8 @@ def _future_scrambled(tables: Tables, cutoff: int) -> Tables:
 
 def test_no_feature_uses_outcomes_or_data_dated_at_or_after_cutoff(tables):
     campus = campus_slice(tables, "module", "DDD")
-    before = build_task("withdrawal", campus, D)
-    after = build_task("withdrawal", _future_scrambled(campus, D), D)
+    before = early_warning(campus, D, "withdrawal")
+    after = early_warning(_future_scrambled(campus, D), D, "withdrawal")
     assert len(before) == len(after) > 5000
     pd.testing.assert_frame_equal(before.rows, after.rows)
     np.testing.assert_array_equal(before.x, after.x)
@@ -45,7 +46,7 @@ def test_no_feature_uses_outcomes_or_data_dated_at_or_after_cutoff(tables):
 
 
 def test_population_excludes_unregistered_before_cutoff_and_late_registrations(tables):
-    data = build_task("withdrawal", tables, D)
+    data = early_warning(tables, D, "withdrawal")
     key = ["course", "presentation", "student_id"]
     reg = data.rows.merge(tables["registrations"], on=key)
     assert len(reg) == len(data)
@@ -60,7 +61,7 @@ def test_population_excludes_unregistered_before_cutoff_and_late_registrations(t
 
 def test_assessment_features_for_a_known_student(tables):
     # Student 11391 (AAA 2013J) submitted TMA 1752 (due 19) on day 18 with score 78.
-    data = build_task("withdrawal", campus_slice(tables, "module", "AAA"), 30)
+    data = early_warning(campus_slice(tables, "module", "AAA"), 30, "withdrawal")
     row = data.rows.index[(data.rows["student_id"] == 11391) & (data.rows["presentation"] == "2013J")][0]
     names = feature_names()
     x = dict(zip(names, data.x[row]))
@@ -75,7 +76,7 @@ def test_vocabularies_identical_across_campuses(tables):
     widths = set()
     for campus in campus_names(tables, "region")[:4] + campus_names(tables, "module"):
         by = "region" if " " in campus or campus in ("Ireland", "Scotland", "Wales") else "module"
-        data = build_task("withdrawal", campus_slice(tables, by, campus), D)
+        data = early_warning(campus_slice(tables, by, campus), D, "withdrawal")
         widths.add(data.x.shape[1])
         start = 0
         for col, vocab in CATEGORICAL_FEATURES.items():
@@ -88,7 +89,7 @@ def test_vocabularies_identical_across_campuses(tables):
 
 
 def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
-    data = build_task("withdrawal", campus_slice(tables, "module", "BBB"), D)
+    data = early_warning(campus_slice(tables, "module", "BBB"), D, "withdrawal")
     train, test = split(data, "stratified", 0.2, seed=3)
     again_train, _ = split(data, "stratified", 0.2, seed=3)
     other_train, _ = split(data, "stratified", 0.2, seed=4)
@@ -101,7 +102,7 @@ def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
 
 
 def test_temporal_split(tables):
-    data = build_task("withdrawal", campus_slice(tables, "module", "FFF"), D)
+    data = early_warning(campus_slice(tables, "module", "FFF"), D, "withdrawal")
     train, test = split(data, "temporal", 0.2, seed=0)
     assert set(train.rows["presentation"]) == {"2013B", "2013J"}
     assert set(test.rows["presentation"]) == {"2014B", "2014J"}
@@ -110,7 +111,7 @@ def test_temporal_split(tables):
 
 def test_at_risk_shares_population_and_features_and_adds_failures(tables):
     campus = campus_slice(tables, "module", "CCC")
-    withdrawn, at_risk = build_task("withdrawal", campus, 60), build_task("at_risk", campus, 60)
+    withdrawn, at_risk = early_warning(campus, 60, "withdrawal"), early_warning(campus, 60, "at_risk")
     assert np.array_equal(withdrawn.x, at_risk.x) and withdrawn.rows.equals(at_risk.rows)
     key = ["course", "presentation", "student_id"]
     results = campus["learners"].set_index(key)["final_result"]
@@ -118,4 +119,4 @@ def test_at_risk_shares_population_and_features_and_adds_failures(tables):
     assert np.array_equal(at_risk.y.astype(bool), expected)
     assert (at_risk.y >= withdrawn.y).all() and at_risk.y.sum() > withdrawn.y.sum()
     with pytest.raises(ValueError, match="unknown task 'final_grade'"):
-        build_task("final_grade", campus, 60)
+        early_warning(campus, 60, "final_grade")

@@ -1,4 +1,4 @@
-"""The results folder every mode writes: summary.json, rounds.csv, campuses.csv, fairness.csv, model.pt, plot.png.
+"""The results folder every training run writes (the ServerApp, and the research baselines): summary.json, rounds.csv, campuses.csv, fairness.csv, model.pt, plot.png.
 
 The run's ε is the maximum over campuses (each campus's guarantee is about its
 own rows; averaging would understate the weakest one). Global metrics are
@@ -20,9 +20,13 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from .privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
-from .randomness import REPRODUCIBLE_WARNING
-from .runconfig import EVALUATE_METRICS, NUM_EXAMPLES, PRIMARY_METRIC, SUBGROUPS
+from edufl.federation.metrics import EVALUATE_METRICS, PRIMARY_METRIC, SUBGROUPS
+from edufl.federation.privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
+from edufl.federation.randomness import REPRODUCIBLE_WARNING
+from edufl.federation.wire import NUM_EXAMPLES
+
+__all__ = ["METRIC_NAMES", "NO_DP_WARNING", "SECRET_NOISE", "Report", "global_metrics", "primary_metric", "task_metrics",
+           "versions", "weighted", "worst_metric"]
 
 METRIC_NAMES = {"auc": "AUC", "macro_f1": "macro-F1"}
 """How the console and plots name each task's primary metric."""
@@ -54,7 +58,7 @@ def _clean(value):
 
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics a run of ``task`` reports per campus and weighted: its released evaluation metrics
-    (:data:`~federation.runconfig.EVALUATE_METRICS`) but the loss, underscored, the primary metric first."""
+    (:data:`~federation.metrics.EVALUATE_METRICS`) but the loss, underscored, the primary metric first."""
     return tuple(k.replace("-", "_") for k in EVALUATE_METRICS[task] if k not in (NUM_EXAMPLES, "loss"))
 
 

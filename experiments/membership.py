@@ -22,8 +22,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .tasks import TaskData
-from .training import row_loss
+from edufl.federation.tasks import TaskData
+from edufl.federation.training import row_loss
+
+__all__ = ["loss_attack_auc", "per_example_loss"]
 
 
 def per_example_loss(model: nn.Module, data: TaskData) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Keys and certificates for a deployment: a private CA, the SuperLink's TLS certificate, campus key pairs.
 
-For demos and tests only; production users bring certificates from their own
-CA. :func:`make_pki` writes one folder that both sides read (each side needs
-only part of it):
+For demos and tests only (``edufl certs``); production users bring certificates
+from their own CA. :func:`make_pki` writes one folder that both sides read
+(each side needs only part of it; :mod:`edufl.federation.deploy` names its files):
 
 =====================  ==========================================================
 ``ca.crt``             CA certificate: campuses and ``flwr`` verify the SuperLink with it
@@ -31,28 +31,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .runconfig import ConfigError
+from edufl.federation.deploy import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, PKIError, campus_key, check_campus_name
 
-CA_CERT = "ca.crt"
+__all__ = ["CA_KEY", "LOCAL_NAMES", "make_pki", "registered_campuses"]
+
 CA_KEY = "ca.key"
-SUPERLINK_CERT = "superlink.crt"
-SUPERLINK_KEY = "superlink.key"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
-CAMPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CURVE = ec.SECP384R1
 _VALID_DAYS = 825  # the longest server-certificate lifetime common clients accept
 
 
-class PKIError(ConfigError):
-    """A missing, unreadable or mismatched key or certificate, or an invalid campus or host name."""
-
-
-def campus_key(pki: Path, campus: str) -> Path:
-    """Path of ``campus``'s authentication private key in the folder ``pki``."""
-    return Path(pki) / f"campus-{campus}.key"
-
-
-def campus_public_key(pki: Path, campus: str) -> Path:
+def _public_key(pki: Path, campus: str) -> Path:
     """Path of ``campus``'s authentication public key in the folder ``pki``."""
     return Path(pki) / f"campus-{campus}.pub"
 
@@ -60,13 +49,6 @@ def campus_public_key(pki: Path, campus: str) -> Path:
 def registered_campuses(pki: Path) -> dict[str, Path]:
     """Campus name -> public key file, for every ``campus-NAME.pub`` in ``pki`` (sorted by name)."""
     return {p.name[len("campus-"):-len(".pub")]: p for p in sorted(Path(pki).glob("campus-*.pub"))}
-
-
-def check_campus_name(name: str) -> str:
-    """Return ``name`` if it can name a campus (letters, digits, ``_ . -``; at most 64), else raise PKIError."""
-    if not CAMPUS_NAME.fullmatch(name):
-        raise PKIError(f"campus name {name!r}: use letters, digits, '_', '.' or '-' (at most 64, starting with a letter or digit)")
-    return name
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -89,7 +71,7 @@ def _san(name: str) -> x509.GeneralName:
 
 
 def _certificate(subject: str, public_key, issuer: x509.Name | None, signer, *, ca: bool, sans=()) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()
@@ -135,25 +117,26 @@ def make_pki(out: Path, campuses: list[str], hosts: list[str] = ()) -> list[Path
         check_campus_name(campus)
     sans = [_san(h) for h in dict.fromkeys([*LOCAL_NAMES, *hosts])]
     out.mkdir(parents=True, exist_ok=True)
+    ca_cert_file, cert_file, key_file = out / CA_CERT.name, out / SUPERLINK_CERT.name, out / SUPERLINK_KEY.name
     written = []
-    if not (out / CA_CERT).exists():
+    if not ca_cert_file.exists():
         ca_key = ec.generate_private_key(_CURVE())
         ca_cert = _certificate("edufl demo CA", ca_key.public_key(), None, ca_key, ca=True)
         _write(out / CA_KEY, _key_pem(ca_key), private=True)
-        _write(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-        written += [out / CA_KEY, out / CA_CERT]
-    if not (out / SUPERLINK_CERT).exists():
+        _write(ca_cert_file, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+        written += [out / CA_KEY, ca_cert_file]
+    if not cert_file.exists():
         if not (out / CA_KEY).exists():
             raise PKIError(f"{out / CA_KEY} is missing: cannot sign a SuperLink certificate with the CA in {out}")
         ca_key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_file.read_bytes())
         key = ec.generate_private_key(_CURVE())
         cert = _certificate("edufl superlink", key.public_key(), ca_cert.subject, ca_key, ca=False, sans=sans)
-        _write(out / SUPERLINK_KEY, _key_pem(key), private=True)
-        _write(out / SUPERLINK_CERT, cert.public_bytes(serialization.Encoding.PEM), private=False)
-        written += [out / SUPERLINK_KEY, out / SUPERLINK_CERT]
+        _write(key_file, _key_pem(key), private=True)
+        _write(cert_file, cert.public_bytes(serialization.Encoding.PEM), private=False)
+        written += [key_file, cert_file]
     for campus in campuses:
-        private, public = campus_key(out, campus), campus_public_key(out, campus)
+        private, public = out / campus_key(campus).name, _public_key(out, campus)
         if private.exists():
             continue
         key = ec.generate_private_key(_CURVE())
@@ -163,11 +146,3 @@ def make_pki(out: Path, campuses: list[str], hosts: list[str] = ()) -> list[Path
         _write(public, ssh_public + f" edufl-campus-{campus}\n".encode(), private=False)
         written += [private, public]
     return written
-
-
-def require(path: Path, what: str) -> Path:
-    """Return ``path`` resolved if it is a readable file, else raise PKIError naming ``what`` it should be."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PKIError(f"{what} not found: {path} (make demo files with `edufl certs`, or pass your own)")
-    return path.resolve()

@@ -1,0 +1,50 @@
+"""The metric keys a campus's replies declare: per message type, per task, and per subgroup.
+
+The campus's release guard lets no other metric key leave the campus
+(:mod:`clients.reply_checks`); the coordinator and the results read the same
+names.
+"""
+
+from __future__ import annotations
+
+from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS
+from .wire import NUM_EXAMPLES
+
+__all__ = ["EVALUATE_METRICS", "PRIMARY_METRIC", "SUBGROUPS", "TRAIN_METRICS", "subgroup_keys"]
+
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
+"""The metric keys of a train reply: rows trained on, mean loss, the run's ε and δ so far, and the DP-SGD plan."""
+_BINARY_METRICS = ("auc", "average-precision", "f1", "brier", "loss")
+EVALUATE_METRICS: dict[str, tuple[str, ...]] = {
+    "withdrawal": (NUM_EXAMPLES, *_BINARY_METRICS),
+    "at_risk": (NUM_EXAMPLES, *_BINARY_METRICS),
+    "final_result": (NUM_EXAMPLES, "macro-f1", "accuracy", "macro-auc", *(f"f1-{c}" for c in FINAL_RESULTS), "loss"),
+}
+"""The metric keys of an evaluate reply, per task (besides the subgroup keys of :func:`subgroup_keys`)."""
+PRIMARY_METRIC: dict[str, str] = {"withdrawal": "auc", "at_risk": "auc", "final_result": "macro-f1"}
+"""The metric each task is judged by: in the worst-campus figure, study tables and plots, and per subgroup."""
+SUBGROUPS = {a: CATEGORICAL_FEATURES[a] for a in ("gender", "age_band", "disability", "imd_band")}
+"""The fairness view: {attribute: its values}. For every value held by at least the policy's
+``release.min_cohort_size`` test rows, an evaluate reply also holds that group's number of test rows
+and the task's primary metric on them (:func:`subgroup_keys`); smaller groups are not sent
+(see :func:`federation.training.subgroup_metrics`)."""
+
+
+def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """The declared per-subgroup metric keys of ``task``'s evaluate replies.
+
+    Returns
+    -------
+    dict
+        ``(attribute, value) -> (count key, metric key)`` for every value of
+        every attribute of :data:`SUBGROUPS`, e.g. ``("gender", "F") ->
+        ("group:gender=F:num-examples", "group:gender=F:auc")``.
+
+    Raises
+    ------
+    KeyError
+        When ``task`` is not one of the tasks.
+    """
+    metric = PRIMARY_METRIC[task]
+    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}")
+            for a, vocab in SUBGROUPS.items() for v in vocab}

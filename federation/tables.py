@@ -1,0 +1,104 @@
+"""A campus's export as validated learner-record contract tables.
+
+A campus's export is read through its mapping (:mod:`federation.mapping`; the
+OULAD release when none is given) into the five contract tables of
+:mod:`federation.contract`: each file is read (:mod:`federation.reading`), its
+values checked (:mod:`federation.validation`), then the references between the
+tables (:mod:`federation.references`). Every problem found is reported at once
+in one :class:`~federation.problems.DataError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .contract import TABLES
+from .mapping import Mapping, load_mapping
+from .problems import DataError, Problem
+from .reading import START
+from .references import check_references
+from .validation import deduplicate, read_table
+
+__all__ = ["DATA_ENV", "HOW_TO_GET_DATA", "OULAD_URL", "Tables", "load_tables"]
+
+DATA_ENV = "EDUFL_DATA"
+"""The environment variable naming the folder of the OULAD tables."""
+OULAD_URL = "https://analyse.kmi.open.ac.uk/open_dataset/download"
+"""Where the official OULAD release is published."""
+HOW_TO_GET_DATA = (
+    "How to get the OULAD tables: run `edufl data download` (fills the user cache folder), "
+    f"or download anonymisedData.zip from {OULAD_URL}, unzip it and pass --data DIR "
+    f"or set {DATA_ENV}=DIR."
+)
+"""What a :class:`DataError` about missing OULAD files suggests."""
+
+
+@dataclass
+class Tables:
+    """The contract tables (``presentations``, ``assessments``, ``learners``, ``registrations``,
+    ``submissions``) as typed DataFrames, keyed by table name.
+
+    Each frame keeps a ``_line`` column with the row's line number in its export file;
+    ``mapping`` is how the export in ``source`` was read; ``notes`` say what was merged
+    (exact duplicate rows); ``missingness`` (from :func:`load_tables`) counts the
+    missing values of every contract field.
+    """
+
+    frames: dict[str, pd.DataFrame]
+    source: Path
+    mapping: Mapping = field(default_factory=load_mapping)
+    notes: list[str] = field(default_factory=list)
+    missingness: pd.DataFrame | None = None
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.frames[name]
+
+
+def load_tables(directory: str | os.PathLike, mapping: Mapping | str | os.PathLike | None = None) -> Tables:
+    """Read and validate a campus's export in ``directory`` as contract tables.
+
+    ``mapping`` is a :class:`~federation.mapping.Mapping` or the path of a
+    mapping file; None reads the OULAD release.
+
+    Returns
+    -------
+    Tables
+        Typed frames under contract names; integer columns are ``Int64`` with ``<NA>`` for missing.
+
+    Raises
+    ------
+    MappingError
+        When the mapping file cannot be used.
+    DataError
+        Naming every problem found (missing file or column, wrong type, value
+        out of range, unparseable date, broken reference, conflicting duplicate,
+        bad encoding, delimiter or field count), each with the export's file,
+        line, column and value.
+    """
+    directory = Path(directory)
+    if not isinstance(mapping, Mapping):
+        mapping = load_mapping(mapping)
+    absent = [name for name in mapping.files() if not (directory / name).is_file()]
+    if absent:
+        raise DataError([Problem(f, None, None, f"file not found in {directory}") for f in absent],
+                        hint=HOW_TO_GET_DATA if mapping == load_mapping() else "")
+    frames, problems, notes, missing = {}, [], [], []
+    for table in TABLES:
+        frame, found, counts = read_table(directory, mapping, table, frames)
+        missing += counts
+        if not found:
+            frame, found = deduplicate(frame, table, mapping.table(table.name).file, notes)
+        frames[table.name] = frame
+        problems += found
+    frames["presentations"] = frames["presentations"].drop(columns=[START], errors="ignore")  # used while reading
+    missingness = pd.DataFrame(missing)
+    if problems:
+        raise DataError(problems, missingness=missingness)
+    problems = check_references(frames, mapping)
+    if problems:
+        raise DataError(problems, missingness=missingness)
+    return Tables(frames, directory, mapping, notes, missingness)
