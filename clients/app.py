@@ -88,7 +88,8 @@ def campus_mapping(setup: CampusSetup, contract_version: str) -> Mapping:
     if not supports(run_version, mapping.version):
         raise CampusRefusal(
             f"campus {setup.name} cannot join: its data are mapped to learner-record contract {mapping.contract_version}, "
-            f"and this run reads contract {version_text(run_version)} (contract-version)")
+            f"and this run reads contract {version_text(run_version)} (contract-version)"
+        )
     return mapping
 
 
@@ -102,8 +103,17 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     again when a data file's size or modification time changes).
 
     Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
-    key = (str(setup.data_dir), _files_identity(setup.data_dir), str(setup.mapping), cfg.contract_version, cfg.task,
-           cfg.cutoff_day, cfg.split, cfg.test_fraction, cfg.seed)
+    key = (
+        str(setup.data_dir),
+        _files_identity(setup.data_dir),
+        str(setup.mapping),
+        cfg.contract_version,
+        cfg.task,
+        cfg.cutoff_day,
+        cfg.split,
+        cfg.test_fraction,
+        cfg.seed,
+    )
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
         data = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
@@ -124,8 +134,16 @@ def _campus_record(name: str) -> ConfigRecord:
 
 # Settings that fix this campus's privacy guarantee for a run: pinned in the ledger by the run's
 # first request (of its run name) and never changed by a later one, in any Flower run.
-PRIVACY_CONTRACT = ("dp", "target-epsilon", "delta", "max-grad-norm", "num-rounds", "local-epochs", "batch-size",
-                    "reproducible-noise")
+PRIVACY_CONTRACT = (
+    "dp",
+    "target-epsilon",
+    "delta",
+    "max-grad-norm",
+    "num-rounds",
+    "local-epochs",
+    "batch-size",
+    "reproducible-noise",
+)
 
 
 def _check_contract(cfg: RunConfig, ledger: PrivacyLedger, campus: Campus, run: str, server_round: int) -> None:
@@ -143,8 +161,15 @@ def _check_policy(setup: CampusSetup, cfg: RunConfig, server_round: int) -> None
         raise CampusRefusal(f"campus {setup.name} refuses round {server_round}: the request breaks its policy ({detail})")
 
 
-def _check_budget(setup: CampusSetup, cfg: RunConfig, campus: Campus, ledger: PrivacyLedger, run_history: History,
-                  planned: tuple[float, float, int], server_round: int) -> None:
+def _check_budget(
+    setup: CampusSetup,
+    cfg: RunConfig,
+    campus: Campus,
+    ledger: PrivacyLedger,
+    run_history: History,
+    planned: tuple[float, float, int],
+    server_round: int,
+) -> None:
     projected = epsilon([*run_history, planned], cfg.delta)
     if projected > cfg.target_epsilon:
         raise CampusRefusal(
@@ -187,29 +212,56 @@ def train_handler(msg: Message, context: Context) -> Message:
             if cfg.dp:
                 # σ is fixed for the run by its first round: calibrated so that all of the
                 # run's steps spend at most target-epsilon, never below the policy's floor.
-                sigma = history[0][0] if history else calibrate_noise(
-                    DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), n, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
+                sigma = (
+                    history[0][0]
+                    if history
+                    else calibrate_noise(
+                        DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm),
+                        n,
+                        cfg.batch_size,
+                        cfg.num_rounds * cfg.local_epochs,
+                    )
+                )
                 sigma = setup.policy.noise_multiplier(sigma)
                 _check_budget(setup, cfg, campus, ledger, history, (sigma, q, cfg.local_epochs * steps), server_round)
             result = train(
-                model, campus.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=seed, noise_multiplier=sigma if cfg.dp else None,
-                max_grad_norm=cfg.max_grad_norm, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                model,
+                campus.train,
+                epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                seed=seed,
+                noise_multiplier=sigma if cfg.dp else None,
+                max_grad_norm=cfg.max_grad_norm,
+                proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
                 randomness=Randomness(seed) if cfg.reproducible_noise else SECRET,
             )
             loss = result.loss
-            release = DpRelease(mechanism="dp-sgd" if cfg.dp else "none", noise_multiplier=sigma if cfg.dp else 0.0,
-                                sample_rate=result.sample_rate, steps=result.steps, delta=cfg.delta, accountant=ACCOUNTANT)
+            release = DpRelease(
+                mechanism="dp-sgd" if cfg.dp else "none",
+                noise_multiplier=sigma if cfg.dp else 0.0,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+                delta=cfg.delta,
+                accountant=ACCOUNTANT,
+            )
             released = (release.noise_multiplier, release.sample_rate, release.steps)  # as the sampler ran it
             release.epsilon = epsilon([*history, released], cfg.delta)
             if cfg.dp and release.epsilon > cfg.target_epsilon:  # fail closed: never released
                 raise CampusRefusal(f"campus {campus.name}: accounted ε exceeds the target after round {server_round}")
             ledger.record(Release(campus.dataset, campus.name, run, server_round, cfg.task, release))
             history.append(released)
-    metrics = MetricRecord({
-        NUM_EXAMPLES: n, "train-loss": loss, "epsilon": epsilon(history, cfg.delta), "delta": cfg.delta,
-        "noise-multiplier": sigma, "sample-rate": q, "steps": int(sum(h[2] for h in history)),
-    })
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: n,
+            "train-loss": loss,
+            "epsilon": epsilon(history, cfg.delta),
+            "delta": cfg.delta,
+            "noise-multiplier": sigma,
+            "sample-rate": q,
+            "steps": int(sum(h[2] for h in history)),
+        }
+    )
     content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus.name)})
     return Message(content=content, reply_to=msg)
 
@@ -236,12 +288,14 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     campus = load_campus(setup, cfg)
     k = setup.policy.release.min_cohort_size
     if len(campus.test) < k:  # the reason does not say how many: a count below k is what k withholds
-        raise CampusRefusal(f"campus {campus.name} refuses to release metrics: it has fewer test rows than "
-                            f"release.min_cohort_size ({k})")
+        raise CampusRefusal(
+            f"campus {campus.name} refuses to release metrics: it has fewer test rows than release.min_cohort_size ({k})"
+        )
     model = _model(cfg, msg)
     scores = evaluate(model, campus.train, campus.test, cfg.task)
-    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test),
-                            **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}})
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: len(campus.test), **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}}
+    )
     keys = subgroup_keys(cfg.task)
     for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, k).items():
         metrics.update(zip(keys[group], (n, value)))
@@ -287,9 +341,24 @@ def query_handler(msg: Message, context: Context) -> Message:
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
         tables = load_tables(setup.data_dir, mapping)
-        ledger.record(Release(dataset, setup.name, run, server_round, f"statistic:{query.name}", DpRelease(
-            mechanism="gaussian", noise_multiplier=z, sample_rate=1.0, steps=1, epsilon=run_eps, delta=query.delta,
-            accountant=ACCOUNTANT)))
+        ledger.record(
+            Release(
+                dataset,
+                setup.name,
+                run,
+                server_round,
+                f"statistic:{query.name}",
+                DpRelease(
+                    mechanism="gaussian",
+                    noise_multiplier=z,
+                    sample_rate=1.0,
+                    steps=1,
+                    epsilon=run_eps,
+                    delta=query.delta,
+                    accountant=ACCOUNTANT,
+                ),
+            )
+        )
     k = setup.policy.release.min_cohort_size
     reply = answer(query, tables, setup.name, z, k)
     content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: _campus_record(setup.name)})

@@ -93,9 +93,9 @@ def add_approval(policy: Path, fab_hash: str, note: str) -> bool:
     text = policy.read_text(encoding="utf-8") if policy.exists() else ""
     entry = f'    "{fab_hash}",{f"  # {note}" if note else ""}\n'
     if key := _KEY.search(text):  # first in the list: no need to find where a multi-line array ends
-        text = f"{text[:key.end()]}\n{entry}{text[key.end():]}"
+        text = f"{text[: key.end()]}\n{entry}{text[key.end() :]}"
     elif section := _SECTION.search(text):
-        text = f"{text[:section.end()]}\napproved_fab_hashes = [\n{entry}]{text[section.end():]}"
+        text = f"{text[: section.end()]}\napproved_fab_hashes = [\n{entry}]{text[section.end() :]}"
     else:
         text += ("\n" if text and not text.endswith("\n") else "") + f"[apps]\napproved_fab_hashes = [\n{entry}]\n"
     expected = before.model_copy(update={"apps": AppApproval(approved_fab_hashes=(fab_hash, *before.apps.approved_fab_hashes))})
@@ -108,8 +108,10 @@ def add_approval(policy: Path, fab_hash: str, note: str) -> bool:
     except (OSError, PolicyError):
         pass
     scratch.unlink(missing_ok=True)
-    raise PolicyError(f"{policy}: could not add the hash without rewriting the file; add it by hand under "
-                      f'[apps]: approved_fab_hashes = ["{fab_hash}", ...]')
+    raise PolicyError(
+        f"{policy}: could not add the hash without rewriting the file; add it by hand under "
+        f'[apps]: approved_fab_hashes = ["{fab_hash}", ...]'
+    )
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,11 @@ class Gate:
         """The audit record of refusing ``task`` (with the run name, round and type of its ``message`` where known)."""
         config = message.content.config_records.get(CONFIG, {}) if message is not None else {}
         return AuditRecord(
-            recorded_at=now(), campus=self.campus, sent=False, reason=f"refused: {self.reply(why)}", fab_sha256=task.fab_hash,
+            recorded_at=now(),
+            campus=self.campus,
+            sent=False,
+            reason=f"refused: {self.reply(why)}",
+            fab_sha256=task.fab_hash,
             run_id=run_id(config, context) if context is not None else str(task.run_id),
             server_round=int(config.get("server-round", 0)),
             message_type=message.metadata.message_type if message is not None else "",
@@ -171,9 +177,12 @@ class Gate:
         with closing(AuditLog(self.state_dir)) as log:
             log.append(record)
         policy = Path(self.policy).resolve() if self.policy else "the safe defaults, no --policy"
-        print(f"campus {self.campus}: REFUSED {record.message_type or task.type} of run {record.run_id}"
-              f"{f' round {record.server_round}' if record.server_round else ''}: {why} (policy {policy}); "
-              "no app was started", flush=True)
+        print(
+            f"campus {self.campus}: REFUSED {record.message_type or task.type} of run {record.run_id}"
+            f"{f' round {record.server_round}' if record.server_round else ''}: {why} (policy {policy}); "
+            "no app was started",
+            flush=True,
+        )
 
 
 def _runtime_client(address: str, token: str):
@@ -183,7 +192,10 @@ def _runtime_client(address: str, token: str):
     from flwr.supercore.runtime import RuntimeHttpClient
 
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None, retry_invoker=make_simple_http_retry_invoker(),
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        retry_invoker=make_simple_http_retry_invoker(),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
     )
 
@@ -199,8 +211,10 @@ class GatePlugin(AutoExecPlugin):
         why = self.gate.refusal(task)
         if why is not None:
             return self.gate.refuse(self.runtime_api_address, token, task, why)
-        print(f"campus {self.gate.campus}: app bundle {task.fab_hash} is approved; starting its ClientApp "
-              f"for run {task.run_id}", flush=True)
+        print(
+            f"campus {self.gate.campus}: app bundle {task.fab_hash} is approved; starting its ClientApp for run {task.run_id}",
+            flush=True,
+        )
         return super().launch_task(token, task)
 
 
@@ -210,17 +224,34 @@ def serve(gate: Gate, runtime_api_address: str, secret_file: Path | None, parent
     from flwr.supercore.superexec import run_superexec as superexec
 
     superexec.AutoExecPlugin = functools.partial(GatePlugin, gate=gate)  # the plugin class run_superexec instantiates
-    superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True,
-                            superexec_auth_secret=load_superexec_auth_secret(secret_file and str(secret_file)),
-                            parent_pid=parent_pid, runtime_dependency_install=False)
+    superexec.run_superexec(
+        runtime_api_address=runtime_api_address,
+        insecure=True,
+        superexec_auth_secret=load_superexec_auth_secret(secret_file and str(secret_file)),
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
 
 
 def gate_command(campus: str, state: Path, policy: Path | None, runtime_api_address: str, secret_file: Path) -> list[str]:
     """The command line of campus ``campus``'s gate (this module) beside the SuperNode whose Runtime API is at
     ``runtime_api_address``; it stops when this process does."""
-    return [sys.executable, "-m", __name__, "--campus", campus, "--state", str(Path(state).resolve()),
-            *(["--policy", str(Path(policy).resolve())] if policy else []), "--runtime-api-address", runtime_api_address,
-            "--superexec-auth-secret-file", str(secret_file), "--parent-pid", str(os.getpid())]
+    return [
+        sys.executable,
+        "-m",
+        __name__,
+        "--campus",
+        campus,
+        "--state",
+        str(Path(state).resolve()),
+        *(["--policy", str(Path(policy).resolve())] if policy else []),
+        "--runtime-api-address",
+        runtime_api_address,
+        "--superexec-auth-secret-file",
+        str(secret_file),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
 
 
 class GateProcess:
@@ -256,7 +287,9 @@ class GateProcess:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m edufl.clients.approval``: the gate process (started by ``edufl campus start``)."""
-    p = argparse.ArgumentParser(prog="python -m edufl.clients.approval", description="edufl's code-approval gate (a Flower SuperExec)")
+    p = argparse.ArgumentParser(
+        prog="python -m edufl.clients.approval", description="edufl's code-approval gate (a Flower SuperExec)"
+    )
     p.add_argument("--campus", required=True)
     p.add_argument("--state", required=True, help="the campus's state folder (its audit log)")
     p.add_argument("--policy", help="the campus policy file (default: the safe defaults, which approve no app bundle)")
@@ -265,11 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, help="stop when this process stops")
     args = p.parse_args(argv)
     policy = Path(args.policy).resolve() if args.policy else "the safe defaults (no --policy)"
-    print(f"campus {args.campus}: code-approval gate on: a ClientApp starts only for an app bundle listed in "
-          f"apps.approved_fab_hashes of {policy}", flush=True)
+    print(
+        f"campus {args.campus}: code-approval gate on: a ClientApp starts only for an app bundle listed in "
+        f"apps.approved_fab_hashes of {policy}",
+        flush=True,
+    )
     try:
-        serve(Gate(args.campus, Path(args.state), args.policy and Path(args.policy)), args.runtime_api_address,
-              args.superexec_auth_secret_file and Path(args.superexec_auth_secret_file), args.parent_pid)
+        serve(
+            Gate(args.campus, Path(args.state), args.policy and Path(args.policy)),
+            args.runtime_api_address,
+            args.superexec_auth_secret_file and Path(args.superexec_auth_secret_file),
+            args.parent_pid,
+        )
     except Exception as err:  # noqa: BLE001  an exit status edufl campus start tells from a requested stop
         print(f"edufl: code-approval gate of campus {args.campus}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return GATE_FAILED

@@ -47,7 +47,7 @@ __all__ = ["REJOIN_WAIT_S", "approve", "audit", "budget", "export_oulad", "start
 # What flower-supernode prints when the SuperLink turns it away, and what it means for a campus.
 _REFUSALS = {
     "[code: 2004]": "the coordinator refused this campus's key: it is not registered there "
-                    "(send the campus's .pub file to the coordinator, who registers it)",
+    "(send the campus's .pub file to the coordinator, who registers it)",
     "CERTIFICATE_VERIFY_FAILED": "the coordinator's TLS certificate is not signed by the given CA (wrong --root-cert?)",
 }
 
@@ -76,10 +76,14 @@ def validate(data: Path, mapping: Path | None = None) -> Tables:
     _print_missingness(tables.missingness)
     learners = tables["learners"]
     if learners.empty:
-        raise DataError([Problem(tables.mapping.learners.file, None, None, "no registrations: a campus needs at least one student")])
+        raise DataError(
+            [Problem(tables.mapping.learners.file, None, None, "no registrations: a campus needs at least one student")]
+        )
     courses = ", ".join(campus_names(tables, "module"))
-    print(f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}); "
-          f"{', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())}")
+    print(
+        f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}); "
+        f"{', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())}"
+    )
     for note in tables.notes:
         print(f"note: {note}")
     return tables
@@ -117,17 +121,31 @@ def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module"
     tables = load_tables(source)
     names = campus_names(tables, campus_by, shards)
     if campus not in names:
-        raise DataError([Problem(tables.mapping.learners.file, None, None,
-                                 f"no campus {campus!r} by {campus_by}; campuses: {', '.join(names)}")])
+        raise DataError(
+            [
+                Problem(
+                    tables.mapping.learners.file, None, None, f"no campus {campus!r} by {campus_by}; campuses: {', '.join(names)}"
+                )
+            ]
+        )
     own = campus_slice(tables, campus_by, campus, shards)
     write_tables(own, out)
     print(f"campus {campus}: {out} ({len(own['learners'])} registrations)")
     return out
 
 
-def supernode_command(campus: str, data: Path, state: Path, policy: Path | None, superlink: str,
-                      root_cert: Path | None, key: Path | None, runtime_port: int, gate_secret: Path,
-                      mapping: Path | None = None) -> list[str]:
+def supernode_command(
+    campus: str,
+    data: Path,
+    state: Path,
+    policy: Path | None,
+    superlink: str,
+    root_cert: Path | None,
+    key: Path | None,
+    runtime_port: int,
+    gate_secret: Path,
+    mapping: Path | None = None,
+) -> list[str]:
     """The ``flower-supernode`` command line for ``campus`` reading only ``data`` (through ``mapping``;
     None: the OULAD layout), keeping its ledger and audit log in ``state``, under ``policy`` (None:
     the safe defaults); ``root_cert`` None: plaintext.
@@ -144,8 +162,19 @@ def supernode_command(campus: str, data: Path, state: Path, policy: Path | None,
     if mapping is not None:
         node_config += f" mapping='{Path(mapping).resolve()}'"
     return [
-        "flower-supernode", "--superlink", superlink, *tls, *auth, "--node-config", node_config,
-        "--isolation", "process", "--port", str(runtime_port), "--superexec-auth-secret-file", str(gate_secret),
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        *tls,
+        *auth,
+        "--node-config",
+        node_config,
+        "--isolation",
+        "process",
+        "--port",
+        str(runtime_port),
+        "--superexec-auth-secret-file",
+        str(gate_secret),
     ]
 
 
@@ -163,9 +192,20 @@ def _stop_supernode() -> bool:
     return False
 
 
-def start(*, data: Path, superlink: str, campus: str | None = None, state: Path | None = None,
-          policy: Path | None = None, pki: Path | None = None, root_cert: Path | None = None, key: Path | None = None,
-          insecure: bool = False, rejoin_wait: float = REJOIN_WAIT_S, mapping: Path | None = None) -> None:
+def start(
+    *,
+    data: Path,
+    superlink: str,
+    campus: str | None = None,
+    state: Path | None = None,
+    policy: Path | None = None,
+    pki: Path | None = None,
+    root_cert: Path | None = None,
+    key: Path | None = None,
+    insecure: bool = False,
+    rejoin_wait: float = REJOIN_WAIT_S,
+    mapping: Path | None = None,
+) -> None:
     """Check everything a campus needs, then run its SuperNode in the foreground until stopped.
 
     ``campus`` defaults to the name of the ``data`` folder. ``state`` is the
@@ -202,8 +242,9 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         root_cert, key = tls_files(pki, {CA_CERT: root_cert, campus_key(campus): key})
     else:
         root_cert = key = None
-        print("WARNING: --insecure: this campus sends model updates in plaintext and is not authenticated; "
-              "local experiments only")
+        print(
+            "WARNING: --insecure: this campus sends model updates in plaintext and is not authenticated; local experiments only"
+        )
     try:
         validate(data, mapping)
     except DataError as err:
@@ -215,12 +256,17 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         problem = None
     if problem:
         raise CampusRefusal(f"campus {campus} does not connect: {problem}")
-    print(f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'}); "
-          f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}; "
-          f"{len(approved)} approved app bundle(s)")
+    print(
+        f"campus {campus}: starting its SuperNode against {superlink} ({'plaintext' if insecure else 'TLS'}); "
+        f"privacy ledger and audit log in {state}; policy {Path(policy).resolve() if policy else 'defaults (no --policy)'}; "
+        f"{len(approved)} approved app bundle(s)"
+    )
     if not approved:
-        print(f"WARNING: campus {campus}'s policy approves no app bundle (apps.approved_fab_hashes): it refuses every run. "
-              "Approve the bundle you reviewed with `edufl campus approve FAB_OR_APP_DIR --policy FILE`", flush=True)
+        print(
+            f"WARNING: campus {campus}'s policy approves no app bundle (apps.approved_fab_hashes): it refuses every run. "
+            "Approve the bundle you reviewed with `edufl campus approve FAB_OR_APP_DIR --policy FILE`",
+            flush=True,
+        )
     deadline = time.monotonic() + rejoin_wait
     with tempfile.TemporaryDirectory(prefix="edufl-gate-") as private:  # readable by this user only
         secret = Path(private) / "superexec-auth.secret"
@@ -228,21 +274,30 @@ def start(*, data: Path, superlink: str, campus: str | None = None, state: Path 
         while True:
             runtime_port = free_port()
             gate = GateProcess(gate_command(campus, state, policy, f"127.0.0.1:{runtime_port}", secret), _stop_supernode)
-            status, tail = foreground(supernode_command(campus, data, state, policy, superlink, root_cert, key,
-                                                        runtime_port, secret, mapping), on_line=gate.on_line)
+            status, tail = foreground(
+                supernode_command(campus, data, state, policy, superlink, root_cert, key, runtime_port, secret, mapping),
+                on_line=gate.on_line,
+            )
             refused = status != 0 and any("[code: 2004]" in line for line in tail)
             if not refused or time.monotonic() >= deadline:
                 break
-            print(f"note: the coordinator refused campus {campus}; if it stopped uncleanly less than "
-                  f"{REJOIN_WAIT_S:g} s ago it is still marked online there; retrying in 5 s", flush=True)
+            print(
+                f"note: the coordinator refused campus {campus}; if it stopped uncleanly less than "
+                f"{REJOIN_WAIT_S:g} s ago it is still marked online there; retrying in 5 s",
+                flush=True,
+            )
             time.sleep(5.0)
     if gate.failed is not None:
-        raise CampusRefusal(f"campus {campus}: its code-approval gate stopped with status {gate.failed} (see its output "
-                            "above); the SuperNode was stopped with it, since no app may start without the gate")
+        raise CampusRefusal(
+            f"campus {campus}: its code-approval gate stopped with status {gate.failed} (see its output "
+            "above); the SuperNode was stopped with it, since no app may start without the gate"
+        )
     if status != 0:
         reasons = [why for marker, why in _REFUSALS.items() if any(marker in line for line in tail)]
-        raise CampusRefusal(f"campus {campus}: the SuperNode stopped with status {status}"
-                            + (f": {reasons[0]}" if reasons else " (see its output above)"))
+        raise CampusRefusal(
+            f"campus {campus}: the SuperNode stopped with status {status}"
+            + (f": {reasons[0]}" if reasons else " (see its output above)")
+        )
 
 
 def approve(bundle: Path | None, policy: Path | None = None) -> str:
@@ -262,8 +317,15 @@ def approve(bundle: Path | None, policy: Path | None = None) -> str:
     print(f"{bundle or 'this edufl'}: app bundle {name}, sha256 {fab_hash}")
     if policy is not None:
         added = add_approval(policy, fab_hash, f"{name}, approved {now()[:10]}")
-        print(f"{policy}: " + ("added to apps.approved_fab_hashes; campuses under this policy start this bundle's "
-                               "ClientApp from their next message on" if added else "already in apps.approved_fab_hashes"))
+        print(
+            f"{policy}: "
+            + (
+                "added to apps.approved_fab_hashes; campuses under this policy start this bundle's "
+                "ClientApp from their next message on"
+                if added
+                else "already in apps.approved_fab_hashes"
+            )
+        )
     return fab_hash
 
 
@@ -320,18 +382,35 @@ def budget(state: Path, policy: Path | None = None) -> list[dict]:
         rows = []
         for dataset, campus in ledger.datasets().items():
             releases = ledger.releases(dataset)
-            row = dict(campus=campus, dataset=dataset, runs=len({r.run_id for r in releases}), releases=len(releases),
-                       epsilon=ledger.spent(dataset, limits.delta))
+            row = dict(
+                campus=campus,
+                dataset=dataset,
+                runs=len({r.run_id for r in releases}),
+                releases=len(releases),
+                epsilon=ledger.spent(dataset, limits.delta),
+            )
             if policy is not None:
                 row["remaining"] = max(limits.total_epsilon_budget - row["epsilon"], 0.0)
             rows.append(row)
     table = Table(title=f"privacy budget spent, {state} (ε at δ = {limits.delta:g}, over all runs)")
-    for column in ("campus", "dataset", "runs", "releases", "ε spent",
-                   *([f"ε remaining of {limits.total_epsilon_budget:g}"] if policy is not None else [])):
+    for column in (
+        "campus",
+        "dataset",
+        "runs",
+        "releases",
+        "ε spent",
+        *([f"ε remaining of {limits.total_epsilon_budget:g}"] if policy is not None else []),
+    ):
         table.add_column(column, justify="left" if column in ("campus", "dataset") else "right")
     for row in rows:
-        table.add_row(row["campus"], row["dataset"][:12], str(row["runs"]), str(row["releases"]), f"{row['epsilon']:.3f}",
-                      *([f"{row['remaining']:.3f}"] if policy is not None else []))
+        table.add_row(
+            row["campus"],
+            row["dataset"][:12],
+            str(row["runs"]),
+            str(row["releases"]),
+            f"{row['epsilon']:.3f}",
+            *([f"{row['remaining']:.3f}"] if policy is not None else []),
+        )
     _show(table if rows else f"{state}: the privacy ledger holds no release yet (ε spent 0)")
     return rows
 
@@ -371,7 +450,16 @@ def audit(state: Path, run: str | None = None, fmt: str = "table") -> list[dict]
         table.add_column(column, justify="right" if column in ("round", "arrays", "bytes", "ε") else "left")
     for r in records:
         outcome = "sent" if r.sent else r.reason.split(":")[0] if r.reason.startswith(("refused:", "failed:")) else "blocked"
-        table.add_row(r.recorded_at, r.run_id, str(r.server_round), r.message_type, outcome, str(len(r.arrays)),
-                      str(r.payload_bytes), r.payload_sha256[:12], f"{r.dp.epsilon:.3f}" if r.HasField("dp") else "")
+        table.add_row(
+            r.recorded_at,
+            r.run_id,
+            str(r.server_round),
+            r.message_type,
+            outcome,
+            str(len(r.arrays)),
+            str(r.payload_bytes),
+            r.payload_sha256[:12],
+            f"{r.dp.epsilon:.3f}" if r.HasField("dp") else "",
+        )
     _show(table if records else f"{state}: the audit log holds no record yet")
     return [as_dict(r) for r in records]

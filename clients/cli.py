@@ -26,8 +26,9 @@ _MAPPING_HELP = "mapping file (TOML) of the export to the learner-record contrac
 
 app = typer.Typer(add_completion=False)
 """Every campus-side command of ``edufl``."""
-_campus = typer.Typer(help="a campus: check or export its data, start its SuperNode, show its budget and audit log",
-                      no_args_is_help=True)
+_campus = typer.Typer(
+    help="a campus: check or export its data, start its SuperNode, show its budget and audit log", no_args_is_help=True
+)
 app.add_typer(_campus, name="campus")
 
 
@@ -36,29 +37,48 @@ def start(
     data: Annotated[Path, typer.Option(help="the campus's own export (OULAD layout, or any layout with --mapping)")],
     superlink: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
     mapping: Annotated[Path | None, typer.Option(help=_MAPPING_HELP)] = None,
-    campus: Annotated[str | None, typer.Option(help="campus name (default: the --data folder's name); picks "
-                                                    "campus-NAME.key in --pki")] = None,
-    state: Annotated[Path | None, typer.Option(help="folder for this campus's privacy ledger and audit log "
-                                                    "(default: edufl-state/CAMPUS)")] = None,
+    campus: Annotated[
+        str | None, typer.Option(help="campus name (default: the --data folder's name); picks campus-NAME.key in --pki")
+    ] = None,
+    state: Annotated[
+        Path | None, typer.Option(help="folder for this campus's privacy ledger and audit log (default: edufl-state/CAMPUS)")
+    ] = None,
     policy: Annotated[Path | None, typer.Option(help="campus policy file (TOML); default: the safe defaults")] = None,
     pki: PkiOption = None,
     root_cert: RootCertOption = None,
     key: Annotated[Path | None, typer.Option(help="campus private key (OpenSSH format), registered on the coordinator")] = None,
     insecure: InsecureOption = False,
-    rejoin_wait: Annotated[float, typer.Option(help="seconds to keep retrying when the coordinator refuses this campus "
-                                                    "(after an unclean stop it holds the campus online for up to a "
-                                                    "minute)")] = campus_side.REJOIN_WAIT_S,
+    rejoin_wait: Annotated[
+        float,
+        typer.Option(
+            help="seconds to keep retrying when the coordinator refuses this campus "
+            "(after an unclean stop it holds the campus online for up to a "
+            "minute)"
+        ),
+    ] = campus_side.REJOIN_WAIT_S,
 ) -> None:
-    campus_side.start(data=data, superlink=superlink, campus=campus, insecure=insecure, state=state, policy=policy,
-                      pki=pki, root_cert=root_cert, key=key, rejoin_wait=rejoin_wait, mapping=mapping)
+    campus_side.start(
+        data=data,
+        superlink=superlink,
+        campus=campus,
+        insecure=insecure,
+        state=state,
+        policy=policy,
+        pki=pki,
+        root_cert=root_cert,
+        key=key,
+        rejoin_wait=rejoin_wait,
+        mapping=mapping,
+    )
 
 
 @_campus.command("export-oulad", help="write one campus's slice of OULAD, as that campus's own export")
 def export_oulad(
     campus: Annotated[str, typer.Option(help="campus name, e.g. AAA (a module code with --campus-by module)")],
     out: Annotated[Path, typer.Option(help="new folder for the campus's tables")],
-    campus_by: Annotated[str, typer.Option(click_type=click.Choice(CAMPUS_BY),
-                                           help="how OULAD is split into campuses")] = _DEFAULTS.campus_by,
+    campus_by: Annotated[
+        str, typer.Option(click_type=click.Choice(CAMPUS_BY), help="how OULAD is split into campuses")
+    ] = _DEFAULTS.campus_by,
     shards: Annotated[int, typer.Option(help="number of campuses with --campus-by shard")] = _DEFAULTS.shards,
     data: Annotated[Path, typer.Option(envvar=DATA_ENV, help="folder with the full OULAD tables")] = ...,
 ) -> None:
@@ -73,13 +93,19 @@ def validate(
     campus_side.validate(data, mapping)
 
 
-@_campus.command(help=("the SHA-256 of an app bundle the data steward reviewed; with --policy, approve it there\n\n"
-                       "FAB_OR_APP_DIR: a .fab file (`flwr build`), or an app folder, built as `flwr run` builds it "
-                       "(default: the bundle this installed edufl submits)."))
+@_campus.command(
+    help=(
+        "the SHA-256 of an app bundle the data steward reviewed; with --policy, approve it there\n\n"
+        "FAB_OR_APP_DIR: a .fab file (`flwr build`), or an app folder, built as `flwr run` builds it "
+        "(default: the bundle this installed edufl submits)."
+    )
+)
 def approve(
     bundle: Annotated[Path | None, typer.Argument(metavar="FAB_OR_APP_DIR", show_default=False)] = None,
-    policy: Annotated[Path | None, typer.Option(help="the campus policy file to add the hash to (created if missing; the "
-                                                     "rest is kept as written)")] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="the campus policy file to add the hash to (created if missing; the rest is kept as written)"),
+    ] = None,
 ) -> None:
     campus_side.approve(bundle, policy)
 
@@ -87,8 +113,10 @@ def approve(
 @_campus.command(help="ε spent per dataset over all runs, from the campus's privacy ledger")
 def budget(
     state: Annotated[Path, typer.Option(help="the campus's state folder")],
-    policy: Annotated[Path | None, typer.Option(help="the campus's policy file: its δ, and the total budget left "
-                                                     "(default: the safe defaults' δ)")] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="the campus's policy file: its δ, and the total budget left (default: the safe defaults' δ)"),
+    ] = None,
 ) -> None:
     campus_side.budget(state, policy)
 
@@ -97,7 +125,8 @@ def budget(
 def audit(
     state: Annotated[Path, typer.Option(help="the campus's state folder")],
     run: Annotated[str | None, typer.Option(help="only this run (its run name, or Flower's run id)")] = None,
-    fmt: Annotated[str, typer.Option("--format", click_type=click.Choice(("table", "json")),
-                                     help="a table, or one JSON object per line")] = "table",
+    fmt: Annotated[
+        str, typer.Option("--format", click_type=click.Choice(("table", "json")), help="a table, or one JSON object per line")
+    ] = "table",
 ) -> None:
     campus_side.audit(state, run, fmt)

@@ -22,8 +22,10 @@ HANDLED = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
 
 
 def _refuse_unknown(msg: Message, context: Context) -> Message:
-    raise CampusRefusal(f"campus {campus_setup(context.node_config).name} refuses message type "
-                        f"{msg.metadata.message_type!r}: it answers only {', '.join(HANDLED)}")
+    raise CampusRefusal(
+        f"campus {campus_setup(context.node_config).name} refuses message type "
+        f"{msg.metadata.message_type!r}: it answers only {', '.join(HANDLED)}"
+    )
 
 
 class GuardedClientApp(ClientApp):

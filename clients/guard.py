@@ -56,8 +56,9 @@ def release_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     message type. The details (which record, which value) stay in the
     campus's audit log.
     """
-    record = AuditRecord(recorded_at="", campus=str(context.node_config.get("campus", "")),
-                         message_type=msg.metadata.message_type)
+    record = AuditRecord(
+        recorded_at="", campus=str(context.node_config.get("campus", "")), message_type=msg.metadata.message_type
+    )
     state_dir = None
     try:
         setup = campus_setup(context.node_config)
@@ -79,8 +80,9 @@ def _fault_reason(campus: str, message_type: str) -> str:
     return f"campus {campus}: the {message_type} message failed on the campus (details in its audit log)"
 
 
-def _guarded(msg: Message, context: Context, call_next: Callable[[Message, Context], Message], setup: CampusSetup,
-             record: AuditRecord) -> Message:
+def _guarded(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message], setup: CampusSetup, record: AuditRecord
+) -> Message:
     stage = secagg_stage(msg)
     asked = None if stage is None else dict(msg.content.config_records[SECAGG])  # as it arrived: the mod consumes it
     try:
@@ -90,8 +92,9 @@ def _guarded(msg: Message, context: Context, call_next: Callable[[Message, Conte
         write_record(setup.state_dir, record)
         return Message(Error(code=REFUSED, reason=str(err)), reply_to=msg)
     min_cohort = setup.policy.release.min_cohort_size
-    problems = (violations(msg, reply, min_cohort) if stage is None
-                else secagg_violations(stage, asked, msg, reply, context, min_cohort))
+    problems = (
+        violations(msg, reply, min_cohort) if stage is None else secagg_violations(stage, asked, msg, reply, context, min_cohort)
+    )
     record.sent = not problems
     record.reason = "; ".join(problems)
     describe_reply(record, reply)
@@ -100,6 +103,11 @@ def _guarded(msg: Message, context: Context, call_next: Callable[[Message, Conte
     record.recorded_at = now()
     write_record(setup.state_dir, record)
     if problems:
-        return Message(Error(code=BLOCKED, reason=f"campus {setup.name}: release guard blocked the {record.message_type} "
-                                                  "reply (details in its audit log)"), reply_to=msg)
+        return Message(
+            Error(
+                code=BLOCKED,
+                reason=f"campus {setup.name}: release guard blocked the {record.message_type} reply (details in its audit log)",
+            ),
+            reply_to=msg,
+        )
     return reply

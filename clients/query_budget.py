@@ -16,8 +16,9 @@ from edufl.federation.statistics import noise_multiplier
 __all__ = ["plan_release"]
 
 
-def plan_release(query: StatisticQuery, policy: CampusPolicy | None, run_history: History,
-                 dataset_history: History) -> tuple[float, float]:
+def plan_release(
+    query: StatisticQuery, policy: CampusPolicy | None, run_history: History, dataset_history: History
+) -> tuple[float, float]:
     """(z, the run's ε after the release) for a campus under ``policy``, given its ledger's histories
     (each a list of (noise multiplier, sample rate, steps)).
 
@@ -42,8 +43,9 @@ def plan_release(query: StatisticQuery, policy: CampusPolicy | None, run_history
         if query.delta > limits.delta:
             raise QueryError(f"privacy.delta: delta {query.delta:g} > {limits.delta:g}")
         if run_eps > limits.max_epsilon_per_run:
-            raise QueryError(f"privacy.max_epsilon_per_run: the run's ε would reach {run_eps:.3f} > "
-                             f"{limits.max_epsilon_per_run:g}")
+            raise QueryError(
+                f"privacy.max_epsilon_per_run: the run's ε would reach {run_eps:.3f} > {limits.max_epsilon_per_run:g}"
+            )
         if why := policy.over_budget(dataset_history, planned):
             raise QueryError(why)
     return planned[0], run_eps

@@ -63,8 +63,11 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
             found.append(f"arrays {sent} are not the {cfg.model} model's parameters")
     if METRICS in content.metric_records:
         metrics = content.metric_records[METRICS]
-        found += (metric_problems(metrics, TRAIN_METRICS, min_cohort) if kind == "train"
-                  else _evaluatemetric_problems(msg, metrics, min_cohort))
+        found += (
+            metric_problems(metrics, TRAIN_METRICS, min_cohort)
+            if kind == "train"
+            else _evaluatemetric_problems(msg, metrics, min_cohort)
+        )
     if CAMPUS in content.config_records and set(content.config_records[CAMPUS]) != {"name"}:
         found.append(f"campus record keys {sorted(content.config_records[CAMPUS])}; expected ['name']")
     if kind == "query" and ANSWER in content.config_records:
@@ -107,8 +110,10 @@ def _evaluatemetric_problems(msg: Message, metrics, k: int) -> list[str]:
     for attribute in SUBGROUPS:
         rest = metrics[NUM_EXAMPLES] - sum(n for (a, _), n in counts.items() if a == attribute)
         if any(a == attribute for a, _ in counts) and 0 < rest < k:
-            found.append(f"subgroup {attribute}: {rest} test records outside the groups sent, fewer than {k} "
-                         "(their count follows by subtraction)")
+            found.append(
+                f"subgroup {attribute}: {rest} test records outside the groups sent, fewer than {k} "
+                "(their count follows by subtraction)"
+            )
     return found
 
 

@@ -97,12 +97,15 @@ def check_stage_request(campus: str, stage: str, values: dict, node_id: int) -> 
             raise CampusRefusal(
                 f"campus {campus} refuses SecAgg+ setup with {shares} shares and reconstruction threshold {threshold}: "
                 "it needs at least 3 shares and a threshold above half of them, or the coordinator could rebuild "
-                "this campus's secrets and unmask its update")
+                "this campus's secrets and unmask its update"
+            )
     elif stage == Stage.UNMASK:
         both = doubly_named(values.get(Key.ACTIVE_NODE_ID_LIST, []), values.get(Key.DEAD_NODE_ID_LIST, []), node_id)
         if both:
-            raise CampusRefusal(f"campus {campus} refuses SecAgg+ unmask: nodes {both} are named both active and "
-                                "dropped out, which would reveal both shares of their secrets")
+            raise CampusRefusal(
+                f"campus {campus} refuses SecAgg+ unmask: nodes {both} are named both active and "
+                "dropped out, which would reveal both shares of their secrets"
+            )
 
 
 def legacy_fit_adapter(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -127,16 +130,20 @@ def legacy_fit_adapter(msg: Message, context: Context, call_next: Callable[[Mess
         raise ConfigError("a SecAgg+ training request without the run configuration")
     config = msg.content.config_records[CONFIG]
     cfg = RunConfig.from_flower(dict(config))
-    request = Message(RecordDict({ARRAYS: _named(cfg, msg.content.array_records[FITINS_PARAMETERS]),
-                                  CONFIG: config}), metadata=copy.copy(msg.metadata))
+    request = Message(
+        RecordDict({ARRAYS: _named(cfg, msg.content.array_records[FITINS_PARAMETERS]), CONFIG: config}),
+        metadata=copy.copy(msg.metadata),
+    )
     reply = call_next(request, context).content
     metrics = reply.metric_records[METRICS]
     n = int(metrics[NUM_EXAMPLES])
     max_weight = float(context.state.config_records[RECORD_KEY_STATE]["max_weight"])
     if n > max_weight:
-        raise CampusRefusal(f"campus {campus_setup(context.node_config).name}: its {n} training rows exceed the SecAgg+ "
-                            f"maximum weight {max_weight:g}, so its masked update would be clipped; "
-                            f"the coordinator must set secagg-max-weight >= {n}")
+        raise CampusRefusal(
+            f"campus {campus_setup(context.node_config).name}: its {n} training rows exceed the SecAgg+ "
+            f"maximum weight {max_weight:g}, so its masked update would be clipped; "
+            f"the coordinator must set secagg-max-weight >= {n}"
+        )
     parameters = ndarrays_to_parameters([array.numpy() for array in reply.array_records[ARRAYS].values()])
     status = Status(code=Code(FIT_OK["code"]), message=FIT_OK["message"])
     content = fitres_to_recorddict(FitRes(status, parameters, n, dict(metrics)), keep_input=True)

@@ -27,14 +27,27 @@ from edufl.federation.wire import CAMPUS, CONFIG, NUM_EXAMPLES
 
 from .reply_checks import expected_arrays, metric_problems
 
-__all__ = ["FIT_METRICS", "FIT_NUM_EXAMPLES", "FIT_OK", "FIT_PARAMETERS", "FIT_STATUS", "SECAGG", "masked_specs",
-           "secagg_stage", "secagg_violations"]
+__all__ = [
+    "FIT_METRICS",
+    "FIT_NUM_EXAMPLES",
+    "FIT_OK",
+    "FIT_PARAMETERS",
+    "FIT_STATUS",
+    "SECAGG",
+    "masked_specs",
+    "secagg_stage",
+    "secagg_violations",
+]
 
 # SecAgg+ (Flower's secaggplus_mod): the record holding each stage's request and reply values, and the
 # records of a masked-vector reply, which is Flower's legacy FitRes with its parameters emptied.
 SECAGG = RECORD_KEY_CONFIGS
 FIT_PARAMETERS, FIT_NUM_EXAMPLES, FIT_METRICS, FIT_STATUS = (
-    "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status")
+    "fitres.parameters",
+    "fitres.num_examples",
+    "fitres.metrics",
+    "fitres.status",
+)
 FIT_OK = {"code": 0, "message": "Success"}
 
 
@@ -46,8 +59,7 @@ def secagg_stage(msg: Message) -> str | None:
     return str(msg.content.config_records[SECAGG].get(Key.STAGE, ""))
 
 
-def secagg_violations(stage: str, asked: dict, msg: Message, reply: Message, context: Context,
-                      min_cohort: int) -> list[str]:
+def secagg_violations(stage: str, asked: dict, msg: Message, reply: Message, context: Context, min_cohort: int) -> list[str]:
     """Everything in the reply to SecAgg+ stage ``stage`` that the protocol does not declare; empty if it may leave.
 
     ``asked`` holds the request's stage values as they arrived (``secaggplus_mod``
@@ -74,8 +86,9 @@ def secagg_violations(stage: str, asked: dict, msg: Message, reply: Message, con
     if stage not in Stage.all():
         return [f"SecAgg+ stage {stage!r} is not released by this campus"]
     content = reply.content
-    expected = {SECAGG, CAMPUS} | ({FIT_PARAMETERS, FIT_NUM_EXAMPLES, FIT_METRICS, FIT_STATUS}
-                                   if stage == Stage.COLLECT_MASKED_VECTORS else set())
+    expected = {SECAGG, CAMPUS} | (
+        {FIT_PARAMETERS, FIT_NUM_EXAMPLES, FIT_METRICS, FIT_STATUS} if stage == Stage.COLLECT_MASKED_VECTORS else set()
+    )
     found = []
     if set(content) != expected:
         found.append(f"records {sorted(content)}; expected {sorted(expected)}")
@@ -85,8 +98,12 @@ def secagg_violations(stage: str, asked: dict, msg: Message, reply: Message, con
         return found
     if RECORD_KEY_STATE not in context.state.config_records:
         return [*found, f"no SecAgg+ state on this campus for the {stage} reply"]
-    check = {Stage.SETUP: _setup_problems, Stage.SHARE_KEYS: _share_keys_problems,
-             Stage.COLLECT_MASKED_VECTORS: _masked_vector_problems, Stage.UNMASK: _unmask_problems}[stage]
+    check = {
+        Stage.SETUP: _setup_problems,
+        Stage.SHARE_KEYS: _share_keys_problems,
+        Stage.COLLECT_MASKED_VECTORS: _masked_vector_problems,
+        Stage.UNMASK: _unmask_problems,
+    }[stage]
     try:
         state = SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE])
         found += check(asked, content, state, msg, min_cohort)
@@ -112,8 +129,10 @@ def _share_keys_problems(asked, content, state: SecAggPlusState, msg, min_cohort
     dsts, ciphertexts = list(values[Key.DESTINATION_LIST]), list(values[Key.CIPHERTEXT_LIST])
     announced = sorted({int(k) for k in asked if k != Key.STAGE} - {state.nid})
     if sorted(dsts) != announced or len(ciphertexts) != len(dsts):
-        return [f"{len(ciphertexts)} ciphertexts to nodes {sorted(dsts)}; expected one to each neighbour the "
-                f"coordinator announced ({announced})"]
+        return [
+            f"{len(ciphertexts)} ciphertexts to nodes {sorted(dsts)}; expected one to each neighbour the "
+            f"coordinator announced ({announced})"
+        ]
     seeds, keys = [state.rd_seed_share_dict[state.nid]], [state.sk1_share_dict[state.nid]]
     for dst, ciphertext in zip(dsts, ciphertexts):
         try:

@@ -40,8 +40,11 @@ def _query_config(query_file: Path) -> tuple[StatisticQuery, dict]:
 def _headline(query: StatisticQuery, campuses: str) -> None:
     from edufl.server.analytics import describe, unit
 
-    print(f"edufl analytics: {describe(query)}, {campuses}, Gaussian mechanism, "
-          f"ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}, privacy unit: {unit(query)}", flush=True)
+    print(
+        f"edufl analytics: {describe(query)}, {campuses}, Gaussian mechanism, "
+        f"ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}, privacy unit: {unit(query)}",
+        flush=True,
+    )
 
 
 def _results(out: Path) -> dict:
@@ -81,8 +84,18 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     return _results(out)
 
 
-def run_deployed(query_file: Path, *, superlink: str, pki: Path | None, root_cert: Path | None, insecure: bool,
-                 min_campuses: int, wait: float, round_timeout: float, out: Path) -> dict:
+def run_deployed(
+    query_file: Path,
+    *,
+    superlink: str,
+    pki: Path | None,
+    root_cert: Path | None,
+    insecure: bool,
+    min_campuses: int,
+    wait: float,
+    round_timeout: float,
+    out: Path,
+) -> dict:
     """Answer the query in ``query_file`` on the campuses of the coordinator at ``superlink``.
 
     Waits at most ``wait`` seconds for ``min_campuses`` online campuses, then

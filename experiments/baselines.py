@@ -52,30 +52,50 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
     sigmas = {}
     for g, (train_part, _) in groups.items():
         if cfg.dp and len(train_part):
-            sigmas[g] = calibrate_noise(DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm), len(train_part),
-                                        cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
+            sigmas[g] = calibrate_noise(
+                DPSettings(cfg.target_epsilon, cfg.delta, cfg.max_grad_norm),
+                len(train_part),
+                cfg.batch_size,
+                cfg.num_rounds * cfg.local_epochs,
+            )
     for server_round in range(1, cfg.num_rounds + 1):
         for g, (train_part, members) in groups.items():
             if not len(train_part):
                 continue
             seed = cfg.seed * 1_000_003 + server_round  # public: orders plain SGD's batches only
             result = train(
-                models[g], train_part, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate, seed=seed, noise_multiplier=sigmas.get(g),
-                max_grad_norm=cfg.max_grad_norm, history=histories[g],
+                models[g],
+                train_part,
+                epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                seed=seed,
+                noise_multiplier=sigmas.get(g),
+                max_grad_norm=cfg.max_grad_norm,
+                history=histories[g],
                 randomness=Randomness(seed) if cfg.reproducible_noise else SECRET,
             )
             histories[g] = result.history
             steps_done[g] += result.steps
             eps = epsilon(result.history, cfg.delta) if cfg.dp else float("inf")
             for name in members:
-                report.add_train(name, n_train=len(campuses[name][0]), loss=result.loss, epsilon=eps,
-                                 noise_multiplier=sigmas.get(g, float("nan")), sample_rate=result.sample_rate,
-                                 steps=steps_done[g])
+                report.add_train(
+                    name,
+                    n_train=len(campuses[name][0]),
+                    loss=result.loss,
+                    epsilon=eps,
+                    noise_multiplier=sigmas.get(g, float("nan")),
+                    sample_rate=result.sample_rate,
+                    steps=steps_done[g],
+                )
             for name in members:
                 train_part_c, test_part = campuses[name]
-                report.add_evaluation(name, n_test=len(test_part), metrics=evaluate(models[g], train_part_c, test_part, cfg.task),
-                                      groups=subgroup_metrics(models[g], test_part, cfg.task, group_k))
+                report.add_evaluation(
+                    name,
+                    n_test=len(test_part),
+                    metrics=evaluate(models[g], train_part_c, test_part, cfg.task),
+                    groups=subgroup_metrics(models[g], test_part, cfg.task, group_k),
+                )
         report.end_round(server_round, cfg.num_rounds)
     state = models["pooled"].state_dict() if mode == "centralized" else None
     return report.write(Path(cfg.out), state, time.perf_counter() - started)

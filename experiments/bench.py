@@ -78,10 +78,14 @@ def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200),
     """
     common = ["--rounds", str(rounds)]
     plan = [
-        *[(name, args) for _ in range(repeats) for name, args in (
-            ("federated, 7 campuses", ["--mode", "federated", *common]),
-            ("centralized DP-SGD", ["--mode", "centralized", *common]),
-        )],
+        *[
+            (name, args)
+            for _ in range(repeats)
+            for name, args in (
+                ("federated, 7 campuses", ["--mode", "federated", *common]),
+                ("centralized DP-SGD", ["--mode", "centralized", *common]),
+            )
+        ],
         *[(f"federated, {n} shard campuses", ["--campus-by", "shard", "--shards", str(n), *common]) for n in shards],
     ]
     runs: dict[str, list[dict]] = {}
@@ -93,8 +97,10 @@ def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200),
     print(f"\n{'run':<32} {'campuses':>8} {'wall s':>8} {'1st round s':>12} {'per round s':>12} {'peak MB':>9} {'AUC':>7}")
     for name, measured in runs.items():
         for r in measured:
-            print(f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
-                  f"{r['peak_mb']:>9.0f} {r['auc']:>7.4f}")
+            print(
+                f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
+                f"{r['peak_mb']:>9.0f} {r['auc']:>7.4f}"
+            )
     fed, central = runs["federated, 7 campuses"], runs["centralized DP-SGD"]
     fed_s, central_s = (statistics.median(r["wall_s"] for r in rs) for rs in (fed, central))
     result = {
@@ -108,8 +114,10 @@ def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200),
         "repeats": repeats,
         "federated_runs_s": [round(r["wall_s"], 2) for r in fed],
         "centralized_runs_s": [round(r["wall_s"], 2) for r in central],
-        "shards": {str(n): {k: round(v, 3) for k, v in runs[f"federated, {n} shard campuses"][0].items() if k != "campuses"}
-                   for n in shards},
+        "shards": {
+            str(n): {k: round(v, 3) for k, v in runs[f"federated, {n} shard campuses"][0].items() if k != "campuses"}
+            for n in shards
+        },
     }
     print(f"\nfederated / centralized wall time (medians of {repeats}): {result['ratio']:.2f}x")
     print(json.dumps(result))

@@ -45,8 +45,12 @@ def _command_line(argv: list[str]) -> click.Group:
     """The ``edufl`` group holding the command ``argv`` names, or every command when it names none."""
     names = [argv[0]] if argv and argv[0] in SIDES else list(SIDES)
     sides = {module: get_command(importlib.import_module(module).app) for module in dict.fromkeys(SIDES[n] for n in names)}
-    return TyperGroup(name="edufl", help="Federated, differentially private learning analytics", no_args_is_help=True,
-                      commands={name: sides[SIDES[name]].commands[name] for name in names})
+    return TyperGroup(
+        name="edufl",
+        help="Federated, differentially private learning analytics",
+        no_args_is_help=True,
+        commands={name: sides[SIDES[name]].commands[name] for name in names},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

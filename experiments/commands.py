@@ -45,14 +45,27 @@ app.add_typer(_data, name="data")
 @run_settings
 def simulate(
     data: _DataOption = None,
-    mode: Annotated[str, typer.Option(click_type=click.Choice(("federated", "centralized", "local")),
-                                      help="federated (Flower simulation engine), centralized (pooled rows, research "
-                                           "only) or local (each campus alone)")] = "federated",
-    campus_by: Annotated[str, typer.Option(click_type=click.Choice(CAMPUS_BY), help="campuses: module (7), region (13) or "
-                                           "shard (--shards campuses by student hash)")] = _DEFAULTS.campus_by,
+    mode: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(("federated", "centralized", "local")),
+            help="federated (Flower simulation engine), centralized (pooled rows, research only) or local (each campus alone)",
+        ),
+    ] = "federated",
+    campus_by: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(CAMPUS_BY),
+            help="campuses: module (7), region (13) or shard (--shards campuses by student hash)",
+        ),
+    ] = _DEFAULTS.campus_by,
     shards: Annotated[int, typer.Option(help="number of campuses with --campus-by shard")] = _DEFAULTS.shards,
-    policy: Annotated[Path | None, typer.Option(help="campus policy file (TOML) every virtual campus enforces (default: "
-                                                     "none, research settings run as asked)")] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="campus policy file (TOML) every virtual campus enforces (default: none, research settings run as asked)"
+        ),
+    ] = None,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -73,26 +86,36 @@ def simulate(
     raise_for_failures(summary)
 
 
-@_analytics.command("run", help=("answer a query (TOML) on the simulation engine, or on a deployment with --superlink, "
-                                 "and write a table, a chart and summary.json\n\n"
-                                 "QUERY.toml: the query, e.g. experiments/queries/withdrawal_by_imd.toml."))
+@_analytics.command(
+    "run",
+    help=(
+        "answer a query (TOML) on the simulation engine, or on a deployment with --superlink, "
+        "and write a table, a chart and summary.json\n\n"
+        "QUERY.toml: the query, e.g. experiments/queries/withdrawal_by_imd.toml."
+    ),
+)
 def analytics_run(
     query: Annotated[Path, typer.Argument(metavar="QUERY.toml", show_default=False)],
     data: Annotated[str | None, typer.Option(help=f"simulation: {_DATA_HELP}")] = None,
-    campus_by: Annotated[str, typer.Option(click_type=click.Choice(("module", "region")),
-                                           help="simulation: campuses, module (7) or region (13)")] = "module",
-    policy: Annotated[Path | None, typer.Option(help="simulation: campus policy file (TOML) every virtual campus enforces "
-                                                     "(default: none; k = 10)")] = None,
-    superlink: Annotated[str | None, typer.Option(help="deployment: the coordinator's HOST:PORT (campuses answer with "
-                                                       "their own data and policy)")] = None,
+    campus_by: Annotated[
+        str, typer.Option(click_type=click.Choice(("module", "region")), help="simulation: campuses, module (7) or region (13)")
+    ] = "module",
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="simulation: campus policy file (TOML) every virtual campus enforces (default: none; k = 10)"),
+    ] = None,
+    superlink: Annotated[
+        str | None, typer.Option(help="deployment: the coordinator's HOST:PORT (campuses answer with their own data and policy)")
+    ] = None,
     pki: PkiOption = None,
     root_cert: RootCertOption = None,
     insecure: InsecureOption = False,
     min_campuses: Annotated[int, typer.Option(help="deployment: campuses that must be online")] = _DEFAULTS.min_campuses,
     wait: Annotated[float, typer.Option(help="deployment: seconds to wait for --min-campuses to be online")] = 60.0,
     round_timeout: Annotated[float, typer.Option(help="deployment: seconds to wait for the answers")] = _DEFAULTS.round_timeout,
-    out: Annotated[Path, typer.Option(help="results folder (reuse it to keep spending the same simulated campus "
-                                           "budgets)")] = Path("results/analytics"),
+    out: Annotated[
+        Path, typer.Option(help="results folder (reuse it to keep spending the same simulated campus budgets)")
+    ] = Path("results/analytics"),
 ) -> None:
     from edufl.federation.queries import load_query
 
@@ -102,13 +125,25 @@ def analytics_run(
     from .analytics import run_analytics, run_deployed
 
     if superlink:
-        stray = [flag for flag, given in (("--data", data), ("--policy", policy), ("--campus-by", campus_by != "module"))
-                 if given]
+        stray = [
+            flag for flag, given in (("--data", data), ("--policy", policy), ("--campus-by", campus_by != "module")) if given
+        ]
         if stray:
-            raise ConfigError(f"{', '.join(stray)}: simulation options; with --superlink each campus answers from its own "
-                              "data under its own policy")
-        summary = run_deployed(query, superlink=superlink, pki=pki, root_cert=root_cert, insecure=insecure,
-                               min_campuses=min_campuses, wait=wait, round_timeout=round_timeout, out=out)
+            raise ConfigError(
+                f"{', '.join(stray)}: simulation options; with --superlink each campus answers from its own "
+                "data under its own policy"
+            )
+        summary = run_deployed(
+            query,
+            superlink=superlink,
+            pki=pki,
+            root_cert=root_cert,
+            insecure=insecure,
+            min_campuses=min_campuses,
+            wait=wait,
+            round_timeout=round_timeout,
+            out=out,
+        )
     else:
         stray = [flag for flag, given in (("--pki", pki), ("--root-cert", root_cert), ("--insecure", insecure)) if given]
         if stray:
@@ -118,8 +153,13 @@ def analytics_run(
         raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
 
 
-@_experiment.command("run", help=("run every cell of the study not yet done (resumable)\n\n"
-                                  "CONFIG: the study config (TOML), e.g. experiments/configs/quick.toml."))
+@_experiment.command(
+    "run",
+    help=(
+        "run every cell of the study not yet done (resumable)\n\n"
+        "CONFIG: the study config (TOML), e.g. experiments/configs/quick.toml."
+    ),
+)
 def experiment_run(
     config: Annotated[Path, typer.Argument(show_default=False)],
     out: Annotated[Path | None, typer.Option(help="study folder (default: results/<study name>)")] = None,
@@ -165,12 +205,18 @@ def bench(
     run_bench(resolve_data_dir(data), rounds, tuple(int(n) for n in shards.split(",") if n), repeats)
 
 
-@app.command("audit-privacy", help=("membership-inference attack AUC per campus against a run's final model\n\n"
-                                    "RUN_DIR: the results folder of `edufl simulate` (with summary.json and model.pt)."))
+@app.command(
+    "audit-privacy",
+    help=(
+        "membership-inference attack AUC per campus against a run's final model\n\n"
+        "RUN_DIR: the results folder of `edufl simulate` (with summary.json and model.pt)."
+    ),
+)
 def audit_privacy(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", show_default=False)],
-    data: Annotated[Path | None, typer.Option(help="the tables the run used (default: the folder recorded in "
-                                                   "summary.json)")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="the tables the run used (default: the folder recorded in summary.json)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed for subsampling members to the number of non-members")] = 0,
 ) -> None:
     from .privacy_audit import audit, print_audit

@@ -20,8 +20,13 @@ from edufl.federation.tables import DATA_ENV, HOW_TO_GET_DATA, OULAD_URL
 
 __all__ = ["OULAD_RELEASE_ROWS", "cache_dir", "download", "resolve_data_dir"]
 
-OULAD_RELEASE_ROWS = {"courses.csv": 22, "assessments.csv": 206, "studentInfo.csv": 32593,
-                      "studentRegistration.csv": 32593, "studentAssessment.csv": 173912}
+OULAD_RELEASE_ROWS = {
+    "courses.csv": 22,
+    "assessments.csv": 206,
+    "studentInfo.csv": 32593,
+    "studentRegistration.csv": 32593,
+    "studentAssessment.csv": 173912,
+}
 """Rows in each file of the official release that the OULAD mapping reads."""
 
 

@@ -27,8 +27,10 @@ from edufl.server.results import primary_metric, weighted
 from .membership import loss_attack_auc
 from .splits import campus_splits
 
-ATTACK = "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, " \
-         "non-members = campus test rows, both subsampled to the smaller group's size"
+ATTACK = (
+    "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, "
+    "non-members = campus test rows, both subsampled to the smaller group's size"
+)
 
 
 def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
@@ -57,8 +59,10 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
     summary = json.loads(summary_path.read_text())
     config = summary["config"]
     if not model_path.is_file():
-        raise ConfigError(f"{run_dir}: no model.pt to audit (mode {config.get('mode')!r}; "
-                          "the local mode trains one model per campus and keeps none)")
+        raise ConfigError(
+            f"{run_dir}: no model.pt to audit (mode {config.get('mode')!r}; "
+            "the local mode trains one model per campus and keeps none)"
+        )
     known = RunConfig().to_flower().keys()
     cfg = RunConfig.from_flower({k: v for k, v in config.items() if k in known})
     if data_dir is None:
@@ -77,12 +81,21 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
         train_part, test_part = splits[name]
         run_row = reported.get(name, {})
         if run_row and (run_row["n_train"], run_row["n_test"]) != (len(train_part), len(test_part)):
-            raise ConfigError(f"campus {name}: rebuilt split has {len(train_part)} train / {len(test_part)} test rows, "
-                              f"the run had {run_row['n_train']} / {run_row['n_test']}")
+            raise ConfigError(
+                f"campus {name}: rebuilt split has {len(train_part)} train / {len(test_part)} test rows, "
+                f"the run had {run_row['n_train']} / {run_row['n_test']}"
+            )
         auc, k = loss_attack_auc(model, train_part, test_part, seed)
-        rows.append(dict(campus=name, n_train=len(train_part), n_test=len(test_part), n_attack=k,
-                         attack_auc=auc if k else None,
-                         epsilon=run_row.get("epsilon")))
+        rows.append(
+            dict(
+                campus=name,
+                n_train=len(train_part),
+                n_test=len(test_part),
+                n_attack=k,
+                attack_auc=auc if k else None,
+                epsilon=run_row.get("epsilon"),
+            )
+        )
     result = {
         "run": str(run_dir.resolve()),
         "attack": ATTACK,
@@ -108,5 +121,7 @@ def print_audit(result: dict) -> None:
         auc = "-" if r["attack_auc"] is None else f"{r['attack_auc']:.4f}"
         print(f"{r['campus']:<10}{r['n_train']:>9}{r['n_test']:>8}{r['n_attack']:>7}{auc:>12}{eps:>8}")
     privacy = f"DP, ε = {result['epsilon']:.3f}" if result["dp"] else "NO DP"
-    print(f"weighted attack AUC {result['weighted_attack_auc']:.4f} (0.5 = no membership signal), "
-          f"model {result['model_metric']} {result['model_score']:.4f}, {privacy} -> {Path(result['run']) / 'privacy_audit.json'}")
+    print(
+        f"weighted attack AUC {result['weighted_attack_auc']:.4f} (0.5 = no membership signal), "
+        f"model {result['model_metric']} {result['model_score']:.4f}, {privacy} -> {Path(result['run']) / 'privacy_audit.json'}"
+    )

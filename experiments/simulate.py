@@ -53,8 +53,9 @@ this user's simulations (``-<uid>`` appended where the system has user ids)."""
 _START_TOLERANCE_S = 2.0  # a process's start time as the system reports it may move by up to ~1 s
 
 
-def simulate(cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None,
-             policy: Path | None = None) -> dict:
+def simulate(
+    cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None, policy: Path | None = None
+) -> dict:
     """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``).
 
     Campuses are formed by ``cfg.campus_by``. Federated: every virtual campus
@@ -87,18 +88,28 @@ def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     for note in tables.notes:
         print(f"note: {note}")
     names = campus_names(tables, cfg.campus_by, cfg.shards)
-    privacy = (f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
-               if cfg.dp else "NO DP")
+    privacy = (
+        f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
+        if cfg.dp
+        else "NO DP"
+    )
     privacy += f" ({REPRODUCIBLE_WARNING})" if cfg.dp and cfg.reproducible_noise else ""
-    print(f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
-          f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}")
+    print(
+        f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
+        f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}"
+    )
     return names
 
 
 def provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
     """The results folder's record of what ran on which data (mode, settings, campuses, file hashes)."""
-    return {"mode": mode, **cfg.to_flower(), "campuses": names, "data": str(tables.source.resolve()),
-            "data_sha256": file_hashes(tables.source)}
+    return {
+        "mode": mode,
+        **cfg.to_flower(),
+        "campuses": names,
+        "data": str(tables.source.resolve()),
+        "data_sha256": file_hashes(tables.source),
+    }
 
 
 def campus_root(base: Path | str | None = None) -> Path:
@@ -130,8 +141,10 @@ def campus_root(base: Path | str | None = None) -> Path:
         pass
     info = os.lstat(root)
     if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid) or info.st_mode & 0o077:
-        raise PermissionError(f"{root} is not a private folder of this user (mode 0700, not a link): campus rows "
-                              "are not written there; remove it, or point TMPDIR at another folder")
+        raise PermissionError(
+            f"{root} is not a private folder of this user (mode 0700, not a link): campus rows "
+            "are not written there; remove it, or point TMPDIR at another folder"
+        )
     return root
 
 
@@ -149,8 +162,7 @@ def _owner_alive(name: str) -> bool | None:
     try:
         owner = psutil.Process(int(pid))
         # The same pid with another start time is a new process: the owner has ended.
-        return (abs(owner.create_time() - int(started) / 1000) < _START_TOLERANCE_S
-                and owner.status() != psutil.STATUS_ZOMBIE)
+        return abs(owner.create_time() - int(started) / 1000) < _START_TOLERANCE_S and owner.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
@@ -227,8 +239,10 @@ def campus_folders(base: Path | str | None = None) -> Iterator[Path]:
     root = campus_root(base)
     stale = remove_stale_campus_folders(root)
     if stale:
-        print(f"edufl simulate: removed {stale} campus folder{'s' if stale != 1 else ''} "
-              f"left in {root} by simulations that ended without cleaning up")
+        print(
+            f"edufl simulate: removed {stale} campus folder{'s' if stale != 1 else ''} "
+            f"left in {root} by simulations that ended without cleaning up"
+        )
     me = psutil.Process()
     with _sigterm_exits() as hold:
         path = Path(tempfile.mkdtemp(prefix=f"{_owner_tag(me.pid, me.create_time())}-", dir=root))
@@ -263,8 +277,7 @@ def _sigterm_exits() -> Iterator[Callable[[], None]]:
     def hold() -> None:
         state["holding"] = True
 
-    install = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN)
+    install = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
     previous = signal.signal(signal.SIGTERM, on_sigterm) if install else None
     try:
         yield hold
@@ -315,8 +328,14 @@ def _start_ray(sim_dir: str) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str, policy: Path | None,
-             headline: Callable[[RunConfig, Tables, str], list[str]]):
+def _prepare(
+    cfg: RunConfig,
+    data_dir: Path,
+    tables: Tables | None,
+    sim_dir: str,
+    policy: Path | None,
+    headline: Callable[[RunConfig, Tables, str], list[str]],
+):
     """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
     from flwr.simulation.run_simulation import _run_simulation
 
@@ -327,8 +346,12 @@ def _prepare(cfg: RunConfig, data_dir: Path, tables: Tables | None, sim_dir: str
     names = headline(cfg, tables, "federated")
     for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
         write_parquet(own, Path(sim_dir) / name)  # the contract's tables: each campus reads them without a CSV parse
-    manifest = {"campuses": names, "state-root": str(Path(cfg.out).resolve() / "campuses"),
-                "policy": str(policy.resolve()) if policy else None, "mapping": str(CONTRACT_PARQUET)}
+    manifest = {
+        "campuses": names,
+        "state-root": str(Path(cfg.out).resolve() / "campuses"),
+        "policy": str(policy.resolve()) if policy else None,
+        "mapping": str(CONTRACT_PARQUET),
+    }
     (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))
     return tables, names, _run_simulation, client_app, server
 
@@ -342,9 +365,14 @@ def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
     return summary
 
 
-def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None,
-               headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
-               extra_config: dict | None = None) -> tuple[RunConfig, Tables, list[str]]:
+def run_engine(
+    cfg: RunConfig,
+    data_dir: Path,
+    tables: Tables | None,
+    policy: Path | None,
+    headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
+    extra_config: dict | None = None,
+) -> tuple[RunConfig, Tables, list[str]]:
     """Run the ServerApp (``server/app.py``) and the campuses' ClientApp on Flower's simulation engine.
 
     One virtual SuperNode per campus of ``cfg.campus_by``, each reading only
@@ -379,8 +407,13 @@ def run_engine(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Pa
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app,
                 server_app=server,
-                server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
-                                           run_config={**cfg.to_flower(), **(extra_config or {})}),
+                server_app_context=Context(
+                    run_id=0,
+                    node_id=0,
+                    node_config={},
+                    state=RecordDict(),
+                    run_config={**cfg.to_flower(), **(extra_config or {})},
+                ),
                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
             )
         except BaseException:

@@ -14,5 +14,7 @@ def campus_splits(tables: Tables, cfg: RunConfig) -> dict[str, tuple[TaskData, T
     """Every campus's (train, test) examples, by campus name in sorted order, as a run with ``cfg`` forms
     them: campuses by ``cfg.campus_by`` (and ``shards``), then ``cfg``'s task, cutoff day, split, test
     fraction and seed. Raises ValueError for an unknown task or split."""
-    return {name: split(early_warning(own, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)
-            for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()}
+    return {
+        name: split(early_warning(own, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)
+        for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()
+    }

@@ -54,10 +54,17 @@ KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
 # Run settings each cell sets from the study's own keys (or from `edufl experiment run --out`):
 # not allowed in `settings`, where the cell's value would silently replace them.
 _CELL_SETTINGS = {
-    "task": "the study key task", "num-rounds": "the study key rounds", "local-epochs": "the study key local_epochs",
-    "model": "the study key model", "campus-by": "the study key campus_by", "cutoff-day": "the study key cutoff_days",
-    "seed": "the study key seeds", "strategy": "the study key strategies", "dp": 'the study key epsilons ("none": no DP)',
-    "target-epsilon": "the study key epsilons", "out": "edufl experiment run --out (each cell's folder is OUT/cells/<cell>)",
+    "task": "the study key task",
+    "num-rounds": "the study key rounds",
+    "local-epochs": "the study key local_epochs",
+    "model": "the study key model",
+    "campus-by": "the study key campus_by",
+    "cutoff-day": "the study key cutoff_days",
+    "seed": "the study key seeds",
+    "strategy": "the study key strategies",
+    "dp": 'the study key epsilons ("none": no DP)',
+    "target-epsilon": "the study key epsilons",
+    "out": "edufl experiment run --out (each cell's folder is OUT/cells/<cell>)",
     "server-round": "the coordinator, each round",
 }
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -77,16 +84,17 @@ def _distinct(values: tuple[T, ...]) -> tuple[T, ...]:
 
 def _folder_name(value: str) -> str:
     if not _FOLDER_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a safe folder name (1 to 100 letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit); the study's default folder is results/<name>")
+        raise ValueError(
+            f"{value!r} is not a safe folder name (1 to 100 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit); the study's default folder is results/<name>"
+        )
     return value
 
 
 def _epsilon(value: object) -> int | float | str:
-    if value == NO_DP or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                          and math.isfinite(value) and value > 0):
+    if value == NO_DP or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         return value  # as written: ε 3 stays 3, so that cell ids, rows and file names read "3"
-    raise ValueError(f"epsilons holds {value!r}; expected numbers > 0 or \"{NO_DP}\"")
+    raise ValueError(f'epsilons holds {value!r}; expected numbers > 0 or "{NO_DP}"')
 
 
 Axis = Annotated[tuple[T, ...], BeforeValidator(listed), Field(min_length=1), AfterValidator(_distinct)]
@@ -199,25 +207,42 @@ class Cell:
     def config(self, cells_dir: Path) -> RunConfig:
         s = self.study
         values = {
-            **s.settings, "task": s.task, "num-rounds": s.rounds, "local-epochs": s.local_epochs, "model": s.model,
-            "campus-by": self.campus_by, "cutoff-day": self.cutoff_day, "seed": self.seed,
+            **s.settings,
+            "task": s.task,
+            "num-rounds": s.rounds,
+            "local-epochs": s.local_epochs,
+            "model": s.model,
+            "campus-by": self.campus_by,
+            "cutoff-day": self.cutoff_day,
+            "seed": self.seed,
             "strategy": "fedavg" if self.strategy == "-" else self.strategy,
-            "dp": self.epsilon != NO_DP, "out": str(cells_dir / self.id),
+            "dp": self.epsilon != NO_DP,
+            "out": str(cells_dir / self.id),
         }
         if self.epsilon != NO_DP:
             values["target-epsilon"] = float(self.epsilon)
         return RunConfig.from_flower(values)
 
     def keys(self) -> dict:
-        return {"cell": self.id, "task": self.study.task, "campus_by": self.campus_by, "cutoff_day": self.cutoff_day,
-                "mode": self.mode, "strategy": self.strategy, "epsilon": str(self.epsilon), "seed": self.seed}
+        return {
+            "cell": self.id,
+            "task": self.study.task,
+            "campus_by": self.campus_by,
+            "cutoff_day": self.cutoff_day,
+            "mode": self.mode,
+            "strategy": self.strategy,
+            "epsilon": str(self.epsilon),
+            "seed": self.seed,
+        }
 
 
 def _git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        commit, dirty = (subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-                         for args in (["rev-parse", "HEAD"], ["status", "--porcelain"]))
+        commit, dirty = (
+            subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
+        )
         return commit + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -267,11 +292,25 @@ def _collect(cells: list[Cell], cells_dir: Path, out: Path) -> None:
     for cell in cells:
         summary = json.loads((cells_dir / cell.id / "summary.json").read_text())
         eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task)
-        rows.append({**cell.keys(), **{m: summary["global"][m] for m in (*metrics, worst_metric(cell.study.task))},
-                     "epsilon_spent": eps, "wall_time_s": summary["wall_time_s"]})
+        rows.append(
+            {
+                **cell.keys(),
+                **{m: summary["global"][m] for m in (*metrics, worst_metric(cell.study.task))},
+                "epsilon_spent": eps,
+                "wall_time_s": summary["wall_time_s"],
+            }
+        )
         for c in summary["campuses"]:
-            campus_rows.append({**cell.keys(), "campus": c["campus"], "n_train": c["n_train"], "n_test": c["n_test"],
-                                **{m: c[m] for m in metrics}, "epsilon_spent": c["epsilon"]})
+            campus_rows.append(
+                {
+                    **cell.keys(),
+                    "campus": c["campus"],
+                    "n_train": c["n_train"],
+                    "n_test": c["n_test"],
+                    **{m: c[m] for m in metrics},
+                    "epsilon_spent": c["epsilon"],
+                }
+            )
     pd.DataFrame(rows).to_csv(out / "rows.csv", index=False)
     pd.DataFrame(campus_rows).to_csv(out / "campus_rows.csv", index=False)
 

@@ -50,8 +50,11 @@ def payload_digest(content: RecordDict) -> tuple[int, str]:
 
 def array_specs(content: RecordDict) -> list[ArraySpec]:
     """Name, shape and dtype of every array in ``content``."""
-    return [ArraySpec(name=name, shape=list(record[name].shape), dtype=record[name].dtype)
-            for record in content.array_records.values() for name in record]
+    return [
+        ArraySpec(name=name, shape=list(record[name].shape), dtype=record[name].dtype)
+        for record in content.array_records.values()
+        for name in record
+    ]
 
 
 class AuditLog(SQLiteStore):

@@ -37,19 +37,53 @@ __all__ = ["APP_MODULES", "COMPONENTS", "app_folder", "bundle_sha256", "installe
 # Every edufl module the ServerApp and ClientApp import, lazily imported ones included
 # (tests/test_approval.py checks this list against what the apps really import).
 APP_MODULES = (
-    "edufl.clients.app", "edufl.clients.audit_trail", "edufl.clients.gate", "edufl.clients.guard", "edufl.clients.node",
-    "edufl.clients.query_budget", "edufl.clients.reply_checks", "edufl.clients.secagg", "edufl.clients.secagg_checks",
-    "edufl.server.analytics", "edufl.server.app", "edufl.server.checkpoint", "edufl.server.combine",
-    "edufl.server.replies", "edufl.server.reporting", "edufl.server.results", "edufl.server.secagg",
-    "edufl.server.strategies", "edufl.server.training",
-    "edufl.federation.audit", "edufl.federation.contract", "edufl.federation.errors", "edufl.federation.fingerprint",
-    "edufl.federation.ledger", "edufl.federation.mapping", "edufl.federation.metrics", "edufl.federation.models",
-    "edufl.federation.policy", "edufl.federation.privacy", "edufl.federation.problems",
-    "edufl.federation.proto.analytics_pb2", "edufl.federation.proto.audit_pb2", "edufl.federation.proto.learner_pb2",
-    "edufl.federation.queries", "edufl.federation.randomness", "edufl.federation.reading",
-    "edufl.federation.references", "edufl.federation.runconfig", "edufl.federation.secaggplus",
-    "edufl.federation.statistics", "edufl.federation.store", "edufl.federation.tables", "edufl.federation.tasks",
-    "edufl.federation.tomlfile", "edufl.federation.training", "edufl.federation.validation", "edufl.federation.wire",
+    "edufl.clients.app",
+    "edufl.clients.audit_trail",
+    "edufl.clients.gate",
+    "edufl.clients.guard",
+    "edufl.clients.node",
+    "edufl.clients.query_budget",
+    "edufl.clients.reply_checks",
+    "edufl.clients.secagg",
+    "edufl.clients.secagg_checks",
+    "edufl.server.analytics",
+    "edufl.server.app",
+    "edufl.server.checkpoint",
+    "edufl.server.combine",
+    "edufl.server.replies",
+    "edufl.server.reporting",
+    "edufl.server.results",
+    "edufl.server.secagg",
+    "edufl.server.strategies",
+    "edufl.server.training",
+    "edufl.federation.audit",
+    "edufl.federation.contract",
+    "edufl.federation.errors",
+    "edufl.federation.fingerprint",
+    "edufl.federation.ledger",
+    "edufl.federation.mapping",
+    "edufl.federation.metrics",
+    "edufl.federation.models",
+    "edufl.federation.policy",
+    "edufl.federation.privacy",
+    "edufl.federation.problems",
+    "edufl.federation.proto.analytics_pb2",
+    "edufl.federation.proto.audit_pb2",
+    "edufl.federation.proto.learner_pb2",
+    "edufl.federation.queries",
+    "edufl.federation.randomness",
+    "edufl.federation.reading",
+    "edufl.federation.references",
+    "edufl.federation.runconfig",
+    "edufl.federation.secaggplus",
+    "edufl.federation.statistics",
+    "edufl.federation.store",
+    "edufl.federation.tables",
+    "edufl.federation.tasks",
+    "edufl.federation.tomlfile",
+    "edufl.federation.training",
+    "edufl.federation.validation",
+    "edufl.federation.wire",
 )
 COMPONENTS = {"serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
 PUBLISHER = "edufl"
@@ -88,7 +122,11 @@ def _pyproject() -> dict[str, Any]:
     return {
         "build-system": {"requires": ["setuptools>=69"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "edufl", "version": importlib.metadata.version("edufl"), "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": PUBLISHER, "components": COMPONENTS, "config": {**RunConfig().to_flower(), QUERY_KEY: ""}}}},
+        "tool": {
+            "flwr": {
+                "app": {"publisher": PUBLISHER, "components": COMPONENTS, "config": {**RunConfig().to_flower(), QUERY_KEY: ""}}
+            }
+        },
     }
 
 

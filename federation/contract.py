@@ -38,7 +38,7 @@ def parse_version(text: str) -> tuple[int, int]:
     """``"1.0"`` -> ``(1, 0)``; ValueError for anything else."""
     major, dot, minor = str(text).partition(".")
     if not (major.isdigit() and (not dot or minor.isdigit())):
-        raise ValueError(f"contract version {text!r} is not MAJOR.MINOR (e.g. \"1.0\")")
+        raise ValueError(f'contract version {text!r} is not MAJOR.MINOR (e.g. "1.0")')
     return int(major), int(minor or 0)
 
 
@@ -83,18 +83,38 @@ _DAY_LOW, _DAY_HIGH = -1000, 1000
 
 GENDER = ("F", "M")
 REGIONS = (
-    "East Anglian Region", "East Midlands Region", "Ireland", "London Region",
-    "North Region", "North Western Region", "Scotland", "South East Region",
-    "South Region", "South West Region", "Wales", "West Midlands Region",
+    "East Anglian Region",
+    "East Midlands Region",
+    "Ireland",
+    "London Region",
+    "North Region",
+    "North Western Region",
+    "Scotland",
+    "South East Region",
+    "South Region",
+    "South West Region",
+    "Wales",
+    "West Midlands Region",
     "Yorkshire Region",
 )
 EDUCATION = (
-    "No Formal quals", "Lower Than A Level", "A Level or Equivalent",
-    "HE Qualification", "Post Graduate Qualification",
+    "No Formal quals",
+    "Lower Than A Level",
+    "A Level or Equivalent",
+    "HE Qualification",
+    "Post Graduate Qualification",
 )
 IMD_BANDS = (
-    "0-10%", "10-20%", "20-30%", "30-40%", "40-50%",
-    "50-60%", "60-70%", "70-80%", "80-90%", "90-100%",
+    "0-10%",
+    "10-20%",
+    "20-30%",
+    "30-40%",
+    "40-50%",
+    "50-60%",
+    "60-70%",
+    "70-80%",
+    "80-90%",
+    "90-100%",
 )
 AGE_BANDS = ("0-35", "35-55", "55<=")
 DISABILITY = ("N", "Y")
@@ -102,14 +122,18 @@ FINAL_RESULTS = ("Distinction", "Fail", "Pass", "Withdrawn")
 ASSESSMENT_TYPES = ("CMA", "Exam", "TMA")
 
 PRESENTATIONS = Table(
-    "presentations", "Presentation",
+    "presentations",
+    "Presentation",
     (_COURSE, _PRESENTATION, Column("length_days", "int", positive=True, high=1000)),
     key=("course", "presentation"),
 )
 ASSESSMENTS = Table(
-    "assessments", "Assessment",
+    "assessments",
+    "Assessment",
     (
-        Column("assessment_id", "int", low=0), _COURSE, _PRESENTATION,
+        Column("assessment_id", "int", low=0),
+        _COURSE,
+        _PRESENTATION,
         Column("assessment_type", "cat", vocab=ASSESSMENT_TYPES),
         Column("due_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
         Column("weight", "float", low=0, high=100),
@@ -117,9 +141,12 @@ ASSESSMENTS = Table(
     key=("assessment_id",),
 )
 LEARNERS = Table(
-    "learners", "Learner",
+    "learners",
+    "Learner",
     (
-        _COURSE, _PRESENTATION, _STUDENT,
+        _COURSE,
+        _PRESENTATION,
+        _STUDENT,
         Column("gender", "cat", vocab=GENDER),
         Column("region", "cat", vocab=REGIONS),
         Column("highest_education", "cat", vocab=EDUCATION),
@@ -133,18 +160,23 @@ LEARNERS = Table(
     key=("course", "presentation", "student_id"),
 )
 REGISTRATIONS = Table(
-    "registrations", "Registration",
+    "registrations",
+    "Registration",
     (
-        _COURSE, _PRESENTATION, _STUDENT,
+        _COURSE,
+        _PRESENTATION,
+        _STUDENT,
         Column("registration_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
         Column("unregistration_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
     ),
     key=("course", "presentation", "student_id"),
 )
 SUBMISSIONS = Table(
-    "submissions", "Submission",
+    "submissions",
+    "Submission",
     (
-        Column("assessment_id", "int", low=0), _STUDENT,
+        Column("assessment_id", "int", low=0),
+        _STUDENT,
         Column("submission_day", "int", low=_DAY_LOW, high=_DAY_HIGH),
         Column("banked", "int", low=0, high=1),
         Column("score", "float", nullable=True, low=0, high=100),
@@ -199,8 +231,10 @@ def _message(cls: type[_M], row: dict[str, Any], table: Table) -> _M:
 
 
 def _frame(messages: Iterable[Any], table: Table) -> pd.DataFrame:
-    rows = [{c.name: (_field_value(getattr(m, c.name), c) if not c.nullable or m.HasField(c.name) else None)
-             for c in table.columns} for m in messages]
+    rows = [
+        {c.name: (_field_value(getattr(m, c.name), c) if not c.nullable or m.HasField(c.name) else None) for c in table.columns}
+        for m in messages
+    ]
     frame = pd.DataFrame(rows, columns=[c.name for c in table.columns])
     for c in table.columns:
         frame[c.name] = frame[c.name].astype("Int64" if c.kind == "int" else "float64" if c.kind == "float" else "str")
@@ -214,6 +248,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
     presentations, assessments, and one ``LearnerRecord`` per learner with its registration and submissions."""
+
     def rows(name: str) -> list[dict[str, Any]]:
         return _records(frames[name][[c.name for c in TABLE[name].columns]])
 
@@ -224,10 +259,13 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     for r in _records(frames["submissions"].merge(where, on="assessment_id")):
         submissions.setdefault(tuple(r[k] for k in key), []).append(_message(pb.Submission, r, SUBMISSIONS))
     records = [
-        pb.LearnerRecord(learner=_message(pb.Learner, r, LEARNERS),
-                         registration=_message(pb.Registration, registration[k], REGISTRATIONS),
-                         submissions=submissions.get(k, []))
-        for r in rows("learners") for k in [tuple(r[c] for c in key)]
+        pb.LearnerRecord(
+            learner=_message(pb.Learner, r, LEARNERS),
+            registration=_message(pb.Registration, registration[k], REGISTRATIONS),
+            submissions=submissions.get(k, []),
+        )
+        for r in rows("learners")
+        for k in [tuple(r[c] for c in key)]
     ]
     return pb.CampusData(
         version=pb.ContractVersion(major=CONTRACT_VERSION[0], minor=CONTRACT_VERSION[1]),
@@ -247,8 +285,10 @@ def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
     """
     version = (data.version.major, data.version.minor)
     if not supports(CONTRACT_VERSION, version):
-        raise ValueError(f"data follow learner-record contract {version_text(version)}; "
-                         f"this edufl reads contract {version_text(CONTRACT_VERSION)}")
+        raise ValueError(
+            f"data follow learner-record contract {version_text(version)}; "
+            f"this edufl reads contract {version_text(CONTRACT_VERSION)}"
+        )
     return {
         "presentations": _frame(data.presentations, PRESENTATIONS),
         "assessments": _frame(data.assessments, ASSESSMENTS),

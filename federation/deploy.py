@@ -37,9 +37,23 @@ from .errors import UserError
 from .runconfig import ConfigError
 
 __all__ = [
-    "CA_CERT", "FLWR_ENV", "SUPERLINK_CERT", "SUPERLINK_KEY", "InsecureOption", "PKIError", "PKIFile", "PkiOption",
-    "RootCertOption", "campus_key", "check_campus_name", "flwr_env", "foreground", "free_port", "parse_address",
-    "probe_tls", "tls_files",
+    "CA_CERT",
+    "FLWR_ENV",
+    "SUPERLINK_CERT",
+    "SUPERLINK_KEY",
+    "InsecureOption",
+    "PKIError",
+    "PKIFile",
+    "PkiOption",
+    "RootCertOption",
+    "campus_key",
+    "check_campus_name",
+    "flwr_env",
+    "foreground",
+    "free_port",
+    "parse_address",
+    "probe_tls",
+    "tls_files",
 ]
 
 # A deployment runs offline: no telemetry, no update check, no per-run `uv sync`.
@@ -106,8 +120,10 @@ def probe_tls(host: str, port: int, root_cert: Path | None, timeout: float = 5.0
         with context.wrap_socket(raw, server_hostname=host):
             pass
     except ssl.SSLCertVerificationError as err:
-        return (f"the SuperLink at {host}:{port} presented a certificate that {root_cert} does not vouch for "
-                f"({err.verify_message}): wrong CA file, or a certificate without {host} among its names")
+        return (
+            f"the SuperLink at {host}:{port} presented a certificate that {root_cert} does not vouch for "
+            f"({err.verify_message}): wrong CA file, or a certificate without {host} among its names"
+        )
     except (ssl.SSLError, OSError) as err:
         if root_cert:
             return f"the SuperLink at {host}:{port} does not speak TLS ({err}): was it started with --insecure?"
@@ -140,8 +156,9 @@ def foreground(command: list[str], on_line: Callable[[str], None] | None = None,
 
     _adopt_orphans()
     tail: deque[str] = deque(maxlen=keep)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(),
-                            bufsize=1, errors="replace")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(), bufsize=1, errors="replace"
+    )
 
     def echo() -> None:
         for line in proc.stdout or ():
@@ -199,10 +216,12 @@ SUPERLINK_CERT = PKIFile("superlink.crt", "--cert", "SuperLink certificate")
 SUPERLINK_KEY = PKIFile("superlink.key", "--key", "SuperLink private key")
 CAMPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-PkiOption = Annotated[Path | None, typer.Option(
-    "--pki", help="folder written by `edufl certs` (the flags below override its files)")]
-RootCertOption = Annotated[Path | None, typer.Option(
-    "--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")]
+PkiOption = Annotated[
+    Path | None, typer.Option("--pki", help="folder written by `edufl certs` (the flags below override its files)")
+]
+RootCertOption = Annotated[
+    Path | None, typer.Option("--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")
+]
 InsecureOption = Annotated[bool, typer.Option("--insecure", help="plaintext, no authentication: local experiments only")]
 
 
@@ -214,8 +233,9 @@ def campus_key(campus: str) -> PKIFile:
 def check_campus_name(name: str) -> str:
     """Return ``name`` if it can name a campus (letters, digits, ``_ . -``; at most 64), else raise PKIError."""
     if not CAMPUS_NAME.fullmatch(name):
-        raise PKIError(f"campus name {name!r}: use letters, digits, '_', '.' or '-' "
-                       "(at most 64, starting with a letter or digit)")
+        raise PKIError(
+            f"campus name {name!r}: use letters, digits, '_', '.' or '-' (at most 64, starting with a letter or digit)"
+        )
     return name
 
 

@@ -59,21 +59,25 @@ _CONTEXT = [f.name for f in fields(Release) if f.name not in ("dp", "recorded_at
 _DP = [f.name for f in DpRelease.DESCRIPTOR.fields]  # one column per field of the audit contract's DpRelease
 _COLUMNS = [*_CONTEXT, *_DP, "recorded_at"]
 _CONTEXT_TYPES = {"str": "TEXT", "int": "INTEGER"}  # by the annotation of a field of Release
-_DP_TYPES = {FieldDescriptor.CPPTYPE_STRING: "TEXT", FieldDescriptor.CPPTYPE_DOUBLE: "REAL",
-             FieldDescriptor.CPPTYPE_INT64: "INTEGER"}
-_COLUMN_TYPES = {**{f.name: _CONTEXT_TYPES[str(f.type)] for f in fields(Release) if f.name != "dp"},
-                 **{f.name: _DP_TYPES[f.cpp_type] for f in DpRelease.DESCRIPTOR.fields}}
+_DP_TYPES = {
+    FieldDescriptor.CPPTYPE_STRING: "TEXT",
+    FieldDescriptor.CPPTYPE_DOUBLE: "REAL",
+    FieldDescriptor.CPPTYPE_INT64: "INTEGER",
+}
+_COLUMN_TYPES = {
+    **{f.name: _CONTEXT_TYPES[str(f.type)] for f in fields(Release) if f.name != "dp"},
+    **{f.name: _DP_TYPES[f.cpp_type] for f in DpRelease.DESCRIPTOR.fields},
+}
 
 
 def _row(release: Release) -> tuple[Any, ...]:
     """``release`` as the values of :data:`_COLUMNS`, in order."""
-    return (*(getattr(release, name) for name in _CONTEXT), *(getattr(release.dp, name) for name in _DP),
-            release.recorded_at)
+    return (*(getattr(release, name) for name in _CONTEXT), *(getattr(release.dp, name) for name in _DP), release.recorded_at)
 
 
 def _release(row: tuple[Any, ...]) -> Release:
     """The release stored as ``row`` (the values of :data:`_COLUMNS`, in order)."""
-    context, dp, recorded_at = row[:len(_CONTEXT)], row[len(_CONTEXT):-1], row[-1]
+    context, dp, recorded_at = row[: len(_CONTEXT)], row[len(_CONTEXT) : -1], row[-1]
     return Release(**dict(zip(_CONTEXT, context)), dp=DpRelease(**dict(zip(_DP, dp))), recorded_at=recorded_at)
 
 
@@ -85,7 +89,8 @@ class PrivacyLedger(SQLiteStore):
     WHAT = "privacy ledger"
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, "
-        + ", ".join(f"{name} {_COLUMN_TYPES[name]} NOT NULL" for name in _COLUMNS) + ")",
+        + ", ".join(f"{name} {_COLUMN_TYPES[name]} NOT NULL" for name in _COLUMNS)
+        + ")",
         "CREATE TABLE IF NOT EXISTS run_settings (dataset TEXT NOT NULL, run_id TEXT NOT NULL, "
         "settings TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (dataset, run_id))",
     )
@@ -94,8 +99,9 @@ class PrivacyLedger(SQLiteStore):
         """Append ``release`` (time-stamped now, UTC) and commit it to disk; returns what was stored."""
         stamped = replace(release, recorded_at=now())
         with self._db:
-            self._db.execute(f"INSERT INTO releases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                             _row(stamped))
+            self._db.execute(
+                f"INSERT INTO releases ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", _row(stamped)
+            )
         return stamped
 
     def pin(self, dataset: str, run_id: str, settings: dict[str, int | float | str | bool]) -> dict[str, tuple]:
@@ -106,14 +112,19 @@ class PrivacyLedger(SQLiteStore):
         different); empty when the request matches what is pinned.
         """
         with self._db:
-            self._db.execute("INSERT OR IGNORE INTO run_settings VALUES (?, ?, ?, ?)",
-                             (dataset, run_id, json.dumps(settings, sort_keys=True),
-                              now()))
-        (text,) = self._db.execute("SELECT settings FROM run_settings WHERE dataset = ? AND run_id = ?",
-                                   (dataset, run_id)).fetchone()
+            self._db.execute(
+                "INSERT OR IGNORE INTO run_settings VALUES (?, ?, ?, ?)",
+                (dataset, run_id, json.dumps(settings, sort_keys=True), now()),
+            )
+        (text,) = self._db.execute(
+            "SELECT settings FROM run_settings WHERE dataset = ? AND run_id = ?", (dataset, run_id)
+        ).fetchone()
         pinned = json.loads(text)
-        return {k: (pinned.get(k), settings.get(k)) for k in sorted(set(pinned) | set(settings))
-                if pinned.get(k) != settings.get(k) or (k in pinned) != (k in settings)}
+        return {
+            k: (pinned.get(k), settings.get(k))
+            for k in sorted(set(pinned) | set(settings))
+            if pinned.get(k) != settings.get(k) or (k in pinned) != (k in settings)
+        }
 
     def releases(self, dataset: str | None = None, run_id: str | None = None) -> list[Release]:
         """Recorded releases in the order they were made, optionally of one dataset and one run."""

@@ -98,8 +98,9 @@ class Mapping(_Strict):
     def _readable_version(cls, value: str) -> str:
         version = parse_version(value)
         if not supports(CONTRACT_VERSION, version):
-            raise ValueError(f"this edufl reads learner-record contract {version_text(CONTRACT_VERSION)}; "
-                             f"the mapping was written for {value}")
+            raise ValueError(
+                f"this edufl reads learner-record contract {version_text(CONTRACT_VERSION)}; the mapping was written for {value}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -122,8 +123,9 @@ class Mapping(_Strict):
                     problems.append(f"{table.name}.dates: {name} is not a day column of {table.name}")
             problems += _format_problems(f"{table.name}.", given.delimiter, given.encoding)
         if any(self.table(t.name).dates for t in TABLES) and not self.start_date:
-            problems.append("start_date: day columns are given as dates, so the presentations file must have a "
-                            "start-date column, named here")
+            problems.append(
+                "start_date: day columns are given as dates, so the presentations file must have a start-date column, named here"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -157,4 +159,3 @@ def load_mapping(path: str | Path | None = None) -> Mapping:
 @lru_cache(maxsize=1)
 def _oulad() -> Mapping:
     return load_model(Mapping, OULAD_MAPPING, MappingError, "mapping file")
-

@@ -46,5 +46,4 @@ def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
         When ``task`` is not one of the tasks.
     """
     metric = PRIMARY_METRIC[task]
-    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}")
-            for a, vocab in SUBGROUPS.items() for v in vocab}
+    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}") for a, vocab in SUBGROUPS.items() for v in vocab}

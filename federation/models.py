@@ -35,4 +35,3 @@ def build_model(name: str, n_features: int, seed: int = 0, outputs: int = 1) -> 
     finally:
         torch.random.set_rng_state(generator_state)
     return nn.Sequential(body, nn.Flatten(0)) if outputs == 1 else nn.Sequential(body)
-

@@ -65,8 +65,16 @@ from .errors import UserError
 from .runconfig import TASKS, RunConfig, Task
 from .tomlfile import listed, load_model
 
-__all__ = ["RESEARCH_POLICY", "AppApproval", "CampusPolicy", "PolicyError", "PrivacyLimits", "ReleaseLimits",
-           "ResearchPolicy", "TrainingLimits"]
+__all__ = [
+    "RESEARCH_POLICY",
+    "AppApproval",
+    "CampusPolicy",
+    "PolicyError",
+    "PrivacyLimits",
+    "ReleaseLimits",
+    "ResearchPolicy",
+    "TrainingLimits",
+]
 
 
 class PolicyError(UserError):
@@ -104,8 +112,7 @@ def _fab_hash(value: str) -> str:
 class AppApproval(_Section):
     """The app bundles (FABs) the data steward approved, by SHA-256 (see the module docstring)."""
 
-    approved_fab_hashes: Annotated[tuple[Annotated[str, AfterValidator(_fab_hash)], ...],
-                                   BeforeValidator(listed)] = ()
+    approved_fab_hashes: Annotated[tuple[Annotated[str, AfterValidator(_fab_hash)], ...], BeforeValidator(listed)] = ()
 
     def refusal(self, fab_hash: str) -> str | None:
         """Why the app bundle with SHA-256 ``fab_hash`` may not run on this campus; None when it is approved."""
@@ -162,9 +169,14 @@ class CampusPolicy(_Section):
         if cfg.task not in t.allowed_tasks:
             found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks) or '(none)'}"))
         if cfg.reproducible_noise:
-            found.append(("reproducible-noise", "the run asks for DP noise and batch sampling that follow its seed, so the "
-                                                "coordinator, which knows the seed, could predict the noise and subtract "
-                                                "it; no campus policy allows this (research simulations only)"))
+            found.append(
+                (
+                    "reproducible-noise",
+                    "the run asks for DP noise and batch sampling that follow its seed, so the "
+                    "coordinator, which knows the seed, could predict the noise and subtract "
+                    "it; no campus policy allows this (research simulations only)",
+                )
+            )
         return found
 
     def over_budget(self, spent: list[tuple[float, float, int]], planned: tuple[float, float, int]) -> str | None:
@@ -176,8 +188,10 @@ class CampusPolicy(_Section):
         total = epsilon([*spent, planned], limits.delta)
         if total <= limits.total_epsilon_budget:
             return None
-        return (f"privacy.total_epsilon_budget: the dataset's ε over all runs would reach {total:.3f} > "
-                f"{limits.total_epsilon_budget:g} (spent {epsilon(spent, limits.delta):.3f})")
+        return (
+            f"privacy.total_epsilon_budget: the dataset's ε over all runs would reach {total:.3f} > "
+            f"{limits.total_epsilon_budget:g} (spent {epsilon(spent, limits.delta):.3f})"
+        )
 
     def noise_multiplier(self, calibrated: float) -> float:
         """The noise multiplier a round uses: the calibrated one, never below ``min_noise_multiplier``."""
@@ -210,8 +224,9 @@ class ResearchPolicy(CampusPolicy):
 
 RESEARCH_POLICY = ResearchPolicy.model_construct(
     # built without validation: "no cap" (inf, δ up to 1) is outside what a policy file may write
-    privacy=PrivacyLimits.model_construct(max_epsilon_per_run=math.inf, total_epsilon_budget=math.inf, delta=1.0,
-                                          min_noise_multiplier=0.0),
+    privacy=PrivacyLimits.model_construct(
+        max_epsilon_per_run=math.inf, total_epsilon_budget=math.inf, delta=1.0, min_noise_multiplier=0.0
+    ),
     training=TrainingLimits(max_rounds=10_000, max_local_epochs=1_000, allowed_tasks=TASKS),
     release=ReleaseLimits(),
     apps=AppApproval(),

@@ -107,13 +107,15 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
     # The search takes 0.2-1 s; campuses of similar size share (q, steps), so a
     # process serving many campuses (a simulation with many shards) searches once.
     with _best_order_is_largest_ok():
-        return float(get_noise_multiplier(
-            target_epsilon=settings.target_epsilon,
-            target_delta=settings.delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=ACCOUNTANT,
-        ))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=settings.target_epsilon,
+                target_delta=settings.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=ACCOUNTANT,
+            )
+        )
 
 
 @functools.lru_cache(maxsize=1024)

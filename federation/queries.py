@@ -38,9 +38,30 @@ from .errors import UserError
 from .proto.analytics_pb2 import StatisticQuery
 from .tomlfile import load_model
 
-__all__ = ["ANSWER", "GROUP_FIELDS", "INDICATOR_FIELDS", "KEYS", "MAX_BINS", "MISSING", "NUMERIC_FIELDS", "QUERY_KEY",
-           "STATISTICS", "SUBMISSION_FIELDS", "CellKey", "Query", "QueryError", "bin_labels", "cells", "check", "edges",
-           "indicator", "load_query", "over_submissions", "rows_per_registration", "threshold"]
+__all__ = [
+    "ANSWER",
+    "GROUP_FIELDS",
+    "INDICATOR_FIELDS",
+    "KEYS",
+    "MAX_BINS",
+    "MISSING",
+    "NUMERIC_FIELDS",
+    "QUERY_KEY",
+    "STATISTICS",
+    "SUBMISSION_FIELDS",
+    "CellKey",
+    "Query",
+    "QueryError",
+    "bin_labels",
+    "cells",
+    "check",
+    "edges",
+    "indicator",
+    "load_query",
+    "over_submissions",
+    "rows_per_registration",
+    "threshold",
+]
 
 STATISTICS = ("count", "mean", "histogram", "quantile")
 MISSING = "missing"
@@ -109,9 +130,15 @@ class Query(BaseModel):
     def _refused(self) -> Query:
         found = self._refusals()
         if found:
-            raise ValidationError.from_exception_data(type(self).__name__, [
-                InitErrorDetails(type=PydanticCustomError("query_refused", reason), loc=(key,), input=getattr(self, key, None))
-                for key, reason in found])
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("query_refused", reason), loc=(key,), input=getattr(self, key, None)
+                    )
+                    for key, reason in found
+                ],
+            )
         return self
 
     def _refusals(self) -> list[tuple[str, str]]:
@@ -130,8 +157,11 @@ class Query(BaseModel):
         statistic does not use.
         """
         stat, found = self.statistic, []
-        found += [("group_by", f"field {f!r} is not a categorical field of the data contract "
-                               f"(allowed: {', '.join(GROUP_FIELDS)})") for f in self.group_by if f not in GROUP_FIELDS]
+        found += [
+            ("group_by", f"field {f!r} is not a categorical field of the data contract (allowed: {', '.join(GROUP_FIELDS)})")
+            for f in self.group_by
+            if f not in GROUP_FIELDS
+        ]
         if len(set(self.group_by)) != len(self.group_by):
             found.append(("group_by", f"{self.group_by} names a field twice"))
         if stat == "count" and self.value:
@@ -139,12 +169,22 @@ class Query(BaseModel):
         elif stat in ("histogram", "quantile") and self.value not in NUMERIC_FIELDS:
             found.append(("value", f"{self.value!r}: a {stat} needs a numeric contract field ({', '.join(NUMERIC_FIELDS)})"))
         elif stat == "mean" and self.value not in NUMERIC_FIELDS and not indicator(self.value):
-            found.append(("value", f"{self.value!r} is not a numeric contract field ({', '.join(NUMERIC_FIELDS)}) "
-                                   f"nor an indicator FIELD=VALUE over {', '.join(INDICATOR_FIELDS)}"))
+            found.append(
+                (
+                    "value",
+                    f"{self.value!r} is not a numeric contract field ({', '.join(NUMERIC_FIELDS)}) "
+                    f"nor an indicator FIELD=VALUE over {', '.join(INDICATOR_FIELDS)}",
+                )
+            )
         if stat in ("mean", "quantile"):
             if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-                found.append(("high", f"a {stat} needs finite clipping bounds low < high, not low = {self.low:g}, "
-                                      f"high = {self.high:g} (an unbounded {'sum' if stat == 'mean' else 'range'} is refused)"))
+                found.append(
+                    (
+                        "high",
+                        f"a {stat} needs finite clipping bounds low < high, not low = {self.low:g}, "
+                        f"high = {self.high:g} (an unbounded {'sum' if stat == 'mean' else 'range'} is refused)",
+                    )
+                )
             elif indicator(self.value) and (self.low, self.high) != (0.0, 1.0):
                 found.append(("high", f"low = {self.low:g}, high = {self.high:g}: an indicator's bounds are low = 0, high = 1"))
         if stat == "histogram":
@@ -158,12 +198,20 @@ class Query(BaseModel):
             if not ps or not all(0 < p < 1 for p in ps) or len(set(ps)) != len(ps):
                 found.append(("quantiles", f"{ps}: a quantile needs distinct probabilities in (0, 1), e.g. [0.25, 0.5, 0.75]"))
         uses = {"histogram": {"bin_edges"}, "quantile": {"bins", "quantiles"}}.get(stat, set())
-        found += [(key, f"a {stat} takes no {key}") for key in ("bin_edges", "bins", "quantiles")
-                  if getattr(self, key) and key not in uses]
+        found += [
+            (key, f"a {stat} takes no {key}")
+            for key in ("bin_edges", "bins", "quantiles")
+            if getattr(self, key) and key not in uses
+        ]
         m = self.max_rows_per_registration
         if over_submissions(self) and m < 1:
-            found.append(("max_rows_per_registration", "a statistic over submissions needs a bound m >= 1 on the rows one "
-                                                       "registration contributes (an unbounded contribution is refused)"))
+            found.append(
+                (
+                    "max_rows_per_registration",
+                    "a statistic over submissions needs a bound m >= 1 on the rows one "
+                    "registration contributes (an unbounded contribution is refused)",
+                )
+            )
         elif not over_submissions(self) and m > 1:
             found.append(("max_rows_per_registration", f"{m}: a registration statistic counts one row per registration"))
         return found
@@ -171,10 +219,20 @@ class Query(BaseModel):
     @classmethod
     def of(cls, query: StatisticQuery) -> Query:
         """The model of a query that arrived on the wire. Raises ValidationError when it breaks a rule."""
-        return cls(name=query.name, statistic=query.statistic, value=query.value, low=query.low, high=query.high,
-                   bin_edges=list(query.bin_edges), group_by=list(query.group_by), quantiles=list(query.quantiles),
-                   bins=query.bins, max_rows_per_registration=query.max_rows_per_registration,
-                   epsilon=query.epsilon, delta=query.delta)
+        return cls(
+            name=query.name,
+            statistic=query.statistic,
+            value=query.value,
+            low=query.low,
+            high=query.high,
+            bin_edges=list(query.bin_edges),
+            group_by=list(query.group_by),
+            quantiles=list(query.quantiles),
+            bins=query.bins,
+            max_rows_per_registration=query.max_rows_per_registration,
+            epsilon=query.epsilon,
+            delta=query.delta,
+        )
 
     def proto(self) -> StatisticQuery:
         """The query as the StatisticQuery message the campuses receive."""

@@ -88,8 +88,7 @@ def gaussian(rng: np.random.Generator, std: float, shape: tuple[int, ...]) -> np
     return noise
 
 
-def add_gaussian(values: np.ndarray, sensitivity: float, std: float,
-                 randomness: Randomness = SECRET) -> tuple[np.ndarray, float]:
+def add_gaussian(values: np.ndarray, sensitivity: float, std: float, randomness: Randomness = SECRET) -> tuple[np.ndarray, float]:
     """``values`` (a vector, shape (n,)) plus Gaussian noise of standard deviation ``std`` on each entry.
 
     Secret randomness: OpenDP's ``make_gaussian`` over float vectors with L2

@@ -28,12 +28,30 @@ START = "_start"
 
 def _decode(path: Path, raw: bytes, encoding: str) -> str:
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff") and not encoding.lower().startswith("utf-16"):
-        raise DataError([Problem(path.name, None, None, f"file is UTF-16 encoded; expected {encoding} (save it as {encoding}, or set encoding in the mapping)")])
+        raise DataError(
+            [
+                Problem(
+                    path.name,
+                    None,
+                    None,
+                    f"file is UTF-16 encoded; expected {encoding} (save it as {encoding}, or set encoding in the mapping)",
+                )
+            ]
+        )
     try:
         return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError([Problem(path.name, line, None, f"byte 0x{raw[err.start]:02x} is not {encoding}; expected a {encoding} encoded file (re-export it, or set encoding in the mapping)")]) from None
+        raise DataError(
+            [
+                Problem(
+                    path.name,
+                    line,
+                    None,
+                    f"byte 0x{raw[err.start]:02x} is not {encoding}; expected a {encoding} encoded file (re-export it, or set encoding in the mapping)",
+                )
+            ]
+        ) from None
 
 
 def _rows(path: Path, delimiter: str, encoding: str, wanted: list[str]) -> tuple[list[str], list[list[str]], list[int]]:
@@ -46,7 +64,13 @@ def _rows(path: Path, delimiter: str, encoding: str, wanted: list[str]) -> tuple
             found = repr(csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t|: ").delimiter)
         except csv.Error:
             found = "another character"
-        raise DataError([Problem(path.name, 1, None, f"columns are separated by {found}; expected {delimiter!r} (set delimiter in the mapping)")])
+        raise DataError(
+            [
+                Problem(
+                    path.name, 1, None, f"columns are separated by {found}; expected {delimiter!r} (set delimiter in the mapping)"
+                )
+            ]
+        )
     rows, lines, problems = [], [], []
     width = len(header)
     line = reader.line_num
@@ -55,7 +79,9 @@ def _rows(path: Path, delimiter: str, encoding: str, wanted: list[str]) -> tuple
         if not row:
             continue
         if len(row) != width:
-            problems.append(Problem(path.name, start, None, f"row has {len(row)} fields; expected {width} (truncated or malformed row)"))
+            problems.append(
+                Problem(path.name, start, None, f"row has {len(row)} fields; expected {width} (truncated or malformed row)")
+            )
             continue
         rows.append(row)
         lines.append(start)
@@ -85,15 +111,26 @@ def read_export_file(directory: Path, mapping: Mapping, table: Table) -> pd.Data
         data = pd.read_parquet(path)
         header, lines = [str(c) for c in data.columns], np.arange(1, len(data) + 1)
     else:
-        header, rows, lines = _rows(path, given.delimiter or mapping.delimiter, given.encoding or mapping.encoding,
-                                    list(source.values()))
+        header, rows, lines = _rows(
+            path, given.delimiter or mapping.delimiter, given.encoding or mapping.encoding, list(source.values())
+        )
     absent = [(name, col) for name, col in source.items() if col not in header]
     if absent:
-        raise DataError([Problem(path.name, 1, col, f"column is missing (mapped to contract field {table.name}.{name}); "
-                                 f"the file has columns {', '.join(header)}") for name, col in absent])
+        raise DataError(
+            [
+                Problem(
+                    path.name,
+                    1,
+                    col,
+                    f"column is missing (mapped to contract field {table.name}.{name}); the file has columns {', '.join(header)}",
+                )
+                for name, col in absent
+            ]
+        )
     if path.suffix == ".parquet":  # typed columns, as text (missing as ""), checked like a text file's
-        frame = pd.DataFrame({name: data[col].astype(object).where(data[col].notna(), "").astype(str)
-                              for name, col in source.items()})
+        frame = pd.DataFrame(
+            {name: data[col].astype(object).where(data[col].notna(), "").astype(str) for name, col in source.items()}
+        )
     else:
         frame = pd.DataFrame(rows, columns=header, dtype=str)[list(source.values())]
         frame.columns = list(source)

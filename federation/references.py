@@ -31,11 +31,23 @@ def check_references(f: dict[str, pd.DataFrame], mapping: Mapping) -> list[Probl
     learners, registrations = file["learners"], file["registrations"]
     problems = []
     for name in ("assessments", "learners"):
-        problems += _missing_refs(f[name], f["presentations"], mp, file[name], f"course presentation (in {file['presentations']})")
+        problems += _missing_refs(
+            f[name], f["presentations"], mp, file[name], f"course presentation (in {file['presentations']})"
+        )
     problems += _missing_refs(f["registrations"], f["learners"], student, registrations, f"student (in {learners})")
-    problems += _missing_refs(f["learners"], f["registrations"], student, learners, f"registration (in {registrations}) for student")
+    problems += _missing_refs(
+        f["learners"], f["registrations"], student, learners, f"registration (in {registrations}) for student"
+    )
     sa = f["submissions"]
-    problems += _missing_refs(sa, f["assessments"], ["assessment_id"], file["submissions"], f"assessment (in {file['assessments']})")
+    problems += _missing_refs(
+        sa, f["assessments"], ["assessment_id"], file["submissions"], f"assessment (in {file['assessments']})"
+    )
     known = sa.merge(f["assessments"][["assessment_id", *mp]], on="assessment_id")
-    problems += _missing_refs(known, f["learners"], student, file["submissions"], "student registered on the assessment's presentation (course/presentation/student)")
+    problems += _missing_refs(
+        known,
+        f["learners"],
+        student,
+        file["submissions"],
+        "student registered on the assessment's presentation (course/presentation/student)",
+    )
     return problems

@@ -20,8 +20,23 @@ from pydantic_core import ErrorDetails
 from .contract import CONTRACT_VERSION, parse_version, version_text
 from .errors import UserError
 
-__all__ = ["CAMPUS_BY", "CENTRAL_DP", "MODELS", "SECURE_AGGREGATION", "SPLITS", "STRATEGIES", "TASKS", "CampusBy",
-           "ConfigError", "LocalEpochs", "Model", "Rounds", "RunConfig", "Strategy", "Task"]
+__all__ = [
+    "CAMPUS_BY",
+    "CENTRAL_DP",
+    "MODELS",
+    "SECURE_AGGREGATION",
+    "SPLITS",
+    "STRATEGIES",
+    "TASKS",
+    "CampusBy",
+    "ConfigError",
+    "LocalEpochs",
+    "Model",
+    "Rounds",
+    "RunConfig",
+    "Strategy",
+    "Task",
+]
 
 Task = Literal["withdrawal", "at_risk", "final_result"]
 Split = Literal["stratified", "temporal"]
@@ -31,7 +46,8 @@ CampusBy = Literal["module", "region", "shard"]
 CentralDP = Literal["off", "fixed"]
 SecureAggregation = Literal["off", "secaggplus"]
 TASKS, SPLITS, MODELS, STRATEGIES, CAMPUS_BY, CENTRAL_DP, SECURE_AGGREGATION = (
-    get_args(t) for t in (Task, Split, Model, Strategy, CampusBy, CentralDP, SecureAggregation))
+    get_args(t) for t in (Task, Split, Model, Strategy, CampusBy, CentralDP, SecureAggregation)
+)
 
 # The upper bounds of the whole-number settings are far above any study: a run that large is a mistake.
 Rounds = Annotated[int, Field(ge=1, le=10_000)]
@@ -95,57 +111,74 @@ class RunConfig(BaseModel):
     task: Task = Field("withdrawal", description="what the model predicts for each registration (federation.tasks)")
     num_rounds: Rounds = Field(10, description="federated rounds: local training on every campus, then aggregation")
     local_epochs: LocalEpochs = Field(1, description="passes over its training rows each campus makes per round")
-    batch_size: int = Field(64, ge=1, le=1_000_000,
-                            description="expected batch size of DP-SGD's Poisson sampling, in rows")
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="expected batch size of DP-SGD's Poisson sampling, in rows")
     learning_rate: _Positive = Field(0.3, description="SGD step size of local training")
     model: Model = Field("mlp", description="the network every campus trains (federation.models)")
     strategy: Strategy = Field("fedavg", description="how the coordinator aggregates the campuses' weights")
-    proximal_mu: float = Field(0.01, ge=0, allow_inf_nan=False,
-                               description="weight of FedProx's proximal term (strategy fedprox only)")
-    dp: bool = Field(True, description="DP-SGD on every campus; false trains without noise (research only: "
-                                       "every campus policy file refuses it)")
+    proximal_mu: float = Field(
+        0.01, ge=0, allow_inf_nan=False, description="weight of FedProx's proximal term (strategy fedprox only)"
+    )
+    dp: bool = Field(
+        True,
+        description="DP-SGD on every campus; false trains without noise (research only: every campus policy file refuses it)",
+    )
     target_epsilon: _Positive = Field(3.0, description="ε each campus spends on the whole run at delta (DP-SGD)")
     delta: _Fraction = Field(1e-5, description="δ of every campus's (ε, δ) guarantee")
     max_grad_norm: _Positive = Field(1.0, description="L2 norm each example's gradient is clipped to (DP-SGD)")
-    cutoff_day: int = Field(60, description="day of the module presentation (days from its start) up to which "
-                                            "the features are read: the early-warning point")
-    split: Split = Field("stratified", description="how each campus's rows split into training and test rows "
-                                                   "(federation.tasks.split)")
+    cutoff_day: int = Field(
+        60,
+        description="day of the module presentation (days from its start) up to which "
+        "the features are read: the early-warning point",
+    )
+    split: Split = Field(
+        "stratified", description="how each campus's rows split into training and test rows (federation.tasks.split)"
+    )
     campus_by: CampusBy = Field("module", description="simulation: what makes OULAD's rows one campus")
     shards: int = Field(50, ge=1, le=100_000, description="simulation: the number of campuses of campus-by shard")
-    test_fraction: _Fraction = Field(0.2, description="share of each campus's rows held out for testing (split "
-                                                      "stratified)")
+    test_fraction: _Fraction = Field(0.2, description="share of each campus's rows held out for testing (split stratified)")
     seed: int = Field(0, description="seed of splits, model initialisation and, with reproducible-noise, DP noise")
-    min_campuses: int = Field(2, ge=1, le=100_000,
-                              description="campuses a round needs: the coordinator waits for this many")
+    min_campuses: int = Field(2, ge=1, le=100_000, description="campuses a round needs: the coordinator waits for this many")
     round_timeout: _Positive = Field(3600.0, description="seconds a round waits for the campuses' replies")
     out: str = Field("results/run", description="the coordinator's results folder")
-    run_name: str = Field("", description="the coordinator's name for the run, which keys each campus's privacy "
-                                          "ledger, so that a resumed run keeps spending the same run budget; empty: "
-                                          "Flower's run id")
-    central_dp: CentralDP = Field("off", description="client-level DP on the coordinator, on top of DP-SGD "
-                                                     "(see the class docstring)")
-    central_noise_multiplier: _Positive = Field(1.0, description="central DP: noise standard deviation over the "
-                                                                 "clipping norm")
-    central_clipping_norm: _Positive = Field(1.0, description="central DP: L2 norm each campus's update is "
-                                                              "clipped to")
+    run_name: str = Field(
+        "",
+        description="the coordinator's name for the run, which keys each campus's privacy "
+        "ledger, so that a resumed run keeps spending the same run budget; empty: "
+        "Flower's run id",
+    )
+    central_dp: CentralDP = Field(
+        "off", description="client-level DP on the coordinator, on top of DP-SGD (see the class docstring)"
+    )
+    central_noise_multiplier: _Positive = Field(1.0, description="central DP: noise standard deviation over the clipping norm")
+    central_clipping_norm: _Positive = Field(1.0, description="central DP: L2 norm each campus's update is clipped to")
     contract_version: Annotated[str, AfterValidator(_contract_version)] = Field(
-        version_text(CONTRACT_VERSION), description="the learner-record contract (MAJOR.MINOR) the run's code reads; "
-                                                    "a campus mapped to a contract it cannot read (another major, or "
-                                                    "a newer minor version) refuses to join")
-    secure_aggregation: SecureAggregation = Field("off", description="secure aggregation of the training rounds "
-                                                                     "(see the class docstring)")
+        version_text(CONTRACT_VERSION),
+        description="the learner-record contract (MAJOR.MINOR) the run's code reads; "
+        "a campus mapped to a contract it cannot read (another major, or "
+        "a newer minor version) refuses to join",
+    )
+    secure_aggregation: SecureAggregation = Field(
+        "off", description="secure aggregation of the training rounds (see the class docstring)"
+    )
     secagg_num_shares: Annotated[_Positive, AfterValidator(_num_shares)] = Field(
-        1.0, description="SecAgg+: shares each campus's secrets are split into; <= 1: that fraction of the campuses, "
-                         "above 1: that many")
+        1.0,
+        description="SecAgg+: shares each campus's secrets are split into; <= 1: that fraction of the campuses, "
+        "above 1: that many",
+    )
     secagg_reconstruction_threshold: Annotated[_Positive, AfterValidator(_reconstruction_threshold)] = Field(
-        0.67, description="SecAgg+: shares that rebuild a secret; <= 1: that fraction of the shares (more than half), "
-                          "above 1: that many")
-    secagg_max_weight: _Positive = Field(100000.0, description="SecAgg+: the largest weight (training rows) of one "
-                                                               "campus in the masked sum")
-    reproducible_noise: bool = Field(False, description="DP noise and batch sampling follow the seed (research only: "
-                                                        "the coordinator knows the seed; every campus policy file "
-                                                        "refuses it)")
+        0.67,
+        description="SecAgg+: shares that rebuild a secret; <= 1: that fraction of the shares (more than half), "
+        "above 1: that many",
+    )
+    secagg_max_weight: _Positive = Field(
+        100000.0, description="SecAgg+: the largest weight (training rows) of one campus in the masked sum"
+    )
+    reproducible_noise: bool = Field(
+        False,
+        description="DP noise and batch sampling follow the seed (research only: "
+        "the coordinator knows the seed; every campus policy file "
+        "refuses it)",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -161,18 +194,21 @@ class RunConfig(BaseModel):
             raise ValueError(f"central-dp = {self.central_dp!r} needs strategy fedavg or fedprox, not fedadam")
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
         if threshold > 1 and shares > 1 and not (shares / 2 < threshold < shares):
-            raise ValueError(f"secagg-reconstruction-threshold = {threshold:g} with secagg-num-shares = {shares:g}; "
-                             "expected more than half of the shares and fewer than all of them")
+            raise ValueError(
+                f"secagg-reconstruction-threshold = {threshold:g} with secagg-num-shares = {shares:g}; "
+                "expected more than half of the shares and fewer than all of them"
+            )
         if self.secure_aggregation == "off":
             return self
         if self.central_dp != "off":
             # The wrapper clips each campus's update on the coordinator, which under SecAgg+ sees only the sum.
-            raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} cannot be combined with "
-                             f"central-dp = {self.central_dp!r}: the coordinator sees only the sum of the updates, "
-                             "not the individual updates central DP clips")
+            raise ValueError(
+                f"secure-aggregation = {self.secure_aggregation!r} cannot be combined with "
+                f"central-dp = {self.central_dp!r}: the coordinator sees only the sum of the updates, "
+                "not the individual updates central DP clips"
+            )
         if self.strategy == "fedadam":
-            raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, "
-                             "not fedadam")
+            raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, not fedadam")
         return self
 
     def to_flower(self) -> dict[str, int | float | str | bool]:

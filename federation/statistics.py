@@ -94,8 +94,19 @@ from .queries import (
 )
 from .randomness import SECRET, Randomness, add_gaussian
 
-__all__ = ["RHO_SLACK", "Noise", "answer", "answer_problems", "exact_cells", "noise", "noise_multiplier", "records",
-           "release_epsilon", "sensitivity", "sum_bound"]
+__all__ = [
+    "RHO_SLACK",
+    "Noise",
+    "answer",
+    "answer_problems",
+    "exact_cells",
+    "noise",
+    "noise_multiplier",
+    "records",
+    "release_epsilon",
+    "sensitivity",
+    "sum_bound",
+]
 
 RHO_SLACK = 1e-12
 """Relative float rounding allowed between the ρ OpenDP states for a release and the ledger's ``1 / (2 z²)``."""
@@ -162,8 +173,14 @@ def records(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> pd.Dat
 
     rows = part(LEARNERS, key).merge(part(REGISTRATIONS, key), on=key, how="left")
     if over_submissions(query):
-        subs = tables["submissions"][["assessment_id", "student_id", "submission_day", *(
-            c.name for c in SUBMISSIONS.columns if c.name in wanted - {"submission_day"})]]
+        subs = tables["submissions"][
+            [
+                "assessment_id",
+                "student_id",
+                "submission_day",
+                *(c.name for c in SUBMISSIONS.columns if c.name in wanted - {"submission_day"}),
+            ]
+        ]
         subs = subs.merge(part(ASSESSMENTS, ["assessment_id", "course", "presentation"]), on="assessment_id")
         rows = subs.merge(rows, on=key)
     if field in NUMERIC_FIELDS:
@@ -196,13 +213,16 @@ def exact_cells(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> di
         frame["_value"] = 0.0
     keys = [*query.group_by, "_bin"]
     grouped = frame.groupby(keys, sort=False)["_value"].agg(["size", "sum"])
-    found = {(tuple(k[:-1]), k[-1]): (int(n), float(s)) for k, (n, s) in zip(
-        (k if isinstance(k, tuple) else (k,) for k in grouped.index), grouped.itertuples(index=False))}
+    found = {
+        (tuple(k[:-1]), k[-1]): (int(n), float(s))
+        for k, (n, s) in zip((k if isinstance(k, tuple) else (k,) for k in grouped.index), grouped.itertuples(index=False))
+    }
     return {key: found.get(key, (0, 0.0)) for key in cells(query)}
 
 
-def answer(query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: str, z: float, k: int, *,
-           randomness: Randomness = SECRET) -> StatisticAnswer:
+def answer(
+    query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: str, z: float, k: int, *, randomness: Randomness = SECRET
+) -> StatisticAnswer:
     """The campus's noised answer over its contract ``tables`` with multiplier ``z``; cells whose
     noisy count is below :func:`federation.queries.threshold` are left out and counted in ``suppressed_cells``.
 
@@ -226,15 +246,29 @@ def answer(query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: st
     noisy, rho = add_gaussian(np.array(vector), sensitivity(query), scale.count_std, randomness)
     accounted = 1.0 / (2.0 * z**2)
     if not rho <= accounted * (1.0 + RHO_SLACK):  # also refuses a NaN
-        raise QueryError(f"the noise's privacy loss rho = {rho!r} exceeds the ledger's 1 / (2 z²) = {accounted!r} "
-                         f"for z = {z!r}: nothing released")
-    noisy_counts = noisy[:len(exact)]
-    noisy_sums = noisy[len(exact):] * bound if mean else np.zeros(len(exact))  # post-processing: back to value units
-    released = [Cell(group=group, bin=label, noisy_count=float(c), noisy_sum=float(s) if mean else None)
-                for (group, label), c, s in zip(exact, noisy_counts, noisy_sums) if c >= threshold(query, k)]
-    return StatisticAnswer(campus=campus, query_name=query.name, cells=released, noise_multiplier=z,
-                           count_std=scale.count_std, sum_std=scale.sum_std, epsilon=release_epsilon(z, query.delta),
-                           delta=query.delta, suppressed_cells=len(exact) - len(released), min_cell_count=k)
+        raise QueryError(
+            f"the noise's privacy loss rho = {rho!r} exceeds the ledger's 1 / (2 z²) = {accounted!r} "
+            f"for z = {z!r}: nothing released"
+        )
+    noisy_counts = noisy[: len(exact)]
+    noisy_sums = noisy[len(exact) :] * bound if mean else np.zeros(len(exact))  # post-processing: back to value units
+    released = [
+        Cell(group=group, bin=label, noisy_count=float(c), noisy_sum=float(s) if mean else None)
+        for (group, label), c, s in zip(exact, noisy_counts, noisy_sums)
+        if c >= threshold(query, k)
+    ]
+    return StatisticAnswer(
+        campus=campus,
+        query_name=query.name,
+        cells=released,
+        noise_multiplier=z,
+        count_std=scale.count_std,
+        sum_std=scale.sum_std,
+        epsilon=release_epsilon(z, query.delta),
+        delta=query.delta,
+        suppressed_cells=len(exact) - len(released),
+        min_cell_count=k,
+    )
 
 
 def answer_problems(query: StatisticQuery, answer_: StatisticAnswer, k: int) -> list[str]:
@@ -254,12 +288,16 @@ def answer_problems(query: StatisticQuery, answer_: StatisticAnswer, k: int) -> 
             found.append(f"cell {key} is sent twice")
         seen.add(key)
         if not (math.isfinite(cell.noisy_count) and cell.noisy_count >= threshold(query, k)):
-            found.append(f"cell {key} has noisy count {cell.noisy_count:g}, below release.min_cohort_size {k}"
-                         + (f" × max_rows_per_registration {query.max_rows_per_registration}" if over_submissions(query) else ""))
+            found.append(
+                f"cell {key} has noisy count {cell.noisy_count:g}, below release.min_cohort_size {k}"
+                + (f" × max_rows_per_registration {query.max_rows_per_registration}" if over_submissions(query) else "")
+            )
         if cell.HasField("noisy_sum") != (query.statistic == "mean") or not math.isfinite(cell.noisy_sum):
             found.append(f"cell {key}: a noisy sum belongs to a mean only, and must be finite")
     if answer_.query_name != query.name:
         found.append(f"answer to query {answer_.query_name!r}; asked {query.name!r}")
     if len(answer_.cells) + answer_.suppressed_cells != len(declared):
-        found.append(f"{len(answer_.cells)} cells sent and {answer_.suppressed_cells} suppressed; the query declares {len(declared)}")
+        found.append(
+            f"{len(answer_.cells)} cells sent and {answer_.suppressed_cells} suppressed; the query declares {len(declared)}"
+        )
     return found

@@ -66,8 +66,10 @@ class SQLiteStore:
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: not a {self.WHAT} ({err})") from None
         if version not in (0, self.VERSION):
-            raise StoreError(f"{self.path}: {self.WHAT} schema version {version}; this edufl reads version "
-                             f"{self.VERSION} (use the edufl release that wrote it)")
+            raise StoreError(
+                f"{self.path}: {self.WHAT} schema version {version}; this edufl reads version "
+                f"{self.VERSION} (use the edufl release that wrote it)"
+            )
         if version == 0:
             with self._db:
                 for statement in self.SCHEMA:

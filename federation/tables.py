@@ -84,8 +84,10 @@ def load_tables(directory: str | os.PathLike, mapping: Mapping | str | os.PathLi
         mapping = load_mapping(mapping)
     absent = [name for name in mapping.files() if not (directory / name).is_file()]
     if absent:
-        raise DataError([Problem(f, None, None, f"file not found in {directory}") for f in absent],
-                        hint=HOW_TO_GET_DATA if mapping == load_mapping() else "")
+        raise DataError(
+            [Problem(f, None, None, f"file not found in {directory}") for f in absent],
+            hint=HOW_TO_GET_DATA if mapping == load_mapping() else "",
+        )
     frames, problems, notes, missing = {}, [], [], []
     for table in TABLES:
         frame, found, counts = read_table(directory, mapping, table, frames)

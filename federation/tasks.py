@@ -64,8 +64,11 @@ class TaskData:
     @classmethod
     def concat(cls, parts: list[TaskData]) -> TaskData:
         """All rows of ``parts``, in order."""
-        return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
-                   pd.concat([p.rows for p in parts], ignore_index=True))
+        return cls(
+            np.concatenate([p.x for p in parts]),
+            np.concatenate([p.y for p in parts]),
+            pd.concat([p.rows for p in parts], ignore_index=True),
+        )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -179,4 +182,3 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
     return data.take(train_idx), data.take(test_idx)
-

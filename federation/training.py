@@ -129,8 +129,13 @@ def train(
             per_example: Any = GradSampleModule(model)  # Opacus's wrapper, untyped
             per_example.forbid_grad_accumulation()
             net = per_example
-            optimizer = _SecretNoiseDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                                expected_batch_size=int(len(dataset) * sample_rate), rng=rng)
+            optimizer = _SecretNoiseDPOptimizer(
+                optimizer,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=int(len(dataset) * sample_rate),
+                rng=rng,
+            )
             accountant = RDPAccountant()
             accountant.history = list(history)
             optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

@@ -21,8 +21,15 @@ from .reading import LINE, START, read_export_file
 __all__ = ["deduplicate", "read_table"]
 
 
-def _check_column(frame: pd.DataFrame, col: Column, file: str, source: str, missing_markers: frozenset[str],
-                  codes: dict[str, str], reported: pd.Series | None = None) -> tuple[pd.Series, list[Problem], int]:
+def _check_column(
+    frame: pd.DataFrame,
+    col: Column,
+    file: str,
+    source: str,
+    missing_markers: frozenset[str],
+    codes: dict[str, str],
+    reported: pd.Series | None = None,
+) -> tuple[pd.Series, list[Problem], int]:
     """The typed column, its problems (rows in ``reported`` already have one) and its count of missing values."""
     raw = frame[col.name].str.strip()
     missing = raw.isin(missing_markers)
@@ -61,19 +68,23 @@ def _check_column(frame: pd.DataFrame, col: Column, file: str, source: str, miss
     return (number.astype("Int64") if col.kind == "int" and not problems else number), problems, n_missing
 
 
-def _dates(frame: pd.DataFrame, name: str, missing: pd.Series, file: str, column: str, fmt: str
-           ) -> tuple[pd.Series, list[Problem]]:
+def _dates(
+    frame: pd.DataFrame, name: str, missing: pd.Series, file: str, column: str, fmt: str
+) -> tuple[pd.Series, list[Problem]]:
     """The calendar dates in ``frame[name]`` (format ``fmt``; NaT where ``missing`` or unreadable), and a
     problem naming the export's ``file`` and ``column`` for each unreadable one."""
     raw = frame[name].str.strip()
     dates = pd.to_datetime(raw.where(~missing), format=fmt, errors="coerce")
     bad = ~missing & dates.isna()
-    return dates, [Problem(file, int(line), column, f"{value!r} is not a date in format {fmt!r}")
-                   for line, value in zip(frame.loc[bad, LINE], raw[bad])]
+    return dates, [
+        Problem(file, int(line), column, f"{value!r} is not a date in format {fmt!r}")
+        for line, value in zip(frame.loc[bad, LINE], raw[bad])
+    ]
 
 
-def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, missing_markers: frozenset[str], mapping: Mapping,
-             given: TableMapping) -> tuple[list[Problem], pd.Series]:
+def _to_days(
+    frame: pd.DataFrame, name: str, starts: pd.Series, missing_markers: frozenset[str], mapping: Mapping, given: TableMapping
+) -> tuple[list[Problem], pd.Series]:
     """Turn the calendar dates in ``frame[name]`` into days since each row's presentation start (in place).
     ``starts`` holds each row's start date (NaT where unknown). Returns the problems and the rows they concern."""
     raw = frame[name].str.strip()
@@ -81,7 +92,14 @@ def _to_days(frame: pd.DataFrame, name: str, starts: pd.Series, missing_markers:
     dates, problems = _dates(frame, name, missing, given.file, given.columns[name], mapping.date_format)
     unknown = ~missing & dates.notna() & starts.isna().to_numpy()
     for line in frame.loc[unknown, LINE]:
-        problems.append(Problem(given.file, int(line), given.columns[name], "no start date known for this row's presentation; expected one in the presentations file"))
+        problems.append(
+            Problem(
+                given.file,
+                int(line),
+                given.columns[name],
+                "no start date known for this row's presentation; expected one in the presentations file",
+            )
+        )
     days = (dates - pd.to_datetime(starts.to_numpy())).dt.days
     frame[name] = np.where(missing, raw, days.astype("Int64").astype(str))
     return problems, ~missing & (dates.isna() | unknown)
@@ -98,8 +116,9 @@ def _start_dates(frame: pd.DataFrame, table: Table, f: dict[str, pd.DataFrame]) 
     return keys.merge(starts, how="left", on=["course", "presentation"])[START]
 
 
-def read_table(directory: Path, mapping: Mapping, table: Table, f: dict[str, pd.DataFrame]
-               ) -> tuple[pd.DataFrame, list[Problem], list[dict]]:
+def read_table(
+    directory: Path, mapping: Mapping, table: Table, f: dict[str, pd.DataFrame]
+) -> tuple[pd.DataFrame, list[Problem], list[dict]]:
     """The export's ``table`` typed as the contract declares, every problem of its values, and one
     missingness row per contract field (table, field, file, column, rows, missing, share).
 
@@ -117,21 +136,36 @@ def read_table(directory: Path, mapping: Mapping, table: Table, f: dict[str, pd.
     missing_markers = frozenset(given.missing if given.missing is not None else mapping.missing)
     problems: list[Problem] = []
     if table.name == "presentations" and mapping.start_date:  # every presentation needs its start date
-        frame[START], problems = _dates(frame, START, pd.Series(False, index=frame.index), given.file,
-                                        mapping.start_date, mapping.date_format)
+        frame[START], problems = _dates(
+            frame, START, pd.Series(False, index=frame.index), given.file, mapping.start_date, mapping.date_format
+        )
     reported = {}
     for name in given.dates:
         found, reported[name] = _to_days(frame, name, _start_dates(frame, table, f), missing_markers, mapping, given)
         problems += found
     missingness = []
     for col in table.columns:
-        frame[col.name], found, n_missing = _check_column(frame, col, given.file, given.columns[col.name],
-                                                          missing_markers, given.codes.get(col.name, {}),
-                                                          reported.get(col.name))
+        frame[col.name], found, n_missing = _check_column(
+            frame,
+            col,
+            given.file,
+            given.columns[col.name],
+            missing_markers,
+            given.codes.get(col.name, {}),
+            reported.get(col.name),
+        )
         problems += found
-        missingness.append({"table": table.name, "field": col.name, "file": given.file, "column": given.columns[col.name],
-                            "rows": len(frame), "missing": n_missing,
-                            "share": round(n_missing / len(frame), 4) if len(frame) else 0.0})
+        missingness.append(
+            {
+                "table": table.name,
+                "field": col.name,
+                "file": given.file,
+                "column": given.columns[col.name],
+                "rows": len(frame),
+                "missing": n_missing,
+                "share": round(n_missing / len(frame), 4) if len(frame) else 0.0,
+            }
+        )
     return frame, problems, missingness
 
 
@@ -141,7 +175,9 @@ def deduplicate(frame: pd.DataFrame, table: Table, file: str, notes: list[str]) 
     values = [c.name for c in table.columns]
     exact = frame.duplicated(values)
     if exact.any():
-        notes.append(f"{file}: {int(exact.sum())} exact duplicate row(s) merged (lines {', '.join(map(str, frame.loc[exact, LINE].head(5)))}...)")
+        notes.append(
+            f"{file}: {int(exact.sum())} exact duplicate row(s) merged (lines {', '.join(map(str, frame.loc[exact, LINE].head(5)))}...)"
+        )
         frame = frame[~exact]
     clash = frame.duplicated(list(table.key), keep=False)
     problems = []
@@ -149,5 +185,12 @@ def deduplicate(frame: pd.DataFrame, table: Table, file: str, notes: list[str]) 
         for key, group in frame[clash].groupby(list(table.key), sort=False):
             first = int(group[LINE].iloc[0])
             for line in group[LINE].iloc[1:]:
-                problems.append(Problem(file, int(line), None, f"conflicting duplicate of line {first} for {'/'.join(table.key)} = {key}; expected one record per key"))
+                problems.append(
+                    Problem(
+                        file,
+                        int(line),
+                        None,
+                        f"conflicting duplicate of line {first} for {'/'.join(table.key)} = {key}; expected one record per key",
+                    )
+                )
     return frame, problems

@@ -49,8 +49,14 @@ def answer_query(grid: Grid, context: Context) -> None:
     """The ServerApp's statistics run (see the module docstring for the run config keys)."""
     rc = context.run_config
     query = json_format.Parse(str(rc[QUERY_KEY]), StatisticQuery())
-    run_query(grid, query, str(rc.get("run-name") or context.run_id), Path(str(rc["out"])),
-              int(rc["min-campuses"]), float(rc["round-timeout"]))
+    run_query(
+        grid,
+        query,
+        str(rc.get("run-name") or context.run_id),
+        Path(str(rc["out"])),
+        int(rc["min-campuses"]),
+        float(rc["round-timeout"]),
+    )
 
 
 def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_campuses: int, timeout: float) -> dict:
@@ -64,11 +70,18 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
         When fewer than ``min_campuses`` campuses are connected after ``timeout`` seconds.
     """
     await_connected_nodes(grid, min_campuses, timeout, 1)
-    config = ConfigRecord({"run-name": run_name, "server-round": 1, QUERY_KEY: query.SerializeToString(),
-                           "contract-version": version_text(CONTRACT_VERSION)})
+    config = ConfigRecord(
+        {
+            "run-name": run_name,
+            "server-round": 1,
+            QUERY_KEY: query.SerializeToString(),
+            "contract-version": version_text(CONTRACT_VERSION),
+        }
+    )
     nodes = sorted(grid.get_node_ids())
     replies = grid.send_and_receive(
-        [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout)
+        [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type="query") for node in nodes], timeout=timeout
+    )
     answered, failed = collect(nodes, replies)
     answers = [StatisticAnswer.FromString(a.content[ANSWER][ANSWER]) for a in answered]
     refusals = [{"node": f.node, "code": f.code, "reason": f.reason} for f in failed]
@@ -93,14 +106,25 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
 
 def describe(query: StatisticQuery) -> str:
     """One line: the statistic, its value field and bounds, the records and the grouping."""
-    records = f"submissions (at most {query.max_rows_per_registration} per registration)" if over_submissions(query) else "registrations"
-    what = {"count": f"count of {records}",
-            "mean": f"share of {query.value}" if "=" in query.value else f"mean of {query.value} clipped to [{query.low:g}, {query.high:g}]",
-            "histogram": f"histogram of {query.value}",
-            "quantile": f"quantiles {', '.join(f'{p:g}' for p in query.quantiles)} of {query.value} in [{query.low:g}, {query.high:g}] "
-                        f"({query.bins} bins)"}[query.statistic]
-    return (f"{query.name}: {what}" + (f" over {records}" if query.statistic != "count" else "")
-            + (f" by {', '.join(query.group_by)}" if query.group_by else ""))
+    records = (
+        f"submissions (at most {query.max_rows_per_registration} per registration)"
+        if over_submissions(query)
+        else "registrations"
+    )
+    what = {
+        "count": f"count of {records}",
+        "mean": f"share of {query.value}"
+        if "=" in query.value
+        else f"mean of {query.value} clipped to [{query.low:g}, {query.high:g}]",
+        "histogram": f"histogram of {query.value}",
+        "quantile": f"quantiles {', '.join(f'{p:g}' for p in query.quantiles)} of {query.value} in [{query.low:g}, {query.high:g}] "
+        f"({query.bins} bins)",
+    }[query.statistic]
+    return (
+        f"{query.name}: {what}"
+        + (f" over {records}" if query.statistic != "count" else "")
+        + (f" by {', '.join(query.group_by)}" if query.group_by else "")
+    )
 
 
 def unit(query: StatisticQuery) -> str:
@@ -111,10 +135,18 @@ def unit(query: StatisticQuery) -> str:
 
 def _campus(query: StatisticQuery, a: StatisticAnswer) -> dict:
     released = {(tuple(c.group), c.bin) for c in a.cells}
-    return {"campus": a.campus, "epsilon": a.epsilon, "delta": a.delta, "noise_multiplier": a.noise_multiplier,
-            "count_std": a.count_std, "sum_std": a.sum_std, "min_cell_count": a.min_cell_count,
-            "cells_released": len(a.cells), "cells_suppressed": a.suppressed_cells,
-            "suppressed": [_label(g, b) for g, b in cells(query) if (g, b) not in released]}
+    return {
+        "campus": a.campus,
+        "epsilon": a.epsilon,
+        "delta": a.delta,
+        "noise_multiplier": a.noise_multiplier,
+        "count_std": a.count_std,
+        "sum_std": a.sum_std,
+        "min_cell_count": a.min_cell_count,
+        "cells_released": len(a.cells),
+        "cells_suppressed": a.suppressed_cells,
+        "suppressed": [_label(g, b) for g, b in cells(query) if (g, b) not in released],
+    }
 
 
 def _label(group: tuple[str, ...], bin_: str) -> str:
@@ -132,28 +164,43 @@ def _row(query: StatisticQuery, e: Estimate) -> dict:
 
 def markdown(query: StatisticQuery, summary: dict) -> str:
     """The results as Markdown: the query, each campus's release parameters, then the estimates."""
-    lines = [f"# {describe(query)}", "",
-             f"Gaussian mechanism on each campus, privacy unit {unit(query)}, ε accounted with Rényi DP; " + (
-                 "± is one bin width plus the 95th percentile of the noise's effect (parametric bootstrap)"
-                 if query.statistic == "quantile" else "± is the 95 % bound of the noise (1.96 std)")
-             + ", not of clipping or suppressed cells.", "",
-             "| campus | ε | δ | noise multiplier | count noise std | sum noise std | k | suppressed cells |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['campus']} | {c['epsilon']:.3f} | {c['delta']:g} | {c['noise_multiplier']:.3f} | {c['count_std']:.2f} "
-              f"| {c['sum_std']:.2f} | {c['min_cell_count']} | {c['cells_suppressed']} |" for c in summary["campuses"]]
+    lines = [
+        f"# {describe(query)}",
+        "",
+        f"Gaussian mechanism on each campus, privacy unit {unit(query)}, ε accounted with Rényi DP; "
+        + (
+            "± is one bin width plus the 95th percentile of the noise's effect (parametric bootstrap)"
+            if query.statistic == "quantile"
+            else "± is the 95 % bound of the noise (1.96 std)"
+        )
+        + ", not of clipping or suppressed cells.",
+        "",
+        "| campus | ε | δ | noise multiplier | count noise std | sum noise std | k | suppressed cells |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['campus']} | {c['epsilon']:.3f} | {c['delta']:g} | {c['noise_multiplier']:.3f} | {c['count_std']:.2f} "
+        f"| {c['sum_std']:.2f} | {c['min_cell_count']} | {c['cells_suppressed']} |"
+        for c in summary["campuses"]
+    ]
     if over_submissions(query):
         lines.append(f"\nA cell is sent when its noisy count reaches k × {query.max_rows_per_registration} submissions.")
     lines += [f"\nrefused: {r['reason']}" for r in summary["refusals"]]
     keys = [*query.group_by, *({"histogram": ["bin"], "quantile": ["p"]}.get(query.statistic, []))]
     counted = query.statistic in ("mean", "quantile")  # the estimate is not itself the count
     digits = {"mean": 4, "quantile": 2}.get(query.statistic, 1)
-    lines += ["", f"| {' | '.join(keys) or 'group'} | {query.statistic} | ± 95 % | std |{' noisy count |' * counted} campuses |",
-              "|" + "---|" * (max(len(keys), 1) + 4 + counted)]
+    lines += [
+        "",
+        f"| {' | '.join(keys) or 'group'} | {query.statistic} | ± 95 % | std |{' noisy count |' * counted} campuses |",
+        "|" + "---|" * (max(len(keys), 1) + 4 + counted),
+    ]
     for r in summary["estimates"]:
         cells_ = [str(r[k]) for k in keys] or ["all"]
         count = f" {r['noisy_count']:.1f} |" if counted else ""
-        lines.append(f"| {' | '.join(cells_)} | {r['estimate']:.{digits}f} | {r['bound95']:.{digits}f} | {r['std']:.{digits}f} "
-                     f"|{count} {r['campuses']} |")
+        lines.append(
+            f"| {' | '.join(cells_)} | {r['estimate']:.{digits}f} | {r['bound95']:.{digits}f} | {r['std']:.{digits}f} "
+            f"|{count} {r['campuses']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +215,10 @@ def _plot(path: Path, query: StatisticQuery, estimates: list[Estimate]) -> None:
     ax.bar(x, [e.estimate for e in estimates], yerr=[e.bound95 for e in estimates], capsize=3, color="tab:blue")
     ax.set_xticks(list(x), [_label(e.group, e.bin) for e in estimates], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(f"{query.statistic} (error bars: 95 % error bound)")
-    ax.set_title(f"{textwrap.fill(describe(query), 110)}\nGaussian mechanism, ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}", fontsize=9)
+    ax.set_title(
+        f"{textwrap.fill(describe(query), 110)}\nGaussian mechanism, ε ≤ {query.epsilon:g} per campus at δ = {query.delta:g}",
+        fontsize=9,
+    )
     if not estimates:
         ax.text(0.5, 0.5, "no cell released", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

@@ -32,8 +32,11 @@ class RunPaused(Exception):
 
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
     """What ``strategy`` carries from round to round: FedAdam's first and second moments (empty for FedAvg, FedProx)."""
-    return {name: {k: torch.from_numpy(v.copy()) for k, v in getattr(strategy, name).items()}
-            for name in ("m_t", "v_t") if getattr(strategy, name, None)}
+    return {
+        name: {k: torch.from_numpy(v.copy()) for k, v in getattr(strategy, name).items()}
+        for name in ("m_t", "v_t")
+        if getattr(strategy, name, None)
+    }
 
 
 def load_checkpoint(out: Path, run_name: str) -> dict | None:
@@ -50,13 +53,18 @@ def load_checkpoint(out: Path, run_name: str) -> dict | None:
     return saved if saved["run-name"] == run_name else None
 
 
-def save_checkpoint(path: Path, cfg: RunConfig, server_round: int, arrays: ArrayRecord, strategy: Strategy,
-                    report: dict) -> None:
+def save_checkpoint(path: Path, cfg: RunConfig, server_round: int, arrays: ArrayRecord, strategy: Strategy, report: dict) -> None:
     """Write the checkpoint file ``path`` of run ``cfg`` after ``server_round``: global model ``arrays``,
     ``strategy``'s state (:func:`strategy_state`) and ``report`` (the Report's state), keys as in
     :func:`load_checkpoint`. The file is replaced whole: a checkpoint is never half-written."""
-    saved = {"run-name": cfg.run_name, "config": cfg.to_flower(), "round": server_round,
-             "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy), "report": report}
+    saved = {
+        "run-name": cfg.run_name,
+        "config": cfg.to_flower(),
+        "round": server_round,
+        "arrays": arrays.to_torch_state_dict(),
+        "strategy": strategy_state(strategy),
+        "report": report,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(saved, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)

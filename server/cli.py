@@ -33,8 +33,13 @@ app.add_typer(_coordinator, name="coordinator")
 def certs(
     out: Annotated[Path, typer.Option(help="folder for the files (existing files are kept)")],
     campuses: Annotated[str, typer.Option(help="comma-separated campus names, e.g. AAA,BBB,CCC")],
-    host: Annotated[list[str] | None, typer.Option(help="a DNS name or IP address campuses use to reach the coordinator "
-                                                      "(repeatable); localhost, 127.0.0.1 and ::1 are always included")] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a DNS name or IP address campuses use to reach the coordinator "
+            "(repeatable); localhost, 127.0.0.1 and ::1 are always included"
+        ),
+    ] = None,
 ) -> None:
     for path in make_pki(out, [c.strip() for c in campuses.split(",") if c.strip()], host or []):
         print(f"wrote {path}")
@@ -62,18 +67,28 @@ def run(
     root_cert: RootCertOption = None,
     insecure: InsecureOption = False,
     min_campuses: Annotated[int, typer.Option(help="campuses needed for each round")] = _DEFAULTS.min_campuses,
-    round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies, and for --min-campuses to be "
-                                                      "connected")] = _DEFAULTS.round_timeout,
+    round_timeout: Annotated[
+        float, typer.Option(help="seconds a round waits for replies, and for --min-campuses to be connected")
+    ] = _DEFAULTS.round_timeout,
     wait: Annotated[float, typer.Option(help="seconds to wait for --min-campuses to be online before starting")] = 60.0,
-    resume: Annotated[Path | None, typer.Option(metavar="RUN_DIR", help="continue the run of this results folder after its "
-                                                "last finished round, with its own settings and run name (give no run "
-                                                "options)")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="RUN_DIR",
+            help="continue the run of this results folder after its "
+            "last finished round, with its own settings and run name (give no run "
+            "options)",
+        ),
+    ] = None,
     *,
     settings: dict[str, Any],
 ) -> None:
     cfg = run_config(settings, min_campuses=min_campuses, round_timeout=round_timeout)
     if resume and cfg != _DEFAULTS:
-        raise ConfigError(f"--resume {resume} continues that run with the settings in its checkpoint: "
-                          "drop the run options (--rounds, --out, --min-campuses, ...)")
-    coordinator.raise_for_failures(coordinator.run(cfg, superlink=superlink, pki=pki, root_cert=root_cert,
-                                                   insecure=insecure, wait=wait, resume=resume))
+        raise ConfigError(
+            f"--resume {resume} continues that run with the settings in its checkpoint: "
+            "drop the run options (--rounds, --out, --min-campuses, ...)"
+        )
+    coordinator.raise_for_failures(
+        coordinator.run(cfg, superlink=superlink, pki=pki, root_cert=root_cert, insecure=insecure, wait=wait, resume=resume)
+    )

@@ -100,10 +100,10 @@ def combine(query: StatisticQuery, answers: Sequence[StatisticAnswer]) -> list[E
         if not parts:
             continue
         count = sum(c.noisy_count for _, c in parts)
-        count_var = sum(a.count_std ** 2 for a, _ in parts)
+        count_var = sum(a.count_std**2 for a, _ in parts)
         if query.statistic == "mean":
             mean = sum(c.noisy_sum for _, c in parts) / count
-            std = math.sqrt(sum(a.sum_std ** 2 for a, _ in parts) + mean ** 2 * count_var) / count
+            std = math.sqrt(sum(a.sum_std**2 for a, _ in parts) + mean**2 * count_var) / count
             out.append(Estimate(key[0], key[1], mean, std, Z_95 * std, count, len(parts)))
         else:
             out.append(Estimate(key[0], key[1], count, math.sqrt(count_var), Z_95 * math.sqrt(count_var), count, len(parts)))
@@ -116,7 +116,9 @@ def _quantile_estimates(query: StatisticQuery, answers: Sequence[StatisticAnswer
     out = []
     for group in itertools.product(*(GROUP_FIELDS[f] for f in query.group_by)):
         keys = [(group, label) for label in labels]
-        per_campus = np.array([[got[k].noisy_count if k in got else 0.0 for k in keys] for got in released]).reshape(-1, len(keys))
+        per_campus = np.array([[got[k].noisy_count if k in got else 0.0 for k in keys] for got in released]).reshape(
+            -1, len(keys)
+        )
         counts = per_campus.sum(axis=0)
         if counts.sum() <= 0:
             continue
@@ -129,6 +131,8 @@ def _quantile_estimates(query: StatisticQuery, answers: Sequence[StatisticAnswer
         drawn = interpolate_quantiles(draws, e, ps)
         spread = np.nanquantile(np.abs(drawn - estimate), 0.95, axis=0)
         campuses = int((per_campus > 0).any(axis=1).sum())
-        out += [Estimate(group, f"q{p:g}", float(q), float(np.nanstd(d)), float(e[1] - e[0] + w), float(counts.sum()), campuses, p)
-                for p, q, d, w in zip(ps, estimate, drawn.T, spread)]
+        out += [
+            Estimate(group, f"q{p:g}", float(q), float(np.nanstd(d)), float(e[1] - e[0] + w), float(counts.sum()), campuses, p)
+            for p, q, d, w in zip(ps, estimate, drawn.T, spread)
+        ]
     return out

@@ -49,14 +49,29 @@ from edufl.federation.runconfig import ConfigError, RunConfig
 from .pki import registered_campuses
 
 __all__ = [
-    "CONNECTION", "NODES_FILE", "RunFailed", "await_campuses", "connect", "launch", "name_campuses", "new_run_name",
-    "open_connection", "raise_for_failures", "register", "resumed_config", "run", "start", "superlink_command",
+    "CONNECTION",
+    "NODES_FILE",
+    "RunFailed",
+    "await_campuses",
+    "connect",
+    "launch",
+    "name_campuses",
+    "new_run_name",
+    "open_connection",
+    "raise_for_failures",
+    "register",
+    "resumed_config",
+    "run",
+    "start",
+    "superlink_command",
 ]
 
 CONNECTION = "edufl"
 NODES_FILE = "registered-nodes.json"  # campus name -> Flower node id, written by `coordinator start`
-INSECURE_WARNING = ("WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT campus authentication; "
-                    "model updates travel in plaintext and anyone who reaches the port can join. Local experiments only.")
+INSECURE_WARNING = (
+    "WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT campus authentication; "
+    "model updates travel in plaintext and anyone who reaches the port can join. Local experiments only."
+)
 # Flower's own log lines, which `flwr run --stream` prints twice; edufl shows the rest.
 _FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):|^Successfully installed")
 
@@ -83,10 +98,14 @@ def connect(address: str, root_cert: Path | None) -> None:
     from flwr.cli.typing import SuperLinkConnection
 
     init_flwr_config()
-    write_superlink_connection(SuperLinkConnection(
-        name=CONNECTION, address=address, insecure=True if root_cert is None else None,
-        root_certificates=None if root_cert is None else str(root_cert),
-    ))
+    write_superlink_connection(
+        SuperLinkConnection(
+            name=CONNECTION,
+            address=address,
+            insecure=True if root_cert is None else None,
+            root_certificates=None if root_cert is None else str(root_cert),
+        )
+    )
 
 
 def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None) -> list[str]:
@@ -95,13 +114,29 @@ def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None)
     ``tls`` is (CA certificate, server certificate, server key); with it SuperNode
     authentication is on. None: plaintext and no authentication.
     """
-    command = ["flower-superlink", "--host", host, "--port", str(port), "--isolation", "subprocess",
-               "--disable-runtime-dependency-installation"]
+    command = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         return [*command, "--insecure"]
     ca, cert, key = tls
-    return [*command, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
-            "--enable-supernode-auth"]
+    return [
+        *command,
+        "--ssl-ca-certfile",
+        str(ca),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
+        "--enable-supernode-auth",
+    ]
 
 
 def register(pki: Path) -> dict[str, str]:
@@ -120,7 +155,7 @@ def register(pki: Path) -> dict[str, str]:
     for campus, public_key in registered_campuses(pki).items():
         proc = _flwr("supernode", "register", str(public_key), CONNECTION, "--name", campus, "--format", "json", check=False)
         if proc.returncode == 0:
-            nodes[campus] = str(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+            nodes[campus] = str(json.loads(proc.stdout[proc.stdout.index("{") :])["node-id"])
             print(f"coordinator: campus {campus} registered (node {nodes[campus]})", flush=True)
         elif "already in use" in proc.stdout + proc.stderr:
             print(f"coordinator: campus {campus} was registered before", flush=True)
@@ -130,8 +165,16 @@ def register(pki: Path) -> dict[str, str]:
     return nodes
 
 
-def start(*, port: int, host: str = "127.0.0.1", pki: Path | None = None, root_cert: Path | None = None,
-          cert: Path | None = None, key: Path | None = None, insecure: bool = False) -> None:
+def start(
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    pki: Path | None = None,
+    root_cert: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    insecure: bool = False,
+) -> None:
     """Run the coordinator's SuperLink in the foreground until it is stopped (Ctrl-C, SIGTERM).
 
     Raises
@@ -158,8 +201,11 @@ def start(*, port: int, host: str = "127.0.0.1", pki: Path | None = None, root_c
         def register_all():
             try:
                 nodes = register(Path(pki))
-                print(f"coordinator: ready on {host}:{port} with TLS and campus authentication; "
-                      f"{len(nodes)} campus key(s) registered", flush=True)
+                print(
+                    f"coordinator: ready on {host}:{port} with TLS and campus authentication; "
+                    f"{len(nodes)} campus key(s) registered",
+                    flush=True,
+                )
             except RunFailed as err:
                 failures.append(err)
                 print(f"edufl: {err}", file=sys.stderr, flush=True)
@@ -184,8 +230,9 @@ def _registered_nodes(pki: Path | None) -> dict[str, str]:
 
 def _missing(pki: Path | None, nodes: dict[str, str]) -> str:
     names = _registered_nodes(pki)
-    offline = [f"{campus} ({nodes.get(node, 'not registered')})" for campus, node in sorted(names.items())
-               if nodes.get(node) != "online"]
+    offline = [
+        f"{campus} ({nodes.get(node, 'not registered')})" for campus, node in sorted(names.items()) if nodes.get(node) != "online"
+    ]
     unnamed = [f"node {n} ({s})" for n, s in nodes.items() if s != "online" and n not in names.values()]
     return ", ".join(offline + unnamed) or "every registered campus is online: register more campuses or lower --min-campuses"
 
@@ -205,8 +252,10 @@ def await_campuses(needed: int, timeout: float, pki: Path | None) -> int:
         if online >= needed:
             return online
         if time.monotonic() >= deadline:
-            raise RunFailed(f"only {online} campus(es) online after {timeout:g} s, {needed} needed (--min-campuses); "
-                            f"not online: {_missing(pki, nodes)}")
+            raise RunFailed(
+                f"only {online} campus(es) online after {timeout:g} s, {needed} needed (--min-campuses); "
+                f"not online: {_missing(pki, nodes)}"
+            )
         time.sleep(1.0)
 
 
@@ -224,8 +273,10 @@ def resumed_config(run_dir: Path) -> RunConfig:
 
     path = Path(run_dir).resolve() / CHECKPOINT
     if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there (a run started by `edufl coordinator run` "
-                          "writes one after each finished round; with none finished, start the run again)")
+        raise ConfigError(
+            f"--resume {run_dir}: no {CHECKPOINT} there (a run started by `edufl coordinator run` "
+            "writes one after each finished round; with none finished, start the run again)"
+        )
     saved = torch.load(path, weights_only=True)
     cfg = RunConfig.from_flower({**saved["config"], "out": str(path.parent)})
     if saved["round"] >= cfg.num_rounds:
@@ -274,26 +325,42 @@ def launch(run_config: dict, out: Path) -> str:
     """
     with app_folder() as app_dir, tempfile.NamedTemporaryFile("wb", suffix=".toml") as overrides:
         fab_hash, app = bundle_sha256(app_dir)  # built from the same folder, the same way, as `flwr run` builds it
-        print(f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
-              "(apps.approved_fab_hashes)", flush=True)
+        print(
+            f"app bundle {app}, sha256 {fab_hash}: a campus starts it only if its policy lists this hash "
+            "(apps.approved_fab_hashes)",
+            flush=True,
+        )
         tomli_w.dump(run_config, overrides)
         overrides.flush()
         run_id = _launch(app_dir, overrides.name)
     listing = json.loads(_flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
     if listing["fab-hash"] != fab_hash:
-        print(f"note: run {run_id} ran app bundle {listing['fab-hash']}, not {fab_hash} (the app's files changed "
-              "while it was submitted)", flush=True)
+        print(
+            f"note: run {run_id} ran app bundle {listing['fab-hash']}, not {fab_hash} (the app's files changed "
+            "while it was submitted)",
+            flush=True,
+        )
     if listing["status"] != "finished:completed":
         details = listing.get("status-details", "")
-        raise RunFailed(f"run {run_id} ended as {listing['status']}"
-                        + (f" ({details})" if details and details != "N/A" else "")
-                        + f"; see `flwr log {run_id} {CONNECTION} --show`"
-                        + ("; continue it from its last finished round with --resume" if (out / "checkpoint.pt").is_file() else ""))
+        raise RunFailed(
+            f"run {run_id} ended as {listing['status']}"
+            + (f" ({details})" if details and details != "N/A" else "")
+            + f"; see `flwr log {run_id} {CONNECTION} --show`"
+            + ("; continue it from its last finished round with --resume" if (out / "checkpoint.pt").is_file() else "")
+        )
     return run_id
 
 
-def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_cert: Path | None = None,
-        insecure: bool = False, wait: float = 60.0, resume: Path | None = None) -> dict:
+def run(
+    cfg: RunConfig | None,
+    *,
+    superlink: str,
+    pki: Path | None = None,
+    root_cert: Path | None = None,
+    insecure: bool = False,
+    wait: float = 60.0,
+    resume: Path | None = None,
+) -> dict:
     """Run ``cfg`` on the SuperLink at ``superlink`` and return the summary written to ``cfg.out``.
 
     ``cfg.out`` is made absolute here: the ServerApp writes the results folder
@@ -319,14 +386,18 @@ def run(cfg: RunConfig | None, *, superlink: str, pki: Path | None = None, root_
     out = Path(cfg.out).resolve()
     name = cfg.run_name if resume is not None else new_run_name(out)
     cfg = RunConfig.from_flower({**cfg.to_flower(), "out": str(out), "run-name": name})
-    print(f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
-          f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
-          flush=True)
+    print(
+        f"edufl coordinator run: {online} campus(es) online at {superlink}; run {name}, task {cfg.task}, "
+        f"{cfg.num_rounds} round(s), min {cfg.min_campuses} campuses, round timeout {cfg.round_timeout:g} s -> {out}",
+        flush=True,
+    )
     launch(cfg.to_flower(), out)
     summary_file = out / "summary.json"
     if not summary_file.is_file() or json.loads(summary_file.read_text())["config"].get("run-name") != name:
-        raise RunFailed(f"run {name} was paused before its last round; continue it with "
-                        f"`edufl coordinator run --superlink {superlink} ... --resume {out}`")
+        raise RunFailed(
+            f"run {name} was paused before its last round; continue it with "
+            f"`edufl coordinator run --superlink {superlink} ... --resume {out}`"
+        )
     return name_campuses(summary_file, "failures", pki)
 
 
@@ -362,8 +433,9 @@ def name_campuses(summary_file: Path, key: str, pki: Path | None) -> dict:
 def _launch(app_dir: Path, run_config: str) -> str:
     """``flwr run`` the app folder ``app_dir`` with ``run_config``, echoing the ServerApp's own lines; returns the run id."""
     command = ["flwr", "run", str(app_dir), CONNECTION, "--run-config", run_config, "--stream"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(),
-                            bufsize=1, errors="replace")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env(), bufsize=1, errors="replace"
+    )
     run_id, lines = None, []
     try:
         for line in proc.stdout:

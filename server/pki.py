@@ -48,7 +48,7 @@ def _public_key(pki: Path, campus: str) -> Path:
 
 def registered_campuses(pki: Path) -> dict[str, Path]:
     """Campus name -> public key file, for every ``campus-NAME.pub`` in ``pki`` (sorted by name)."""
-    return {p.name[len("campus-"):-len(".pub")]: p for p in sorted(Path(pki).glob("campus-*.pub"))}
+    return {p.name[len("campus-") : -len(".pub")]: p for p in sorted(Path(pki).glob("campus-*.pub"))}
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -86,13 +86,23 @@ def _certificate(subject: str, public_key, issuer: x509.Name | None, signer, *, 
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
-        builder = (builder
-                   .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
     return builder.sign(signer, hashes.SHA384())
 
 
@@ -140,8 +150,11 @@ def make_pki(out: Path, campuses: list[str], hosts: list[str] = ()) -> list[Path
         if private.exists():
             continue
         key = ec.generate_private_key(_CURVE())
-        _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()), private=True)
+        _write(
+            private,
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+            private=True,
+        )
         ssh_public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(public, ssh_public + f" edufl-campus-{campus}\n".encode(), private=False)
         written += [private, public]

@@ -20,8 +20,17 @@ from flwr.serverapp import Grid
 from edufl.federation.audit import payload_digest
 from edufl.federation.wire import BLOCKED, CAMPUS, FAILED, REFUSED
 
-__all__ = ["CAMPUS_CODES", "NO_REPLY", "Answered", "CampusesMissing", "Failed", "await_connected_nodes", "collect",
-           "error_reason", "in_campus_order"]
+__all__ = [
+    "CAMPUS_CODES",
+    "NO_REPLY",
+    "Answered",
+    "CampusesMissing",
+    "Failed",
+    "await_connected_nodes",
+    "collect",
+    "error_reason",
+    "in_campus_order",
+]
 
 NO_REPLY = "node {node}: no reply (disconnected, or past round-timeout)"
 CAMPUS_CODES = (REFUSED, BLOCKED, FAILED)
@@ -105,10 +114,15 @@ def collect(asked: Iterable[int], replies: Iterable[Message]) -> tuple[list[Answ
     not deliver) is not a failure of its own: the node it was for counts as silent.
     """
     asked, replies = set(asked), in_campus_order(replies)
-    answered = [Answered(str(r.content[CAMPUS]["name"]), r.content, *payload_digest(r.content))
-                for r in replies if not r.has_error()]
-    failed = [Failed(r.metadata.src_node_id, r.error.code, error_reason(r))
-              for r in replies if r.has_error() and r.metadata.src_node_id in asked]
-    failed += [Failed(node, None, NO_REPLY.format(node=node))
-               for node in sorted(asked - {r.metadata.src_node_id for r in replies})]
+    answered = [
+        Answered(str(r.content[CAMPUS]["name"]), r.content, *payload_digest(r.content)) for r in replies if not r.has_error()
+    ]
+    failed = [
+        Failed(r.metadata.src_node_id, r.error.code, error_reason(r))
+        for r in replies
+        if r.has_error() and r.metadata.src_node_id in asked
+    ]
+    failed += [
+        Failed(node, None, NO_REPLY.format(node=node)) for node in sorted(asked - {r.metadata.src_node_id for r in replies})
+    ]
     return answered, failed

@@ -38,8 +38,16 @@ class ReportingStrategy(Strategy):
     it then pauses the run (:class:`RunPaused`, the file is removed).
     """
 
-    def __init__(self, inner: Strategy, report: Report, num_rounds: int, min_campuses: int, timeout: float,
-                 first_round: int = 1, checkpoint: tuple[Path, RunConfig] | None = None):
+    def __init__(
+        self,
+        inner: Strategy,
+        report: Report,
+        num_rounds: int,
+        min_campuses: int,
+        timeout: float,
+        first_round: int = 1,
+        checkpoint: tuple[Path, RunConfig] | None = None,
+    ):
         self.inner, self.report, self.num_rounds = inner, report, num_rounds
         self.min_campuses, self.timeout = min_campuses, timeout
         self.offset, self.checkpoint = first_round - 1, checkpoint
@@ -79,8 +87,13 @@ class ReportingStrategy(Strategy):
     def add_train(self, campus: str, m) -> None:
         """Record a campus's training metrics (the declared train metrics; under SecAgg+ in a ConfigRecord)."""
         self.report.add_train(
-            campus, n_train=int(m[NUM_EXAMPLES]), loss=float(m["train-loss"]), epsilon=float(m["epsilon"]),
-            noise_multiplier=float(m["noise-multiplier"]), sample_rate=float(m["sample-rate"]), steps=int(m["steps"]),
+            campus,
+            n_train=int(m[NUM_EXAMPLES]),
+            loss=float(m["train-loss"]),
+            epsilon=float(m["epsilon"]),
+            noise_multiplier=float(m["noise-multiplier"]),
+            sample_rate=float(m["sample-rate"]),
+            steps=int(m["steps"]),
         )
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

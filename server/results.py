@@ -25,8 +25,18 @@ from edufl.federation.privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PR
 from edufl.federation.randomness import REPRODUCIBLE_WARNING
 from edufl.federation.wire import NUM_EXAMPLES
 
-__all__ = ["METRIC_NAMES", "NO_DP_WARNING", "SECRET_NOISE", "Report", "global_metrics", "primary_metric", "task_metrics",
-           "versions", "weighted", "worst_metric"]
+__all__ = [
+    "METRIC_NAMES",
+    "NO_DP_WARNING",
+    "SECRET_NOISE",
+    "Report",
+    "global_metrics",
+    "primary_metric",
+    "task_metrics",
+    "versions",
+    "weighted",
+    "worst_metric",
+]
 
 METRIC_NAMES = {"auc": "AUC", "macro_f1": "macro-F1"}
 """How the console and plots name each task's primary metric."""
@@ -144,20 +154,29 @@ class Report:
         """The run's primary metric (:func:`primary_metric` of its task)."""
         return primary_metric(self.task)
 
-    def add_train(self, campus: str, *, n_train: int, loss: float, epsilon: float,
-                  noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    def add_train(
+        self, campus: str, *, n_train: int, loss: float, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> None:
         """Record a campus's training reply (ε is its total so far; ``inf`` without DP)."""
-        self.train[campus] = dict(n_train=int(n_train), train_loss=loss, epsilon=epsilon,
-                                  noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=int(steps))
+        self.train[campus] = dict(
+            n_train=int(n_train),
+            train_loss=loss,
+            epsilon=epsilon,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=int(steps),
+        )
 
-    def add_evaluation(self, campus: str, *, n_test: int, metrics: dict[str, float],
-                       groups: dict[tuple[str, str], tuple[int, float]]) -> None:
+    def add_evaluation(
+        self, campus: str, *, n_test: int, metrics: dict[str, float], groups: dict[tuple[str, str], tuple[int, float]]
+    ) -> None:
         """Record a campus's evaluation of the current global model on its test rows: ``metrics`` (at
         least :attr:`metrics`) and the subgroups it reported, ``(attribute, value) -> (test rows, primary
         metric)`` (as from :func:`federation.training.subgroup_metrics`)."""
         self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in self.metrics})
-        self.groups[campus] = [dict(attribute=a, value=v, n_test=int(n), **{self.primary: float(m)})
-                               for (a, v), (n, m) in groups.items()]
+        self.groups[campus] = [
+            dict(attribute=a, value=v, n_test=int(n), **{self.primary: float(m)}) for (a, v), (n, m) in groups.items()
+        ]
         self._evaluated_now.add(campus)
 
     def add_failure(self, server_round: int, phase: str, reason: str, refused: bool = False) -> None:
@@ -170,8 +189,9 @@ class Report:
 
     def add_receipt(self, server_round: int, phase: str, campus: str, payload_bytes: int, payload_sha256: str) -> None:
         """Record what the coordinator received from a campus (digest as in :func:`federation.audit.payload_digest`)."""
-        self.receipts.append(dict(round=server_round, phase=phase, campus=campus, payload_bytes=payload_bytes,
-                                  payload_sha256=payload_sha256))
+        self.receipts.append(
+            dict(round=server_round, phase=phase, campus=campus, payload_bytes=payload_bytes, payload_sha256=payload_sha256)
+        )
 
     def end_round(self, server_round: int, num_rounds: int) -> dict:
         """Close a round: its row (metrics over the campuses that evaluated in it) and progress line."""
@@ -201,12 +221,24 @@ class Report:
 
     def state(self) -> dict:
         """What the report has collected so far (plain values), for a checkpoint; ``elapsed_s`` in seconds."""
-        return dict(train=self.train, evaluation=self.evaluation, groups=self.groups, rounds=self.rounds,
-                    failures=self.failures, receipts=self.receipts, elapsed_s=time.perf_counter() - self._started)
+        return dict(
+            train=self.train,
+            evaluation=self.evaluation,
+            groups=self.groups,
+            rounds=self.rounds,
+            failures=self.failures,
+            receipts=self.receipts,
+            elapsed_s=time.perf_counter() - self._started,
+        )
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state`'s output: later rounds add to it, elapsed time counts on from it."""
-        self.train, self.evaluation, self.groups, self.rounds = state["train"], state["evaluation"], state["groups"], state["rounds"]
+        self.train, self.evaluation, self.groups, self.rounds = (
+            state["train"],
+            state["evaluation"],
+            state["groups"],
+            state["rounds"],
+        )
         self.failures, self.receipts = state["failures"], state["receipts"]
         self._started = time.perf_counter() - state["elapsed_s"]
 
@@ -224,10 +256,15 @@ class Report:
         sigma, rounds = self.config["central-noise-multiplier"], len(self.rounds)
         return {
             "mechanism": "server-side fixed clipping of each campus's update, equal-weight mean, Gaussian noise "
-                         "(flwr DifferentialPrivacyServerSideFixedClipping)",
-            "noise_multiplier": sigma, "clipping_norm": self.config["central-clipping-norm"], "sample_rate": 1.0,
-            "rounds": rounds, "epsilon": client_level_epsilon(sigma, 1.0, rounds, self.delta), "delta": self.delta,
-            "accountant": ACCOUNTANT, "unit": "one campus (all of its rows), added or removed",
+            "(flwr DifferentialPrivacyServerSideFixedClipping)",
+            "noise_multiplier": sigma,
+            "clipping_norm": self.config["central-clipping-norm"],
+            "sample_rate": 1.0,
+            "rounds": rounds,
+            "epsilon": client_level_epsilon(sigma, 1.0, rounds, self.delta),
+            "delta": self.delta,
+            "accountant": ACCOUNTANT,
+            "unit": "one campus (all of its rows), added or removed",
         }
 
     def campus_rows(self) -> list[dict]:
@@ -235,16 +272,18 @@ class Report:
         rows = []
         for campus in sorted(self.evaluation):
             t = self.train.get(campus, {})
-            rows.append({
-                "campus": campus,
-                "n_train": t.get("n_train", 0),
-                **self.evaluation[campus],
-                "epsilon": t.get("epsilon", 0.0) if self.dp else float("inf"),
-                "delta": self.delta if self.dp else None,
-                "noise_multiplier": t.get("noise_multiplier"),
-                "sample_rate": t.get("sample_rate"),
-                "steps": t.get("steps", 0),
-            })
+            rows.append(
+                {
+                    "campus": campus,
+                    "n_train": t.get("n_train", 0),
+                    **self.evaluation[campus],
+                    "epsilon": t.get("epsilon", 0.0) if self.dp else float("inf"),
+                    "delta": self.delta if self.dp else None,
+                    "noise_multiplier": t.get("noise_multiplier"),
+                    "sample_rate": t.get("sample_rate"),
+                    "steps": t.get("steps", 0),
+                }
+            )
         return rows
 
     def fairness(self) -> list[dict]:
@@ -255,10 +294,19 @@ class Report:
         table = []
         for attribute, values in SUBGROUPS.items():
             for value in values:
-                reported = [g for groups in self.groups.values() for g in groups if (g["attribute"], g["value"]) == (attribute, value)]
+                reported = [
+                    g for groups in self.groups.values() for g in groups if (g["attribute"], g["value"]) == (attribute, value)
+                ]
                 if reported:
-                    table.append(dict(attribute=attribute, value=value, campuses=len(reported),
-                                      n_test=sum(g["n_test"] for g in reported), **{key: weighted(reported, key)}))
+                    table.append(
+                        dict(
+                            attribute=attribute,
+                            value=value,
+                            campuses=len(reported),
+                            n_test=sum(g["n_test"] for g in reported),
+                            **{key: weighted(reported, key)},
+                        )
+                    )
         return table
 
     def write(self, out: Path, state_dict: dict[str, torch.Tensor] | None, wall_time_s: float) -> dict:
@@ -287,9 +335,9 @@ class Report:
                 "metric": self.primary,
                 "groups": fairness,
                 "how": "each campus reports the metric on each subgroup of at least its release.min_cohort_size (k) "
-                       "test rows; smaller groups are not sent, nor, per attribute, its smallest groups while fewer "
-                       "than k test rows would lie outside the groups sent; a group's value is the mean over the "
-                       "campuses that reported it, weighted by their test rows in the group",
+                "test rows; smaller groups are not sent, nor, per attribute, its smallest groups while fewer "
+                "than k test rows would lie outside the groups sent; a group's value is the mean over the "
+                "campuses that reported it, weighted by their test rows in the group",
             },
             "failures": self.failures,
             "receipts": self.receipts,
@@ -299,25 +347,35 @@ class Report:
         # As in summary.json, no ε applies without DP: an empty cell, not "inf".
         for name, table in (("rounds.csv", self.rounds), ("campuses.csv", rows)):
             frame = pd.DataFrame(table).replace([math.inf, -math.inf], math.nan)
-            frame.assign(dp=self.dp, privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None,
-                         noise="reproducible" if self.reproducible_noise else ("secret" if self.dp else None),
-                         ).to_csv(out / name, index=False)
+            frame.assign(
+                dp=self.dp,
+                privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None,
+                noise="reproducible" if self.reproducible_noise else ("secret" if self.dp else None),
+            ).to_csv(out / name, index=False)
         columns = ["attribute", "value", "campuses", "n_test", self.primary]
         pd.DataFrame(fairness, columns=columns).to_csv(out / "fairness.csv", index=False)
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
         self._plot(out / "plot.png")
         g = summary["global"]
-        privacy = (f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g}, per {PRIVACY_UNIT_SHORT})"
-                   if self.dp else "[bold red]NO DP[/bold red]")
+        privacy = (
+            f"ε = {self.epsilon_max():.3f} (max over campuses, δ = {self.delta:g}, per {PRIVACY_UNIT_SHORT})"
+            if self.dp
+            else "[bold red]NO DP[/bold red]"
+        )
         privacy += f" [bold red]({REPRODUCIBLE_WARNING})[/bold red]" if self.reproducible_noise else ""
         if central := summary["privacy"]["client_level"]:
             privacy += f", client-level ε = {central['epsilon']:.3f} (central DP, δ = {self.delta:g}, per campus)"
         key, name = self.primary, METRIC_NAMES[self.primary]
-        self.console.print(f"done: weighted {name} {g[key]:.4f}, worst-campus {name} {g[worst_metric(self.task)]:.4f}, {privacy} -> {out}")
+        self.console.print(
+            f"done: weighted {name} {g[key]:.4f}, worst-campus {name} {g[worst_metric(self.task)]:.4f}, {privacy} -> {out}"
+        )
         for attribute in SUBGROUPS:
-            groups = [f"{r['value']} {r[key]:.3f} (n {r['n_test']}, {r['campuses']} campus{'es' if r['campuses'] > 1 else ''})"
-                      for r in fairness if r["attribute"] == attribute]
+            groups = [
+                f"{r['value']} {r[key]:.3f} (n {r['n_test']}, {r['campuses']} campus{'es' if r['campuses'] > 1 else ''})"
+                for r in fairness
+                if r["attribute"] == attribute
+            ]
             self.console.print(f"  {name} by {attribute}: {', '.join(groups) or 'no group reported'}")
         return summary
 

@@ -38,8 +38,12 @@ class RunOption:
         """This option as a keyword-only parameter of a typer command, with ``defaults``' value as its default."""
         default = getattr(defaults, self.field)
         option = typer.Option(self.flag, help=self.help, click_type=click.Choice(self.choices) if self.choices else None)
-        return inspect.Parameter(self.field, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[self.kind, option],
-                                 default=not default if self.inverted else default)
+        return inspect.Parameter(
+            self.field,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[self.kind, option],
+            default=not default if self.inverted else default,
+        )
 
     def value(self, given: Any) -> Any:
         """The RunConfig value of the option's value ``given``."""
@@ -47,8 +51,14 @@ class RunOption:
 
 
 RUN_OPTIONS = (
-    RunOption("task", "--task", str, "prediction task at the cutoff day: withdrawal, at_risk (Fail or Withdrawn) or "
-              "final_result (Distinction, Fail, Pass, Withdrawn)", TASKS),
+    RunOption(
+        "task",
+        "--task",
+        str,
+        "prediction task at the cutoff day: withdrawal, at_risk (Fail or Withdrawn) or "
+        "final_result (Distinction, Fail, Pass, Withdrawn)",
+        TASKS,
+    ),
     RunOption("num_rounds", "--rounds", int, "federation rounds"),
     RunOption("local_epochs", "--local-epochs", int, "epochs of local training per round"),
     RunOption("batch_size", "--batch-size", int, "expected batch size (Poisson sampling rate = batch/n)"),
@@ -60,27 +70,57 @@ RUN_OPTIONS = (
     RunOption("delta", "--delta", float, "δ of each campus's (ε, δ) guarantee"),
     RunOption("max_grad_norm", "--max-grad-norm", float, "per-example clipping norm"),
     RunOption("dp", "--no-dp", bool, "turn differential privacy OFF (research baselines only)", inverted=True),
-    RunOption("central_dp", "--central-dp", str, "client-level DP on the coordinator: clip each campus's update, "
-              "equal-weight mean, Gaussian noise", CENTRAL_DP),
-    RunOption("central_noise_multiplier", "--central-noise-multiplier", float,
-              "central DP noise standard deviation / clipping norm"),
-    RunOption("central_clipping_norm", "--central-clipping-norm", float,
-              "central DP: L2 norm each campus's update is clipped to"),
-    RunOption("secure_aggregation", "--secure-aggregation", str, "secaggplus: train through Flower's SecAgg+ protocol; the "
-              "coordinator learns only the sum of the updates", SECURE_AGGREGATION),
-    RunOption("secagg_num_shares", "--secagg-num-shares", float, "SecAgg+: shares of each campus's secrets (<= 1: that "
-              "fraction of the campuses; > 1: that many, >= 3)"),
-    RunOption("secagg_reconstruction_threshold", "--secagg-reconstruction-threshold", float, "SecAgg+: shares that rebuild "
-              "a secret (<= 1: that fraction of the shares, > 0.5; > 1: that many)"),
-    RunOption("secagg_max_weight", "--secagg-max-weight", float, "SecAgg+: the largest campus weight (training rows) the "
-              "masked sum holds without clipping"),
+    RunOption(
+        "central_dp",
+        "--central-dp",
+        str,
+        "client-level DP on the coordinator: clip each campus's update, equal-weight mean, Gaussian noise",
+        CENTRAL_DP,
+    ),
+    RunOption(
+        "central_noise_multiplier", "--central-noise-multiplier", float, "central DP noise standard deviation / clipping norm"
+    ),
+    RunOption(
+        "central_clipping_norm", "--central-clipping-norm", float, "central DP: L2 norm each campus's update is clipped to"
+    ),
+    RunOption(
+        "secure_aggregation",
+        "--secure-aggregation",
+        str,
+        "secaggplus: train through Flower's SecAgg+ protocol; the coordinator learns only the sum of the updates",
+        SECURE_AGGREGATION,
+    ),
+    RunOption(
+        "secagg_num_shares",
+        "--secagg-num-shares",
+        float,
+        "SecAgg+: shares of each campus's secrets (<= 1: that fraction of the campuses; > 1: that many, >= 3)",
+    ),
+    RunOption(
+        "secagg_reconstruction_threshold",
+        "--secagg-reconstruction-threshold",
+        float,
+        "SecAgg+: shares that rebuild a secret (<= 1: that fraction of the shares, > 0.5; > 1: that many)",
+    ),
+    RunOption(
+        "secagg_max_weight",
+        "--secagg-max-weight",
+        float,
+        "SecAgg+: the largest campus weight (training rows) the masked sum holds without clipping",
+    ),
     RunOption("cutoff_day", "--cutoff-day", int, "early-warning day D"),
     RunOption("split", "--split", str, "stratified held-out test rows per campus, or temporal (train 2013, test 2014)", SPLITS),
     RunOption("test_fraction", "--test-fraction", float, "share of each campus's rows held out"),
-    RunOption("seed", "--seed", int, "seed for data splits and initial weights (DP noise and batch sampling are secret on "
-              "each campus)"),
-    RunOption("reproducible_noise", "--reproducible-noise", bool, "research only: DP noise and batch sampling follow --seed "
-              "too, so runs repeat exactly; NOT private against the coordinator, and every campus policy refuses it"),
+    RunOption(
+        "seed", "--seed", int, "seed for data splits and initial weights (DP noise and batch sampling are secret on each campus)"
+    ),
+    RunOption(
+        "reproducible_noise",
+        "--reproducible-noise",
+        bool,
+        "research only: DP noise and batch sampling follow --seed "
+        "too, so runs repeat exactly; NOT private against the coordinator, and every campus policy refuses it",
+    ),
     RunOption("out", "--out", str, "results folder"),
 )
 """Every run setting a command line sets, in the order its help lists them."""

@@ -71,8 +71,9 @@ class CampusGrid(Grid):
     def run(self):
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -89,8 +90,11 @@ class CampusGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        stages = {m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in messages
-                  if RECORD_KEY_CONFIGS in m.content.config_records}
+        stages = {
+            m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            for m in messages
+            if RECORD_KEY_CONFIGS in m.content.config_records
+        }
         if not stages:  # evaluation: Message-API messages that already carry the run configuration
             return self.grid.send_and_receive(messages, timeout=timeout)
         [stage] = stages
@@ -110,9 +114,14 @@ class SecAggFedAvg(LegacyFedAvg):
     for ``min-campuses`` of them before each round (:func:`server.replies.await_connected_nodes`)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, offset: int, initial: ArrayRecord):
-        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_campuses,
-                         min_available_clients=cfg.min_campuses, fit_metrics_aggregation_fn=lambda _: {},
-                         initial_parameters=ndarrays_to_parameters([a.numpy() for a in initial.values()]))
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=cfg.min_campuses,
+            min_available_clients=cfg.min_campuses,
+            fit_metrics_aggregation_fn=lambda _: {},
+            initial_parameters=ndarrays_to_parameters([a.numpy() for a in initial.values()]),
+        )
         self.grid, self.cfg, self.offset = grid, cfg, offset
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -135,8 +144,11 @@ class SecAggPlus(SecAggPlusWorkflow):
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
         super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
-        state.nid_to_neighbours = {nid: neighbours & state.sampled_node_ids
-                                   for nid, neighbours in state.nid_to_neighbours.items() if nid in state.sampled_node_ids}
+        state.nid_to_neighbours = {
+            nid: neighbours & state.sampled_node_ids
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in state.sampled_node_ids
+        }
         return self._check_threshold(state)
 
 
@@ -149,10 +161,17 @@ def run_secaggplus(grid: Grid, context: Context, cfg: RunConfig, reporting: Repo
     """
     campus_grid = CampusGrid(grid, cfg, reporting)
     strategy = SecAggFedAvg(campus_grid, cfg, reporting.offset, arrays)
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds - reporting.offset,
-                                                         round_timeout=cfg.round_timeout), strategy=strategy)
-    secaggplus = SecAggPlus(_shares(cfg.secagg_num_shares), _shares(cfg.secagg_reconstruction_threshold),
-                            max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout)
+    legacy = LegacyContext(
+        context,
+        config=ServerConfig(num_rounds=cfg.num_rounds - reporting.offset, round_timeout=cfg.round_timeout),
+        strategy=strategy,
+    )
+    secaggplus = SecAggPlus(
+        _shares(cfg.secagg_num_shares),
+        _shares(cfg.secagg_reconstruction_threshold),
+        max_weight=cfg.secagg_max_weight,
+        timeout=cfg.round_timeout,
+    )
     evaluate_config = ConfigRecord(cfg.to_flower())
     aggregated = []
 
@@ -163,13 +182,17 @@ def run_secaggplus(grid: Grid, context: Context, cfg: RunConfig, reporting: Repo
         if not aggregated[-1]:
             server_round = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]) + reporting.offset
             reporting.report.add_failure(
-                server_round, "train", "secure aggregation halted: fewer campuses than the reconstruction threshold "
-                "completed a SecAgg+ stage (see the failures above); the global model is unchanged")
+                server_round,
+                "train",
+                "secure aggregation halted: fewer campuses than the reconstruction threshold "
+                "completed a SecAgg+ stage (see the failures above); the global model is unchanged",
+            )
 
     def evaluate(grid: Grid, ctx: LegacyContext) -> None:
         server_round = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-        reporting.arrays = named_arrays(ctx.state.array_records[MAIN_PARAMS_RECORD],
-                                        [(name, a.shape, a.dtype) for name, a in arrays.items()])
+        reporting.arrays = named_arrays(
+            ctx.state.array_records[MAIN_PARAMS_RECORD], [(name, a.shape, a.dtype) for name, a in arrays.items()]
+        )
         messages = reporting.configure_evaluate(server_round, reporting.arrays, evaluate_config, grid)
         reporting.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=cfg.round_timeout))
 

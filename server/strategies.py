@@ -23,10 +23,12 @@ def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     metrics = [next(iter(r.metric_records.values())) for r in records]
     total = sum(m[weight_key] for m in metrics)
     losses = [(m["train-loss"], m[weight_key]) for m in metrics if m[weight_key] > 0]
-    return MetricRecord({
-        "train-loss": sum(loss * w for loss, w in losses) / total if total else float("nan"),
-        "epsilon-max": max(m["epsilon"] for m in metrics),
-    })
+    return MetricRecord(
+        {
+            "train-loss": sum(loss * w for loss, w in losses) / total if total else float("nan"),
+            "epsilon-max": max(m["epsilon"] for m in metrics),
+        }
+    )
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
@@ -39,8 +41,11 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     ICLR 2018) over :class:`EqualWeights`.
     """
     common = dict(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_campuses,
-        min_evaluate_nodes=cfg.min_campuses, min_available_nodes=cfg.min_campuses,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_campuses,
+        min_evaluate_nodes=cfg.min_campuses,
+        min_available_nodes=cfg.min_campuses,
         train_metrics_aggr_fn=_train_metrics,
     )
     if cfg.strategy == "fedadam":
@@ -49,7 +54,8 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     if cfg.central_dp == "off":
         return strategy
     return DifferentialPrivacyServerSideFixedClipping(
-        EqualWeights(strategy, cfg.min_campuses), cfg.central_noise_multiplier, cfg.central_clipping_norm, cfg.min_campuses)
+        EqualWeights(strategy, cfg.min_campuses), cfg.central_noise_multiplier, cfg.central_clipping_norm, cfg.min_campuses
+    )
 
 
 class EqualWeights(Strategy):

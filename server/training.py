@@ -54,25 +54,41 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
         started -= saved["report"]["elapsed_s"]
         report.console.print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}")
     else:
-        arrays = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)).state_dict())
+        arrays = ArrayRecord(
+            build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)).state_dict()
+        )
     first = saved["round"] + 1 if saved else 1
-    strategy = ReportingStrategy(inner, report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout, first_round=first,
-                                 checkpoint=(out / CHECKPOINT, cfg) if cfg.run_name else None)
+    strategy = ReportingStrategy(
+        inner,
+        report,
+        cfg.num_rounds,
+        cfg.min_campuses,
+        cfg.round_timeout,
+        first_round=first,
+        checkpoint=(out / CHECKPOINT, cfg) if cfg.run_name else None,
+    )
     config = ConfigRecord(cfg.to_flower())
     try:
         if cfg.secure_aggregation == "secaggplus":
-            report.console.print("secure aggregation: SecAgg+; the coordinator receives masked updates and learns only "
-                                 "their weighted sum")
+            report.console.print(
+                "secure aggregation: SecAgg+; the coordinator receives masked updates and learns only their weighted sum"
+            )
             trained = run_secaggplus(grid, context, cfg, strategy, arrays)
         else:
             result = strategy.start(
-                grid=grid, initial_arrays=arrays, num_rounds=cfg.num_rounds - first + 1,
-                timeout=cfg.round_timeout, train_config=config, evaluate_config=config,
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=cfg.num_rounds - first + 1,
+                timeout=cfg.round_timeout,
+                train_config=config,
+                evaluate_config=config,
             )
             trained = len(result.arrays) > 0
     except RunPaused as paused:
-        report.console.print(f"paused after round {paused.args[0]}/{cfg.num_rounds} ({STOP_FILE} file); "
-                             f"continue with `edufl coordinator run --resume {out}`")
+        report.console.print(
+            f"paused after round {paused.args[0]}/{cfg.num_rounds} ({STOP_FILE} file); "
+            f"continue with `edufl coordinator run --resume {out}`"
+        )
         return None
     state = strategy.arrays.to_torch_state_dict() if trained or saved else None
     return report.write(out, state, time.perf_counter() - started)

@@ -70,15 +70,19 @@ def test_policy_lists_approved_bundles_and_approves_none_by_default(tmp_path):
     policy = CampusPolicy.load(policy_file(tmp_path, f'[apps]\napproved_fab_hashes = ["{upper}"]\n'))
     assert policy.apps.approved_fab_hashes == (OTHER,)  # as Flower writes hashes: lower case
     assert policy.apps.refusal(OTHER) is None
-    assert policy.apps.refusal("cd" * 32) == (f"apps.approved_fab_hashes: app bundle {'cd' * 32} is not approved "
-                                              "by the campus's data steward")
+    assert policy.apps.refusal("cd" * 32) == (
+        f"apps.approved_fab_hashes: app bundle {'cd' * 32} is not approved by the campus's data steward"
+    )
     assert CampusPolicy().apps.refusal(OTHER).endswith("(the policy approves no app bundle)")
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[apps]\napproved_fab_hashes = ["abc"]\n', "apps.approved_fab_hashes.0: Value error, 'abc' is not the SHA-256"),
-    ("[apps]\nallow_all = true\n", "apps.allow_all: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[apps]\napproved_fab_hashes = ["abc"]\n', "apps.approved_fab_hashes.0: Value error, 'abc' is not the SHA-256"),
+        ("[apps]\nallow_all = true\n", "apps.allow_all: Extra inputs are not permitted"),
+    ],
+)
 def test_policy_refuses_a_malformed_apps_section(tmp_path, text, message):
     with pytest.raises(PolicyError, match=message):
         CampusPolicy.load(policy_file(tmp_path, text))
@@ -91,8 +95,9 @@ def test_bundle_hash_is_flowers_fab_hash_and_changes_with_one_byte(tmp_path):
     fab_hash, name = bundle_sha256()
     assert name == "edufl/edufl 0.1.0"
     assert bundle_sha256(app_copy(tmp_path / "same"))[0] == fab_hash  # the installed edufl is this checkout
-    built = subprocess.run(["flwr", "build", "--app", str(tmp_path / "same" / "app")], cwd=tmp_path,
-                           capture_output=True, text=True, env=flwr_env())
+    built = subprocess.run(
+        ["flwr", "build", "--app", str(tmp_path / "same" / "app")], cwd=tmp_path, capture_output=True, text=True, env=flwr_env()
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     fab = next(tmp_path.glob("*.fab"))
     assert fab_hash[:8] in fab.name and bundle_sha256(fab)[0] == fab_hash  # `flwr build` names its file by this hash
@@ -101,8 +106,17 @@ def test_bundle_hash_is_flowers_fab_hash_and_changes_with_one_byte(tmp_path):
         bundle_sha256(REPO / "README.md")
 
 
-@pytest.mark.parametrize("outside", ["clients/campus.py", "clients/approval.py", "server/coordinator.py",
-                                     "server/pki.py", "federation/deploy.py", "federation/bundle.py"])
+@pytest.mark.parametrize(
+    "outside",
+    [
+        "clients/campus.py",
+        "clients/approval.py",
+        "server/coordinator.py",
+        "server/pki.py",
+        "federation/deploy.py",
+        "federation/bundle.py",
+    ],
+)
 def test_an_edit_outside_the_apps_leaves_the_bundle_hash_alone(tmp_path, outside):
     assert bundle_sha256(app_copy(tmp_path, change=outside))[0] == bundle_sha256()[0]
 
@@ -111,21 +125,32 @@ def test_the_bundle_holds_exactly_the_modules_the_apps_import(tmp_path):
     with app_folder() as folder:
         # The bundle's own edufl package comes first on the path, as in a flwr-clientapp process: a module
         # missing from it would be imported from the installed edufl, outside the bundle.
-        probe = ("import sys; sys.path.insert(0, sys.argv[1]); import " + ", ".join(APP_MODULES) + "\n"
-                 "for name, module in sorted(sys.modules.items()):\n"
-                 "    if name.startswith('edufl.') and getattr(module, '__file__', None):\n"
-                 "        print(name, module.__file__)")
+        probe = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import " + ", ".join(APP_MODULES) + "\n"
+            "for name, module in sorted(sys.modules.items()):\n"
+            "    if name.startswith('edufl.') and getattr(module, '__file__', None):\n"
+            "        print(name, module.__file__)"
+        )
         done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         loaded = dict(line.split(" ", 1) for line in done.stdout.splitlines())
         outside = {name: file for name, file in loaded.items() if not file.startswith(str(folder))}
         assert outside == {}, "the apps import modules that are not in the bundle"
-        app_entry = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import edufl.clients.app, "
-                     "edufl.server.app; print(sorted(m for m in sys.modules if m.startswith('edufl.')))", str(folder)]
+        app_entry = [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import edufl.clients.app, "
+            "edufl.server.app; print(sorted(m for m in sys.modules if m.startswith('edufl.')))",
+            str(folder),
+        ]
         eager = subprocess.run(app_entry, capture_output=True, text=True, cwd=tmp_path)
     assert eager.returncode == 0, eager.stderr
-    modules = {name for name in loaded if not name.endswith("__init__")} - {"edufl.clients", "edufl.server",
-                                                                            "edufl.federation", "edufl.federation.proto"}
+    modules = {name for name in loaded if not name.endswith("__init__")} - {
+        "edufl.clients",
+        "edufl.server",
+        "edufl.federation",
+        "edufl.federation.proto",
+    }
     assert modules == set(APP_MODULES)
     assert {"matplotlib", "ray"}.isdisjoint(eager.stdout)  # the apps load no research code
 
@@ -134,7 +159,9 @@ def test_the_bundles_run_config_is_the_run_config_defaults_as_flower_reads_it():
     with app_folder() as folder:
         fab = build_fab_from_disk(folder)
     assert get_fab_config(fab)["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
+        "serverapp": "edufl.server.app:app",
+        "clientapp": "edufl.clients.app:app",
+    }
     config = get_fused_config_from_fab(fab, Run.create_empty(run_id=1))
     assert config.pop(QUERY_KEY) == ""  # no DP statistic: the ServerApp trains
     assert RunConfig.from_flower(config) == RunConfig()
@@ -217,7 +244,8 @@ def test_plugin_launches_an_approved_task_with_flowers_executor_and_never_an_una
     assert plugin.launch_task("token-1", task()).status == LaunchResultStatus.ACCEPTED
     assert plugin.launch_task("token-2", task("cd" * 32)).status == LaunchResultStatus.ACCEPTED
     assert [(s.token, s.task_type, s.fab_hash, s.runtime_dependency_install) for s in executor.launched] == [
-        ("token-1", TaskType.CLIENT_APP, OTHER, False)]
+        ("token-1", TaskType.CLIENT_APP, OTHER, False)
+    ]
     assert [(token, fab_hash) for token, fab_hash, _ in gate.refused] == [("token-2", "cd" * 32)]
 
 
@@ -226,8 +254,11 @@ def test_refusal_is_audited_and_printed_naming_the_bundle_and_the_policy_key(tmp
 
     policy = policy_file(tmp_path, "[privacy]\ndelta = 1e-6\n")
     gate = Gate("BBB", tmp_path / "state", policy)
-    request = Message(RecordDict({"config": ConfigRecord({"run-name": "run1-0a1b2c3d", "server-round": 2})}),
-                      dst_node_id=1, message_type="train")
+    request = Message(
+        RecordDict({"config": ConfigRecord({"run-name": "run1-0a1b2c3d", "server-round": 2})}),
+        dst_node_id=1,
+        message_type="train",
+    )
 
     class Context:
         run_id = 42
@@ -238,9 +269,13 @@ def test_refusal_is_audited_and_printed_naming_the_bundle_and_the_policy_key(tmp
     records = log.records()
     log.close()
     assert [(r.run_id, r.server_round, r.message_type, r.sent, r.fab_sha256) for r in records] == [
-        ("run1-0a1b2c3d", 2, "train", False, OTHER), ("42", 0, "", False, OTHER)]
+        ("run1-0a1b2c3d", 2, "train", False, OTHER),
+        ("42", 0, "", False, OTHER),
+    ]
     assert records[0].reason == f"refused: {gate.reply(gate.refusal(task()))}"
-    assert records[0].reason.startswith(f"refused: campus BBB refuses to start this app: apps.approved_fab_hashes: app bundle {OTHER}")
+    assert records[0].reason.startswith(
+        f"refused: campus BBB refuses to start this app: apps.approved_fab_hashes: app bundle {OTHER}"
+    )
     out = capsys.readouterr().out
     assert f"campus BBB: REFUSED train of run run1-0a1b2c3d round 2: apps.approved_fab_hashes: app bundle {OTHER}" in out
     assert f"(policy {policy.resolve()}); no app was started" in out
@@ -256,15 +291,20 @@ def test_supernode_leaves_every_app_launch_to_the_gate(tmp_path):
     assert gate[gate.index("--runtime-api-address") + 1] == "127.0.0.1:9301"
 
 
-@pytest.mark.parametrize("status, supernode_running, failed", [
-    (GATE_FAILED, True, True),
-    (1, True, False),  # Flower's graceful exit on Ctrl-C: the SuperNode is stopping too
-    (-9, False, False),  # killed after its SuperNode ended, by the campus command's clean-up
-])
+@pytest.mark.parametrize(
+    "status, supernode_running, failed",
+    [
+        (GATE_FAILED, True, True),
+        (1, True, False),  # Flower's graceful exit on Ctrl-C: the SuperNode is stopping too
+        (-9, False, False),  # killed after its SuperNode ended, by the campus command's clean-up
+    ],
+)
 def test_a_gate_that_fails_stops_its_supernode(status, supernode_running, failed):
     stops = []
-    gate = GateProcess([sys.executable, "-c", f"raise SystemExit({status})" if status >= 0 else "import os; os.kill(os.getpid(), 9)"],
-                       lambda: stops.append(True) or supernode_running)
+    gate = GateProcess(
+        [sys.executable, "-c", f"raise SystemExit({status})" if status >= 0 else "import os; os.kill(os.getpid(), 9)"],
+        lambda: stops.append(True) or supernode_running,
+    )
     gate.on_line("INFO :      Starting Flower SuperNode")
     assert gate.proc is None  # not before the SuperNode serves
     gate.on_line("INFO :      SuperNode ID: 123")
@@ -291,8 +331,10 @@ def test_unapproved_bundle_is_refused_before_any_app_starts(tmp_path, tables):
     # AAA ran the approved bundle; BBB refused it, in each phase, and the coordinator says so by campus name.
     assert [c["campus"] for c in summary["campuses"]] == ["AAA"] and released_rounds(tmp_path, "AAA", name) == [1]
     assert [(f["phase"], f["refused"]) for f in summary["failures"]] == [("train", True), ("evaluate", True)]
-    assert all(f["reason"].startswith("campus BBB (node ") and f"apps.approved_fab_hashes: app bundle {fab_hash}" in f["reason"]
-               for f in summary["failures"])
+    assert all(
+        f["reason"].startswith("campus BBB (node ") and f"apps.approved_fab_hashes: app bundle {fab_hash}" in f["reason"]
+        for f in summary["failures"]
+    )
     ledger = PrivacyLedger(tmp_path / "state" / "BBB")
     assert ledger.releases() == []
     ledger.close()
@@ -300,6 +342,8 @@ def test_unapproved_bundle_is_refused_before_any_app_starts(tmp_path, tables):
     records = log.records()
     log.close()
     assert [(r.run_id, r.server_round, r.message_type, r.sent, r.fab_sha256) for r in records] == [
-        (name, 1, "train", False, fab_hash), (name, 1, "evaluate", False, fab_hash)]  # the gate's, and no app's
+        (name, 1, "train", False, fab_hash),
+        (name, 1, "evaluate", False, fab_hash),
+    ]  # the gate's, and no app's
     assert f"campus BBB: REFUSED train of run {name} round 1: apps.approved_fab_hashes: app bundle {fab_hash}" in bbb
     assert "starting its ClientApp" not in bbb and f"app bundle {fab_hash} is approved; starting its ClientApp" in aaa

@@ -73,8 +73,9 @@ def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None
     noisy_sum = (_flat(start) - _flat(after)) * n / cfg.learning_rate
     rng = Randomness(seed).generator()
     rng.integers(2**63)  # the Poisson sampler's seed
-    predicted = torch.cat([torch.from_numpy(gaussian(rng, sigma * cfg.max_grad_norm, tuple(t.shape))).float().flatten()
-                           for t in start.values()])
+    predicted = torch.cat(
+        [torch.from_numpy(gaussian(rng, sigma * cfg.max_grad_norm, tuple(t.shape))).float().flatten() for t in start.values()]
+    )
     return noisy_sum - predicted
 
 
@@ -83,13 +84,22 @@ def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
     rows = split(early_warning(aaa, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)[0]
     model = build_model(cfg.model, len(feature_names()))
     model.load_state_dict(start)
-    train(model, rows, epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0,
-          noise_multiplier=0.0, max_grad_norm=cfg.max_grad_norm)
+    train(
+        model,
+        rows,
+        epochs=1,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=0,
+        noise_multiplier=0.0,
+        max_grad_norm=cfg.max_grad_norm,
+    )
     return (_flat(start) - _flat(model.state_dict())) * len(rows) / cfg.learning_rate
 
 
-def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(aaa: Tables, aaa_dir: Path, tmp_path: Path,
-                                                                    task_identity, capsys, monkeypatch):
+def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
+    aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, capsys, monkeypatch
+):
     start = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed).state_dict()
     replies = [app(_request(ATTACK, arrays=start), _context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)]
     assert not any(r.has_error() for r in replies)
@@ -113,8 +123,10 @@ def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(aaa: Tables, a
     assert not exposed.has_error()
     control = float((_recovered_sum(research, start, exposed, public_seed) - truth).norm())
     with capsys.disabled():
-        print(f"\nnoise-subtraction attack, ‖recovered − true clipped sum‖ (one noise draw ≈ {noise_norm:.2f}): "
-              f"secret noise {residual[0]:.3f}, {residual[1]:.3f}; reproducible noise (control) {control:.2e}")
+        print(
+            f"\nnoise-subtraction attack, ‖recovered − true clipped sum‖ (one noise draw ≈ {noise_norm:.2f}): "
+            f"secret noise {residual[0]:.3f}, {residual[1]:.3f}; reproducible noise (control) {control:.2e}"
+        )
     assert control < 1e-3 * noise_norm  # the attack itself works when the noise is predictable
     assert min(residual) > 0.5 * noise_norm  # and removes nothing of the secret noise (the residual is ~√2 draws)
 
@@ -133,8 +145,10 @@ def _write(path: Path, text: str) -> Path:
 
 # --- 2. data in error replies ----------------------------------------------------------------------------------------
 
-def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(aaa: Tables, aaa_dir: Path, tmp_path: Path,
-                                                                           task_identity):
+
+def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(
+    aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity
+):
     cfg = RunConfig(model="logistic", num_rounds=2)
     context, state = _context(aaa_dir, tmp_path / "state"), tmp_path / "state"
     first = app(_request(cfg, 1), context)
@@ -156,8 +170,9 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(aaa:
 
     # The coordinator side: the strategy records the failure, writes summary.json and prints its log lines.
     log = io.StringIO()
-    report = Report(config={"mode": "federated", **cfg.to_flower()}, dp=True, delta=cfg.delta,
-                    console=Console(file=log, width=200))
+    report = Report(
+        config={"mode": "federated", **cfg.to_flower()}, dp=True, delta=cfg.delta, console=Console(file=log, width=200)
+    )
     strategy = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, 1, 5.0)
     strategy.ask([request])
     strategy.received(2, "train", [second])
@@ -186,6 +201,7 @@ def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path, ta
 
 # --- 3. messages and keys the campus does not answer -----------------------------------------------------------------
 
+
 def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Path, task_identity):
     reply = app(_request(RunConfig(model="logistic"), kind="train.other"), _context(aaa_dir, tmp_path / "state"))
     assert reply.error.code == REFUSED and "train.other" in reply.error.reason
@@ -195,15 +211,14 @@ def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Pa
 
 def test_query_with_an_unknown_config_key_is_refused(aaa_dir: Path, tmp_path: Path, task_identity):
     config = ConfigRecord({QUERY_KEY: b"", "contract-version": "1.0", "server-round": 1, "seed": 4})
-    reply = app(Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"),
-                _context(aaa_dir, tmp_path / "state"))
+    reply = app(Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"), _context(aaa_dir, tmp_path / "state"))
     assert reply.error.code == REFUSED and "unknown configuration key(s) of a statistic query: seed" in reply.error.reason
 
 
 # --- 4. a new Flower run under the same run name ---------------------------------------------------------------------
 
-def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa_dir: Path, tmp_path: Path,
-                                                                             task_identity):
+
+def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa_dir: Path, tmp_path: Path, task_identity):
     state = tmp_path / "state"
     first = RunConfig(model="logistic", num_rounds=3, run_name="study-7")
     assert not app(_request(first, 1), _context(aaa_dir, state, run_id=11)).has_error()
@@ -216,6 +231,7 @@ def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa
 
 
 # --- 5. the ledger records what ran ----------------------------------------------------------------------------------
+
 
 def test_poisson_plan_equals_what_opacus_samples_for_many_sizes():
     rng = np.random.default_rng(20261202)
@@ -234,8 +250,16 @@ def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: P
     q, steps = poisson_plan(555, 6)  # ceil(555 / 6) = 93 batches planned naively; Opacus runs int(1 / (1 / 93)) = 92
     assert (q, steps) == (1 / 93, 92)
     sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 555, 6, 2)
-    result = train(build_model("logistic", len(feature_names())), rows, epochs=2, batch_size=6, learning_rate=0.1,
-                   seed=0, noise_multiplier=sigma, max_grad_norm=1.0)
+    result = train(
+        build_model("logistic", len(feature_names())),
+        rows,
+        epochs=2,
+        batch_size=6,
+        learning_rate=0.1,
+        seed=0,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+    )
     assert (result.sample_rate, result.steps, result.history) == (q, 2 * steps, [(sigma, q, 2 * steps)])
     assert 2.9 < epsilon(result.history, 1e-5) <= 3.0  # calibrated on exactly those steps: the target, not less
 

@@ -23,9 +23,26 @@ def run(tmp_path_factory, data_dir) -> Path:
     """Two rounds of the 7 module campuses under a policy; each campus's state folder is OUT/campuses/NAME."""
     root = tmp_path_factory.mktemp("campus-commands")
     (root / "policy.toml").write_text(POLICY)
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--rounds", "2", "--model", "logistic",
-                           "--policy", str(root / "policy.toml"), "--out", str(root / "out")],
-                          capture_output=True, text=True, env={**os.environ, "EDUFL_DATA": str(data_dir)}, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edufl.experiments.cli",
+            "simulate",
+            "--rounds",
+            "2",
+            "--model",
+            "logistic",
+            "--policy",
+            str(root / "policy.toml"),
+            "--out",
+            str(root / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDUFL_DATA": str(data_dir)},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 
@@ -50,7 +67,11 @@ def test_audit_lists_every_message_as_json_and_table(run, capsys):
     assert main(["campus", "audit", "--state", str(state), "--format", "json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["server_round"], r["message_type"], r["sent"]) for r in records] == [
-        ("1", "train", True), ("1", "evaluate", True), ("2", "train", True), ("2", "evaluate", True)]
+        ("1", "train", True),
+        ("1", "evaluate", True),
+        ("2", "train", True),
+        ("2", "evaluate", True),
+    ]
     releases = PrivacyLedger(state).releases()
     assert [r["dp"]["epsilon"] for r in records if r["message_type"] == "train"] == [r.dp.epsilon for r in releases]
     run_id = records[0]["run_id"]
@@ -61,13 +82,16 @@ def test_audit_lists_every_message_as_json_and_table(run, capsys):
     assert table.count(" sent ") == 4 and f"{releases[-1].dp.epsilon:.3f}" in table
 
 
-@pytest.mark.parametrize("command, message", [
-    (["budget", "--state", "{missing}"], "no such folder"),
-    (["budget", "--state", "{empty}"], "no privacy ledger here (ledger.sqlite)"),
-    (["audit", "--state", "{empty}"], "no audit log here (audit.sqlite)"),
-    (["audit", "--state", "{state}", "--run", "no-such-run"], "--run no-such-run: no audit record of this run"),
-    (["budget", "--state", "{state}", "--policy", "{missing}"], "policy file not found"),
-])
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["budget", "--state", "{missing}"], "no such folder"),
+        (["budget", "--state", "{empty}"], "no privacy ledger here (ledger.sqlite)"),
+        (["audit", "--state", "{empty}"], "no audit log here (audit.sqlite)"),
+        (["audit", "--state", "{state}", "--run", "no-such-run"], "--run no-such-run: no audit record of this run"),
+        (["budget", "--state", "{state}", "--policy", "{missing}"], "policy file not found"),
+    ],
+)
 def test_a_wrong_state_folder_or_run_is_a_clear_error(run, tmp_path, capsys, command, message):
     paths = {"missing": tmp_path / "missing", "empty": tmp_path, "state": run / "out" / "campuses" / "CCC"}
     assert main(["campus", *[a.format(**paths) for a in command]]) == 2
@@ -77,21 +101,31 @@ def test_a_wrong_state_folder_or_run_is_a_clear_error(run, tmp_path, capsys, com
 
 
 # Runs `edufl ARGS...` as the `edufl` script does, and writes the names of every module loaded by then to FILE at exit.
-PROBE = ("import atexit, json, sys\n"
-         "out, sys.argv = sys.argv[1], ['edufl', *sys.argv[2:]]\n"
-         "atexit.register(lambda: open(out, 'w').write(json.dumps(sorted(sys.modules))))\n"
-         "from edufl.experiments.cli import main\n"
-         "sys.exit(main())\n")
+PROBE = (
+    "import atexit, json, sys\n"
+    "out, sys.argv = sys.argv[1], ['edufl', *sys.argv[2:]]\n"
+    "atexit.register(lambda: open(out, 'w').write(json.dumps(sorted(sys.modules))))\n"
+    "from edufl.experiments.cli import main\n"
+    "sys.exit(main())\n"
+)
 
 
-@pytest.mark.parametrize("command, shown", [
-    (["campus", "validate", "--data", "{campus}"], "OK, 748 registrations (courses AAA)"),
-    (["campus", "--help"], "export-oulad"),
-])
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        (["campus", "validate", "--data", "{campus}"], "OK, 748 registrations (courses AAA)"),
+        (["campus", "--help"], "export-oulad"),
+    ],
+)
 def test_a_campus_command_loads_no_research_code_simulation_engine_or_torch(aaa_dir, tmp_path, command, shown):
     loaded = tmp_path / "modules.json"
-    done = subprocess.run([sys.executable, "-c", PROBE, str(loaded), *[a.format(campus=aaa_dir) for a in command]],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(loaded), *[a.format(campus=aaa_dir) for a in command]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert shown in done.stdout
     modules = json.loads(loaded.read_text())

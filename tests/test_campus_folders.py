@@ -49,13 +49,23 @@ def _ended_process() -> psutil.Process:
 
 def _start(data_dir: Path, tmp: Path, *args: str) -> subprocess.Popen:
     """`edufl simulate` in its own process group, its campus folders under ``tmp``."""
-    env = {**os.environ, "EDUFL_DATA": str(data_dir), "TMPDIR": str(tmp), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env = {
+        **os.environ,
+        "EDUFL_DATA": str(data_dir),
+        "TMPDIR": str(tmp),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
     # Ray would put its sockets under TMPDIR too: keep them where they go without it (short paths).
     env.setdefault("RAY_TMPDIR", tempfile.gettempdir() if sys.platform.startswith("linux") else "/tmp")
     with (tmp / "simulate.log").open("w") as log:  # a file, not a pipe: nothing blocks on a full buffer
-        return subprocess.Popen([sys.executable, *RUN, "--out", str(tmp / "run"), *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, *RUN, "--out", str(tmp / "run"), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _wait_for_manifest(proc: subprocess.Popen, root: Path) -> Path:
@@ -125,8 +135,10 @@ def test_start_removes_only_folders_whose_owner_has_ended(tmp_path, capsys):
     root = campus_root(tmp_path)
     me, ended = psutil.Process(), _ended_process()
     live = root / _owned_name(me.pid, me.create_time())
-    stale = [root / _owned_name(ended.pid, ended.create_time()),  # the owner has ended
-             root / _owned_name(me.pid, me.create_time() - 3600)]  # its pid now runs another process
+    stale = [
+        root / _owned_name(ended.pid, ended.create_time()),  # the owner has ended
+        root / _owned_name(me.pid, me.create_time() - 3600),
+    ]  # its pid now runs another process
     other = root / "not-a-campus-folder"
     for folder in (live, *stale, other):
         folder.mkdir(mode=0o700)
@@ -156,6 +168,7 @@ def test_start_line_says_how_many(tmp_path, capsys):
 def _recording_handler(calls: list):
     def handler(signum, frame):
         calls.append(signum)
+
     return handler
 
 

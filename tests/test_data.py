@@ -84,9 +84,11 @@ def test_missing_file(aaa_dir):
 def test_missing_column(aaa_dir):
     path = aaa_dir / "courses.csv"
     _edit(path, 1, '"module_presentation_length"', '"length"')
-    assert _problems(aaa_dir) == ["courses.csv, line 1, column 'module_presentation_length': column is missing "
-                                  "(mapped to contract field presentations.length_days); the file has columns "
-                                  "code_module, code_presentation, length"]
+    assert _problems(aaa_dir) == [
+        "courses.csv, line 1, column 'module_presentation_length': column is missing "
+        "(mapped to contract field presentations.length_days); the file has columns "
+        "code_module, code_presentation, length"
+    ]
 
 
 def test_wrong_type_and_ranges(aaa_dir):
@@ -159,13 +161,17 @@ def test_other_encoding_and_delimiter(aaa_dir):
     info.write_text((aaa_dir / "courses.csv").read_text())  # restore something valid below
     courses = aaa_dir / "courses.csv"
     courses.write_text(courses.read_text().replace(",", ";"))
-    assert _problems(aaa_dir)[0] == "courses.csv, line 1: columns are separated by ';'; expected ',' (set delimiter in the mapping)"
+    assert (
+        _problems(aaa_dir)[0] == "courses.csv, line 1: columns are separated by ';'; expected ',' (set delimiter in the mapping)"
+    )
 
 
 def test_utf16(aaa_dir):
     courses = aaa_dir / "courses.csv"
     courses.write_bytes(courses.read_text().encode("utf-16"))
-    assert _problems(aaa_dir) == ["courses.csv: file is UTF-16 encoded; expected utf-8 (save it as utf-8, or set encoding in the mapping)"]
+    assert _problems(aaa_dir) == [
+        "courses.csv: file is UTF-16 encoded; expected utf-8 (save it as utf-8, or set encoding in the mapping)"
+    ]
 
 
 def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
@@ -175,13 +181,17 @@ def test_no_data_found_says_how_to_get_it(tmp_path, monkeypatch):
         resolve_data_dir(None)
     assert isinstance(err.value, UserError) and err.value.exit_code == 2  # a user mistake: exit status 2
     assert [str(p) for p in err.value.problems] == [
-        f"{tmp_path / 'edufl' / 'oulad'}: no OULAD tables found here (from the user cache folder (no --data, no $EDUFL_DATA))"]
+        f"{tmp_path / 'edufl' / 'oulad'}: no OULAD tables found here (from the user cache folder (no --data, no $EDUFL_DATA))"
+    ]
 
 
 def test_cli_exit_code_2_without_traceback(aaa_dir):
     _edit(aaa_dir / "studentInfo.csv", 3, '"F"', '"X"')
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "data", "validate", "--data", str(aaa_dir)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", "data", "validate", "--data", str(aaa_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -48,8 +48,9 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen([*EDUFL, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=flwr_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*EDUFL, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=flwr_env(), start_new_session=True
+        )
         self.running[name] = proc
         return proc
 
@@ -123,11 +124,25 @@ def deployment(tmp_path_factory, tables):
         yield root, superlink, procs
 
 
-def start_campus(procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60,
-                 policy: str = "policy.toml", wait: bool = True) -> None:
-    procs.start(campus, "campus", "start", "--campus", campus, "--data", str(root / f"campus-{campus}"),
-                "--superlink", superlink, "--pki", str(root / "pki"), *state(root, campus),
-                "--policy", str(root / policy))
+def start_campus(
+    procs: Processes, root: Path, superlink: str, campus: str, timeout: float = 60, policy: str = "policy.toml", wait: bool = True
+) -> None:
+    procs.start(
+        campus,
+        "campus",
+        "start",
+        "--campus",
+        campus,
+        "--data",
+        str(root / f"campus-{campus}"),
+        "--superlink",
+        superlink,
+        "--pki",
+        str(root / "pki"),
+        *state(root, campus),
+        "--policy",
+        str(root / policy),
+    )
     if wait:
         procs.wait_for(campus, "SuperNode ID", timeout)
 
@@ -151,8 +166,21 @@ def edufl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def coordinator_run(root: Path, superlink: str, out: str, *extra: str) -> subprocess.CompletedProcess:
-    return edufl("coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"), "--rounds", "2",
-                 "--model", "logistic", "--out", str(root / out), *extra)
+    return edufl(
+        "coordinator",
+        "run",
+        "--superlink",
+        superlink,
+        "--pki",
+        str(root / "pki"),
+        "--rounds",
+        "2",
+        "--model",
+        "logistic",
+        "--out",
+        str(root / out),
+        *extra,
+    )
 
 
 def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
@@ -172,8 +200,9 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
     with open(root / "run1" / "rounds.csv") as f:
         assert [row["campuses_evaluated"] for row in csv.DictReader(f)] == ["3", "3"]
     assert (root / "run1" / "model.pt").is_file()
-    runs = json.loads(subprocess.run(["flwr", "ls", "edufl", "--format", "json"], capture_output=True, text=True,
-                                     env=flwr_env()).stdout)["runs"]
+    runs = json.loads(
+        subprocess.run(["flwr", "ls", "edufl", "--format", "json"], capture_output=True, text=True, env=flwr_env()).stdout
+    )["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"]
     name = summary["config"]["run-name"]
     assert name.startswith("run1-") and f"run {name}," in result.stdout
@@ -214,10 +243,13 @@ def test_paused_run_resumes_after_its_last_round_under_the_same_run_name(deploym
     assert summary["failures"] == [] and 0 < summary["privacy"]["epsilon"] <= 3.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rounds", "5"], "continues that run with the settings in its checkpoint: drop the run options"),
-    ([], "no checkpoint.pt there"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rounds", "5"], "continues that run with the settings in its checkpoint: drop the run options"),
+        ([], "no checkpoint.pt there"),
+    ],
+)
 def test_resume_needs_a_checkpoint_and_no_run_options(tmp_path, args, message):
     result = edufl("coordinator", "run", "--superlink", "127.0.0.1:1", "--insecure", "--resume", str(tmp_path), *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -226,8 +258,21 @@ def test_resume_needs_a_checkpoint_and_no_run_options(tmp_path, args, message):
 def test_campus_with_a_bad_policy_file_refuses_to_start(tmp_path, aaa_dir):
     policy = tmp_path / "policy.toml"
     policy.write_text("[privacy]\nmax_epsilon = 3\n")
-    result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", "127.0.0.1:1",
-                   "--insecure", *state(tmp_path, "AAA"), "--policy", str(policy), timeout=60)
+    result = edufl(
+        "campus",
+        "start",
+        "--campus",
+        "AAA",
+        "--data",
+        str(aaa_dir),
+        "--superlink",
+        "127.0.0.1:1",
+        "--insecure",
+        *state(tmp_path, "AAA"),
+        "--policy",
+        str(policy),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert f"{policy}: privacy.max_epsilon" in result.stderr and "Traceback" not in result.stderr
     assert "starting its SuperNode" not in result.stdout
@@ -255,23 +300,55 @@ def test_server_app_never_waits_forever_for_campuses():
 
 def test_campus_with_an_unregistered_key_is_refused_on_both_sides(deployment):
     root, superlink, procs = deployment
-    result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
-                   "--root-cert", str(root / "pki" / "ca.crt"), "--key", str(root / "other-pki" / "campus-AAA.key"),
-                   "--rejoin-wait", "0", *state(root, "AAA-unregistered"), timeout=120)
+    result = edufl(
+        "campus",
+        "start",
+        "--campus",
+        "AAA",
+        "--data",
+        str(root / "campus-AAA"),
+        "--superlink",
+        superlink,
+        "--root-cert",
+        str(root / "pki" / "ca.crt"),
+        "--key",
+        str(root / "other-pki" / "campus-AAA.key"),
+        "--rejoin-wait",
+        "0",
+        *state(root, "AAA-unregistered"),
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "the coordinator refused this campus's key: it is not registered there" in result.stderr
     assert "No SuperNode found with the given public key" in procs.output("coordinator")
 
 
-@pytest.mark.parametrize("tls, message", [
-    (["--insecure"], "uses TLS: drop --insecure"),
-    (["--root-cert", "other-pki/ca.crt", "--key", "pki/campus-AAA.key"], "does not vouch for (certificate signature failure)"),
-])
+@pytest.mark.parametrize(
+    "tls, message",
+    [
+        (["--insecure"], "uses TLS: drop --insecure"),
+        (
+            ["--root-cert", "other-pki/ca.crt", "--key", "pki/campus-AAA.key"],
+            "does not vouch for (certificate signature failure)",
+        ),
+    ],
+)
 def test_plaintext_or_a_wrong_ca_is_refused_before_connecting(deployment, tls, message):
     root, superlink, _ = deployment
     tls = [str(root / a) if "/" in a else a for a in tls]
-    result = edufl("campus", "start", "--campus", "AAA", "--data", str(root / "campus-AAA"), "--superlink", superlink,
-                   *tls, *state(root, "AAA-refused"), timeout=60)
+    result = edufl(
+        "campus",
+        "start",
+        "--campus",
+        "AAA",
+        "--data",
+        str(root / "campus-AAA"),
+        "--superlink",
+        superlink,
+        *tls,
+        *state(root, "AAA-refused"),
+        timeout=60,
+    )
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -282,8 +359,20 @@ def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
     lines = (aaa_dir / "studentInfo.csv").read_text().splitlines()
     lines[5] = lines[5].replace('"F"', '"X"').replace('"M"', '"X"')
     (aaa_dir / "studentInfo.csv").write_text("\n".join(lines) + "\n")
-    result = edufl("campus", "start", "--campus", "AAA", "--data", str(aaa_dir), "--superlink", superlink,
-                   "--pki", str(root / "pki"), *state(root, "AAA-invalid"), timeout=60)
+    result = edufl(
+        "campus",
+        "start",
+        "--campus",
+        "AAA",
+        "--data",
+        str(aaa_dir),
+        "--superlink",
+        superlink,
+        "--pki",
+        str(root / "pki"),
+        *state(root, "AAA-invalid"),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "studentAssessment.csv: file not found" in result.stderr
     assert "campus AAA does not join with this folder" in result.stderr
@@ -293,11 +382,33 @@ def test_campus_with_invalid_data_refuses_to_start(deployment, aaa_dir):
 def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deployment):
     root, superlink, procs = deployment
     launched = procs.output("BBB").count(CLIENTAPP_STARTED)  # ClientApps BBB's gate started for earlier tests
-    run = subprocess.Popen([*EDUFL, "coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"),
-                            "--rounds", "3", "--model", "logistic", "--min-campuses", "2", "--round-timeout", "120",
-                            "--out", str(root / "run-kill")],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=flwr_env(),
-                           start_new_session=True)
+    run = subprocess.Popen(
+        [
+            *EDUFL,
+            "coordinator",
+            "run",
+            "--superlink",
+            superlink,
+            "--pki",
+            str(root / "pki"),
+            "--rounds",
+            "3",
+            "--model",
+            "logistic",
+            "--min-campuses",
+            "2",
+            "--round-timeout",
+            "120",
+            "--out",
+            str(root / "run-kill"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=flwr_env(),
+        start_new_session=True,
+    )
     try:
         while "started" not in (line := run.stdout.readline()):
             assert line, "coordinator run ended before the run started"
@@ -322,8 +433,19 @@ def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deploymen
 def test_a_dp_statistic_runs_on_the_deployment_and_charges_each_campus(deployment):
     root, superlink, _ = deployment
     out = root / "stats"
-    result = edufl("analytics", "run", str(REPO / "experiments" / "queries" / "score_by_assessment_type.toml"),
-                   "--superlink", superlink, "--pki", str(root / "pki"), "--min-campuses", "3", "--out", str(out))
+    result = edufl(
+        "analytics",
+        "run",
+        str(REPO / "experiments" / "queries" / "score_by_assessment_type.toml"),
+        "--superlink",
+        superlink,
+        "--pki",
+        str(root / "pki"),
+        "--min-campuses",
+        "3",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     name = summary["run_name"]
@@ -340,7 +462,11 @@ def test_a_dp_statistic_runs_on_the_deployment_and_charges_each_campus(deploymen
         [release] = ledger.releases(run_id=name)
         ledger.close()
         assert (release.dp.mechanism, release.task, release.dp.sample_rate, release.dp.steps) == (
-            "gaussian", "statistic:score-quartiles-by-assessment-type", 1.0, 1)
+            "gaussian",
+            "statistic:score-quartiles-by-assessment-type",
+            1.0,
+            1,
+        )
         assert release.dp.epsilon == pytest.approx(summary["campuses"][CAMPUSES.index(campus)]["epsilon"])
         log = AuditLog(root / "state" / campus)
         [record] = [r for r in log.records(name) if r.sent]

@@ -47,8 +47,10 @@ def test_labels_are_the_learners_final_results_in_contract_order(tables):
     assert np.array_equal(withdrawn.y, (four.y == FINAL_RESULTS.index("Withdrawn")).astype(np.float32))
     assert own["final_result"].value_counts().to_dict() == {"Pass": 1180, "Fail": 781, "Withdrawn": 761, "Distinction": 498}
     # each example carries its subgroup attributes, as the learner record holds them
-    pd.testing.assert_frame_equal(four.rows[["gender", "age_band", "disability", "imd_band"]],
-                                  own[["gender", "age_band", "disability", "imd_band"]].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        four.rows[["gender", "age_band", "disability", "imd_band"]],
+        own[["gender", "age_band", "disability", "imd_band"]].reset_index(drop=True),
+    )
 
 
 def test_stratified_split_keeps_the_four_class_shares(tables):
@@ -85,11 +87,13 @@ def test_four_class_metrics_match_scikit_learn_and_beat_the_majority_class(table
 
 # --- per-subgroup metrics, sent by a campus through its release guard ------------------------------------------------
 
+
 def _evaluate_request(cfg: RunConfig, seed: int = 1) -> Message:
     model = build_model(cfg.model, len(feature_names()), seed=seed, outputs=n_outputs(cfg.task))
     config = ConfigRecord({**cfg.to_flower(), "server-round": 1})
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1,
-                   message_type="evaluate")
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type="evaluate"
+    )
 
 
 def _context(campus_dir: Path, **node_config) -> Context:
@@ -105,10 +109,12 @@ def _recomputed(task: str, y: np.ndarray, p: np.ndarray) -> float:
 
 @pytest.mark.parametrize("task, policy_k", [("final_result", None), ("withdrawal", None), ("final_result", 30)])
 def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_recomputation(
-        aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, task: str, policy_k: int | None):
+    aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, task: str, policy_k: int | None
+):
     # The default policy allows the withdrawal task only: a campus answering final_result lists it.
-    (tmp_path / "policy.toml").write_text(f'[training]\nallowed_tasks = ["{task}"]\n'
-                                          + (f"[release]\nmin_cohort_size = {policy_k}\n" if policy_k else ""))
+    (tmp_path / "policy.toml").write_text(
+        f'[training]\nallowed_tasks = ["{task}"]\n' + (f"[release]\nmin_cohort_size = {policy_k}\n" if policy_k else "")
+    )
     node_config = {"policy": str(tmp_path / "policy.toml")}
     request = _evaluate_request(RunConfig(task=task, model="logistic"))
     reply = release_guard(request, _context(aaa_dir, **node_config), evaluate_handler)
@@ -132,23 +138,41 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     # No smaller group's size follows by subtraction: per attribute, 0 or at least k test rows lie outside the groups sent.
     assert all(n == 0 or n >= k for n in outside.values()), outside
     if (task, policy_k) == ("final_result", None):  # AAA's 140 test rows: 9 with a disability, so neither N nor Y is sent
-        assert released == ["gender=F", "gender=M", "age_band=0-35", "age_band=35-55", "age_band=55<=", "imd_band=30-40%",
-                            "imd_band=40-50%", "imd_band=50-60%", "imd_band=70-80%", "imd_band=80-90%", "imd_band=90-100%"]
+        assert released == [
+            "gender=F",
+            "gender=M",
+            "age_band=0-35",
+            "age_band=35-55",
+            "age_band=55<=",
+            "imd_band=30-40%",
+            "imd_band=40-50%",
+            "imd_band=50-60%",
+            "imd_band=70-80%",
+            "imd_band=80-90%",
+            "imd_band=90-100%",
+        ]
     assert 0 < len(released) < len(subgroup_keys(task))
     assert len(sent) == len(EVALUATE_METRICS[task]) + 2 * len(released)
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert record.sent and sorted(record.metric_keys) == sorted(sent)
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (lambda m: m.__setitem__("group:region=Wales:macro-f1", 0.3), "metric keys"),  # an attribute not declared
-    (lambda m: m.__setitem__("group:gender=F:accuracy", 0.5), "metric keys"),  # a metric not declared per subgroup
-    (lambda m: m.pop("group:gender=M:num-examples"), "metric keys"),  # a metric without its count
-    (lambda m: m.update({"group:age_band=55<=:num-examples": 8, "group:age_band=55<=:macro-f1": 0.4}),
-     "subgroup age_band=55<=: metrics computed on 8 records, fewer than 10"),
-    (lambda m: m.update({"group:disability=N:num-examples": 131, "group:disability=N:macro-f1": 0.4}),  # 9 with Y
-     "subgroup disability: 9 test records outside the groups sent, fewer than 10"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda m: m.__setitem__("group:region=Wales:macro-f1", 0.3), "metric keys"),  # an attribute not declared
+        (lambda m: m.__setitem__("group:gender=F:accuracy", 0.5), "metric keys"),  # a metric not declared per subgroup
+        (lambda m: m.pop("group:gender=M:num-examples"), "metric keys"),  # a metric without its count
+        (
+            lambda m: m.update({"group:age_band=55<=:num-examples": 8, "group:age_band=55<=:macro-f1": 0.4}),
+            "subgroup age_band=55<=: metrics computed on 8 records, fewer than 10",
+        ),
+        (
+            lambda m: m.update({"group:disability=N:num-examples": 131, "group:disability=N:macro-f1": 0.4}),  # 9 with Y
+            "subgroup disability: 9 test records outside the groups sent, fewer than 10",
+        ),
+    ],
+)
 def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, task_identity, tamper, reason: str):
     def leaky_handler(msg: Message, context: Context) -> Message:
         reply = evaluate_handler(msg, context)
@@ -157,8 +181,9 @@ def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, ta
 
     policy = aaa_dir.parent / "policy.toml"
     policy.write_text('[training]\nallowed_tasks = ["final_result"]\n')  # the default policy allows withdrawal only
-    reply = release_guard(_evaluate_request(RunConfig(task="final_result", model="logistic")),
-                          _context(aaa_dir, policy=str(policy)), leaky_handler)
+    reply = release_guard(
+        _evaluate_request(RunConfig(task="final_result", model="logistic")), _context(aaa_dir, policy=str(policy)), leaky_handler
+    )
     assert reply.has_error() and reply.error.code == BLOCKED and "release guard blocked" in reply.error.reason
     assert not reply.has_content() and not re.search(reason, reply.error.reason)  # the details stay on the campus
     [record] = AuditLog(aaa_dir.parent / "state").records()
@@ -167,9 +192,11 @@ def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, ta
 
 # --- end to end: `edufl simulate`, as a user runs it ------------------------------------------------------------------
 
+
 def _weighted_majority_macro_f1(splits: dict) -> float:
-    return sum(len(test) * _majority_macro_f1(train_part, test) for train_part, test in splits.values()) / \
-        sum(len(test) for _, test in splits.values())
+    return sum(len(test) * _majority_macro_f1(train_part, test) for train_part, test in splits.values()) / sum(
+        len(test) for _, test in splits.values()
+    )
 
 
 def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_table(tables, data_dir, tmp_path):
@@ -178,7 +205,9 @@ def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_tab
     summary = json.loads((out / "summary.json").read_text())
     splits = campus_splits(tables, RunConfig(task="final_result", num_rounds=2))
     assert FOUR_CLASS | {"worst_campus_macro_f1"} <= set(summary["global"])
-    assert FOUR_CLASS <= set(pd.read_csv(out / "rounds.csv").columns) and FOUR_CLASS <= set(pd.read_csv(out / "campuses.csv").columns)
+    assert FOUR_CLASS <= set(pd.read_csv(out / "rounds.csv").columns) and FOUR_CLASS <= set(
+        pd.read_csv(out / "campuses.csv").columns
+    )
     for row in summary["campuses"]:
         assert FOUR_CLASS <= set(row) and 0 < row["epsilon"] <= 3.0
         assert row["n_test"] == len(splits[row["campus"]][1]) and 0 <= row["macro_f1"] <= 1
@@ -223,11 +252,20 @@ def test_a_final_result_study_reports_macro_f1(data_dir, tmp_path):
     from edufl.experiments.study import run
 
     config = tmp_path / "four.toml"
-    config.write_text('[study]\nname = "four"\ntask = "final_result"\nmodes = ["centralized"]\nepsilons = ["none"]\n'
-                      'rounds = 1\nmodel = "logistic"\n')
+    config.write_text(
+        '[study]\nname = "four"\ntask = "final_result"\nmodes = ["centralized"]\nepsilons = ["none"]\n'
+        'rounds = 1\nmodel = "logistic"\n'
+    )
     out = run(config, tmp_path / "four", data_dir)
     rows = pd.read_csv(out / "rows.csv")
-    assert rows["task"].tolist() == ["final_result"] and {"macro_f1", "worst_campus_macro_f1", "f1_Withdrawn"} <= set(rows.columns)
-    assert (out / "summary.md").read_text().splitlines()[0].startswith("| campuses | day | mode | ε target | macro_f1 | worst_campus_macro_f1 |")
+    assert rows["task"].tolist() == ["final_result"] and {"macro_f1", "worst_campus_macro_f1", "f1_Withdrawn"} <= set(
+        rows.columns
+    )
+    assert (
+        (out / "summary.md")
+        .read_text()
+        .splitlines()[0]
+        .startswith("| campuses | day | mode | ε target | macro_f1 | worst_campus_macro_f1 |")
+    )
     for name in ("privacy_utility.png", "macro_f1_vs_cutoff.png", "campus_macro_f1_nodp.png"):
         assert (out / name).stat().st_size > 10_000

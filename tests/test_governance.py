@@ -54,14 +54,17 @@ def test_policy_file_is_read_and_defaults_are_safe(tmp_path: Path):
     assert default.check(RunConfig()) == []  # the default run fits the default policy
 
 
-@pytest.mark.parametrize("text, named", [
-    ("[privacy]\nmax_epsilon = 3\n", "privacy.max_epsilon"),  # unknown key (typo)
-    ("[privacy]\ndelta = 1.5\n", "privacy.delta"),
-    ("[training]\nmax_rounds = 0\n", "training.max_rounds"),
-    ("[privacy]\nmax_epsilon_per_run = inf\n", "privacy.max_epsilon_per_run"),
-    ("[releases]\nmin_cohort_size = 5\n", "releases"),
-    ("[privacy\n", "not a TOML file"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("[privacy]\nmax_epsilon = 3\n", "privacy.max_epsilon"),  # unknown key (typo)
+        ("[privacy]\ndelta = 1.5\n", "privacy.delta"),
+        ("[training]\nmax_rounds = 0\n", "training.max_rounds"),
+        ("[privacy]\nmax_epsilon_per_run = inf\n", "privacy.max_epsilon_per_run"),
+        ("[releases]\nmin_cohort_size = 5\n", "releases"),
+        ("[privacy\n", "not a TOML file"),
+    ],
+)
 def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str):
     path = tmp_path / "policy.toml"
     path.write_text(text)
@@ -69,26 +72,39 @@ def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str):
         CampusPolicy.load(path)
 
 
-@pytest.mark.parametrize("text, named, why", [
-    ('[privacy]\nmax_epsilon_per_run = "3"\n', "privacy.max_epsilon_per_run", "Input should be a valid number"),  # a string
-    ("[privacy]\nmax_epsilon_per_run = 1e308\n", "privacy.max_epsilon_per_run", "Input should be less than or equal to 100"),
-    ("[privacy]\nmax_epsilon_per_run = true\n", "privacy.max_epsilon_per_run", "Input should be a valid number"),
-    ("[privacy]\ntotal_epsilon_budget = inf\n", "privacy.total_epsilon_budget", "Input should be a finite number"),
-    ("[privacy]\ntotal_epsilon_budget = 1000.5\n", "privacy.total_epsilon_budget", "Input should be less than or equal to 1000"),
-    ("[privacy]\ndelta = nan\n", "privacy.delta", "Input should be a finite number"),
-    ("[privacy]\ndelta = 0.01\n", "privacy.delta", "Input should be less than 0.01"),
-    ("[privacy]\nmin_noise_multiplier = 101\n", "privacy.min_noise_multiplier", "Input should be less than or equal to 100"),
-    ('[training]\nallowed_tasks = ["withdrawl"]\n', "training.allowed_tasks.0",
-     "Input should be 'withdrawal', 'at_risk' or 'final_result'"),
-    ('[training]\nallowed_tasks = "withdrawal"\n', "training.allowed_tasks",
-     "Value error, expected a list, e.g. [\"withdrawal\"], not 'withdrawal'"),
-    ("[training]\nmax_rounds = 10001\n", "training.max_rounds", "Input should be less than or equal to 10000"),
-    ("[training]\nmax_rounds = 50.0\n", "training.max_rounds", "Input should be a valid integer"),  # a decimal, not a count
-    ('[training]\nmax_local_epochs = "5"\n', "training.max_local_epochs", "Input should be a valid integer"),
-    ("[training]\nmax_local_epochs = 1001\n", "training.max_local_epochs", "Input should be less than or equal to 1000"),
-    ("[release]\nmin_cohort_size = 1000001\n", "release.min_cohort_size", "Input should be less than or equal to 1000000"),
-    ("[release]\nmin_cohort_size = true\n", "release.min_cohort_size", "Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "text, named, why",
+    [
+        ('[privacy]\nmax_epsilon_per_run = "3"\n', "privacy.max_epsilon_per_run", "Input should be a valid number"),  # a string
+        ("[privacy]\nmax_epsilon_per_run = 1e308\n", "privacy.max_epsilon_per_run", "Input should be less than or equal to 100"),
+        ("[privacy]\nmax_epsilon_per_run = true\n", "privacy.max_epsilon_per_run", "Input should be a valid number"),
+        ("[privacy]\ntotal_epsilon_budget = inf\n", "privacy.total_epsilon_budget", "Input should be a finite number"),
+        (
+            "[privacy]\ntotal_epsilon_budget = 1000.5\n",
+            "privacy.total_epsilon_budget",
+            "Input should be less than or equal to 1000",
+        ),
+        ("[privacy]\ndelta = nan\n", "privacy.delta", "Input should be a finite number"),
+        ("[privacy]\ndelta = 0.01\n", "privacy.delta", "Input should be less than 0.01"),
+        ("[privacy]\nmin_noise_multiplier = 101\n", "privacy.min_noise_multiplier", "Input should be less than or equal to 100"),
+        (
+            '[training]\nallowed_tasks = ["withdrawl"]\n',
+            "training.allowed_tasks.0",
+            "Input should be 'withdrawal', 'at_risk' or 'final_result'",
+        ),
+        (
+            '[training]\nallowed_tasks = "withdrawal"\n',
+            "training.allowed_tasks",
+            "Value error, expected a list, e.g. [\"withdrawal\"], not 'withdrawal'",
+        ),
+        ("[training]\nmax_rounds = 10001\n", "training.max_rounds", "Input should be less than or equal to 10000"),
+        ("[training]\nmax_rounds = 50.0\n", "training.max_rounds", "Input should be a valid integer"),  # a decimal, not a count
+        ('[training]\nmax_local_epochs = "5"\n', "training.max_local_epochs", "Input should be a valid integer"),
+        ("[training]\nmax_local_epochs = 1001\n", "training.max_local_epochs", "Input should be less than or equal to 1000"),
+        ("[release]\nmin_cohort_size = 1000001\n", "release.min_cohort_size", "Input should be less than or equal to 1000000"),
+        ("[release]\nmin_cohort_size = true\n", "release.min_cohort_size", "Input should be a valid integer"),
+    ],
+)
 def test_policy_values_are_strictly_typed_and_bounded(tmp_path: Path, text: str, named: str, why: str):
     path = tmp_path / "policy.toml"
     path.write_text(text)
@@ -99,9 +115,11 @@ def test_policy_values_are_strictly_typed_and_bounded(tmp_path: Path, text: str,
 
 def test_policy_accepts_whole_numbers_for_decimals_and_values_at_their_bounds(tmp_path: Path):
     path = tmp_path / "policy.toml"
-    path.write_text("[privacy]\nmax_epsilon_per_run = 100\ntotal_epsilon_budget = 1000\ndelta = 0.0099\n"
-                    "min_noise_multiplier = 0\n[training]\nmax_rounds = 10000\nmax_local_epochs = 1000\n"
-                    'allowed_tasks = ["final_result", "at_risk"]\n[release]\nmin_cohort_size = 1000000\n')
+    path.write_text(
+        "[privacy]\nmax_epsilon_per_run = 100\ntotal_epsilon_budget = 1000\ndelta = 0.0099\n"
+        "min_noise_multiplier = 0\n[training]\nmax_rounds = 10000\nmax_local_epochs = 1000\n"
+        'allowed_tasks = ["final_result", "at_risk"]\n[release]\nmin_cohort_size = 1000000\n'
+    )
     policy = CampusPolicy.load(path)
     assert (policy.privacy.max_epsilon_per_run, policy.privacy.total_epsilon_budget) == (100.0, 1000.0)
     assert type(policy.privacy.max_epsilon_per_run) is float and type(policy.privacy.min_noise_multiplier) is float
@@ -127,24 +145,32 @@ def test_reproducible_noise_is_refused_under_every_policy():
     request = RunConfig(reproducible_noise=True)
     [(key, why)] = CampusPolicy().check(request)
     assert key == "reproducible-noise" and "coordinator" in why and "seed" in why and "predict the noise" in why
-    loosest = CampusPolicy.model_validate({
-        "privacy": {"max_epsilon_per_run": 100, "total_epsilon_budget": 1000, "delta": 0.0099, "min_noise_multiplier": 0},
-        "training": {"max_rounds": 10000, "max_local_epochs": 1000, "allowed_tasks": list(TASKS)},
-        "release": {"min_cohort_size": 1}})
+    loosest = CampusPolicy.model_validate(
+        {
+            "privacy": {"max_epsilon_per_run": 100, "total_epsilon_budget": 1000, "delta": 0.0099, "min_noise_multiplier": 0},
+            "training": {"max_rounds": 10000, "max_local_epochs": 1000, "allowed_tasks": list(TASKS)},
+            "release": {"min_cohort_size": 1},
+        }
+    )
     assert loosest.check(RunConfig()) == []
     assert [k for k, _ in loosest.check(request)] == ["reproducible-noise"]
     # reported with every other key the request loosens
-    assert [k for k, _ in CampusPolicy().check(RunConfig(reproducible_noise=True, num_rounds=51))] == \
-        ["training.max_rounds", "reproducible-noise"]
+    assert [k for k, _ in CampusPolicy().check(RunConfig(reproducible_noise=True, num_rounds=51))] == [
+        "training.max_rounds",
+        "reproducible-noise",
+    ]
 
 
-@pytest.mark.parametrize("request_, key", [
-    (dict(dp=False), "privacy.max_epsilon_per_run"),
-    (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run"),
-    (dict(delta=1e-3), "privacy.delta"),
-    (dict(num_rounds=21), "training.max_rounds"),
-    (dict(local_epochs=3), "training.max_local_epochs"),
-])
+@pytest.mark.parametrize(
+    "request_, key",
+    [
+        (dict(dp=False), "privacy.max_epsilon_per_run"),
+        (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run"),
+        (dict(delta=1e-3), "privacy.delta"),
+        (dict(num_rounds=21), "training.max_rounds"),
+        (dict(local_epochs=3), "training.max_local_epochs"),
+    ],
+)
 def test_a_looser_request_is_refused_by_key(tmp_path: Path, request_: dict, key: str):
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
@@ -165,8 +191,11 @@ def test_noise_floor():
 
 
 def test_the_research_policy_refuses_no_setting_but_keeps_the_release_minimum():
-    research = [RunConfig(dp=False), RunConfig(reproducible_noise=True),
-                RunConfig(task="final_result", target_epsilon=1e6, delta=0.5, num_rounds=10_000, local_epochs=1_000)]
+    research = [
+        RunConfig(dp=False),
+        RunConfig(reproducible_noise=True),
+        RunConfig(task="final_result", target_epsilon=1e6, delta=0.5, num_rounds=10_000, local_epochs=1_000),
+    ]
     assert [RESEARCH_POLICY.check(cfg) for cfg in research] == [[], [], []]
     assert all(CampusPolicy().check(cfg) for cfg in research)  # each one breaks the safe defaults
     spent, planned = [(1.0, 1.0, 20)], (1.0, 1.0, 20)  # ε about 49 at δ 1e-5
@@ -190,24 +219,31 @@ def test_no_policy_file_means_the_research_policy_in_a_simulation_and_the_safe_d
     assert campus_setup({"partition-id": 0}).policy == CampusPolicy.load(policy)  # --policy: the file, as given
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"num-rounds": 0}, "num-rounds = 0; expected a whole number from 1 to 10000"),
-    ({"num-rounds": 5.0}, "num-rounds = 5.0; expected an int"),
-    ({"batch-size": True}, "batch-size = True; expected an int"),
-    ({"learning-rate": math.inf}, "learning-rate = inf; expected a finite number > 0"),
-    ({"learning-rate": "0.3"}, "learning-rate = '0.3'; expected a float"),
-    ({"delta": 1.0}, "delta = 1.0; expected a number in (0, 1)"),
-    ({"proximal-mu": -0.1}, "proximal-mu = -0.1; expected a finite number >= 0"),
-    ({"strategy": "fedsgd"}, "strategy = 'fedsgd'; expected one of fedavg, fedprox, fedadam"),
-    ({"contract-version": "one"}, "contract-version = 'one'; expected MAJOR.MINOR, e.g. \"1.0\""),
-    ({"dp": 1}, "dp = 1; expected a bool"),
-    ({"secagg-num-shares": 2.0}, "secagg-num-shares = 2.0; expected a fraction of the campuses in (0, 1] or a whole "
-                                 "number of shares >= 3"),
-    ({"num-rounds": 0, "shards": 0}, "num-rounds = 0; expected a whole number from 1 to 10000; "
-                                     "shards = 0; expected a whole number from 1 to 100000"),
-    ({"central-dp": "fixed", "strategy": "fedadam"}, "central-dp = 'fixed' needs strategy fedavg or fedprox, not fedadam"),
-    ({"num-round": 5}, "unknown configuration key(s): num-round"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"num-rounds": 0}, "num-rounds = 0; expected a whole number from 1 to 10000"),
+        ({"num-rounds": 5.0}, "num-rounds = 5.0; expected an int"),
+        ({"batch-size": True}, "batch-size = True; expected an int"),
+        ({"learning-rate": math.inf}, "learning-rate = inf; expected a finite number > 0"),
+        ({"learning-rate": "0.3"}, "learning-rate = '0.3'; expected a float"),
+        ({"delta": 1.0}, "delta = 1.0; expected a number in (0, 1)"),
+        ({"proximal-mu": -0.1}, "proximal-mu = -0.1; expected a finite number >= 0"),
+        ({"strategy": "fedsgd"}, "strategy = 'fedsgd'; expected one of fedavg, fedprox, fedadam"),
+        ({"contract-version": "one"}, "contract-version = 'one'; expected MAJOR.MINOR, e.g. \"1.0\""),
+        ({"dp": 1}, "dp = 1; expected a bool"),
+        (
+            {"secagg-num-shares": 2.0},
+            "secagg-num-shares = 2.0; expected a fraction of the campuses in (0, 1] or a whole number of shares >= 3",
+        ),
+        (
+            {"num-rounds": 0, "shards": 0},
+            "num-rounds = 0; expected a whole number from 1 to 10000; shards = 0; expected a whole number from 1 to 100000",
+        ),
+        ({"central-dp": "fixed", "strategy": "fedadam"}, "central-dp = 'fixed' needs strategy fedavg or fedprox, not fedadam"),
+        ({"num-round": 5}, "unknown configuration key(s): num-round"),
+    ],
+)
 def test_run_config_errors_name_the_dashed_key_and_what_was_expected(values: dict, message: str):
     named = {key.replace("-", "_"): value for key, value in values.items()}
     for build in (lambda: RunConfig.from_flower(values), lambda: RunConfig(**named)):
@@ -230,8 +266,14 @@ def test_run_config_round_trips_through_flower_and_documents_every_key():
 
 
 def _release(run: str, rnd: int, sigma: float = 1.1, q: float = 0.02, steps: int = 50) -> Release:
-    return Release("data-sha", "AAA", run, rnd, "withdrawal", DpRelease(mechanism="dp-sgd", noise_multiplier=sigma,
-                                                                 sample_rate=q, steps=steps, delta=1e-5, accountant="rdp"))
+    return Release(
+        "data-sha",
+        "AAA",
+        run,
+        rnd,
+        "withdrawal",
+        DpRelease(mechanism="dp-sgd", noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant="rdp"),
+    )
 
 
 def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
@@ -242,7 +284,12 @@ def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
     ledger.close()
 
     reopened = PrivacyLedger(tmp_path)  # a restarted campus sees everything it released
-    assert [(r.run_id, r.server_round) for r in reopened.releases("data-sha")] == [("run-1", 1), ("run-1", 2), ("run-1", 3), ("run-2", 1)]
+    assert [(r.run_id, r.server_round) for r in reopened.releases("data-sha")] == [
+        ("run-1", 1),
+        ("run-1", 2),
+        ("run-1", 3),
+        ("run-2", 1),
+    ]
     assert reopened.releases()[0].recorded_at  # time-stamped
 
     reference = RDPAccountant()  # independent recomputation with Opacus's accountant
@@ -256,6 +303,7 @@ def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
 
 
 # --- the release guard and the audit log, around the real ClientApp handlers ---------------------------------------
+
 
 def _train_request(cfg: RunConfig, server_round: int = 1) -> Message:
     model = build_model(cfg.model, len(feature_names()))
@@ -274,20 +322,34 @@ def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, 
     assert not reply.has_error()
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert (record.campus, record.run_id, record.server_round, record.message_type, record.sent) == ("AAA", "5", 1, "train", True)
-    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [("0.0.weight", [1, len(feature_names())], "float32"), ("0.0.bias", [1], "float32")]
+    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [
+        ("0.0.weight", [1, len(feature_names())], "float32"),
+        ("0.0.bias", [1], "float32"),
+    ]
     assert (record.payload_bytes, record.payload_sha256) == payload_digest(reply.content)
     assert record.num_examples == 563 and sorted(record.metric_keys) == sorted(TRAIN_METRICS)
     [release] = PrivacyLedger(aaa_dir.parent / "state").releases()
-    assert record.dp == release.dp and record.dp.mechanism == "dp-sgd" and record.dp.accountant == "rdp"  # the ledger's row, as sent
+    assert (
+        record.dp == release.dp and record.dp.mechanism == "dp-sgd" and record.dp.accountant == "rdp"
+    )  # the ledger's row, as sent
     assert record.dp.epsilon == reply.content[METRICS]["epsilon"] > 0
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (lambda c: c[ARRAYS].__setitem__("extra", Array(np.zeros(3, dtype=np.float32))), "are not the logistic model's parameters"),
-    (lambda c: c[METRICS].__setitem__("scores", [0.1, 0.7, 0.2]), "hold lists of values"),
-    (lambda c: c.__setitem__("rows", ConfigRecord({"id_student": "11391"})), "records \\['arrays', 'campus', 'metrics', 'rows'\\]"),
-    (lambda c: c[CAMPUS].__setitem__("note", "hello"), "campus record keys"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (
+            lambda c: c[ARRAYS].__setitem__("extra", Array(np.zeros(3, dtype=np.float32))),
+            "are not the logistic model's parameters",
+        ),
+        (lambda c: c[METRICS].__setitem__("scores", [0.1, 0.7, 0.2]), "hold lists of values"),
+        (
+            lambda c: c.__setitem__("rows", ConfigRecord({"id_student": "11391"})),
+            "records \\['arrays', 'campus', 'metrics', 'rows'\\]",
+        ),
+        (lambda c: c[CAMPUS].__setitem__("note", "hello"), "campus record keys"),
+    ],
+)
 def test_guard_blocks_anything_undeclared_and_logs_the_block(aaa_dir, task_identity, tamper, reason):
     def leaky_handler(msg: Message, context: Context) -> Message:
         reply = train_handler(msg, context)

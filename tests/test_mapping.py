@@ -41,30 +41,62 @@ def write_student_records(tables: Tables, out: Path) -> Path:
     out.mkdir(parents=True)
     bom = {"sep": ";", "index": False, "encoding": "utf-8-sig", "na_rep": "NA"}
     p = tables["presentations"]
-    pd.DataFrame({"module": p["course"], "term": p["presentation"], "length_days": p["length_days"],
-                  "starts_on": [_date(0, t) for t in p["presentation"]]}).to_csv(out / "offerings.csv", **bom)
+    pd.DataFrame(
+        {
+            "module": p["course"],
+            "term": p["presentation"],
+            "length_days": p["length_days"],
+            "starts_on": [_date(0, t) for t in p["presentation"]],
+        }
+    ).to_csv(out / "offerings.csv", **bom)
     a = tables["assessments"]
-    pd.DataFrame({"assessment": a["assessment_id"], "module": a["course"], "term": a["presentation"],
-                  "kind": a["assessment_type"].map({"TMA": 1, "CMA": 2, "Exam": 3}),
-                  "due_on": [_date(d, t) for d, t in zip(a["due_day"], a["presentation"])],
-                  "weight_pct": a["weight"]}).to_csv(out / "assessments.csv", **bom)
+    pd.DataFrame(
+        {
+            "assessment": a["assessment_id"],
+            "module": a["course"],
+            "term": a["presentation"],
+            "kind": a["assessment_type"].map({"TMA": 1, "CMA": 2, "Exam": 3}),
+            "due_on": [_date(d, t) for d, t in zip(a["due_day"], a["presentation"])],
+            "weight_pct": a["weight"],
+        }
+    ).to_csv(out / "assessments.csv", **bom)
     s = tables["learners"]
-    pd.DataFrame({"module": s["course"], "term": s["presentation"], "student": s["student_id"],
-                  "sex": s["gender"].map({"F": 1, "M": 2}), "region": s["region"],
-                  "entry_qualification": s["highest_education"], "imd": s["imd_band"].fillna(""),
-                  "age_group": s["age_band"].map({"0-35": 1, "35-55": 2, "55<=": 3}), "attempts": s["prev_attempts"],
-                  "credits": s["studied_credits"], "disabled": s["disability"].map({"N": 0, "Y": 1}),
-                  "outcome": s["final_result"].map({"Distinction": 1, "Pass": 2, "Fail": 3, "Withdrawn": 4}),
-                  }).to_csv(out / "students.csv", **bom)
+    pd.DataFrame(
+        {
+            "module": s["course"],
+            "term": s["presentation"],
+            "student": s["student_id"],
+            "sex": s["gender"].map({"F": 1, "M": 2}),
+            "region": s["region"],
+            "entry_qualification": s["highest_education"],
+            "imd": s["imd_band"].fillna(""),
+            "age_group": s["age_band"].map({"0-35": 1, "35-55": 2, "55<=": 3}),
+            "attempts": s["prev_attempts"],
+            "credits": s["studied_credits"],
+            "disabled": s["disability"].map({"N": 0, "Y": 1}),
+            "outcome": s["final_result"].map({"Distinction": 1, "Pass": 2, "Fail": 3, "Withdrawn": 4}),
+        }
+    ).to_csv(out / "students.csv", **bom)
     r = tables["registrations"]
-    pd.DataFrame({"module": r["course"], "term": r["presentation"], "student": r["student_id"],
-                  "enrolled_on": [_date(d, t) for d, t in zip(r["registration_day"], r["presentation"])],
-                  "withdrew_on": [_date(d, t) for d, t in zip(r["unregistration_day"], r["presentation"])],
-                  }).to_csv(out / "enrolments.csv", **bom)
+    pd.DataFrame(
+        {
+            "module": r["course"],
+            "term": r["presentation"],
+            "student": r["student_id"],
+            "enrolled_on": [_date(d, t) for d, t in zip(r["registration_day"], r["presentation"])],
+            "withdrew_on": [_date(d, t) for d, t in zip(r["unregistration_day"], r["presentation"])],
+        }
+    ).to_csv(out / "enrolments.csv", **bom)
     m = tables["submissions"]
-    pd.DataFrame({"assessment": m["assessment_id"].astype("int64"), "student": m["student_id"].astype("int64"),
-                  "day_submitted": m["submission_day"].astype("int64"), "carried_over": m["banked"].astype(bool),
-                  "mark": m["score"]}).to_parquet(out / "results.parquet")
+    pd.DataFrame(
+        {
+            "assessment": m["assessment_id"].astype("int64"),
+            "student": m["student_id"].astype("int64"),
+            "day_submitted": m["submission_day"].astype("int64"),
+            "carried_over": m["banked"].astype(bool),
+            "mark": m["score"],
+        }
+    ).to_parquet(out / "results.parquet")
     return out
 
 
@@ -91,7 +123,9 @@ def test_example_export_gives_the_native_tables_and_features(aaa, records_dir):
         pd.testing.assert_frame_equal(native.rows, other.rows)
     missing = mapped.missingness.set_index(["table", "field"])
     assert missing.loc[("learners", "imd_band"), "column"] == "imd"
-    assert missing.loc[("registrations", "unregistration_day"), "missing"] == aaa["registrations"]["unregistration_day"].isna().sum()
+    assert (
+        missing.loc[("registrations", "unregistration_day"), "missing"] == aaa["registrations"]["unregistration_day"].isna().sum()
+    )
 
 
 def test_contract_tables_survive_the_protobuf_round_trip(aaa):
@@ -150,34 +184,51 @@ def test_a_date_without_its_presentation_start_is_a_problem(records_dir):
     _edit(offerings, "01/10/2014", "")
     problems = _problems(records_dir)
     assert problems[0] == "offerings.csv, line 3, column 'starts_on': '' is not a date in format '%d/%m/%Y'"
-    assert any(p.startswith("enrolments.csv, line ") and p.endswith(
-        "column 'enrolled_on': no start date known for this row's presentation; expected one in the presentations file")
-        for p in problems)
+    assert any(
+        p.startswith("enrolments.csv, line ")
+        and p.endswith(
+            "column 'enrolled_on': no start date known for this row's presentation; expected one in the presentations file"
+        )
+        for p in problems
+    )
 
 
 def test_a_missing_column_names_the_contract_field(records_dir):
     _edit(records_dir / "students.csv", "outcome", "result")
     [problem] = _problems(records_dir)
-    assert problem.startswith("students.csv, line 1, column 'outcome': column is missing (mapped to contract field "
-                              "learners.final_result); the file has columns module, term, student")
+    assert problem.startswith(
+        "students.csv, line 1, column 'outcome': column is missing (mapped to contract field "
+        "learners.final_result); the file has columns module, term, student"
+    )
 
 
-@pytest.mark.parametrize("change, named", [
-    ((', final_result = "outcome" }', ' }'), "learners.columns: no export column given for final_result"),
-    (('final_result = "outcome" }', 'final_result = "outcome", grade = "g" }'), "learners.columns: grade not in the contract"),
-    (('dates = ["due_day"]', 'dates = ["weight"]'), "assessments.dates: weight is not a day column of assessments"),
-    (('start_date = "starts_on"', ''), "start_date: day columns are given as dates"),
-    (('contract_version = "1.0"', 'contract_version = "2.0"'), "contract_version: .*reads learner-record contract 1.0; the mapping was written for 2.0"),
-    (('delimiter = ";"', 'delimiter = ";;"'), "delimiter: ';;' must be one character"),
-    (('encoding = "utf-8"', 'encoding = "utf-9"'), "encoding: unknown encoding 'utf-9'"),
-    (('codes.gender', 'codes.sex'), "learners.codes: sex is not a column of learners"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ((', final_result = "outcome" }', " }"), "learners.columns: no export column given for final_result"),
+        (
+            ('final_result = "outcome" }', 'final_result = "outcome", grade = "g" }'),
+            "learners.columns: grade not in the contract",
+        ),
+        (('dates = ["due_day"]', 'dates = ["weight"]'), "assessments.dates: weight is not a day column of assessments"),
+        (('start_date = "starts_on"', ""), "start_date: day columns are given as dates"),
+        (
+            ('contract_version = "1.0"', 'contract_version = "2.0"'),
+            "contract_version: .*reads learner-record contract 1.0; the mapping was written for 2.0",
+        ),
+        (('delimiter = ";"', 'delimiter = ";;"'), "delimiter: ';;' must be one character"),
+        (('encoding = "utf-8"', 'encoding = "utf-9"'), "encoding: unknown encoding 'utf-9'"),
+        (("codes.gender", "codes.sex"), "learners.codes: sex is not a column of learners"),
+    ],
+)
 def test_a_bad_mapping_names_the_file_and_key(tmp_path, change, named):
     text = EXAMPLE.read_text()
     assert change[0] in text
     path = tmp_path / "mapping.toml"
     path.write_text(text.replace(change[0], change[1], 1))
-    with pytest.raises(MappingError, match=r"mapping\.toml: .*" + named.replace("(", r"\(").replace(".", r"\.").replace(r"\.*", ".*")):
+    with pytest.raises(
+        MappingError, match=r"mapping\.toml: .*" + named.replace("(", r"\(").replace(".", r"\.").replace(r"\.*", ".*")
+    ):
         load_mapping(path)
 
 
@@ -207,18 +258,43 @@ def test_campus_validate_with_a_mapping(records_dir):
 def test_a_campus_whose_contract_version_the_run_does_not_read_is_refused_at_join(records_dir, tmp_path, task_identity):
     cfg = RunConfig(model="logistic", contract_version="2.0")
     model = build_model(cfg.model, len(feature_names()))
-    request = Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()),
-                                  CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
-                      dst_node_id=1, message_type="train")
-    context = Context(run_id=5, node_id=1, state=RecordDict(), run_config={}, node_config={
-        "data-dir": str(records_dir), "campus": "SIS", "state-dir": str(tmp_path / "state"), "mapping": str(EXAMPLE)})
+    request = Message(
+        RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    context = Context(
+        run_id=5,
+        node_id=1,
+        state=RecordDict(),
+        run_config={},
+        node_config={
+            "data-dir": str(records_dir),
+            "campus": "SIS",
+            "state-dir": str(tmp_path / "state"),
+            "mapping": str(EXAMPLE),
+        },
+    )
     reply = release_guard(request, context, train_handler)
     assert reply.error.code == REFUSED
-    assert ("campus SIS cannot join: its data are mapped to learner-record contract 1.0, and this run reads "
-            "contract 2.0 (contract-version)") in reply.error.reason
-    accepted = release_guard(Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord(
-        {**RunConfig(model="logistic").to_flower(), "server-round": 1})}), dst_node_id=1, message_type="train"),
-        context, train_handler)
+    assert (
+        "campus SIS cannot join: its data are mapped to learner-record contract 1.0, and this run reads "
+        "contract 2.0 (contract-version)"
+    ) in reply.error.reason
+    accepted = release_guard(
+        Message(
+            RecordDict(
+                {
+                    ARRAYS: ArrayRecord(model.state_dict()),
+                    CONFIG: ConfigRecord({**RunConfig(model="logistic").to_flower(), "server-round": 1}),
+                }
+            ),
+            dst_node_id=1,
+            message_type="train",
+        ),
+        context,
+        train_handler,
+    )
     assert not accepted.has_error()  # the same campus, mapped, trains in a run that reads contract 1.0
 
 

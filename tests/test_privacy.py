@@ -26,8 +26,12 @@ from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS
 
 def _events(history) -> dp_event.DpEvent:
     """``history`` [(noise multiplier, sampling rate, steps)] as Google dp-accounting's events."""
-    return dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
-        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps) for sigma, q, steps in history])
+    return dp_event.ComposedDpEvent(
+        [
+            dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+            for sigma, q, steps in history
+        ]
+    )
 
 
 def _google_rdp_epsilon(history, delta: float) -> float:
@@ -57,8 +61,17 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
     model = build_model("mlp", len(feature_names()))
     history = []
     for r in range(3):  # three rounds of two local epochs, one process
-        result = train(model, aaa_train, epochs=2, batch_size=64, learning_rate=0.3, seed=r,
-                       noise_multiplier=sigma, max_grad_norm=1.0, history=history)
+        result = train(
+            model,
+            aaa_train,
+            epochs=2,
+            batch_size=64,
+            learning_rate=0.3,
+            seed=r,
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            history=history,
+        )
         assert result.steps == 2 * spe
         history = result.history
         spent = epsilon(history, 1e-5)
@@ -74,8 +87,16 @@ def test_dp_update_differs_from_non_dp_update_on_same_seed(aaa_train):
     updates = {}
     for dp in (False, True):
         model = build_model("mlp", len(feature_names()), seed=0)
-        train(model, aaa_train, epochs=1, batch_size=64, learning_rate=0.3, seed=7,
-              noise_multiplier=1.0 if dp else None, max_grad_norm=1.0)
+        train(
+            model,
+            aaa_train,
+            epochs=1,
+            batch_size=64,
+            learning_rate=0.3,
+            seed=7,
+            noise_multiplier=1.0 if dp else None,
+            max_grad_norm=1.0,
+        )
         updates[dp] = torch.cat([p.detach().flatten() for p in model.parameters()])
     model = build_model("mlp", len(feature_names()), seed=0)
     train(model, aaa_train, epochs=1, batch_size=64, learning_rate=0.3, seed=7)
@@ -88,8 +109,7 @@ def test_tiny_campus_with_empty_poisson_batches_trains_and_accounts_every_step(a
     tiny = aaa_train.take(np.arange(3))
     model = build_model("logistic", len(feature_names()))
     before = [p.detach().clone() for p in model.parameters()]
-    result = train(model, tiny, epochs=20, batch_size=1, learning_rate=0.1, seed=0,
-                   noise_multiplier=1.0, max_grad_norm=1.0)
+    result = train(model, tiny, epochs=20, batch_size=1, learning_rate=0.1, seed=0, noise_multiplier=1.0, max_grad_norm=1.0)
     # q = 1/3: about 30% of the 60 Poisson batches are empty, and each still counts.
     assert result.steps == 60 and result.history == [(1.0, 1 / 3, 60)]
     assert epsilon(result.history, 1e-5) == pytest.approx(_google_rdp_epsilon([(1.0, 1 / 3, 60)], 1e-5), rel=5e-3)
@@ -132,7 +152,10 @@ def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_di
     assert 0 < spent[0] < spent[1] <= 1.0
     ledger = PrivacyLedger(aaa_dir.parent / "state")
     releases = ledger.releases()
-    assert [(r.campus, r.run_id, r.server_round, r.dp.mechanism) for r in releases] == [("AAA", "1", 1, "dp-sgd"), ("AAA", "1", 2, "dp-sgd")]
+    assert [(r.campus, r.run_id, r.server_round, r.dp.mechanism) for r in releases] == [
+        ("AAA", "1", 1, "dp-sgd"),
+        ("AAA", "1", 2, "dp-sgd"),
+    ]
     assert [r.dp.epsilon for r in releases] == spent  # what was reported is what was recorded
     assert epsilon(ledger.history(releases[0].dataset), cfg.delta) == pytest.approx(spent[1])
     with pytest.raises(CampusRefusal, match="campus AAA refuses round 3"):
@@ -142,11 +165,14 @@ def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_di
     assert scores["num-examples"] == 140 and 0 <= scores["auc"] <= 1 and 0 < scores["brier"] < 0.25
 
 
-@pytest.mark.parametrize("history", [
-    [(1.1, 0.01, 700), (0.8, 0.05, 30), (1.1, 0.01, 5)],  # rounds with different settings compose
-    [(0.7, 1 / 7, 70)],                                    # a small campus: large sampling rate, little noise
-    [(4.0, 0.001, 10_000)],                                # a large campus: many steps, much noise
-])
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.1, 0.01, 700), (0.8, 0.05, 30), (1.1, 0.01, 5)],  # rounds with different settings compose
+        [(0.7, 1 / 7, 70)],  # a small campus: large sampling rate, little noise
+        [(4.0, 0.001, 10_000)],  # a large campus: many steps, much noise
+    ],
+)
 def test_epsilon_agrees_with_googles_accountants_and_bounds_the_pld_epsilon(history):
     spent = epsilon(history, 1e-5)
     assert spent == pytest.approx(_google_rdp_epsilon(history, 1e-5), rel=5e-3)  # same bound, other code
@@ -160,8 +186,10 @@ def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, 
     model = build_model(cfg.model, len(feature_names()))
     first = train_handler(_message(cfg, model, 1), context).content[METRICS]["epsilon"]
     # each within the campus policy, but looser than what the run agreed at round 1
-    for loosened in (RunConfig(num_rounds=5, target_epsilon=2.0, model="logistic"),
-                     RunConfig(num_rounds=10, target_epsilon=1.0, model="logistic")):
+    for loosened in (
+        RunConfig(num_rounds=5, target_epsilon=2.0, model="logistic"),
+        RunConfig(num_rounds=10, target_epsilon=1.0, model="logistic"),
+    ):
         with pytest.raises(CampusRefusal, match="privacy settings changed"):
             train_handler(_message(loosened, model, 2), context)
     second = train_handler(_message(cfg, model, 2), context).content[METRICS]["epsilon"]
@@ -170,7 +198,9 @@ def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, 
 
 def test_research_simulation_without_dp_reports_and_records_infinite_epsilon(aaa_dir, task_identity, monkeypatch):
     # A virtual campus of `edufl simulate` without --policy: research baselines such as no DP run as asked.
-    (aaa_dir.parent / SIM_MANIFEST).write_text(json.dumps({"campuses": ["AAA"], "state-root": str(aaa_dir.parent / "campuses"), "policy": None}))
+    (aaa_dir.parent / SIM_MANIFEST).write_text(
+        json.dumps({"campuses": ["AAA"], "state-root": str(aaa_dir.parent / "campuses"), "policy": None})
+    )
     monkeypatch.setenv(SIM_ENV, str(aaa_dir.parent))
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     cfg = RunConfig(num_rounds=1, dp=False, model="logistic")
@@ -180,19 +210,27 @@ def test_research_simulation_without_dp_reports_and_records_infinite_epsilon(aaa
     assert (release.dp.mechanism, release.dp.noise_multiplier, release.dp.epsilon, release.run_id) == ("none", 0.0, math.inf, "7")
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(dp=False), "privacy.max_epsilon_per_run: the run asks for no differential privacy"),
-    (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run: target-epsilon 1e\\+06 > 3"),
-    (dict(delta=0.01), "privacy.delta: delta 0.01 > 1e-05"),
-    (dict(num_rounds=1000), "training.max_rounds: num-rounds 1000 > 50"),
-    (dict(task="final_grade"), "task = 'final_grade'; expected one of withdrawal, at_risk"),
-    (dict(sneaky_key=1), "unknown configuration key\\(s\\): sneaky_key"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(dp=False), "privacy.max_epsilon_per_run: the run asks for no differential privacy"),
+        (dict(target_epsilon=1e6), "privacy.max_epsilon_per_run: target-epsilon 1e\\+06 > 3"),
+        (dict(delta=0.01), "privacy.delta: delta 0.01 > 1e-05"),
+        (dict(num_rounds=1000), "training.max_rounds: num-rounds 1000 > 50"),
+        (dict(task="final_grade"), "task = 'final_grade'; expected one of withdrawal, at_risk"),
+        (dict(sneaky_key=1), "unknown configuration key\\(s\\): sneaky_key"),
+    ],
+)
 def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, task_identity, change, named):
     values = {**RunConfig(model="logistic").to_flower(), "server-round": 1}
     values.update({k.replace("_", "-") if k != "sneaky_key" else k: v for k, v in change.items()})
-    msg = Message(RecordDict({ARRAYS: ArrayRecord(build_model("logistic", len(feature_names())).state_dict()),
-                              CONFIG: ConfigRecord(values)}), dst_node_id=1, message_type="train")
+    msg = Message(
+        RecordDict(
+            {ARRAYS: ArrayRecord(build_model("logistic", len(feature_names())).state_dict()), CONFIG: ConfigRecord(values)}
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
     with pytest.raises(Exception, match=named):
         train_handler(msg, _campus_context(aaa_dir))  # the default policy: a real campus always has one
     assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing trained, nothing released
@@ -224,5 +262,7 @@ def test_metrics_on_fewer_test_rows_than_the_cohort_minimum_are_not_released(aaa
     policy.write_text("[release]\nmin_cohort_size = 1000\n")
     cfg = RunConfig(model="logistic")
     with pytest.raises(CampusRefusal, match=r"fewer test rows than release.min_cohort_size \(1000\)"):
-        evaluate_handler(_message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
-                         _campus_context(aaa_dir, policy=str(policy)))
+        evaluate_handler(
+            _message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
+            _campus_context(aaa_dir, policy=str(policy)),
+        )

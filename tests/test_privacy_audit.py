@@ -20,8 +20,9 @@ from edufl.federation.training import train
 
 def _edufl(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    return subprocess.run([sys.executable, "-m", "edufl.experiments.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", *args], capture_output=True, text=True, env=env, timeout=1200
+    )
 
 
 def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -31,8 +32,24 @@ def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def test_central_dp_run_reports_the_client_level_epsilon_of_its_rounds(data_dir, tmp_path):
     out = tmp_path / "central"
-    done = _ok(_edufl(data_dir, "simulate", "--out", str(out), "--rounds", "2", "--model", "logistic",
-                      "--central-dp", "fixed", "--central-noise-multiplier", "4", "--central-clipping-norm", "0.5"))
+    done = _ok(
+        _edufl(
+            data_dir,
+            "simulate",
+            "--out",
+            str(out),
+            "--rounds",
+            "2",
+            "--model",
+            "logistic",
+            "--central-dp",
+            "fixed",
+            "--central-noise-multiplier",
+            "4",
+            "--central-clipping-norm",
+            "0.5",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     central = summary["privacy"]["client_level"]
     # Independent recomputation: Opacus's RDP accountant, every campus in each of the 2 rounds (q = 1), σ = 4.
@@ -46,8 +63,10 @@ def test_central_dp_run_reports_the_client_level_epsilon_of_its_rounds(data_dir,
 
 
 def test_central_dp_refuses_fedadam_and_baselines(data_dir, tmp_path):
-    for extra, says in ((["--strategy", "fedadam"], "needs strategy fedavg or fedprox"),
-                        (["--mode", "local"], "federated runs only")):
+    for extra, says in (
+        (["--strategy", "fedadam"], "needs strategy fedavg or fedprox"),
+        (["--mode", "local"], "federated runs only"),
+    ):
         done = _edufl(data_dir, "simulate", "--out", str(tmp_path / "x"), "--central-dp", "fixed", *extra)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
 
@@ -79,8 +98,9 @@ def test_membership_attack_auc_of_a_dp_model_is_closer_to_chance_than_without_dp
     for name, dp in (("dp", True), ("nodp", False)):
         model = build_model("mlp", len(feature_names()), seed=0)
         sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), len(train_part), 16, 100) if dp else None
-        result = train(model, train_part, epochs=100, batch_size=16, learning_rate=0.3, seed=1,
-                       noise_multiplier=sigma, max_grad_norm=1.0)
+        result = train(
+            model, train_part, epochs=100, batch_size=16, learning_rate=0.3, seed=1, noise_multiplier=sigma, max_grad_norm=1.0
+        )
         assert not dp or epsilon(result.history, 1e-5) <= 3.0
         attack[name], pairs = loss_attack_auc(model, train_part, test_part)
         assert pairs == len(test_part) == 140

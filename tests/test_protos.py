@@ -27,23 +27,55 @@ def test_generated_code_is_current(tmp_path: Path):
 
 
 def test_audit_record_round_trip():
-    record = AuditRecord(recorded_at="2026-11-30T10:00:00+00:00", campus="AAA", run_id="r1", server_round=3,
-                         message_type="train", sent=True, arrays=[ArraySpec(name="0.0.weight", shape=[1, 54], dtype="float32")],
-                         metric_keys=["epsilon"], payload_bytes=220, payload_sha256="ab" * 32,
-                         dp=DpRelease(mechanism="none", noise_multiplier=0.0, sample_rate=0.1, steps=9, epsilon=math.inf,
-                                      delta=1e-5, accountant="rdp"), num_examples=563)
+    record = AuditRecord(
+        recorded_at="2026-11-30T10:00:00+00:00",
+        campus="AAA",
+        run_id="r1",
+        server_round=3,
+        message_type="train",
+        sent=True,
+        arrays=[ArraySpec(name="0.0.weight", shape=[1, 54], dtype="float32")],
+        metric_keys=["epsilon"],
+        payload_bytes=220,
+        payload_sha256="ab" * 32,
+        dp=DpRelease(
+            mechanism="none", noise_multiplier=0.0, sample_rate=0.1, steps=9, epsilon=math.inf, delta=1e-5, accountant="rdp"
+        ),
+        num_examples=563,
+    )
     again = AuditRecord.FromString(record.SerializeToString())
     assert again == record and math.isinf(again.dp.epsilon) and list(again.arrays[0].shape) == [1, 54]
 
 
 def test_statistic_query_and_answer_round_trip():
-    query = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0.0, high=1.0,
-                           group_by=["imd_band", "age_band"], epsilon=1.0, delta=1e-5)
-    histogram = StatisticQuery(name="h", statistic="histogram", value="studied_credits", bin_edges=[30, 60, 660], epsilon=0.5, delta=1e-6)
-    answer = StatisticAnswer(campus="AAA", query_name="w", noise_multiplier=4.06, count_std=5.75, sum_std=5.75, epsilon=0.995,
-                             delta=1e-5, suppressed_cells=3, min_cell_count=10,
-                             cells=[Cell(group=["0-10%", "0-35"], noisy_count=31.4, noisy_sum=12.2),
-                                    Cell(group=["missing", "55<="], bin="", noisy_count=10.5)])
+    query = StatisticQuery(
+        name="w",
+        statistic="mean",
+        value="final_result=Withdrawn",
+        low=0.0,
+        high=1.0,
+        group_by=["imd_band", "age_band"],
+        epsilon=1.0,
+        delta=1e-5,
+    )
+    histogram = StatisticQuery(
+        name="h", statistic="histogram", value="studied_credits", bin_edges=[30, 60, 660], epsilon=0.5, delta=1e-6
+    )
+    answer = StatisticAnswer(
+        campus="AAA",
+        query_name="w",
+        noise_multiplier=4.06,
+        count_std=5.75,
+        sum_std=5.75,
+        epsilon=0.995,
+        delta=1e-5,
+        suppressed_cells=3,
+        min_cell_count=10,
+        cells=[
+            Cell(group=["0-10%", "0-35"], noisy_count=31.4, noisy_sum=12.2),
+            Cell(group=["missing", "55<="], bin="", noisy_count=10.5),
+        ],
+    )
     for message in (query, histogram, answer):
         assert type(message).FromString(message.SerializeToString()) == message
     again = StatisticAnswer.FromString(answer.SerializeToString())

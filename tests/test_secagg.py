@@ -124,14 +124,22 @@ def _stub_campus(tamper=None) -> ClientApp:
 
 
 def _contexts(root: Path, nodes=(1, 2, 3)) -> dict[int, Context]:
-    return {n: Context(run_id=5, node_id=n, node_config={"data-dir": str(root / f"C{n}"), "campus": f"C{n}",
-                                                         "state-dir": str(root / "state" / f"C{n}")},
-                       state=RecordDict(), run_config={}) for n in nodes}
+    return {
+        n: Context(
+            run_id=5,
+            node_id=n,
+            node_config={"data-dir": str(root / f"C{n}"), "campus": f"C{n}", "state-dir": str(root / "state" / f"C{n}")},
+            state=RecordDict(),
+            run_config={},
+        )
+        for n in nodes
+    }
 
 
 def _run(root: Path, tamper=None, **settings):
-    cfg = RunConfig(model="logistic", num_rounds=1, min_campuses=3, round_timeout=30.0, secure_aggregation="secaggplus",
-                    **settings)
+    cfg = RunConfig(
+        model="logistic", num_rounds=1, min_campuses=3, round_timeout=30.0, secure_aggregation="secaggplus", **settings
+    )
     grid = LocalGrid(_stub_campus(tamper), _contexts(root))
     report = Report(config=cfg.to_flower(), dp=True, delta=cfg.delta)
     reporting = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout)
@@ -174,8 +182,15 @@ def test_secaggplus_aggregate_is_fedavg_and_every_stage_is_guarded_and_logged(tm
 
 
 def test_secaggplus_run_pauses_at_a_checkpoint_and_resumes_with_the_next_round(tmp_path, task_identity):
-    cfg = RunConfig(model="logistic", num_rounds=2, min_campuses=3, round_timeout=30.0, out=str(tmp_path / "run"),
-                    run_name="run-1", secure_aggregation="secaggplus")
+    cfg = RunConfig(
+        model="logistic",
+        num_rounds=2,
+        min_campuses=3,
+        round_timeout=30.0,
+        out=str(tmp_path / "run"),
+        run_name="run-1",
+        secure_aggregation="secaggplus",
+    )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / STOP_FILE).touch()
     context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -185,7 +200,8 @@ def test_secaggplus_run_pauses_at_a_checkpoint_and_resumes_with_the_next_round(t
     for node in (1, 2, 3):
         records = _audit(tmp_path, node)
         assert [(r.server_round, r.message_type) for r in records] == [(1, t) for t in [*STAGES, "evaluate"]] + [
-            (2, t) for t in [*STAGES, "evaluate"]]
+            (2, t) for t in [*STAGES, "evaluate"]
+        ]
         assert {r.run_id for r in records} == {"run-1"}
     assert {(r["round"], r["phase"]) for r in summary["receipts"]} == {(n, t) for n in (1, 2) for t in [*STAGES, "evaluate"]}
     assert (tmp_path / "run" / "model.pt").is_file()
@@ -210,14 +226,18 @@ def _foreign_key(reply):
     reply.content[SECAGG][Key.PUBLIC_KEY_1] = public_key_to_bytes(generate_key_pairs()[1])
 
 
-@pytest.mark.parametrize("stage, tamper, reason", [
-    (Stage.SETUP, _foreign_key, "not the public halves of this campus's own SecAgg\\+ key pairs"),
-    (Stage.SHARE_KEYS, _swap_ciphertexts, "is not encrypted under this campus's pairwise key"),
-    (Stage.COLLECT_MASKED_VECTORS, _leak_update, "plain model arrays \\['leak'\\] next to the masked vector"),
-    (Stage.UNMASK, _extra_share, "other shares than the one share asked for each node"),
-])
-def test_guard_blocks_a_tampered_stage_reply_and_the_round_goes_on_without_that_campus(tmp_path, task_identity,
-                                                                                       stage, tamper, reason):
+@pytest.mark.parametrize(
+    "stage, tamper, reason",
+    [
+        (Stage.SETUP, _foreign_key, "not the public halves of this campus's own SecAgg\\+ key pairs"),
+        (Stage.SHARE_KEYS, _swap_ciphertexts, "is not encrypted under this campus's pairwise key"),
+        (Stage.COLLECT_MASKED_VECTORS, _leak_update, "plain model arrays \\['leak'\\] next to the masked vector"),
+        (Stage.UNMASK, _extra_share, "other shares than the one share asked for each node"),
+    ],
+)
+def test_guard_blocks_a_tampered_stage_reply_and_the_round_goes_on_without_that_campus(
+    tmp_path, task_identity, stage, tamper, reason
+):
     def tampered(at, node, reply):
         if (at, node) == (stage, 2):
             tamper(reply)
@@ -249,18 +269,32 @@ def test_a_round_with_fewer_campuses_than_the_threshold_halts_and_keeps_the_glob
 
 
 def _setup_request(share_num: int, threshold: int) -> Message:
-    values = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: share_num, Key.SHARE_NUMBER: share_num, Key.THRESHOLD: threshold,
-              Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 1e5}
+    values = {
+        Key.STAGE: Stage.SETUP,
+        Key.SAMPLE_NUMBER: share_num,
+        Key.SHARE_NUMBER: share_num,
+        Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: 8.0,
+        Key.TARGET_RANGE: 2**22,
+        Key.MOD_RANGE: 2**32,
+        Key.MAX_WEIGHT: 1e5,
+    }
     config = ConfigRecord({**RunConfig(secure_aggregation="secaggplus").to_flower(), "server-round": 1})
     return Message(RecordDict({SECAGG: ConfigRecord(values), CONFIG: config}), dst_node_id=1, message_type="train")
 
 
-@pytest.mark.parametrize("share_num, threshold, refused", [(3, 2, False), (4, 2, True), (5, 2, True), (2, 2, True), (7, 4, False)])
-def test_campus_refuses_a_setup_whose_threshold_would_let_the_coordinator_unmask_it(tmp_path, task_identity,
-                                                                                     share_num, threshold, refused):
+@pytest.mark.parametrize(
+    "share_num, threshold, refused", [(3, 2, False), (4, 2, True), (5, 2, True), (2, 2, True), (7, 4, False)]
+)
+def test_campus_refuses_a_setup_whose_threshold_would_let_the_coordinator_unmask_it(
+    tmp_path, task_identity, share_num, threshold, refused
+):
     context = _contexts(tmp_path, (1,))[1]
-    reply = release_guard(_setup_request(share_num, threshold), context,
-                          lambda m, c: secure_aggregation_mod(m, c, lambda *_: pytest.fail("setup never trains")))
+    reply = release_guard(
+        _setup_request(share_num, threshold),
+        context,
+        lambda m, c: secure_aggregation_mod(m, c, lambda *_: pytest.fail("setup never trains")),
+    )
     [record] = _audit(tmp_path, 1)
     assert record.message_type == "secaggplus:setup"
     if refused:
@@ -273,10 +307,14 @@ def test_campus_refuses_a_setup_whose_threshold_would_let_the_coordinator_unmask
 def test_campus_refuses_a_plain_update_in_a_run_under_secure_aggregation(tmp_path, task_identity):
     cfg = RunConfig(model="logistic", secure_aggregation="secaggplus")
     arrays = ArrayRecord(build_model(cfg.model, len(feature_names())).state_dict())
-    plain = Message(RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
-                    dst_node_id=1, message_type="train")
-    reply = release_guard(plain, _contexts(tmp_path, (1,))[1],
-                          lambda m, c: secure_aggregation_mod(m, c, lambda *_: pytest.fail("never trains")))
+    plain = Message(
+        RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply = release_guard(
+        plain, _contexts(tmp_path, (1,))[1], lambda m, c: secure_aggregation_mod(m, c, lambda *_: pytest.fail("never trains"))
+    )
     assert reply.error.code == REFUSED and "plain model update in a run under secure aggregation" in reply.error.reason
     [record] = _audit(tmp_path, 1)
     assert (record.message_type, record.sent) == ("train", False)
@@ -304,9 +342,13 @@ def test_legacy_arrays_get_the_model_names_back_and_other_shapes_are_refused():
 def test_secure_aggregation_options_are_checked():
     from edufl.federation.runconfig import ConfigError
 
-    for bad, match in [(dict(strategy="fedadam"), "fedavg or fedprox"), (dict(central_dp="fixed"), "central-dp"),
-                       (dict(secagg_reconstruction_threshold=0.5), "a majority"), (dict(secagg_num_shares=2.0), ">= 3"),
-                       (dict(secagg_num_shares=5.0, secagg_reconstruction_threshold=2.0), "more than half")]:
+    for bad, match in [
+        (dict(strategy="fedadam"), "fedavg or fedprox"),
+        (dict(central_dp="fixed"), "central-dp"),
+        (dict(secagg_reconstruction_threshold=0.5), "a majority"),
+        (dict(secagg_num_shares=2.0), ">= 3"),
+        (dict(secagg_num_shares=5.0, secagg_reconstruction_threshold=2.0), "more than half"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             RunConfig(secure_aggregation="secaggplus", **bad)
 
@@ -314,8 +356,9 @@ def test_secure_aggregation_options_are_checked():
 # --- on the real data, on Flower's simulation engine --------------------------------------------------------
 
 
-def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seeing_one(tables, data_dir, tmp_path,
-                                                                                     monkeypatch, task_identity):
+def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seeing_one(
+    tables, data_dir, tmp_path, monkeypatch, task_identity
+):
     import ray
 
     from edufl.clients.app import train_handler
@@ -334,8 +377,9 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
     monkeypatch.setenv(SIM_ENV, "")  # the engine sets it; restored afterwards
     out = tmp_path / "run"
     # Reproducible noise (research only) so that the campuses' updates can be recomputed below.
-    cfg = RunConfig(campus_by="shard", shards=3, num_rounds=2, out=str(out), secure_aggregation="secaggplus",
-                    reproducible_noise=True)
+    cfg = RunConfig(
+        campus_by="shard", shards=3, num_rounds=2, out=str(out), secure_aggregation="secaggplus", reproducible_noise=True
+    )
     try:
         summary = simulate(cfg, data_dir, "federated", tables=tables)
     finally:
@@ -351,8 +395,11 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
     replies = [r for _, rs in seen for r in rs]
     assert all(r.has_content() for r in replies)
     assert not any(len(record) for r in replies for record in r.content.array_records.values())
-    masked = [[bytes_to_ndarray(b) for b in r.content[SECAGG][Key.MASKED_PARAMETERS]]
-              for r in replies if Key.MASKED_PARAMETERS in r.content.config_records.get(SECAGG, {})]
+    masked = [
+        [bytes_to_ndarray(b) for b in r.content[SECAGG][Key.MASKED_PARAMETERS]]
+        for r in replies
+        if Key.MASKED_PARAMETERS in r.content.config_records.get(SECAGG, {})
+    ]
     assert len(masked) == 6  # 3 campuses x 2 rounds
     for vector in masked:
         entries = np.concatenate([a.ravel() for a in vector[1:]])

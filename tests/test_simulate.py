@@ -22,8 +22,13 @@ CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", 
 
 def _simulate(data_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(out), *args],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -99,10 +104,32 @@ def test_campuses_refusing_a_run_under_their_policy_end_it_with_status_3_naming_
     policy = tmp_path / "policy.toml"
     policy.write_text("[privacy]\nmax_epsilon_per_run = 1.0\n")
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(tmp_path / "run"), "--rounds", "1",
-                           "--campus-by", "region", "--target-epsilon", "3", "--policy", str(policy)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edufl.experiments.cli",
+            "simulate",
+            "--out",
+            str(tmp_path / "run"),
+            "--rounds",
+            "1",
+            "--campus-by",
+            "region",
+            "--target-epsilon",
+            "3",
+            "--policy",
+            str(policy),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 3, done.stderr[-3000:]
     assert "campuses refused the run" in done.stderr
-    assert "campus Wales refuses round 1: the request breaks its policy (privacy.max_epsilon_per_run: target-epsilon 3 > 1)" in done.stderr
+    assert (
+        "campus Wales refuses round 1: the request breaks its policy (privacy.max_epsilon_per_run: target-epsilon 3 > 1)"
+        in done.stderr
+    )
     assert "Traceback" not in done.stderr

@@ -36,8 +36,9 @@ from edufl.federation.wire import ARRAYS, BLOCKED, CONFIG, REFUSED
 from edufl.server.combine import Z_95, combine
 
 ROOT = Path(__file__).parents[1]
-WITHDRAWAL_BY_IMD = StatisticQuery(name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1,
-                                   group_by=["imd_band"], epsilon=1.0, delta=1e-5)
+WITHDRAWAL_BY_IMD = StatisticQuery(
+    name="w", statistic="mean", value="final_result=Withdrawn", low=0, high=1, group_by=["imd_band"], epsilon=1.0, delta=1e-5
+)
 SCORE_BY_TYPE = ROOT / "experiments" / "queries" / "score_by_assessment_type.toml"
 WITHDRAWAL_FILE = ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"
 
@@ -46,7 +47,9 @@ WITHDRAWAL_FILE = ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"
 def test_noise_scale_matches_the_stated_epsilon_and_sensitivity(eps):
     credits = StatisticQuery(name="c", statistic="mean", value="studied_credits", low=0, high=360, epsilon=eps, delta=1e-5)
     z = noise_multiplier(credits)
-    assert astuple(noise(credits, z)) == pytest.approx((z, z * math.sqrt(2), z * math.sqrt(2) * 360))  # Δ = √2 for (count, sum / B), B = 360
+    assert astuple(noise(credits, z)) == pytest.approx(
+        (z, z * math.sqrt(2), z * math.sqrt(2) * 360)
+    )  # Δ = √2 for (count, sum / B), B = 360
     count = StatisticQuery(name="n", statistic="count", group_by=["region"], epsilon=eps, delta=1e-5)
     assert astuple(noise(count, noise_multiplier(count))) == (z, z, 0.0)  # Δ = 1 for counts alone
     accountant = RDPAccountant()  # Opacus's own accountant: a Gaussian release is one step at q = 1
@@ -79,8 +82,16 @@ def test_empirical_noise_matches_the_stated_std(aaa):
 def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
     # The campus default (SECRET: OpenDP's Gaussian) cannot be seeded, so this test is statistical; its failure
     # chance is computed below and asserted < 1e-6.
-    query = StatisticQuery(name="credits", statistic="mean", value="studied_credits", low=0, high=360,
-                           group_by=["region", "imd_band"], epsilon=1.0, delta=1e-5)
+    query = StatisticQuery(
+        name="credits",
+        statistic="mean",
+        value="studied_credits",
+        low=0,
+        high=360,
+        group_by=["region", "imd_band"],
+        epsilon=1.0,
+        delta=1e-5,
+    )
     exact = exact_cells(query, tables)
     big = [key for key, (n, _) in exact.items() if n >= 60]  # suppressed only if its noise is below -50, -8.7 stds
     assert len(big) >= 120
@@ -88,8 +99,9 @@ def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
     stated = noise(query, z)
     replies = [answer(query, tables, "all", z, 10) for _ in range(25)]  # randomness: the default, SECRET
     first, second = ({(tuple(c.group), c.bin): c for c in reply.cells} for reply in replies[:2])
-    assert all(first[key].noisy_count != second[key].noisy_count and first[key].noisy_sum != second[key].noisy_sum
-               for key in big)  # not reproducible: the same query on the same rows gets fresh noise
+    assert all(
+        first[key].noisy_count != second[key].noisy_count and first[key].noisy_sum != second[key].noisy_sum for key in big
+    )  # not reproducible: the same query on the same rows gets fresh noise
     count_res, sum_res = [], []
     for reply in replies:
         assert (reply.count_std, reply.sum_std) == (stated.count_std, stated.sum_std)
@@ -104,7 +116,7 @@ def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
     failure = 2 * (chi2.cdf(0.81 * n, n) + chi2.sf(1.21 * n, n) + 2 * norm.sf(5.5))
     assert failure < 1e-6  # 7.6e-8 at n = 3,225; the suppression of a big cell adds below 1e-13
     for res, std in ((np.array(count_res), stated.count_std), (np.array(sum_res), stated.sum_std)):
-        assert abs(math.sqrt(np.mean(res ** 2)) / std - 1) < 0.10, (res.std(), std)  # the std about the known mean 0
+        assert abs(math.sqrt(np.mean(res**2)) / std - 1) < 0.10, (res.std(), std)  # the std about the known mean 0
         assert abs(res.mean()) < 5.5 * std / math.sqrt(len(res))  # unbiased
 
 
@@ -126,15 +138,23 @@ def test_the_noise_is_one_release_of_counts_and_sums_over_b(aaa, monkeypatch):
         return noisy, rho
 
     monkeypatch.setattr(statistics, "add_gaussian", spy)
-    credits = StatisticQuery(name="credits", statistic="mean", value="studied_credits", low=-20, high=360,
-                             group_by=["imd_band"], epsilon=1.0, delta=1e-5)
+    credits = StatisticQuery(
+        name="credits",
+        statistic="mean",
+        value="studied_credits",
+        low=-20,
+        high=360,
+        group_by=["imd_band"],
+        epsilon=1.0,
+        delta=1e-5,
+    )
     z = noise_multiplier(credits)
     reply = answer(credits, aaa, "AAA", z, 10, randomness=Randomness(seed=3))
     [(values, sensitivity, std, randomness, noisy, rho)] = calls  # one call over the whole released vector
     exact = exact_cells(credits, aaa)
     assert values.tolist() == [float(n) for n, _ in exact.values()] + [s / 360 for _, s in exact.values()]  # B = 360
     assert sensitivity == math.sqrt(2) and std == noise(credits, z).count_std == reply.count_std  # Δ = √2·m
-    assert randomness == Randomness(seed=3) and rho == pytest.approx(1 / (2 * z ** 2), rel=1e-12)
+    assert randomness == Randomness(seed=3) and rho == pytest.approx(1 / (2 * z**2), rel=1e-12)
     got = {(tuple(c.group), c.bin): c for c in reply.cells}
     assert len(got) >= 5
     for i, key in enumerate(exact):  # the noisy sums / B, times B: sum noise of std z·Δ·B, as stated
@@ -148,7 +168,7 @@ def test_the_noise_is_one_release_of_counts_and_sums_over_b(aaa, monkeypatch):
     answer(scores, aaa, "AAA", z, 10)
     [(values, sensitivity, std, randomness, _, rho)] = calls
     assert len(values) == len(cells(scores)) and sensitivity == 14 and randomness is SECRET
-    assert std == noise(scores, z).count_std and rho == pytest.approx(1 / (2 * z ** 2), rel=1e-12)
+    assert std == noise(scores, z).count_std and rho == pytest.approx(1 / (2 * z**2), rel=1e-12)
 
 
 @pytest.mark.parametrize("excess", [1e-9, 0.5, math.nan])
@@ -206,14 +226,31 @@ def test_submission_statistics_scale_the_noise_by_the_rows_per_registration():
     z = noise_multiplier(query)
     assert query.max_rows_per_registration == 14
     assert astuple(noise(query, z)) == pytest.approx((z, 14 * z, 0.0))  # Δ = m for counts
-    mean = StatisticQuery(name="s", statistic="mean", value="score", low=0, high=100, group_by=["assessment_type"],
-                          max_rows_per_registration=14, epsilon=1.0, delta=1e-5)
+    mean = StatisticQuery(
+        name="s",
+        statistic="mean",
+        value="score",
+        low=0,
+        high=100,
+        group_by=["assessment_type"],
+        max_rows_per_registration=14,
+        epsilon=1.0,
+        delta=1e-5,
+    )
     assert astuple(noise(mean, z)) == pytest.approx((z, 14 * math.sqrt(2) * z, 14 * math.sqrt(2) * 100 * z))  # Δ = √2·m
 
 
 def test_a_registration_contributes_at_most_m_submissions(aaa):
-    query = StatisticQuery(name="s", statistic="histogram", value="score", bin_edges=[0, 40, 70, 100],
-                           group_by=["assessment_type", "imd_band"], max_rows_per_registration=3, epsilon=1.0, delta=1e-5)
+    query = StatisticQuery(
+        name="s",
+        statistic="histogram",
+        value="score",
+        bin_edges=[0, 40, 70, 100],
+        group_by=["assessment_type", "imd_band"],
+        max_rows_per_registration=3,
+        epsilon=1.0,
+        delta=1e-5,
+    )
     key = ["course", "presentation", "student_id"]
     kept = records(query, aaa)
     per_registration = kept.groupby(key).size()
@@ -244,19 +281,36 @@ def _true_quantiles(query: StatisticQuery, tables) -> dict[tuple[str, ...], np.n
     rows = records(query, tables)
     value = rows[query.value].astype(float).clip(query.low, query.high)
     groups = rows.groupby(list(query.group_by)) if query.group_by else [((), rows)]
-    return {(g if isinstance(g, tuple) else (g,)): np.quantile(value[r.index], list(query.quantiles), method="inverted_cdf")
-            for g, r in groups}
+    return {
+        (g if isinstance(g, tuple) else (g,)): np.quantile(value[r.index], list(query.quantiles), method="inverted_cdf")
+        for g, r in groups
+    }
 
 
-@pytest.mark.parametrize("query", [
-    StatisticQuery(name="credits", statistic="quantile", value="studied_credits", low=0, high=360, bins=36,
-                   quantiles=[0.25, 0.5, 0.75], epsilon=1.0, delta=1e-5),
-    SCORE_BY_TYPE,
-], ids=["median-credits", "score-by-assessment-type"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        StatisticQuery(
+            name="credits",
+            statistic="quantile",
+            value="studied_credits",
+            low=0,
+            high=360,
+            bins=36,
+            quantiles=[0.25, 0.5, 0.75],
+            epsilon=1.0,
+            delta=1e-5,
+        ),
+        SCORE_BY_TYPE,
+    ],
+    ids=["median-credits", "score-by-assessment-type"],
+)
 def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, query):
     query = load_query(query) if isinstance(query, Path) else query
-    answers = [answer(query, own, name, noise_multiplier(query), 10, randomness=Randomness(seed=seed))
-               for seed, (name, own) in enumerate(campus_slices(tables, "module").items())]
+    answers = [
+        answer(query, own, name, noise_multiplier(query), 10, randomness=Randomness(seed=seed))
+        for seed, (name, own) in enumerate(campus_slices(tables, "module").items())
+    ]
     estimates = combine(query, answers)
     truth = _true_quantiles(query, tables)
     assert len(estimates) == len(truth) * len(query.quantiles)
@@ -272,9 +326,9 @@ def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, q
 
 # --- the campus: the ClientApp's query handler behind the release guard ---------------------------------------------
 
+
 def _request(query: StatisticQuery, run: str = "q1") -> Message:
-    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString(),
-                           "contract-version": "1.0"})
+    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString(), "contract-version": "1.0"})
     return Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query")
 
 
@@ -289,24 +343,40 @@ def _policy(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(group_by=["student_id"]), "group_by: field 'student_id' is not a categorical field of the data contract"),
-    (dict(value="studied_credits", low=0, high=math.inf), "a mean needs finite clipping bounds"),
-    (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
-    (dict(value="shoe_size"), "value: 'shoe_size' is not a numeric contract field"),
-    (dict(value="final_result=Withdrawn", low=0, high=5), "an indicator's bounds are low = 0, high = 1"),
-    (dict(statistic="quantile", value="studied_credits", low=0, high=math.inf, bins=10, quantiles=[0.5]),
-     "a quantile needs finite clipping bounds"),
-    (dict(statistic="quantile", value="studied_credits", low=0, high=0, bins=10, quantiles=[0.5]), "an unbounded range is refused"),
-    (dict(statistic="quantile", value="studied_credits", low=0, high=360, quantiles=[0.5]), "a quantile needs 2 to 1000 bins"),
-    (dict(statistic="quantile", value="studied_credits", low=0, high=360, bins=10, quantiles=[1.0]), "distinct probabilities in (0, 1)"),
-    (dict(statistic="quantile", value="score", low=0, high=100, bins=10, quantiles=[0.5]),
-     "a statistic over submissions needs a bound m >= 1 on the rows one registration contributes"),
-    (dict(statistic="count", value="", group_by=["assessment_type"]), "an unbounded contribution is refused"),
-    (dict(group_by=["assessment_id"]), "group_by: field 'assessment_id' is not a categorical field"),
-    (dict(epsilon=5.0), "privacy.max_epsilon_per_run"),
-    (dict(delta=1e-3), "privacy.delta"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(group_by=["student_id"]), "group_by: field 'student_id' is not a categorical field of the data contract"),
+        (dict(value="studied_credits", low=0, high=math.inf), "a mean needs finite clipping bounds"),
+        (dict(value="studied_credits", low=0, high=0), "an unbounded sum is refused"),
+        (dict(value="shoe_size"), "value: 'shoe_size' is not a numeric contract field"),
+        (dict(value="final_result=Withdrawn", low=0, high=5), "an indicator's bounds are low = 0, high = 1"),
+        (
+            dict(statistic="quantile", value="studied_credits", low=0, high=math.inf, bins=10, quantiles=[0.5]),
+            "a quantile needs finite clipping bounds",
+        ),
+        (
+            dict(statistic="quantile", value="studied_credits", low=0, high=0, bins=10, quantiles=[0.5]),
+            "an unbounded range is refused",
+        ),
+        (
+            dict(statistic="quantile", value="studied_credits", low=0, high=360, quantiles=[0.5]),
+            "a quantile needs 2 to 1000 bins",
+        ),
+        (
+            dict(statistic="quantile", value="studied_credits", low=0, high=360, bins=10, quantiles=[1.0]),
+            "distinct probabilities in (0, 1)",
+        ),
+        (
+            dict(statistic="quantile", value="score", low=0, high=100, bins=10, quantiles=[0.5]),
+            "a statistic over submissions needs a bound m >= 1 on the rows one registration contributes",
+        ),
+        (dict(statistic="count", value="", group_by=["assessment_type"]), "an unbounded contribution is refused"),
+        (dict(group_by=["assessment_id"]), "group_by: field 'assessment_id' is not a categorical field"),
+        (dict(epsilon=5.0), "privacy.max_epsilon_per_run"),
+        (dict(delta=1e-3), "privacy.delta"),
+    ],
+)
 def test_the_campus_refuses_a_revealing_or_loose_query_before_reading_data(aaa_dir, task_identity, change, reason):
     query = StatisticQuery()
     query.CopyFrom(WITHDRAWAL_BY_IMD)
@@ -339,7 +409,9 @@ def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity,
     assert 2.9 < ledger.spent(dataset_id(aaa_dir), 1e-5) <= 3.0
     records = AuditLog(state).records()
     assert [r.sent for r in records] == [True] * affordable + [False]
-    assert {(r.dp.mechanism, r.dp.noise_multiplier, r.dp.sample_rate, r.dp.steps) for r in records[:-1]} == {("gaussian", z, 1.0, 1)}
+    assert {(r.dp.mechanism, r.dp.noise_multiplier, r.dp.sample_rate, r.dp.steps) for r in records[:-1]} == {
+        ("gaussian", z, 1.0, 1)
+    }
     first = StatisticAnswer.FromString(replies[0].content[ANSWER][ANSWER])
     assert first.campus == "AAA" and first.epsilon == pytest.approx(records[0].dp.epsilon) and first.epsilon <= 1.0
 
@@ -368,12 +440,15 @@ def _tamper_sum(a: StatisticAnswer) -> None:
     a.cells.append(Cell(group=["nowhere"], noisy_count=50.0, noisy_sum=1.0))
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (_tamper_small, "below release.min_cohort_size 10"),
-    (_tamper_sum, "is not a cell of query"),
-    (lambda a: a.cells[0].ClearField("noisy_sum"), "a noisy sum belongs to a mean only"),
-    (lambda a: setattr(a, "campus", "BBB"), "answer of campus 'BBB'"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (_tamper_small, "below release.min_cohort_size 10"),
+        (_tamper_sum, "is not a cell of query"),
+        (lambda a: a.cells[0].ClearField("noisy_sum"), "a noisy sum belongs to a mean only"),
+        (lambda a: setattr(a, "campus", "BBB"), "answer of campus 'BBB'"),
+    ],
+)
 def test_the_guard_blocks_an_answer_the_query_does_not_declare(aaa_dir, task_identity, tamper, reason):
     def leaky_handler(msg: Message, context: Context) -> Message:
         reply = query_handler(msg, context)
@@ -404,15 +479,21 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
 
 # --- the query file and the command ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, named", [
-    ('statistic = "mean"\nvalue = "studied_credits"\nepsilon = 1\n', "a mean needs finite clipping bounds"),
-    ('statistic = "count"\ngroup_by = ["student_id"]\nepsilon = 1\n', "group_by: field 'student_id'"),
-    ('statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "group: Extra inputs are not permitted"),
-    ('statistic = "count"\n', "epsilon: Field required"),
-    ('statistic = "count"\nepsilon = "1"\n', "epsilon: Input should be a valid number"),  # strict: a string is no number
-    ('statistic = "quantile"\nvalue = "studied_credits"\nlow = 0\nhigh = 360\nbins = 10.0\nquantiles = [0.5]\nepsilon = 1\n',
-     "bins: Input should be a valid integer"),  # nor a decimal a count
-])
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ('statistic = "mean"\nvalue = "studied_credits"\nepsilon = 1\n', "a mean needs finite clipping bounds"),
+        ('statistic = "count"\ngroup_by = ["student_id"]\nepsilon = 1\n', "group_by: field 'student_id'"),
+        ('statistic = "count"\nepsilon = 1\ngroup = ["region"]\n', "group: Extra inputs are not permitted"),
+        ('statistic = "count"\n', "epsilon: Field required"),
+        ('statistic = "count"\nepsilon = "1"\n', "epsilon: Input should be a valid number"),  # strict: a string is no number
+        (
+            'statistic = "quantile"\nvalue = "studied_credits"\nlow = 0\nhigh = 360\nbins = 10.0\nquantiles = [0.5]\nepsilon = 1\n',
+            "bins: Input should be a valid integer",
+        ),  # nor a decimal a count
+    ],
+)
 def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text, named):
     from edufl.experiments.cli import main
 
@@ -426,10 +507,13 @@ def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--insecure"], "--insecure: deployment options; give --superlink HOST:PORT too"),
-    (["--superlink", "127.0.0.1:1", "--insecure", "--policy", "p.toml"], "--policy: simulation options"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--insecure"], "--insecure: deployment options; give --superlink HOST:PORT too"),
+        (["--superlink", "127.0.0.1:1", "--insecure", "--policy", "p.toml"], "--policy: simulation options"),
+    ],
+)
 def test_simulation_and_deployment_options_are_not_mixed(tmp_path, capsys, args, named):
     from edufl.experiments.cli import main
 
@@ -450,8 +534,10 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
     # multiplier and k the simulation uses, the coordinator combines, the bounds hold at full strength.
     query = load_query(WITHDRAWAL_FILE)
     z = noise_multiplier(query)
-    answers = [answer(query, own, name, z, 10, randomness=Randomness(seed=100 + i))
-               for i, (name, own) in enumerate(campus_slices(tables, "module").items())]
+    answers = [
+        answer(query, own, name, z, 10, randomness=Randomness(seed=100 + i))
+        for i, (name, own) in enumerate(campus_slices(tables, "module").items())
+    ]
     truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
     rows = combine(query, answers)
     assert len(answers) == 7 and len(rows) == 11
@@ -464,9 +550,22 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
 def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir, tmp_path):
     out = tmp_path / "imd"
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "analytics", "run",
-                           str(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edufl.experiments.cli",
+            "analytics",
+            "run",
+            str(ROOT / "experiments" / "queries" / "withdrawal_by_imd.toml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "7 campuses by module" in done.stdout and "ε ≤ 1 per campus" in done.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -14,8 +14,9 @@ from edufl.federation.ledger import LEDGER_FILE, PrivacyLedger, Release
 from edufl.federation.proto.audit_pb2 import AuditRecord, DpRelease
 from edufl.federation.store import StoreError
 
-NO_DP = DpRelease(mechanism="none", noise_multiplier=0.0, sample_rate=0.125, steps=8, epsilon=math.inf, delta=1e-5,
-                  accountant="rdp")
+NO_DP = DpRelease(
+    mechanism="none", noise_multiplier=0.0, sample_rate=0.125, steps=8, epsilon=math.inf, delta=1e-5, accountant="rdp"
+)
 
 
 def _version(path: Path) -> int:
@@ -70,6 +71,19 @@ def test_ledger_columns_are_the_dp_release_fields_and_rows_come_back_as_recorded
     with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
         columns = {row[1]: row[2] for row in db.execute("PRAGMA table_info(releases)")}
     assert {f.name for f in DpRelease.DESCRIPTOR.fields} <= set(columns)
-    assert columns == {"id": "INTEGER", "dataset": "TEXT", "campus": "TEXT", "run_id": "TEXT", "server_round": "INTEGER",
-                       "task": "TEXT", "mechanism": "TEXT", "noise_multiplier": "REAL", "sample_rate": "REAL",
-                       "steps": "INTEGER", "epsilon": "REAL", "delta": "REAL", "accountant": "TEXT", "recorded_at": "TEXT"}
+    assert columns == {
+        "id": "INTEGER",
+        "dataset": "TEXT",
+        "campus": "TEXT",
+        "run_id": "TEXT",
+        "server_round": "INTEGER",
+        "task": "TEXT",
+        "mechanism": "TEXT",
+        "noise_multiplier": "REAL",
+        "sample_rate": "REAL",
+        "steps": "INTEGER",
+        "epsilon": "REAL",
+        "delta": "REAL",
+        "accountant": "TEXT",
+        "recorded_at": "TEXT",
+    }

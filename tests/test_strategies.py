@@ -27,7 +27,16 @@ def test_proximal_term_keeps_weights_near_the_global_model(aaa):
     for mu in (0.0, 5.0):
         model = build_model("mlp", len(feature_names()), seed=0)
         start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        train(model, data, epochs=3, batch_size=64, learning_rate=0.3, seed=1, noise_multiplier=1.0,
-              max_grad_norm=1.0, proximal_mu=mu)
+        train(
+            model,
+            data,
+            epochs=3,
+            batch_size=64,
+            learning_rate=0.3,
+            seed=1,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            proximal_mu=mu,
+        )
         drift[mu] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm())
     assert drift[5.0] < 0.8 * drift[0.0]

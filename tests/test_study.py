@@ -39,38 +39,66 @@ def test_grid_expansion_and_cell_configs(tmp_path):
     assert next(c for c in cells if c.id == "module-d0-local-nodp-s0").config(tmp_path).dp is False
 
 
-@pytest.mark.parametrize("change, named, why", [
-    (('name = "tiny"\n', ""), "study.name", "Field required"),
-    (("seeds = [0]", "seeds = 5"), "study.seeds", "Value error, expected a list, e.g. [5], not 5"),
-    (("rounds = 1", "rounds = 1\nroundz = 2"), "study.roundz", "Extra inputs are not permitted"),
-    (("[study]", "[studdy]"), "study", "Field required; studdy: Extra inputs are not permitted"),
-    (("seeds = [0]", 'seeds = ["0"]'), "study.seeds.0", "Input should be a valid integer"),
-    (("seeds = [0]", "seeds = [0, 1, 0]"), "study.seeds", "Value error, 0 listed more than once"),
-    (("seeds = [0]", "seeds = []"), "study.seeds", "Value should have at least 1 item after validation, not 0"),
-    (("seeds = [0]", "seeds = [-1]"), "study.seeds.0", "Input should be greater than or equal to 0"),
-    (("rounds = 1", "rounds = 1.0"), "study.rounds", "Input should be a valid integer"),
-    (("rounds = 1", "rounds = 10001"), "study.rounds", "Input should be less than or equal to 10000"),
-    (("rounds = 1", 'rounds = "1"'), "study.rounds", "Input should be a valid integer"),
-    (('name = "tiny"', 'name = "../tiny"'), "study.name", "Value error, '../tiny' is not a safe folder name"),
-    (('name = "tiny"', 'name = 7'), "study.name", "Input should be a valid string"),
-    (("epsilons = [3]", "epsilons = [0]"), "study.epsilons.0", 'Value error, epsilons holds 0; expected numbers > 0 or "none"'),
-    (("epsilons = [3]", 'epsilons = ["3"]'), "study.epsilons.0", "Value error, epsilons holds '3'"),
-    (("epsilons = [3]", "epsilons = [3, 3.0]"), "study.epsilons", "Value error, 3, 3.0 listed more than once"),
-    (('modes = ["local", "federated"]', 'modes = ["local", "fedrated"]'), "study.modes.1",
-     "Input should be 'federated', 'centralized' or 'local'"),
-    (('model = "logistic"', 'model = "logistic"\ntask = "withdrawl"'), "study.task",
-     "Input should be 'withdrawal', 'at_risk' or 'final_result'"),
-    (('model = "logistic"', 'model = "logistic"\nsettings = {learning-rate = "0.3"}'), "study.settings",
-     "Value error, learning-rate = '0.3'; expected a float"),
-    (('model = "logistic"', 'model = "logistic"\nsettings = {learnin-rate = 0.3}'), "study.settings",
-     "Value error, unknown configuration key(s): learnin-rate"),
-    (('model = "logistic"', 'model = "logistic"\nsettings = {"reproducible-noise" = "yes"}'), "study.settings",
-     "Value error, reproducible-noise = 'yes'; expected a bool"),
-    (('model = "logistic"', 'model = "logistic"\nsettings = {num-rounds = 5}'), "study.settings",
-     "Value error, num-rounds is set by the study key rounds, not in settings"),
-    (('model = "logistic"', 'model = "logistic"\nstrategies = ["fedadam"]\nsettings = {central-dp = "fixed"}'), "study",
-     "Value error, cell module-d60-federated-fedadam-eps3-s0: central-dp = 'fixed' needs strategy fedavg or fedprox"),
-])
+@pytest.mark.parametrize(
+    "change, named, why",
+    [
+        (('name = "tiny"\n', ""), "study.name", "Field required"),
+        (("seeds = [0]", "seeds = 5"), "study.seeds", "Value error, expected a list, e.g. [5], not 5"),
+        (("rounds = 1", "rounds = 1\nroundz = 2"), "study.roundz", "Extra inputs are not permitted"),
+        (("[study]", "[studdy]"), "study", "Field required; studdy: Extra inputs are not permitted"),
+        (("seeds = [0]", 'seeds = ["0"]'), "study.seeds.0", "Input should be a valid integer"),
+        (("seeds = [0]", "seeds = [0, 1, 0]"), "study.seeds", "Value error, 0 listed more than once"),
+        (("seeds = [0]", "seeds = []"), "study.seeds", "Value should have at least 1 item after validation, not 0"),
+        (("seeds = [0]", "seeds = [-1]"), "study.seeds.0", "Input should be greater than or equal to 0"),
+        (("rounds = 1", "rounds = 1.0"), "study.rounds", "Input should be a valid integer"),
+        (("rounds = 1", "rounds = 10001"), "study.rounds", "Input should be less than or equal to 10000"),
+        (("rounds = 1", 'rounds = "1"'), "study.rounds", "Input should be a valid integer"),
+        (('name = "tiny"', 'name = "../tiny"'), "study.name", "Value error, '../tiny' is not a safe folder name"),
+        (('name = "tiny"', "name = 7"), "study.name", "Input should be a valid string"),
+        (
+            ("epsilons = [3]", "epsilons = [0]"),
+            "study.epsilons.0",
+            'Value error, epsilons holds 0; expected numbers > 0 or "none"',
+        ),
+        (("epsilons = [3]", 'epsilons = ["3"]'), "study.epsilons.0", "Value error, epsilons holds '3'"),
+        (("epsilons = [3]", "epsilons = [3, 3.0]"), "study.epsilons", "Value error, 3, 3.0 listed more than once"),
+        (
+            ('modes = ["local", "federated"]', 'modes = ["local", "fedrated"]'),
+            "study.modes.1",
+            "Input should be 'federated', 'centralized' or 'local'",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\ntask = "withdrawl"'),
+            "study.task",
+            "Input should be 'withdrawal', 'at_risk' or 'final_result'",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nsettings = {learning-rate = "0.3"}'),
+            "study.settings",
+            "Value error, learning-rate = '0.3'; expected a float",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nsettings = {learnin-rate = 0.3}'),
+            "study.settings",
+            "Value error, unknown configuration key(s): learnin-rate",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nsettings = {"reproducible-noise" = "yes"}'),
+            "study.settings",
+            "Value error, reproducible-noise = 'yes'; expected a bool",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nsettings = {num-rounds = 5}'),
+            "study.settings",
+            "Value error, num-rounds is set by the study key rounds, not in settings",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nstrategies = ["fedadam"]\nsettings = {central-dp = "fixed"}'),
+            "study",
+            "Value error, cell module-d60-federated-fedadam-eps3-s0: central-dp = 'fixed' needs strategy fedavg or fedprox",
+        ),
+    ],
+)
 def test_bad_study_config_names_file_and_key(tmp_path, change, named, why):
     path = tmp_path / "bad.toml"
     path.write_text(TINY.replace(*change))
@@ -93,14 +121,33 @@ def test_study_keeps_values_as_written_and_its_defaults(tmp_path):
     path.write_text(TINY.replace("epsilons = [3]", 'epsilons = [3, 1.5, "none"]'))
     study = Study.load(path)
     assert study.epsilons == (3, 1.5, "none") and type(study.epsilons[0]) is int  # so ids, rows and plots say "3"
-    assert [c.id for c in study.cells()][:3] == ["module-d60-local-eps3-s0", "module-d60-local-eps1.5-s0",
-                                                 "module-d60-local-nodp-s0"]
+    assert [c.id for c in study.cells()][:3] == [
+        "module-d60-local-eps3-s0",
+        "module-d60-local-eps1.5-s0",
+        "module-d60-local-nodp-s0",
+    ]
     assert study.cells()[0].keys()["epsilon"] == "3"
-    assert (study.name, study.modes, study.seeds, study.rounds, study.model) == ("tiny", ("local", "federated"), (0,), 1, "logistic")
+    assert (study.name, study.modes, study.seeds, study.rounds, study.model) == (
+        "tiny",
+        ("local", "federated"),
+        (0,),
+        1,
+        "logistic",
+    )
     default = Study(name="d")
-    assert (default.task, default.campus_by, default.cutoff_days, default.modes, default.strategies, default.epsilons,
-            default.seeds, default.rounds, default.local_epochs, default.model, default.settings) == (
-        "withdrawal", ("module",), (60,), ("centralized", "local", "federated"), ("fedavg",), (3.0,), (0,), 10, 1, "mlp", {})
+    assert (
+        default.task,
+        default.campus_by,
+        default.cutoff_days,
+        default.modes,
+        default.strategies,
+        default.epsilons,
+        default.seeds,
+        default.rounds,
+        default.local_epochs,
+        default.model,
+        default.settings,
+    ) == ("withdrawal", ("module",), (60,), ("centralized", "local", "federated"), ("fedavg",), (3.0,), (0,), 10, 1, "mlp", {})
     assert len(default.cells()) == 3
 
 
@@ -157,8 +204,9 @@ def test_simulate_reports_a_bad_policy_file_with_status_2_before_the_engine_star
     assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["policy.toml"]
     policy.write_text('[training]\nallowed_tasks = ["withdrawl"]\n')
     assert main(args) == 2
-    assert capsys.readouterr().err == (f"edufl: {policy}: training.allowed_tasks.0: Input should be 'withdrawal', "
-                                       "'at_risk' or 'final_result'\n")
+    assert capsys.readouterr().err == (
+        f"edufl: {policy}: training.allowed_tasks.0: Input should be 'withdrawal', 'at_risk' or 'final_result'\n"
+    )
     assert main(["simulate", "--policy", str(tmp_path / "missing.toml"), "--out", str(run)]) == 2
     assert capsys.readouterr().err == f"edufl: {tmp_path / 'missing.toml'}: policy file not found\n"
     assert not run.exists()
@@ -195,8 +243,12 @@ def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp
     for name in ("summary.md", "summary.csv", "privacy_utility.png", "auc_vs_cutoff.png", "campus_auc_eps3.png"):
         (first / name).unlink()
     env = {k: v for k, v in os.environ.items() if k != "EDUFL_DATA"}
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(first)],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(first)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     summary = pd.read_csv(first / "summary.csv")
     assert list(summary["mode"]) == ["local", "federated"] and list(summary["seeds"]) == [1, 1]
@@ -216,6 +268,7 @@ def test_bench_measures_a_whole_process(data_dir, tmp_path):
 
 
 def test_report_needs_saved_rows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(tmp_path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", "experiment", "report", str(tmp_path)], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "no rows.csv here" in done.stderr

@@ -53,8 +53,9 @@ def test_population_excludes_unregistered_before_cutoff_and_late_registrations(t
     assert not (reg["unregistration_day"] < D).any()
     assert not (reg["registration_day"] >= D).any()
     everyone = tables["registrations"]
-    expected = ((everyone["registration_day"].isna() | (everyone["registration_day"] < D))
-                & (everyone["unregistration_day"].isna() | (everyone["unregistration_day"] >= D)))
+    expected = (everyone["registration_day"].isna() | (everyone["registration_day"] < D)) & (
+        everyone["unregistration_day"].isna() | (everyone["unregistration_day"] >= D)
+    )
     assert len(data) == int(expected.sum()) == 26395
     assert data.y.mean() == pytest.approx(0.1505, abs=1e-4)
 
@@ -80,7 +81,7 @@ def test_vocabularies_identical_across_campuses(tables):
         widths.add(data.x.shape[1])
         start = 0
         for col, vocab in CATEGORICAL_FEATURES.items():
-            block = data.x[:, start:start + len(vocab) + 1]
+            block = data.x[:, start : start + len(vocab) + 1]
             np.testing.assert_array_equal(block.sum(axis=1), 1.0)  # exactly one slot per category
             start += len(vocab) + 1
         assert data.x.min() >= 0 and data.x.max() <= 1
