@@ -298,7 +298,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     )
     keys = subgroup_keys(cfg.task)
     for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, k).items():
-        metrics.update(zip(keys[group], (n, value)))
+        metrics.update(zip(keys[group], (n, value), strict=True))
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
 
 

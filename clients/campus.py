@@ -302,7 +302,8 @@ def start(
 
 def approve(bundle: Path | None, policy: Path | None = None) -> str:
     """Print the SHA-256 of the app bundle ``bundle`` (a ``.fab`` file, or an app folder built as ``flwr build``
-    builds it; None: the bundle this installed edufl submits) and, with ``policy``, add it to that policy file's approved bundles. Returns the hash.
+    builds it; None: the bundle this installed edufl submits) and, with ``policy``, add it to that policy file's
+    approved bundles. Returns the hash.
 
     Raises
     ------

@@ -134,7 +134,7 @@ def _share_keys_problems(asked, content, state: SecAggPlusState, msg, min_cohort
             f"coordinator announced ({announced})"
         ]
     seeds, keys = [state.rd_seed_share_dict[state.nid]], [state.sk1_share_dict[state.nid]]
-    for dst, ciphertext in zip(dsts, ciphertexts):
+    for dst, ciphertext in zip(dsts, ciphertexts, strict=True):
         try:
             src, to, seed_share, key_share = share_keys_plaintext_separate(decrypt(state.ss2_dict[dst], ciphertext))
         except InvalidToken:

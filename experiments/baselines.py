@@ -6,10 +6,11 @@
 * ``local``: every campus trains alone and is evaluated on its own test rows.
 
 Both train with the federated run's features, splits, model, optimizer and
-DP-SGD code (noise and sampling secret unless ``reproducible-noise``), for ``num_rounds * local_epochs`` epochs, evaluating after each
-round's worth of epochs (subgroup metrics on groups of at least the research
-policy's ``release.min_cohort_size`` test rows per campus, as a federated
-campus simulated without ``--policy`` sends), and write the same results folder.
+DP-SGD code (noise and sampling secret unless ``reproducible-noise``), for
+``num_rounds * local_epochs`` epochs, evaluating after each round's worth of
+epochs (subgroup metrics on groups of at least the research policy's
+``release.min_cohort_size`` test rows per campus, as a federated campus
+simulated without ``--policy`` sends), and write the same results folder.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def measure(args: list[str], data_dir: Path, out: Path) -> dict:
         raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     ends = [r["elapsed_s"] for r in summary["rounds"]]
-    steady = [b - a for a, b in zip(ends, ends[1:])]
+    steady = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     return {
         "wall_s": wall,
         "peak_mb": peak / 2**20,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from flwr.app import RecordDict
 from google.protobuf import json_format
@@ -76,6 +77,6 @@ class AuditLog(SQLiteStore):
         return [AuditRecord.FromString(blob) for (blob,) in self._db.execute(query, () if run_id is None else (run_id,))]
 
 
-def as_dict(record: AuditRecord) -> dict:
+def as_dict(record: AuditRecord) -> dict[str, Any]:
     """A record as a JSON-ready dict (protobuf's canonical JSON mapping, field names as in the .proto)."""
     return json_format.MessageToDict(record, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

@@ -78,7 +78,9 @@ def _row(release: Release) -> tuple[Any, ...]:
 def _release(row: tuple[Any, ...]) -> Release:
     """The release stored as ``row`` (the values of :data:`_COLUMNS`, in order)."""
     context, dp, recorded_at = row[: len(_CONTEXT)], row[len(_CONTEXT) : -1], row[-1]
-    return Release(**dict(zip(_CONTEXT, context)), dp=DpRelease(**dict(zip(_DP, dp))), recorded_at=recorded_at)
+    return Release(
+        **dict(zip(_CONTEXT, context, strict=True)), dp=DpRelease(**dict(zip(_DP, dp, strict=True))), recorded_at=recorded_at
+    )
 
 
 class PrivacyLedger(SQLiteStore):
@@ -104,7 +106,9 @@ class PrivacyLedger(SQLiteStore):
             )
         return stamped
 
-    def pin(self, dataset: str, run_id: str, settings: dict[str, int | float | str | bool]) -> dict[str, tuple]:
+    def pin(
+        self, dataset: str, run_id: str, settings: dict[str, int | float | str | bool]
+    ) -> dict[str, tuple[Any, int | float | str | bool | None]]:
         """Pin ``settings`` for run ``run_id`` on ``dataset`` if none are pinned yet (committed at once).
 
         Returns every key whose pinned value differs from the requested one, as

@@ -31,6 +31,7 @@ and encoding then do not apply.
 from __future__ import annotations
 
 import codecs
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -144,7 +145,7 @@ class Mapping(_Strict):
         return parse_version(self.contract_version)
 
 
-def load_mapping(path: str | Path | None = None) -> Mapping:
+def load_mapping(path: str | os.PathLike[str] | None = None) -> Mapping:
     """The mapping in the TOML file ``path`` (the OULAD mapping when None).
 
     Raises

@@ -48,7 +48,8 @@ def _decode(path: Path, raw: bytes, encoding: str) -> str:
                     path.name,
                     line,
                     None,
-                    f"byte 0x{raw[err.start]:02x} is not {encoding}; expected a {encoding} encoded file (re-export it, or set encoding in the mapping)",
+                    f"byte 0x{raw[err.start]:02x} is not {encoding}; expected a {encoding} encoded file "
+                    "(re-export it, or set encoding in the mapping)",
                 )
             ]
         ) from None
@@ -107,6 +108,7 @@ def read_export_file(directory: Path, mapping: Mapping, table: Table) -> pd.Data
     path = directory / given.file
     extra = {START: mapping.start_date} if table.name == "presentations" and mapping.start_date else {}
     source = {**{c.name: given.columns[c.name] for c in table.columns}, **extra}
+    lines: list[int] | np.ndarray
     if path.suffix == ".parquet":
         data = pd.read_parquet(path)
         header, lines = [str(c) for c in data.columns], np.arange(1, len(data) + 1)

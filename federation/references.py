@@ -17,7 +17,7 @@ def _missing_refs(child: pd.DataFrame, parent: pd.DataFrame, cols: list[str], fi
     absent = ~pd.MultiIndex.from_frame(child[cols]).isin(keys)
     return [
         Problem(file, int(line), None, f"{what} {'/'.join(str(v) for v in vals)} does not exist")
-        for line, vals in zip(child.loc[absent, LINE], child.loc[absent, cols].itertuples(index=False))
+        for line, vals in zip(child.loc[absent, LINE], child.loc[absent, cols].itertuples(index=False), strict=True)
     ]
 
 

@@ -34,7 +34,7 @@ def named_arrays(record: ArrayRecord, specs: Sequence[tuple[str, Sequence[int], 
     arrays = parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
     if [list(a.shape) for a in arrays] != [list(shape) for _, shape, _ in specs]:
         raise ValueError(f"arrays of shapes {[list(a.shape) for a in arrays]}; expected {[list(s) for _, s, _ in specs]}")
-    return ArrayRecord({name: Array(array.astype(dtype)) for (name, _, dtype), array in zip(specs, arrays)})
+    return ArrayRecord({name: Array(array.astype(dtype)) for (name, _, dtype), array in zip(specs, arrays, strict=True)})
 
 
 def doubly_named(active: Iterable[int], dropped: Iterable[int], own: int) -> list[int]:

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS
+from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, Table
 from .privacy import DPSettings, calibrate_noise, epsilon
 from .proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
 from .queries import (
@@ -168,7 +168,7 @@ def records(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> pd.Dat
     wanted = {*query.group_by, *([field] if field else [])}
     key = list(LEARNERS.key)
 
-    def part(table, on: list[str]) -> pd.DataFrame:
+    def part(table: Table, on: list[str]) -> pd.DataFrame:
         return tables[table.name][[*on, *(c.name for c in table.columns if c.name in wanted and c.name not in KEYS)]]
 
     rows = part(LEARNERS, key).merge(part(REGISTRATIONS, key), on=key, how="left")
@@ -215,7 +215,9 @@ def exact_cells(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> di
     grouped = frame.groupby(keys, sort=False)["_value"].agg(["size", "sum"])
     found = {
         (tuple(k[:-1]), k[-1]): (int(n), float(s))
-        for k, (n, s) in zip((k if isinstance(k, tuple) else (k,) for k in grouped.index), grouped.itertuples(index=False))
+        for k, (n, s) in zip(
+            (k if isinstance(k, tuple) else (k,) for k in grouped.index), grouped.itertuples(index=False), strict=True
+        )
     }
     return {key: found.get(key, (0, 0.0)) for key in cells(query)}
 
@@ -254,7 +256,7 @@ def answer(
     noisy_sums = noisy[len(exact) :] * bound if mean else np.zeros(len(exact))  # post-processing: back to value units
     released = [
         Cell(group=group, bin=label, noisy_count=float(c), noisy_sum=float(s) if mean else None)
-        for (group, label), c, s in zip(exact, noisy_counts, noisy_sums)
+        for (group, label), c, s in zip(exact, noisy_counts, noisy_sums, strict=True)
         if c >= threshold(query, k)
     ]
     return StatisticAnswer(

@@ -58,7 +58,7 @@ class Tables:
         return self.frames[name]
 
 
-def load_tables(directory: str | os.PathLike, mapping: Mapping | str | os.PathLike | None = None) -> Tables:
+def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.PathLike[str] | None = None) -> Tables:
     """Read and validate a campus's export in ``directory`` as contract tables.
 
     ``mapping`` is a :class:`~federation.mapping.Mapping` or the path of a
@@ -88,7 +88,10 @@ def load_tables(directory: str | os.PathLike, mapping: Mapping | str | os.PathLi
             [Problem(f, None, None, f"file not found in {directory}") for f in absent],
             hint=HOW_TO_GET_DATA if mapping == load_mapping() else "",
         )
-    frames, problems, notes, missing = {}, [], [], []
+    frames: dict[str, pd.DataFrame] = {}
+    problems: list[Problem] = []
+    notes: list[str] = []
+    missing: list[dict[str, str | int | float]] = []
     for table in TABLES:
         frame, found, counts = read_table(directory, mapping, table, frames)
         missing += counts

@@ -151,6 +151,7 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     for col, (low, high) in NUMERIC_FEATURES.items():
         columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
     x = np.stack(columns, axis=1) if len(population) else np.zeros((0, len(feature_names())), np.float32)
+    y: np.ndarray
     if task in CLASSES:
         y = population["final_result"].map({c: i for i, c in enumerate(CLASSES[task])}).to_numpy(np.float32)
     else:

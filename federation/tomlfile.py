@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import TypeVar
@@ -32,7 +33,7 @@ def listed(value: object) -> object:
     raise ValueError(f"expected a list, e.g. [{example}], not {value!r}")
 
 
-def load_model(model: type[M], path: str | Path, error: type[Exception], what: str) -> M:
+def load_model(model: type[M], path: str | os.PathLike[str], error: type[Exception], what: str) -> M:
     """``model`` validated from the TOML file ``path``.
 
     Raises

@@ -150,7 +150,7 @@ def train(
                     losses.append(loss.item())
                 if anchor is not None:
                     with torch.no_grad():
-                        for p, p0 in zip(model.parameters(), anchor):
+                        for p, p0 in zip(model.parameters(), anchor, strict=True):
                             p.sub_(learning_rate * proximal_mu * (p - p0))
     if accountant is None:
         sample_rate, new_history = 1.0 / len(loader), list(history)

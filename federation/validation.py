@@ -39,7 +39,7 @@ def _check_column(
 
     def report(mask: pd.Series, message: str) -> None:
         mask = mask & fresh
-        for line, value in zip(frame.loc[mask, LINE], raw[mask]):
+        for line, value in zip(frame.loc[mask, LINE], raw[mask], strict=True):
             problems.append(Problem(file, int(line), source, message.format(value=value)))
 
     if not col.nullable:
@@ -78,7 +78,7 @@ def _dates(
     bad = ~missing & dates.isna()
     return dates, [
         Problem(file, int(line), column, f"{value!r} is not a date in format {fmt!r}")
-        for line, value in zip(frame.loc[bad, LINE], raw[bad])
+        for line, value in zip(frame.loc[bad, LINE], raw[bad], strict=True)
     ]
 
 
@@ -118,7 +118,7 @@ def _start_dates(frame: pd.DataFrame, table: Table, f: dict[str, pd.DataFrame]) 
 
 def read_table(
     directory: Path, mapping: Mapping, table: Table, f: dict[str, pd.DataFrame]
-) -> tuple[pd.DataFrame, list[Problem], list[dict]]:
+) -> tuple[pd.DataFrame, list[Problem], list[dict[str, str | int | float]]]:
     """The export's ``table`` typed as the contract declares, every problem of its values, and one
     missingness row per contract field (table, field, file, column, rows, missing, share).
 
@@ -143,7 +143,7 @@ def read_table(
     for name in given.dates:
         found, reported[name] = _to_days(frame, name, _start_dates(frame, table, f), missing_markers, mapping, given)
         problems += found
-    missingness = []
+    missingness: list[dict[str, str | int | float]] = []
     for col in table.columns:
         frame[col.name], found, n_missing = _check_column(
             frame,
@@ -176,7 +176,8 @@ def deduplicate(frame: pd.DataFrame, table: Table, file: str, notes: list[str]) 
     exact = frame.duplicated(values)
     if exact.any():
         notes.append(
-            f"{file}: {int(exact.sum())} exact duplicate row(s) merged (lines {', '.join(map(str, frame.loc[exact, LINE].head(5)))}...)"
+            f"{file}: {int(exact.sum())} exact duplicate row(s) merged "
+            f"(lines {', '.join(map(str, frame.loc[exact, LINE].head(5)))}...)"
         )
         frame = frame[~exact]
     clash = frame.duplicated(list(table.key), keep=False)

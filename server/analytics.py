@@ -117,8 +117,8 @@ def describe(query: StatisticQuery) -> str:
         if "=" in query.value
         else f"mean of {query.value} clipped to [{query.low:g}, {query.high:g}]",
         "histogram": f"histogram of {query.value}",
-        "quantile": f"quantiles {', '.join(f'{p:g}' for p in query.quantiles)} of {query.value} in [{query.low:g}, {query.high:g}] "
-        f"({query.bins} bins)",
+        "quantile": f"quantiles {', '.join(f'{p:g}' for p in query.quantiles)} of {query.value} "
+        f"in [{query.low:g}, {query.high:g}] ({query.bins} bins)",
     }[query.statistic]
     return (
         f"{query.name}: {what}"
@@ -154,7 +154,7 @@ def _label(group: tuple[str, ...], bin_: str) -> str:
 
 
 def _row(query: StatisticQuery, e: Estimate) -> dict:
-    row = dict(zip(query.group_by, e.group))
+    row = dict(zip(query.group_by, e.group, strict=True))
     if query.statistic == "histogram":
         row["bin"] = e.bin
     elif query.statistic == "quantile":

@@ -96,7 +96,7 @@ def combine(query: StatisticQuery, answers: Sequence[StatisticAnswer]) -> list[E
         return _quantile_estimates(query, answers, released)
     out = []
     for key in cells(query):
-        parts = [(a, got[key]) for a, got in zip(answers, released) if key in got]
+        parts = [(a, got[key]) for a, got in zip(answers, released, strict=True) if key in got]
         if not parts:
             continue
         count = sum(c.noisy_count for _, c in parts)
@@ -124,7 +124,7 @@ def _quantile_estimates(query: StatisticQuery, answers: Sequence[StatisticAnswer
             continue
         # Each campus's release, redrawn around what it sent: noise at its stated std, then its suppression rule.
         draws = np.zeros((BOOTSTRAP_DRAWS, len(keys)))
-        for a, sent in zip(answers, per_campus):
+        for a, sent in zip(answers, per_campus, strict=True):
             redrawn = sent + rng.normal(0.0, a.count_std, size=draws.shape)
             draws += np.where(redrawn >= threshold(query, a.min_cell_count), redrawn, 0.0)
         estimate = interpolate_quantiles(counts, e, ps)
@@ -133,6 +133,6 @@ def _quantile_estimates(query: StatisticQuery, answers: Sequence[StatisticAnswer
         campuses = int((per_campus > 0).any(axis=1).sum())
         out += [
             Estimate(group, f"q{p:g}", float(q), float(np.nanstd(d)), float(e[1] - e[0] + w), float(counts.sum()), campuses, p)
-            for p, q, d, w in zip(ps, estimate, drawn.T, spread)
+            for p, q, d, w in zip(ps, estimate, drawn.T, spread, strict=True)
         ]
     return out

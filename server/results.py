@@ -1,4 +1,6 @@
-"""The results folder every training run writes (the ServerApp, and the research baselines): summary.json, rounds.csv, campuses.csv, fairness.csv, model.pt, plot.png.
+"""The results folder every training run writes (the ServerApp, and the research baselines).
+
+It holds summary.json, rounds.csv, campuses.csv, fairness.csv, model.pt and plot.png.
 
 The run's ε is the maximum over campuses (each campus's guarantee is about its
 own rows; averaging would understate the weakest one). Global metrics are

@@ -236,7 +236,7 @@ def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa
 def test_poisson_plan_equals_what_opacus_samples_for_many_sizes():
     rng = np.random.default_rng(20261202)
     pairs = [(n, b) for n in range(1, 1201) for b in (1, 3, 6, 7, 54, 64, 256, 1024)]
-    pairs += [(int(n), int(b)) for n, b in zip(rng.integers(1, 100_000, 400), rng.integers(1, 2_000, 400))]
+    pairs += [(int(n), int(b)) for n, b in zip(rng.integers(1, 100_000, 400), rng.integers(1, 2_000, 400), strict=True)]
     differ = 0
     for n, b in pairs:
         loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.empty(n, 0)), batch_size=b))

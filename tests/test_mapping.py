@@ -56,7 +56,7 @@ def write_student_records(tables: Tables, out: Path) -> Path:
             "module": a["course"],
             "term": a["presentation"],
             "kind": a["assessment_type"].map({"TMA": 1, "CMA": 2, "Exam": 3}),
-            "due_on": [_date(d, t) for d, t in zip(a["due_day"], a["presentation"])],
+            "due_on": [_date(d, t) for d, t in zip(a["due_day"], a["presentation"], strict=True)],
             "weight_pct": a["weight"],
         }
     ).to_csv(out / "assessments.csv", **bom)
@@ -83,8 +83,8 @@ def write_student_records(tables: Tables, out: Path) -> Path:
             "module": r["course"],
             "term": r["presentation"],
             "student": r["student_id"],
-            "enrolled_on": [_date(d, t) for d, t in zip(r["registration_day"], r["presentation"])],
-            "withdrew_on": [_date(d, t) for d, t in zip(r["unregistration_day"], r["presentation"])],
+            "enrolled_on": [_date(d, t) for d, t in zip(r["registration_day"], r["presentation"], strict=True)],
+            "withdrew_on": [_date(d, t) for d, t in zip(r["unregistration_day"], r["presentation"], strict=True)],
         }
     ).to_csv(out / "enrolments.csv", **bom)
     m = tables["submissions"]

@@ -114,7 +114,7 @@ def test_tiny_campus_with_empty_poisson_batches_trains_and_accounts_every_step(a
     assert result.steps == 60 and result.history == [(1.0, 1 / 3, 60)]
     assert epsilon(result.history, 1e-5) == pytest.approx(_google_rdp_epsilon([(1.0, 1 / 3, 60)], 1e-5), rel=5e-3)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_invalid_privacy_inputs_fail_closed():

@@ -420,7 +420,7 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
     torch.set_num_threads(1)  # as in the engine's workers
     try:
         updates = []
-        for i, name in enumerate(campuses):
+        for i, _ in enumerate(campuses):
             context = Context(run_id=0, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})
             msg = Message(RecordDict({ARRAYS: initial, CONFIG: run_config}), dst_node_id=i + 1, message_type="train")
             reply = train_handler(msg, context).content
@@ -441,7 +441,7 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
         assert [(r.server_round, r.dp.mechanism) for r in releases] == [(1, "dp-sgd"), (2, "dp-sgd")]
         records = AuditLog(out / "campuses" / name).records()
         assert [r.message_type for r in records] == [*STAGES, "evaluate"] * 2 and all(r.sent for r in records)
-        for release, record in zip(releases, [r for r in records if r.message_type == STAGES[2]]):
+        for release, record in zip(releases, [r for r in records if r.message_type == STAGES[2]], strict=True):
             assert (record.dp.epsilon, record.dp.noise_multiplier) == (release.dp.epsilon, release.dp.noise_multiplier)
         logged |= {(r.server_round, r.message_type, name, r.payload_sha256) for r in records}
     assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}

@@ -489,7 +489,8 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
         ('statistic = "count"\n', "epsilon: Field required"),
         ('statistic = "count"\nepsilon = "1"\n', "epsilon: Input should be a valid number"),  # strict: a string is no number
         (
-            'statistic = "quantile"\nvalue = "studied_credits"\nlow = 0\nhigh = 360\nbins = 10.0\nquantiles = [0.5]\nepsilon = 1\n',
+            'statistic = "quantile"\nvalue = "studied_credits"\nlow = 0\nhigh = 360\n'
+            "bins = 10.0\nquantiles = [0.5]\nepsilon = 1\n",
             "bins: Input should be a valid integer",
         ),  # nor a decimal a count
     ],
@@ -542,8 +543,10 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
     rows = combine(query, answers)
     assert len(answers) == 7 and len(rows) == 11
     errors = [abs(r.estimate - truth[r.group]) for r in rows]
-    assert sum(e <= r.bound95 for e, r in zip(errors, rows)) >= 7, list(zip(errors, rows))  # 95 % bounds: most
-    assert all(e <= 5 * r.std for e, r in zip(errors, rows))
+    assert sum(e <= r.bound95 for e, r in zip(errors, rows, strict=True)) >= 7, list(
+        zip(errors, rows, strict=True)
+    )  # 95 % bounds: most
+    assert all(e <= 5 * r.std for e, r in zip(errors, rows, strict=True))
     assert all(r.bound95 == pytest.approx(Z_95 * r.std) for r in rows)
 
 
@@ -588,8 +591,8 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir
     # cells (GGG's 7 "missing" registrations: b < 0.11 each way; 3,000 seeded runs: |mean| <= 0.07, sd 0.98-1.02).
     # At |b| = 0.2 a band is outside bound95 with P = 0.055 and outside 6 std with P = 3.6e-9, so more than 6 of
     # 11 outside bound95 has P = 3.9e-7 (binomial) and any beyond 6 std P = 4.0e-8: together 4.3e-7.
-    assert sum(e <= r["bound95"] for e, r in zip(errors, rows)) >= 5, list(zip(errors, rows))
-    assert all(e <= 6 * r["std"] for e, r in zip(errors, rows)), list(zip(errors, rows))
+    assert sum(e <= r["bound95"] for e, r in zip(errors, rows, strict=True)) >= 5, list(zip(errors, rows, strict=True))
+    assert all(e <= 6 * r["std"] for e, r in zip(errors, rows, strict=True)), list(zip(errors, rows, strict=True))
     # What the coordinator received is what each campus logged as sent, with the release's DP parameters.
     logged = set()
     for campus in summary["campuses"]:

@@ -65,7 +65,7 @@ def test_assessment_features_for_a_known_student(tables):
     data = early_warning(campus_slice(tables, "module", "AAA"), 30, "withdrawal")
     row = data.rows.index[(data.rows["student_id"] == 11391) & (data.rows["presentation"] == "2013J")][0]
     names = feature_names()
-    x = dict(zip(names, data.x[row]))
+    x = dict(zip(names, data.x[row], strict=True))
     assert x["n_submitted"] == pytest.approx(1 / 20)
     assert x["mean_score"] == pytest.approx(0.78)
     assert x["n_assessments_due"] == pytest.approx(1 / 12)
@@ -80,7 +80,7 @@ def test_vocabularies_identical_across_campuses(tables):
         data = early_warning(campus_slice(tables, by, campus), D, "withdrawal")
         widths.add(data.x.shape[1])
         start = 0
-        for col, vocab in CATEGORICAL_FEATURES.items():
+        for _, vocab in CATEGORICAL_FEATURES.items():
             block = data.x[:, start : start + len(vocab) + 1]
             np.testing.assert_array_equal(block.sum(axis=1), 1.0)  # exactly one slot per category
             start += len(vocab) + 1
