@@ -21,7 +21,7 @@ from flwr.proto.task_pb2 import Task
 from flwr.supercore.constant import TaskType
 from flwr.supercore.run import Run
 from flwr.supercore.superexec.executor import LaunchResult, LaunchResultStatus
-from test_deploy import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
+from processes import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
 from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, add_approval, gate_command
 from edufl.clients.campus import supernode_command
@@ -315,6 +315,7 @@ def test_a_gate_that_fails_stops_its_supernode(status, supernode_running, failed
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.deployment
 def test_unapproved_bundle_is_refused_before_any_app_starts(tmp_path, tables):
     approved_policy(tmp_path / "approved.toml")
     (tmp_path / "changed.toml").write_text(POLICY)  # BBB's steward approved this app with one byte changed

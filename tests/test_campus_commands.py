@@ -47,6 +47,7 @@ def run(tmp_path_factory, data_dir) -> Path:
     return root
 
 
+@pytest.mark.simulation
 def test_budget_shows_each_dataset_spent_and_left(run, capsys):
     state = run / "out" / "campuses" / "AAA"
     assert main(["campus", "budget", "--state", str(state), "--policy", str(run / "policy.toml")]) == 0
@@ -62,6 +63,7 @@ def test_budget_shows_each_dataset_spent_and_left(run, capsys):
     assert "remaining" not in capsys.readouterr().out
 
 
+@pytest.mark.simulation
 def test_audit_lists_every_message_as_json_and_table(run, capsys):
     state = run / "out" / "campuses" / "BBB"
     assert main(["campus", "audit", "--state", str(state), "--format", "json"]) == 0
@@ -82,6 +84,7 @@ def test_audit_lists_every_message_as_json_and_table(run, capsys):
     assert table.count(" sent ") == 4 and f"{releases[-1].dp.epsilon:.3f}" in table
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize(
     "command, message",
     [

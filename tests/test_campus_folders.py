@@ -24,6 +24,8 @@ from edufl.clients.node import SIM_MANIFEST
 from edufl.experiments import simulate
 from edufl.experiments.simulate import campus_folders, campus_root, remove_stale_campus_folders
 
+pytestmark = pytest.mark.simulation
+
 # The cheapest federated run: 7 module campuses, one round of the logistic model.
 RUN = ["-m", "edufl.experiments.cli", "simulate", "--rounds", "1", "--model", "logistic"]
 DEADLINE_S = 300  # to reach the event waited for; a loaded machine starts Ray slowly

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from processes import simulate
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
-from test_simulate import _simulate  # the tests folder is on sys.path (pytest's default import mode)
 
 from edufl.clients.app import evaluate_handler
 from edufl.clients.guard import release_guard
@@ -199,9 +199,10 @@ def _weighted_majority_macro_f1(splits: dict) -> float:
     )
 
 
+@pytest.mark.simulation
 def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_table(tables, data_dir, tmp_path):
     out = tmp_path / "fed"
-    done = _simulate(data_dir, out, "--task", "final_result", "--rounds", "2")
+    done = simulate(data_dir, out, "--task", "final_result", "--rounds", "2")
     summary = json.loads((out / "summary.json").read_text())
     splits = campus_splits(tables, RunConfig(task="final_result", num_rounds=2))
     assert FOUR_CLASS | {"worst_campus_macro_f1"} <= set(summary["global"])
@@ -228,10 +229,11 @@ def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_tab
     assert fairness.set_index(["attribute", "value"]).loc[("age_band", "55<="), "campuses"] < 7  # suppressed somewhere
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_end_to_end_centralized(tables, data_dir, tmp_path, task):
     out = tmp_path / task
-    done = _simulate(data_dir, out, "--mode", "centralized", "--no-dp", "--task", task, "--rounds", "2", "--model", "logistic")
+    done = simulate(data_dir, out, "--mode", "centralized", "--no-dp", "--task", task, "--rounds", "2", "--model", "logistic")
     summary = json.loads((out / "summary.json").read_text())
     key = primary_metric(task)
     assert summary["config"]["task"] == task and summary["fairness"]["metric"] == key
@@ -248,6 +250,7 @@ def test_each_task_end_to_end_centralized(tables, data_dir, tmp_path, task):
     assert fairness.groupby("attribute")["n_test"].sum()["gender"] == sum(c["n_test"] for c in summary["campuses"])
 
 
+@pytest.mark.simulation
 def test_a_final_result_study_reports_macro_f1(data_dir, tmp_path):
     from edufl.experiments.study import run
 

@@ -30,6 +30,7 @@ def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.simulation
 def test_central_dp_run_reports_the_client_level_epsilon_of_its_rounds(data_dir, tmp_path):
     out = tmp_path / "central"
     done = _ok(
@@ -71,6 +72,7 @@ def test_central_dp_refuses_fedadam_and_baselines(data_dir, tmp_path):
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.simulation
 def test_audit_of_a_run_without_a_global_model_exits_2(data_dir, tmp_path):
     out = tmp_path / "local"
     _ok(_edufl(data_dir, "simulate", "--out", str(out), "--mode", "local", "--rounds", "1", "--model", "logistic"))
@@ -80,6 +82,7 @@ def test_audit_of_a_run_without_a_global_model_exits_2(data_dir, tmp_path):
     assert done.returncode == 2 and "no summary.json" in done.stderr
 
 
+@pytest.mark.simulation
 def test_audit_privacy_reports_the_attack_auc_of_every_campus(data_dir, tmp_path):
     out = tmp_path / "fed"
     _ok(_edufl(data_dir, "simulate", "--out", str(out), "--rounds", "1", "--model", "logistic"))

@@ -356,6 +356,7 @@ def test_secure_aggregation_options_are_checked():
 # --- on the real data, on Flower's simulation engine --------------------------------------------------------
 
 
+@pytest.mark.simulation
 def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seeing_one(
     tables, data_dir, tmp_path, monkeypatch, task_identity
 ):

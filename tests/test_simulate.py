@@ -10,27 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import simulate
 
 from edufl.federation.audit import AuditLog
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.partition import campus_names, campus_slice
 from edufl.federation.tasks import early_warning, split
 
+pytestmark = pytest.mark.simulation
+
 SUMMARY_KEYS = {"config", "versions", "privacy", "rounds", "campuses", "global", "failures", "receipts", "wall_time_s"}
 CAMPUS_KEYS = {"campus", "n_train", "n_test", "auc", "average_precision", "f1", "brier", "epsilon", "delta"}
-
-
-def _simulate(data_dir: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EDUFL_DATA": str(data_dir)}
-    done = subprocess.run(
-        [sys.executable, "-m", "edufl.experiments.cli", "simulate", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def _summary(out: Path) -> dict:
@@ -44,7 +34,7 @@ def _summary(out: Path) -> dict:
 
 def test_federated_dp_run_beats_constant_predictor_on_every_campus(tables, data_dir, tmp_path):
     out = tmp_path / "fed"
-    done = _simulate(data_dir, out, "--rounds", "3", "--target-epsilon", "3")
+    done = simulate(data_dir, out, "--rounds", "3", "--target-epsilon", "3")
     summary = _summary(out)
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert "round   3/3" in done.stdout and "max ε" in done.stdout
@@ -80,7 +70,7 @@ def test_federated_dp_run_beats_constant_predictor_on_every_campus(tables, data_
 @pytest.mark.parametrize("mode", ["centralized", "local"])
 def test_baselines_write_the_same_results_format(data_dir, tmp_path, mode):
     out = tmp_path / mode
-    _simulate(data_dir, out, "--mode", mode, "--rounds", "2", "--model", "logistic")
+    simulate(data_dir, out, "--mode", mode, "--rounds", "2", "--model", "logistic")
     summary = _summary(out)
     assert summary["config"]["mode"] == mode
     assert len(summary["campuses"]) == 7 and len(summary["rounds"]) == 2
@@ -92,7 +82,7 @@ def test_baselines_write_the_same_results_format(data_dir, tmp_path, mode):
 
 def test_no_dp_says_so_in_every_output(data_dir, tmp_path):
     out = tmp_path / "nodp"
-    done = _simulate(data_dir, out, "--mode", "local", "--rounds", "1", "--no-dp", "--campus-by", "region")
+    done = simulate(data_dir, out, "--mode", "local", "--rounds", "1", "--no-dp", "--campus-by", "region")
     assert "DIFFERENTIAL PRIVACY IS OFF" in done.stdout and "NO DP" in done.stdout
     summary = _summary(out)
     assert summary["privacy"]["dp"] is False and "DIFFERENTIAL PRIVACY IS OFF" in summary["privacy"]["warning"]

@@ -550,6 +550,7 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
     assert all(r.bound95 == pytest.approx(Z_95 * r.std) for r in rows)
 
 
+@pytest.mark.simulation
 def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir, tmp_path):
     out = tmp_path / "imd"
     env = {**os.environ, "EDUFL_DATA": str(data_dir)}

@@ -225,6 +225,7 @@ def test_analytics_run_reports_a_bad_query_file_with_status_2_before_anything_st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query.toml"]
 
 
+@pytest.mark.simulation
 def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp_path, capsys):
     config = tmp_path / "tiny.toml"
     # DP noise and batch sampling are secret unless the study asks for reproducible noise (research only)
@@ -261,6 +262,7 @@ def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp
     assert manifest["config"]["settings"] == {"reproducible-noise": True} and manifest["seeds"] == [0]
 
 
+@pytest.mark.simulation
 def test_bench_measures_a_whole_process(data_dir, tmp_path):
     result = measure(["--mode", "centralized", "--rounds", "2", "--model", "logistic"], data_dir, tmp_path / "c")
     assert result["campuses"] == 7 and result["wall_s"] > result["first_round_s"] > 0
