@@ -57,6 +57,18 @@ from .node import CampusRefusal, CampusSetup, campus_setup, run_id
 from .query_budget import plan_release
 from .secagg import secure_aggregation_mod
 
+__all__ = [
+    "Campus",
+    "PRIVACY_CONTRACT",
+    "QUERY_CONFIG",
+    "app",
+    "campus_mapping",
+    "evaluate_handler",
+    "load_campus",
+    "query_handler",
+    "train_handler",
+]
+
 app = GuardedClientApp(mods=[release_guard])
 
 

@@ -64,6 +64,8 @@ from edufl.federation.wire import CONFIG, REFUSED
 
 from .node import run_id
 
+__all__ = ["GATE_FAILED", "Gate", "GatePlugin", "GateProcess", "SUPERNODE_READY", "add_approval", "gate_command", "main", "serve"]
+
 # What flower-supernode prints once its Runtime API serves and it has joined the federation.
 SUPERNODE_READY = "SuperNode ID"
 # Exit statuses of a gate that was asked to stop (Flower's graceful exits on SIGINT, SIGQUIT, SIGTERM).

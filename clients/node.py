@@ -10,6 +10,8 @@ from pathlib import Path
 from edufl.federation.errors import EduflError
 from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy
 
+__all__ = ["CampusRefusal", "CampusSetup", "SIM_ENV", "SIM_MANIFEST", "campus_setup", "run_id"]
+
 SIM_ENV = "EDUFL_SIM_DIR"
 """Simulation only: the environment variable naming the folder of per-campus data folders."""
 SIM_MANIFEST = "campuses.json"

@@ -23,6 +23,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, public_ke
 from edufl.federation.metrics import TRAIN_METRICS
 from edufl.federation.proto.audit_pb2 import ArraySpec
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.secaggplus import doubly_named
 from edufl.federation.wire import CAMPUS, CONFIG, NUM_EXAMPLES
 
 from .reply_checks import expected_arrays, metric_problems
@@ -179,7 +180,7 @@ def _unmask_problems(asked, content, state: SecAggPlusState, msg, min_cohort) ->
     if set(values) != {Key.NODE_ID_LIST, Key.SHARE_LIST}:
         return [f"unmask reply keys {sorted(values)}; expected {Key.NODE_ID_LIST}, {Key.SHARE_LIST}"]
     active, dropped = list(asked[Key.ACTIVE_NODE_ID_LIST]), list(asked[Key.DEAD_NODE_ID_LIST])
-    both = sorted(set(active) & set(dropped) | {state.nid} & set(dropped))
+    both = doubly_named(active, dropped, state.nid)
     if both:
         return [f"shares of both the mask seed and the masking key of nodes {both}"]
     owed = [state.rd_seed_share_dict[n] for n in active] + [state.sk1_share_dict[n] for n in dropped]

@@ -28,6 +28,8 @@ from edufl.federation.tables import Tables
 
 from .simulate import run_engine
 
+__all__ = ["run_analytics", "run_deployed"]
+
 
 def _query_config(query_file: Path) -> tuple[StatisticQuery, dict]:
     """The query in ``query_file`` and the run config entry that carries it (protobuf JSON)."""

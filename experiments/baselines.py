@@ -31,6 +31,8 @@ from edufl.server.results import Report
 from .simulate import provenance
 from .splits import campus_splits
 
+__all__ = ["baseline"]
+
 
 def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dict:
     """Train the ``centralized`` or ``local`` baseline on campuses ``names`` of ``tables``.

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+__all__ = ["SETTLE_S", "bench", "measure"]
+
 # Pause after each run: the simulation engine's processes take a second or two to
 # exit after the run's own process, and must not slow down the next measurement.
 SETTLE_S = 5.0

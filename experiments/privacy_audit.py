@@ -27,6 +27,8 @@ from edufl.server.results import primary_metric, weighted
 from .membership import loss_attack_auc
 from .splits import campus_splits
 
+__all__ = ["ATTACK", "audit", "print_audit"]
+
 ATTACK = (
     "loss threshold (Yeom et al., CSF 2018): score = -per-example training loss; members = campus training rows, "
     "non-members = campus test rows, both subsampled to the smaller group's size"

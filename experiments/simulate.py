@@ -44,6 +44,19 @@ from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.writers import write_parquet
 
+__all__ = [
+    "CAMPUS_ROOT",
+    "MODES",
+    "Mode",
+    "announce",
+    "campus_folders",
+    "campus_root",
+    "provenance",
+    "remove_stale_campus_folders",
+    "run_engine",
+    "simulate",
+]
+
 Mode = Literal["federated", "centralized", "local"]
 MODES = get_args(Mode)
 

@@ -48,6 +48,8 @@ from edufl.server.results import METRIC_NAMES, primary_metric, task_metrics, ver
 
 from .simulate import Mode, simulate
 
+__all__ = ["Axis", "Cell", "Epsilon", "KEYS", "NO_DP", "Study", "report", "run", "summarise"]
+
 NO_DP = "none"
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
 

@@ -26,6 +26,34 @@ from google.protobuf.message import Message
 
 from .proto import learner_pb2 as pb
 
+__all__ = [
+    "AGE_BANDS",
+    "ASSESSMENTS",
+    "ASSESSMENT_TYPES",
+    "CATEGORICAL_FEATURES",
+    "CONTRACT_VERSION",
+    "Column",
+    "DISABILITY",
+    "EDUCATION",
+    "FINAL_RESULTS",
+    "GENDER",
+    "IMD_BANDS",
+    "LEARNERS",
+    "NUMERIC_FEATURES",
+    "PRESENTATIONS",
+    "REGIONS",
+    "REGISTRATIONS",
+    "SUBMISSIONS",
+    "TABLE",
+    "TABLES",
+    "Table",
+    "from_proto",
+    "parse_version",
+    "supports",
+    "to_proto",
+    "version_text",
+]
+
 CONTRACT_VERSION = (1, 0)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
 

@@ -41,6 +41,8 @@ from .contract import CONTRACT_VERSION, TABLES, parse_version, supports, version
 from .errors import UserError
 from .tomlfile import load_model
 
+__all__ = ["CONTRACT_PARQUET", "DAY_COLUMNS", "Mapping", "MappingError", "OULAD_MAPPING", "TableMapping", "load_mapping"]
+
 OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
 CONTRACT_PARQUET = Path(__file__).parent / "mappings" / "contract-parquet.toml"
 DAY_COLUMNS = frozenset({"due_day", "registration_day", "unregistration_day", "submission_day"})

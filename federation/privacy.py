@@ -24,6 +24,20 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
+__all__ = [
+    "ACCOUNTANT",
+    "DPSettings",
+    "History",
+    "ORDERS",
+    "PRIVACY_SCOPE",
+    "PRIVACY_UNIT",
+    "PRIVACY_UNIT_SHORT",
+    "calibrate_noise",
+    "client_level_epsilon",
+    "epsilon",
+    "poisson_plan",
+]
+
 ACCOUNTANT = "rdp"
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 PRIVACY_UNIT_SHORT = "one registration row"

@@ -28,6 +28,18 @@ from .privacy import History, poisson_plan
 from .randomness import SECRET, Randomness, gaussian
 from .tasks import CLASSES, TaskData
 
+__all__ = [
+    "TrainResult",
+    "best_f1_threshold",
+    "binary_scores",
+    "evaluate",
+    "multiclass_scores",
+    "predict",
+    "row_loss",
+    "subgroup_metrics",
+    "train",
+]
+
 
 @dataclass(frozen=True)
 class TrainResult:

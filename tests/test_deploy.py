@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -70,10 +71,11 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
     with open(root / "run1" / "rounds.csv") as f:
         assert [row["campuses_evaluated"] for row in csv.DictReader(f)] == ["3", "3"]
     assert (root / "run1" / "model.pt").is_file()
-    runs = json.loads(
-        subprocess.run(["flwr", "ls", "edufl", "--format", "json"], capture_output=True, text=True, env=flwr_env()).stdout
-    )["runs"]
-    assert [r["status"] for r in runs] == ["finished:completed"]
+    run_id = re.search(r"run (\d+) started", result.stdout).group(1)  # this run, whatever else the SuperLink ran
+    listing = subprocess.run(
+        ["flwr", "ls", "edufl", "--run-id", run_id, "--format", "json"], capture_output=True, text=True, env=flwr_env()
+    )
+    assert [r["status"] for r in json.loads(listing.stdout)["runs"]] == ["finished:completed"]
     name = summary["config"]["run-name"]
     assert name.startswith("run1-") and f"run {name}," in result.stdout
     assert all(released_rounds(root, c, name) == [1, 2] for c in CAMPUSES)
