@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from campus_contexts import campus_context
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.data_loader import DPDataLoader
 from rich.console import Console
@@ -46,11 +47,6 @@ def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays:
     arrays = arrays or build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict()
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
     return Message(RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: config}), dst_node_id=1, message_type=kind)
-
-
-def _context(campus_dir: Path, state: Path, run_id: int = 5, **node_config) -> Context:
-    config = {"data-dir": str(campus_dir), "campus": "AAA", "state-dir": str(state), **node_config}
-    return Context(run_id=run_id, node_id=1, node_config=config, state=RecordDict(), run_config={})
 
 
 def _flat(state: dict) -> torch.Tensor:
@@ -101,7 +97,7 @@ def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
     aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, capsys, monkeypatch
 ):
     start = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed).state_dict()
-    replies = [app(_request(ATTACK, arrays=start), _context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)]
+    replies = [app(_request(ATTACK, arrays=start), campus_context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)]
     assert not any(r.has_error() for r in replies)
     updates = [_flat(r.content[ARRAYS].to_torch_state_dict()) for r in replies]
     assert not torch.equal(updates[0], updates[1])  # two runs of one config: different noise
@@ -133,7 +129,7 @@ def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
 
 def test_every_campus_policy_refuses_reproducible_noise(aaa_dir: Path, tmp_path: Path, task_identity):
     cfg = RunConfig(model="logistic", reproducible_noise=True)
-    reply = app(_request(cfg), _context(aaa_dir, tmp_path / "state", policy=str(_write(tmp_path / "p.toml", ""))))
+    reply = app(_request(cfg), campus_context(aaa_dir, tmp_path / "state", policy=str(_write(tmp_path / "p.toml", ""))))
     assert reply.error.code == REFUSED and "reproducible-noise" in reply.error.reason
     assert PrivacyLedger(tmp_path / "state").releases() == []
 
@@ -150,7 +146,7 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(
     aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity
 ):
     cfg = RunConfig(model="logistic", num_rounds=2)
-    context, state = _context(aaa_dir, tmp_path / "state"), tmp_path / "state"
+    context, state = campus_context(aaa_dir, tmp_path / "state"), tmp_path / "state"
     first = app(_request(cfg, 1), context)
     assert not first.has_error()
 
@@ -203,7 +199,7 @@ def test_a_flower_error_reason_is_not_kept_by_the_coordinator(tmp_path: Path, ta
 
 
 def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Path, task_identity):
-    reply = app(_request(RunConfig(model="logistic"), kind="train.other"), _context(aaa_dir, tmp_path / "state"))
+    reply = app(_request(RunConfig(model="logistic"), kind="train.other"), campus_context(aaa_dir, tmp_path / "state"))
     assert reply.error.code == REFUSED and "train.other" in reply.error.reason
     [record] = AuditLog(tmp_path / "state").records()
     assert (record.message_type, record.sent) == ("train.other", False) and record.reason.startswith("refused")
@@ -211,7 +207,9 @@ def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Pa
 
 def test_query_with_an_unknown_config_key_is_refused(aaa_dir: Path, tmp_path: Path, task_identity):
     config = ConfigRecord({QUERY_KEY: b"", "contract-version": "1.0", "server-round": 1, "seed": 4})
-    reply = app(Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"), _context(aaa_dir, tmp_path / "state"))
+    reply = app(
+        Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"), campus_context(aaa_dir, tmp_path / "state")
+    )
     assert reply.error.code == REFUSED and "unknown configuration key(s) of a statistic query: seed" in reply.error.reason
 
 
@@ -221,13 +219,13 @@ def test_query_with_an_unknown_config_key_is_refused(aaa_dir: Path, tmp_path: Pa
 def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa_dir: Path, tmp_path: Path, task_identity):
     state = tmp_path / "state"
     first = RunConfig(model="logistic", num_rounds=3, run_name="study-7")
-    assert not app(_request(first, 1), _context(aaa_dir, state, run_id=11)).has_error()
+    assert not app(_request(first, 1), campus_context(aaa_dir, state, run_id=11)).has_error()
     # A new Flower run (new run id, new context: as after a campus restart), the same run name, a smaller batch.
     looser = RunConfig(**{**first.__dict__, "batch_size": 16})
-    reply = app(_request(looser, 2), _context(aaa_dir, state, run_id=12))
+    reply = app(_request(looser, 2), campus_context(aaa_dir, state, run_id=12))
     assert reply.error.code == REFUSED and "batch-size 64 -> 16" in reply.error.reason
     assert len(PrivacyLedger(state).releases()) == 1
-    assert not app(_request(first, 2), _context(aaa_dir, state, run_id=13)).has_error()  # the agreed settings go on
+    assert not app(_request(first, 2), campus_context(aaa_dir, state, run_id=13)).has_error()  # the agreed settings go on
 
 
 # --- 5. the ledger records what ran ----------------------------------------------------------------------------------
@@ -264,7 +262,7 @@ def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: P
     assert 2.9 < epsilon(result.history, 1e-5) <= 3.0  # calibrated on exactly those steps: the target, not less
 
     cfg = RunConfig(model="logistic", num_rounds=2, batch_size=6)  # AAA itself: 563 rows, 94 batches
-    reply = app(_request(cfg), _context(aaa_dir, tmp_path / "state"))
+    reply = app(_request(cfg), campus_context(aaa_dir, tmp_path / "state"))
     with PrivacyLedger(tmp_path / "state") as ledger:
         [release] = ledger.releases()
     assert (release.dp.sample_rate, release.dp.steps) == poisson_plan(563, 6)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from campus_contexts import campus_context
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from processes import simulate
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
@@ -96,11 +97,6 @@ def _evaluate_request(cfg: RunConfig, seed: int = 1) -> Message:
     )
 
 
-def _context(campus_dir: Path, **node_config) -> Context:
-    config = {"data-dir": str(campus_dir), "campus": "AAA", "state-dir": str(campus_dir.parent / "state"), **node_config}
-    return Context(run_id=5, node_id=1, node_config=config, state=RecordDict(), run_config={})
-
-
 def _recomputed(task: str, y: np.ndarray, p: np.ndarray) -> float:
     if task == "final_result":
         return f1_score(y.astype(int), p.argmax(axis=1), average="macro")
@@ -117,7 +113,7 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     )
     node_config = {"policy": str(tmp_path / "policy.toml")}
     request = _evaluate_request(RunConfig(task=task, model="logistic"))
-    reply = release_guard(request, _context(aaa_dir, **node_config), evaluate_handler)
+    reply = release_guard(request, campus_context(aaa_dir, **node_config), evaluate_handler)
     assert not reply.has_error(), reply.error.reason
     sent = reply.content[METRICS]
     k = policy_k or CampusPolicy().release.min_cohort_size  # no [release] in the policy: the default, 10
@@ -182,7 +178,9 @@ def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, ta
     policy = aaa_dir.parent / "policy.toml"
     policy.write_text('[training]\nallowed_tasks = ["final_result"]\n')  # the default policy allows withdrawal only
     reply = release_guard(
-        _evaluate_request(RunConfig(task="final_result", model="logistic")), _context(aaa_dir, policy=str(policy)), leaky_handler
+        _evaluate_request(RunConfig(task="final_result", model="logistic")),
+        campus_context(aaa_dir, policy=str(policy)),
+        leaky_handler,
     )
     assert reply.has_error() and reply.error.code == BLOCKED and "release guard blocked" in reply.error.reason
     assert not reply.has_content() and not re.search(reason, reply.error.reason)  # the details stay on the campus

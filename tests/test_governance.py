@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from campus_contexts import campus_context
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from pydantic import ValidationError
@@ -311,14 +312,9 @@ def _train_request(cfg: RunConfig, server_round: int = 1) -> Message:
     return Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type="train")
 
 
-def _context(aaa_dir: Path, **node_config) -> Context:
-    config = {"data-dir": str(aaa_dir), "campus": "AAA", "state-dir": str(aaa_dir.parent / "state"), **node_config}
-    return Context(run_id=5, node_id=1, node_config=config, state=RecordDict(), run_config={})
-
-
 def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, task_identity):
     cfg = RunConfig(model="logistic", num_rounds=2)
-    reply = release_guard(_train_request(cfg), _context(aaa_dir), train_handler)
+    reply = release_guard(_train_request(cfg), campus_context(aaa_dir), train_handler)
     assert not reply.has_error()
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert (record.campus, record.run_id, record.server_round, record.message_type, record.sent) == ("AAA", "5", 1, "train", True)
@@ -356,7 +352,7 @@ def test_guard_blocks_anything_undeclared_and_logs_the_block(aaa_dir, task_ident
         tamper(reply.content)
         return reply
 
-    reply = release_guard(_train_request(RunConfig(model="logistic")), _context(aaa_dir), leaky_handler)
+    reply = release_guard(_train_request(RunConfig(model="logistic")), campus_context(aaa_dir), leaky_handler)
     assert reply.has_error() and reply.error.code == BLOCKED and "release guard blocked" in reply.error.reason
     assert not reply.has_content()  # nothing of the content leaves
     [record] = AuditLog(aaa_dir.parent / "state").records()
@@ -364,7 +360,7 @@ def test_guard_blocks_anything_undeclared_and_logs_the_block(aaa_dir, task_ident
 
 
 def test_guard_answers_a_refusal_with_its_reason_only_and_logs_it(aaa_dir, task_identity):
-    reply = release_guard(_train_request(RunConfig(model="logistic", dp=False)), _context(aaa_dir), train_handler)
+    reply = release_guard(_train_request(RunConfig(model="logistic", dp=False)), campus_context(aaa_dir), train_handler)
     assert reply.error.code == REFUSED and "privacy.max_epsilon_per_run" in reply.error.reason
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert not record.sent and record.reason.startswith("refused: campus AAA refuses round 1")
@@ -372,7 +368,9 @@ def test_guard_answers_a_refusal_with_its_reason_only_and_logs_it(aaa_dir, task_
 
 
 def test_campus_refuses_a_request_for_reproducible_noise_before_training(aaa_dir, task_identity):
-    reply = release_guard(_train_request(RunConfig(model="logistic", reproducible_noise=True)), _context(aaa_dir), train_handler)
+    reply = release_guard(
+        _train_request(RunConfig(model="logistic", reproducible_noise=True)), campus_context(aaa_dir), train_handler
+    )
     assert reply.error.code == REFUSED and not reply.has_content()
     assert "the request breaks its policy (reproducible-noise: " in reply.error.reason
     assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing trained, nothing spent
@@ -383,7 +381,7 @@ def test_campus_refuses_a_request_for_reproducible_noise_before_training(aaa_dir
 def test_guard_withholds_metrics_on_a_cohort_smaller_than_the_policy_minimum(aaa_dir, task_identity, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text("[release]\nmin_cohort_size = 600\n")  # AAA trains on 563 rows
-    reply = release_guard(_train_request(RunConfig(model="logistic")), _context(aaa_dir, policy=str(policy)), train_handler)
+    reply = release_guard(_train_request(RunConfig(model="logistic")), campus_context(aaa_dir, policy=str(policy)), train_handler)
     assert reply.error.code == BLOCKED and "fewer than release.min_cohort_size" not in reply.error.reason
     [record] = AuditLog(aaa_dir.parent / "state").records()  # the details stay on the campus
     assert not record.sent and "fewer than release.min_cohort_size 600" in record.reason

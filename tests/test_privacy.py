@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from campus_contexts import campus_context
 from dp_accounting import dp_event, pld, rdp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -132,14 +132,9 @@ def _message(cfg: RunConfig, model, server_round: int, kind: str = "train") -> M
     return Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type=kind)
 
 
-def _campus_context(aaa_dir: Path, **node_config) -> Context:
-    config = {"data-dir": str(aaa_dir), "campus": "AAA", "state-dir": str(aaa_dir.parent / "state"), **node_config}
-    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
-
-
 def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_dir, task_identity):
     cfg = RunConfig(num_rounds=2, target_epsilon=1.0, model="logistic")
-    context = _campus_context(aaa_dir)
+    context = campus_context(aaa_dir, run_id=1)
     model = build_model(cfg.model, len(feature_names()))
     spent = []
     for server_round in (1, 2):
@@ -181,7 +176,7 @@ def test_epsilon_agrees_with_googles_accountants_and_bounds_the_pld_epsilon(hist
 
 
 def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, task_identity):
-    context = _campus_context(aaa_dir)
+    context = campus_context(aaa_dir, run_id=1)
     cfg = RunConfig(num_rounds=5, target_epsilon=1.0, model="logistic")
     model = build_model(cfg.model, len(feature_names()))
     first = train_handler(_message(cfg, model, 1), context).content[METRICS]["epsilon"]
@@ -232,7 +227,7 @@ def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, 
         message_type="train",
     )
     with pytest.raises(Exception, match=named):
-        train_handler(msg, _campus_context(aaa_dir))  # the default policy: a real campus always has one
+        train_handler(msg, campus_context(aaa_dir, run_id=1))  # the default policy: a real campus always has one
     assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing trained, nothing released
 
 
@@ -244,7 +239,7 @@ def test_total_budget_is_spent_across_runs_and_restarts_then_refused(aaa_dir, ta
     with pytest.raises(CampusRefusal, match="privacy.total_epsilon_budget: the dataset's ε over all runs would reach"):
         for run in range(1, 10):
             cfg = RunConfig(num_rounds=2, target_epsilon=1.0, model="logistic", run_name=f"run-{run}")
-            context = _campus_context(aaa_dir, policy=str(policy))  # a fresh process each run: state is the ledger's
+            context = campus_context(aaa_dir, run_id=1, policy=str(policy))  # a fresh process each run: state is the ledger's
             for server_round in (1, 2):
                 train_handler(_message(cfg, model, server_round), context)
             finished = run
@@ -264,5 +259,5 @@ def test_metrics_on_fewer_test_rows_than_the_cohort_minimum_are_not_released(aaa
     with pytest.raises(CampusRefusal, match=r"fewer test rows than release.min_cohort_size \(1000\)"):
         evaluate_handler(
             _message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
-            _campus_context(aaa_dir, policy=str(policy)),
+            campus_context(aaa_dir, run_id=1, policy=str(policy)),
         )

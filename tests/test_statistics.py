@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from campus_contexts import campus_context
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from scipy.stats import chi2, norm
@@ -189,7 +190,7 @@ def test_an_answer_fails_closed_when_the_noise_costs_more_than_the_ledger_record
 def test_the_campus_sends_nothing_when_the_noise_costs_more_than_the_ledger_records(aaa_dir, task_identity, monkeypatch):
     real = statistics.add_gaussian
     monkeypatch.setattr(statistics, "add_gaussian", lambda *args: (real(*args)[0], math.inf))
-    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), query_handler)
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), campus_context(aaa_dir), query_handler)
     assert reply.has_error() and not reply.has_content()
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert not record.sent and "exceeds the ledger's" in record.reason
@@ -332,11 +333,6 @@ def _request(query: StatisticQuery, run: str = "q1") -> Message:
     return Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query")
 
 
-def _context(aaa_dir: Path, **node_config) -> Context:
-    config = {"data-dir": str(aaa_dir), "campus": "AAA", "state-dir": str(aaa_dir.parent / "state"), **node_config}
-    return Context(run_id=5, node_id=1, node_config=config, state=RecordDict(), run_config={})
-
-
 def _policy(tmp_path: Path, text: str) -> str:
     path = tmp_path / "policy.toml"
     path.write_text(text)
@@ -387,7 +383,7 @@ def test_the_campus_refuses_a_revealing_or_loose_query_before_reading_data(aaa_d
             field.extend(value)
         else:
             setattr(query, key, value)
-    reply = release_guard(_request(query), _context(aaa_dir), query_handler)  # the default policy: ε ≤ 3, δ ≤ 1e-5
+    reply = release_guard(_request(query), campus_context(aaa_dir), query_handler)  # the default policy: ε ≤ 3, δ ≤ 1e-5
     assert reply.error.code == REFUSED and reason in reply.error.reason and "campus AAA refuses query" in reply.error.reason
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert not record.sent and record.message_type == "query" and reason in record.reason
@@ -399,7 +395,7 @@ def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity,
     z = CampusPolicy.load(policy).noise_multiplier(noise_multiplier(WITHDRAWAL_BY_IMD))
     affordable = max(n for n in range(1, 50) if epsilon([(z, 1.0, n)], 1e-5) <= 3.0)  # RDP composition of n releases
     assert 3 < affordable < 20
-    context = _context(aaa_dir, policy=policy)
+    context = campus_context(aaa_dir, policy=policy)
     replies = [release_guard(_request(WITHDRAWAL_BY_IMD, f"q{i}"), context, query_handler) for i in range(affordable + 1)]
     assert not any(r.has_error() for r in replies[:-1])
     assert replies[-1].error.code == REFUSED and "privacy.total_epsilon_budget" in replies[-1].error.reason
@@ -421,7 +417,7 @@ def test_a_statistic_and_training_spend_one_budget(aaa_dir, task_identity):
     model = build_model(cfg.model, len(feature_names()))
     content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})})
     train = Message(content, dst_node_id=1, message_type="train")
-    context = _context(aaa_dir)
+    context = campus_context(aaa_dir)
     assert not release_guard(train, context, train_handler).has_error()
     assert not release_guard(_request(WITHDRAWAL_BY_IMD), context, query_handler).has_error()
     ledger = PrivacyLedger(aaa_dir.parent / "state")
@@ -457,7 +453,7 @@ def test_the_guard_blocks_an_answer_the_query_does_not_declare(aaa_dir, task_ide
         reply.content[ANSWER][ANSWER] = a.SerializeToString()
         return reply
 
-    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), leaky_handler)
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), campus_context(aaa_dir), leaky_handler)
     assert reply.error.code == BLOCKED and "release guard blocked the query reply" in reply.error.reason
     assert not reply.has_content() and reason not in reply.error.reason  # the details stay on the campus
     [record] = AuditLog(aaa_dir.parent / "state").records()
@@ -470,7 +466,7 @@ def test_the_guard_blocks_bytes_hidden_outside_the_answer_fields(aaa_dir, task_i
         reply.content[ANSWER][ANSWER] += b"\xa2\x06\x0511391"  # field 100, a student id: unknown to StatisticAnswer
         return reply
 
-    reply = release_guard(_request(WITHDRAWAL_BY_IMD), _context(aaa_dir), smuggler)
+    reply = release_guard(_request(WITHDRAWAL_BY_IMD), campus_context(aaa_dir), smuggler)
     assert reply.error.code == BLOCKED and "release guard blocked the query reply" in reply.error.reason
     assert not reply.has_content() and "not StatisticAnswer fields" not in reply.error.reason
     [record] = AuditLog(aaa_dir.parent / "state").records()
