@@ -17,7 +17,7 @@ __all__ = ["plan_release"]
 
 
 def plan_release(
-    query: StatisticQuery, policy: CampusPolicy | None, run_history: History, dataset_history: History
+    query: StatisticQuery, policy: CampusPolicy, run_history: History, dataset_history: History
 ) -> tuple[float, float]:
     """(z, the run's ε after the release) for a campus under ``policy``, given its ledger's histories
     (each a list of (noise multiplier, sample rate, steps)).
@@ -28,24 +28,21 @@ def plan_release(
     Raises
     ------
     QueryError
-        When the query is invalid (:func:`federation.queries.check`), or under a
-        policy when ε exceeds ``privacy.max_epsilon_per_run`` (the run's ε,
-        composed with its earlier releases), δ exceeds ``privacy.delta``, or the
-        dataset's ε over all runs would exceed ``privacy.total_epsilon_budget``;
-        the message names the policy key.
+        When the query is invalid (:func:`federation.queries.check`), or when ε
+        exceeds ``privacy.max_epsilon_per_run`` (the run's ε, composed with its
+        earlier releases), δ exceeds ``privacy.delta``, or the dataset's ε over
+        all runs would exceed ``privacy.total_epsilon_budget``; the message names
+        the policy key.
     """
     check(query)
     z = noise_multiplier(query)
-    planned = (policy.noise_multiplier(z) if policy else z, 1.0, 1)
+    planned = (policy.noise_multiplier(z), 1.0, 1)
     run_eps = epsilon([*run_history, planned], query.delta)
-    if policy:
-        limits = policy.privacy
-        if query.delta > limits.delta:
-            raise QueryError(f"privacy.delta: delta {query.delta:g} > {limits.delta:g}")
-        if run_eps > limits.max_epsilon_per_run:
-            raise QueryError(
-                f"privacy.max_epsilon_per_run: the run's ε would reach {run_eps:.3f} > {limits.max_epsilon_per_run:g}"
-            )
-        if why := policy.over_budget(dataset_history, planned):
-            raise QueryError(why)
+    limits = policy.privacy
+    if query.delta > limits.delta:
+        raise QueryError(f"privacy.delta: delta {query.delta:g} > {limits.delta:g}")
+    if run_eps > limits.max_epsilon_per_run:
+        raise QueryError(f"privacy.max_epsilon_per_run: the run's ε would reach {run_eps:.3f} > {limits.max_epsilon_per_run:g}")
+    if why := policy.over_budget(dataset_history, planned):
+        raise QueryError(why)
     return planned[0], run_eps
