@@ -49,7 +49,7 @@ from edufl.federation.statistics import answer
 from edufl.federation.tables import load_tables
 from edufl.federation.tasks import TaskData, early_warning, feature_names, n_outputs, split
 from edufl.federation.training import evaluate, subgroup_metrics, train
-from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES
+from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
 
 from .gate import GuardedClientApp
 from .guard import release_guard
@@ -196,7 +196,11 @@ def _check_budget(
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model locally; reply with weights, counts, loss and the run's ε so far.
 
-    The release is recorded in the campus's privacy ledger before the reply is returned.
+    The release is recorded in the campus's privacy ledger before the reply is returned. When the
+    request's config sets :data:`~federation.wire.EVALUATE_RECEIVED`, the received model is first
+    evaluated as :func:`evaluate_handler` does, and those metrics travel in the reply under
+    :data:`~federation.wire.EVALUATION` (left out when the campus has fewer test rows than its
+    ``release.min_cohort_size``).
 
     Raises
     ------
@@ -213,6 +217,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     _check_policy(setup, cfg, server_round)
     campus = load_campus(setup, cfg)
     model = _model(cfg, msg)
+    k = setup.policy.release.min_cohort_size
+    evaluation = (
+        _evaluation(cfg, campus, model, k) if msg.content[CONFIG].get(EVALUATE_RECEIVED) and len(campus.test) >= k else None
+    )
     run = run_id(msg.content[CONFIG], context)
     n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
     seed = round_seed(cfg.seed, campus.name, server_round)
@@ -275,6 +283,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus.name)})
+    if evaluation is not None:
+        content[EVALUATION] = evaluation
     return Message(content=content, reply_to=msg)
 
 
@@ -303,15 +313,20 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         raise CampusRefusal(
             f"campus {campus.name} refuses to release metrics: it has fewer test rows than release.min_cohort_size ({k})"
         )
-    model = _model(cfg, msg)
+    metrics = _evaluation(cfg, campus, _model(cfg, msg), k)
+    return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
+
+
+def _evaluation(cfg: RunConfig, campus: Campus, model, k: int) -> MetricRecord:
+    """``model``'s declared metrics on the campus's test rows, and those of each subgroup that may be sent."""
     scores = evaluate(model, campus.train, campus.test, cfg.task)
     metrics = MetricRecord(
         {NUM_EXAMPLES: len(campus.test), **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}}
     )
     keys = subgroup_keys(cfg.task)
-    for group, (n, value) in subgroup_metrics(model, campus.test, cfg.task, k).items():
-        metrics.update(zip(keys[group], (n, value), strict=True))
-    return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
+    for group, subgroup in subgroup_metrics(model, campus.test, cfg.task, k).items():
+        metrics.update(zip(keys[group], subgroup, strict=True))
+    return metrics
 
 
 QUERY_CONFIG = frozenset({QUERY_KEY, "contract-version", "run-name", "server-round"})

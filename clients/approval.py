@@ -16,8 +16,12 @@ task it claims carries the run's ``fab_hash`` (the SuperNode stores bundles
 under the SHA-256 of their content and rejects a bundle whose content does not
 match); before anything is started,
 
-* an approved bundle is launched as Flower launches any ClientApp
-  (``flwr-clientapp`` with the task's token; no dependency is ever installed);
+* a task of an approved bundle is handed to the warm worker of that bundle
+  (:class:`WarmWorkers`, :mod:`clients.worker`: one long-lived process per
+  bundle that runs task after task, keeping the ClientApp and its campus data
+  loaded); when no worker can take it (one that stopped is replaced at the
+  next task), it is launched as Flower launches any ClientApp
+  (``flwr-clientapp`` with the task's token); no dependency is ever installed;
 * any other task (a bundle the policy does not list, a policy file that cannot
   be read, a task that is not a ClientApp) is answered by the gate itself,
   never by the bundle: it takes the task's input through the Runtime API as
@@ -30,7 +34,10 @@ match); before anything is started,
 SuperNode and gate share a random secret (``--superexec-auth-secret-file``):
 only the gate may claim tasks, so no other local process can start a bundle.
 The gate reads the policy file at every task, so an approval added with
-``edufl campus approve`` takes effect at the next message, without a restart.
+``edufl campus approve`` takes effect at the next message, without a restart,
+and a hash removed from it stops reaching its worker at the next message. The
+gate looks for tasks every :data:`TASK_POLL_INTERVAL` seconds (Flower's
+SuperExec default is 1 s).
 
 Simulation (``edufl simulate``) has no bundle and no gate: see :mod:`federation.policy`.
 """
@@ -43,6 +50,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import closing
@@ -63,14 +71,31 @@ from edufl.federation.store import now
 from edufl.federation.wire import CONFIG, REFUSED
 
 from .node import run_id
+from .worker import runtime_client
 
-__all__ = ["GATE_FAILED", "Gate", "GatePlugin", "GateProcess", "SUPERNODE_READY", "add_approval", "gate_command", "main", "serve"]
+__all__ = [
+    "GATE_FAILED",
+    "SUPERNODE_READY",
+    "TASK_POLL_INTERVAL",
+    "Gate",
+    "GatePlugin",
+    "GateProcess",
+    "WarmWorker",
+    "WarmWorkers",
+    "add_approval",
+    "gate_command",
+    "main",
+    "serve",
+]
 
 # What flower-supernode prints once its Runtime API serves and it has joined the federation.
 SUPERNODE_READY = "SuperNode ID"
 # Exit statuses of a gate that was asked to stop (Flower's graceful exits on SIGINT, SIGQUIT, SIGTERM).
 _STOPPED = (0, 1, 2, 3)
 GATE_FAILED = 70  # the gate stopped on an error of its own
+TASK_POLL_INTERVAL = "0.1"
+"""Seconds between the gate's looks for new tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; a value the user set wins)."""
+WORKER = Path(__file__).with_name("worker.py")
 
 
 _KEY = re.compile(r"^[ \t]*approved_fab_hashes[ \t]*=[ \t]*\[", re.M)
@@ -158,7 +183,7 @@ class Gate:
         from flwr.app import Error, Message
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        client = _runtime_client(runtime_api_address, token)
+        client = runtime_client(runtime_api_address, token)
         message = context = None
         try:
             try:
@@ -187,27 +212,145 @@ class Gate:
         )
 
 
-def _runtime_client(address: str, token: str):
-    """A Runtime API client acting for the task of ``token``, as ``flwr-clientapp`` builds one (plaintext on loopback)."""
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
+class WarmWorker:
+    """One worker process (:mod:`clients.worker`) for the Runtime API at ``runtime_api_address``, and the tasks
+    handed to it that it has not finished. Should it stop, ``on_lost`` gets the tasks (token, task) it had not
+    started; one it had started and not finished is closed as failed with its token (its reply, if any, was
+    lost with the worker)."""
 
-    return RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=True,
-        root_certificates=None,
-        retry_invoker=make_simple_http_retry_invoker(),
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
-    )
+    def __init__(
+        self,
+        runtime_api_address: str,
+        on_lost: Callable[[WarmWorker, list[tuple[str, Task]]], None],
+        program: Path = WORKER,
+    ):
+        status_read, status_write = os.pipe()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",  # neither the working folder nor clients/ on sys.path, no PYTHON* variables
+                str(program),
+                "--runtime-api-address",
+                runtime_api_address,
+                "--status-fd",
+                str(status_write),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+            stdin=subprocess.PIPE,
+            text=True,
+            pass_fds=(status_write,),
+            cwd=tempfile.gettempdir(),
+            env=flwr_env(),
+        )
+        os.close(status_write)
+        self.address, self.on_lost = runtime_api_address, on_lost
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[str, Task] = {}
+        self._started: set[str] = set()
+        self._stopped = False
+        self.follower = threading.Thread(target=self._follow, args=(status_read,), daemon=True)
+        self.follower.start()
+
+    def take(self, token: str, task: Task) -> bool:
+        """Hand ``task`` (and its ``token``) to the worker; False when it has stopped and cannot take it."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._pending[token] = task
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f"{token} {task.fab_hash}\n")
+            self.proc.stdin.flush()
+        except OSError:
+            with self._lock:  # not taken, unless the worker's end already passed it on as lost
+                return self._pending.pop(token, None) is None
+        return True
+
+    def _follow(self, status_read: int) -> None:
+        with os.fdopen(status_read) as status:
+            for line in status:
+                word, _, token = line.strip().partition(" ")
+                with self._lock:
+                    if word == "ready":
+                        self.ready.set()
+                    elif word == "start":
+                        self._started.add(token)
+                    elif word == "done":
+                        self._pending.pop(token, None)
+                        self._started.discard(token)
+        self.proc.wait()
+        with self._lock:
+            self._stopped = True
+            lost = [(token, task) for token, task in self._pending.items() if token not in self._started]
+            cut = [token for token in self._pending if token in self._started]
+            self._pending.clear()
+        self.on_lost(self, lost)
+        for token in cut:
+            _close_failed(self.address, token, "the warm worker stopped during the task")
+
+
+def _close_failed(address: str, token: str, details: str) -> None:
+    """End the task of ``token`` as failed, if its token is still valid (else the task has ended already)."""
+    from flwr.supernode.runtime.run_clientapp import push_task_output
+
+    client = runtime_client(address, token, tries=1)
+    try:
+        push_task_output(client, None, SubStatus.FAILED, details)  # logs, never raises, when the token has lapsed
+    finally:
+        client.close()
+
+
+class WarmWorkers:
+    """A :class:`WarmWorker` (running ``program``) per approved bundle hash, started at its first task or by
+    :meth:`worker`; the tasks of a worker that stopped are started cold with ``cold_start`` (token, task), and
+    the next task of its bundle starts a new worker."""
+
+    def __init__(self, runtime_api_address: str, cold_start: Callable[[str, Task], LaunchResult], program: Path = WORKER):
+        self.address, self.cold_start, self.program = runtime_api_address, cold_start, program
+        self._workers: dict[str, WarmWorker] = {}
+        self._lock = threading.Lock()
+
+    def worker(self, fab_hash: str) -> WarmWorker:
+        """The running worker of bundle ``fab_hash``, started if there is none."""
+        with self._lock:
+            if fab_hash not in self._workers:
+                self._workers[fab_hash] = WarmWorker(self.address, functools.partial(self._lost, fab_hash), self.program)
+            return self._workers[fab_hash]
+
+    def launch(self, token: str, task: Task) -> LaunchResult:
+        """Run ``task`` on its bundle's worker, else start it cold."""
+        if self.worker(task.fab_hash).take(token, task):
+            return LaunchResult.accepted()
+        return self.cold_start(token, task)
+
+    def _lost(self, fab_hash: str, worker: WarmWorker, tasks: list[tuple[str, Task]]) -> None:
+        with self._lock:
+            if self._workers.get(fab_hash) is worker:
+                del self._workers[fab_hash]
+        if worker.proc.returncode not in (0, None) or tasks:
+            print(f"edufl: the warm worker of app bundle {fab_hash} stopped (status {worker.proc.returncode})", flush=True)
+        for token, task in tasks:
+            self.cold_start(token, task)
 
 
 class GatePlugin(AutoExecPlugin):
-    """Flower's SuperExec plugin, launching a task only when ``gate`` finds no reason to refuse it."""
+    """Flower's SuperExec plugin, running a task only when ``gate`` finds no reason to refuse it: on its
+    bundle's warm worker (:class:`WarmWorkers`), or else as Flower would. With ``prestart``, the worker of
+    the policy's most recent approval starts at once, so that its libraries load before the first task."""
 
-    def __init__(self, *args, gate: Gate, **kwargs):
+    def __init__(self, *args, gate: Gate, prestart: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate = gate
+        self.workers = WarmWorkers(self.runtime_api_address, super().launch_task)
+        if prestart and gate.policy is not None:
+            try:
+                approved = CampusPolicy.load(gate.policy).apps.approved_fab_hashes
+            except PolicyError:
+                approved = ()
+            if approved:
+                self.workers.worker(approved[0])
 
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         why = self.gate.refusal(task)
@@ -217,7 +360,7 @@ class GatePlugin(AutoExecPlugin):
             f"campus {self.gate.campus}: app bundle {task.fab_hash} is approved; starting its ClientApp for run {task.run_id}",
             flush=True,
         )
-        return super().launch_task(token, task)
+        return self.workers.launch(token, task)
 
 
 def serve(gate: Gate, runtime_api_address: str, secret_file: Path | None, parent_pid: int | None) -> None:
@@ -225,7 +368,7 @@ def serve(gate: Gate, runtime_api_address: str, secret_file: Path | None, parent
     from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.superexec import run_superexec as superexec
 
-    superexec.AutoExecPlugin = functools.partial(GatePlugin, gate=gate)  # the plugin class run_superexec instantiates
+    superexec.AutoExecPlugin = functools.partial(GatePlugin, gate=gate, prestart=True)  # the class run_superexec builds
     superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,
@@ -276,7 +419,8 @@ class GateProcess:
         if self.proc is None and SUPERNODE_READY in line:
             # Run from the folder holding this edufl's packages: `python -m` looks there first, never in the
             # working folder (which might hold an unreviewed edufl source tree).
-            self.proc = subprocess.Popen(self.command, env=flwr_env(), cwd=Path(__file__).resolve().parents[1])
+            env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_INTERVAL, **flwr_env()}
+            self.proc = subprocess.Popen(self.command, env=env, cwd=Path(__file__).resolve().parents[1])
             self.watcher = threading.Thread(target=self._watch, daemon=True)
             self.watcher.start()
 

@@ -14,7 +14,7 @@ from flwr.app import Message
 from edufl.federation.audit import AuditLog, array_specs, payload_digest
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.proto.audit_pb2 import AuditRecord, DpRelease
-from edufl.federation.wire import METRICS, NUM_EXAMPLES
+from edufl.federation.wire import EVALUATION, METRICS, NUM_EXAMPLES
 
 from .secagg_checks import FIT_METRICS, masked_specs, secagg_stage
 
@@ -29,14 +29,16 @@ def message_kind(msg: Message) -> str:
 
 def describe_reply(record: AuditRecord, reply: Message) -> None:
     """Fill ``record`` in place with what ``reply`` holds: array specs (a SecAgg+ masked vector's too),
-    metric keys, the number of records its metrics were computed on (0 when not an integer), and
-    the payload's size (bytes) and SHA-256."""
+    metric keys (those of an evaluation sent with a train reply prefixed ``evaluation:``), the number of
+    records its metrics were computed on (0 when not an integer), and the payload's size (bytes) and SHA-256."""
     record.arrays.extend(array_specs(reply.content) + masked_specs(reply))
     metrics = reply.content.metric_records.get(METRICS, reply.content.config_records.get(FIT_METRICS))
     if metrics is not None:
         record.metric_keys.extend(sorted(metrics))
         n = metrics.get(NUM_EXAMPLES, 0)
         record.num_examples = int(n) if isinstance(n, int) else 0
+    if EVALUATION in reply.content.metric_records:
+        record.metric_keys.extend(f"{EVALUATION}:{key}" for key in sorted(reply.content.metric_records[EVALUATION]))
     record.payload_bytes, record.payload_sha256 = payload_digest(reply.content)
 
 

@@ -42,7 +42,18 @@ from edufl.federation.writers import write_tables
 from .approval import GateProcess, add_approval, gate_command
 from .node import CampusRefusal
 
-__all__ = ["REJOIN_WAIT_S", "approve", "audit", "budget", "export_oulad", "start", "supernode_command", "validate"]
+__all__ = [
+    "REJOIN_WAIT_S",
+    "approve",
+    "audit",
+    "budget",
+    "budget_rows",
+    "export_oulad",
+    "outcome",
+    "start",
+    "supernode_command",
+    "validate",
+]
 
 # What flower-supernode prints when the SuperLink turns it away, and what it means for a campus.
 _REFUSALS = {
@@ -356,8 +367,8 @@ def _show(renderable) -> None:
     console.print(renderable)
 
 
-def budget(state: Path, policy: Path | None = None) -> list[dict]:
-    """Print, per dataset in the campus's privacy ledger, what it has released and the ε spent; return the rows.
+def budget_rows(state: Path, policy: Path | None = None) -> list[dict]:
+    """Per dataset in the campus's privacy ledger, what it has released and the ε spent (what :func:`budget` shows).
 
     Each row: ``campus``, ``dataset`` (SHA-256 of the data files), ``runs``,
     ``releases``, ``epsilon`` (RDP composition over all runs' releases, at the
@@ -372,8 +383,6 @@ def budget(state: Path, policy: Path | None = None) -> list[dict]:
         When the policy file cannot be used.
     """
     from contextlib import closing
-
-    from rich.table import Table
 
     from edufl.federation.ledger import LEDGER_FILE, PrivacyLedger
 
@@ -393,6 +402,15 @@ def budget(state: Path, policy: Path | None = None) -> list[dict]:
             if policy is not None:
                 row["remaining"] = max(limits.total_epsilon_budget - row["epsilon"], 0.0)
             rows.append(row)
+    return rows
+
+
+def budget(state: Path, policy: Path | None = None) -> list[dict]:
+    """Print :func:`budget_rows` as a table and return them (raises as it does)."""
+    from rich.table import Table
+
+    rows = budget_rows(state, policy)
+    limits = CampusPolicy.load(policy).privacy
     table = Table(title=f"privacy budget spent, {state} (ε at δ = {limits.delta:g}, over all runs)")
     for column in (
         "campus",
@@ -414,6 +432,13 @@ def budget(state: Path, policy: Path | None = None) -> list[dict]:
         )
     _show(table if rows else f"{state}: the privacy ledger holds no release yet (ε spent 0)")
     return rows
+
+
+def outcome(record) -> str:
+    """What became of the message an audit record describes: ``sent``, ``refused``, ``failed`` or ``blocked``."""
+    if record.sent:
+        return "sent"
+    return record.reason.split(":")[0] if record.reason.startswith(("refused:", "failed:")) else "blocked"
 
 
 def audit(state: Path, run: str | None = None, fmt: str = "table") -> list[dict]:
@@ -450,13 +475,12 @@ def audit(state: Path, run: str | None = None, fmt: str = "table") -> list[dict]
     for column in ("time", "run", "round", "type", "outcome", "arrays", "bytes", "sha256", "ε"):
         table.add_column(column, justify="right" if column in ("round", "arrays", "bytes", "ε") else "left")
     for r in records:
-        outcome = "sent" if r.sent else r.reason.split(":")[0] if r.reason.startswith(("refused:", "failed:")) else "blocked"
         table.add_row(
             r.recorded_at,
             r.run_id,
             str(r.server_round),
             r.message_type,
-            outcome,
+            outcome(r),
             str(len(r.arrays)),
             str(r.payload_bytes),
             r.payload_sha256[:12],

@@ -1,4 +1,4 @@
-"""A campus's commands: ``edufl campus start|validate|approve|budget|audit|export-oulad`` (:data:`app`).
+"""A campus's commands: ``edufl campus start|validate|approve|budget|audit|dashboard|export-oulad`` (:data:`app`).
 
 They parse options and call :mod:`edufl.clients.campus`; errors reach the
 user through ``edufl``'s ``main`` (:mod:`edufl.experiments.cli`). Nothing here
@@ -16,6 +16,7 @@ import typer
 from edufl.federation.deploy import InsecureOption, PkiOption, RootCertOption
 from edufl.federation.runconfig import CAMPUS_BY, RunConfig
 from edufl.federation.tables import DATA_ENV
+from edufl.federation.web import AllowRemoteOption, HostOption
 
 from . import campus as campus_side
 
@@ -130,3 +131,18 @@ def audit(
     ] = "table",
 ) -> None:
     campus_side.audit(state, run, fmt)
+
+
+@_campus.command(help="a local, read-only web page of the campus's privacy budget, outgoing messages and policy")
+def dashboard(
+    state: Annotated[Path, typer.Option(help="the campus's state folder")],
+    policy: Annotated[
+        Path | None, typer.Option(help="the campus's policy file: its δ, total budget and approved app bundles")
+    ] = None,
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8765,
+    host: HostOption = "127.0.0.1",
+    allow_remote: AllowRemoteOption = False,
+) -> None:
+    from .dashboard import dashboard as serve  # Starlette and uvicorn: loaded by this command alone
+
+    serve(state, policy, host, port, allow_remote)

@@ -1,9 +1,11 @@
 """What a campus's ``train``, ``evaluate`` and ``query`` replies may hold, and everything else found in one.
 
 * ``train``: the model's parameter arrays (the names, shapes and dtypes of the
-  run's model), the declared training metrics, and the campus name;
+  run's model), the declared training metrics, and the campus name; when the
+  request asked for it (``evaluate-received``), also the evaluation of the
+  received model, held to the rules of an ``evaluate`` reply's metrics;
 * ``evaluate``: the task's declared evaluation metrics, the declared
-  per-subgroup count and metric of any subgroup with at least
+  per-subgroup count, metric and metric interval of any subgroup with at least
   ``release.min_cohort_size`` test rows, and the campus name;
 * ``query``: one serialized ``StatisticAnswer`` (``protos/analytics.proto``)
   holding only cells the query declares, each with a noisy count of at least
@@ -31,7 +33,7 @@ from edufl.federation.queries import ANSWER, QUERY_KEY
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.statistics import answer_problems
 from edufl.federation.tasks import feature_names, n_outputs
-from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES
+from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
 
 __all__ = ["expected_arrays", "metric_problems", "violations"]
 
@@ -53,7 +55,10 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
     expected = {"train": {ARRAYS, METRICS, CAMPUS}, "evaluate": {METRICS, CAMPUS}, "query": {ANSWER, CAMPUS}}.get(kind)
     if expected is None:
         return [f"message type {kind!r} is not released by this campus"]
+    evaluated = kind == "train" and bool(msg.content[CONFIG].get(EVALUATE_RECEIVED))
     found = []
+    if evaluated and EVALUATION in content:  # may be left out: a campus with too few test rows sends none
+        expected = {*expected, EVALUATION}
     if set(content) != expected:
         found.append(f"records {sorted(content)}; expected {sorted(expected)}")
     if kind == "train" and ARRAYS in content.array_records:
@@ -68,6 +73,8 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
             if kind == "train"
             else _evaluatemetric_problems(msg, metrics, min_cohort)
         )
+    if evaluated and EVALUATION in content.metric_records:
+        found += _evaluatemetric_problems(msg, content.metric_records[EVALUATION], min_cohort)
     if CAMPUS in content.config_records and set(content.config_records[CAMPUS]) != {"name"}:
         found.append(f"campus record keys {sorted(content.config_records[CAMPUS])}; expected ['name']")
     if kind == "query" and ANSWER in content.config_records:
@@ -95,13 +102,13 @@ def metric_problems(metrics: Mapping[str, Any], keys: tuple[str, ...], min_cohor
 
 def _evaluatemetric_problems(msg: Message, metrics, k: int) -> list[str]:
     """What in an evaluate reply's metrics is not the task's declared metrics plus, for each subgroup sent, its
-    declared count and metric (:func:`federation.metrics.subgroup_keys`) on at least ``k`` records,
+    declared count, metric and interval (:func:`federation.metrics.subgroup_keys`) on at least ``k`` records,
     with, per attribute, 0 or at least k test rows outside the groups sent (else a
     smaller group's size follows by subtraction)."""
     task = RunConfig.from_flower(dict(msg.content[CONFIG])).task
     sent = {group: keys for group, keys in subgroup_keys(task).items() if set(keys) & set(metrics)}
     found = metric_problems(metrics, (*EVALUATE_METRICS[task], *(key for keys in sent.values() for key in keys)), k)
-    counts = {group: metrics.get(count) for group, (count, _) in sent.items()}
+    counts = {group: metrics.get(count) for group, (count, *_) in sent.items()}
     if any(type(n) not in (int, float) for n in [*counts.values(), metrics.get(NUM_EXAMPLES)]):
         return found  # a missing count, or not a single number: reported above
     for (attribute, value), n in counts.items():

@@ -24,7 +24,7 @@ from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
 from edufl.federation.randomness import SECRET, Randomness
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables
-from edufl.federation.tasks import TaskData, feature_names, n_outputs
+from edufl.federation.tasks import CLASSES, TaskData, feature_names, n_outputs
 from edufl.federation.training import evaluate, subgroup_metrics, train
 from edufl.server.results import Report
 
@@ -98,6 +98,7 @@ def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dic
                     n_test=len(test_part),
                     metrics=evaluate(models[g], train_part_c, test_part, cfg.task),
                     groups=subgroup_metrics(models[g], test_part, cfg.task, group_k),
+                    base_rate=None if cfg.task in CLASSES or not len(test_part) else float(test_part.y.mean()),
                 )
         report.end_round(server_round, cfg.num_rounds)
     state = models["pooled"].state_dict() if mode == "centralized" else None

@@ -10,10 +10,17 @@ sampled every 50 ms. Measured, in one run on one machine:
   of the campuses' training rows) for the same number of epochs;
   these two alternate ``--repeats`` times and their medians are compared;
 * the same federation with OULAD split into more, smaller campuses
-  (``--campus-by shard``), to show how time and memory grow.
+  (``--campus-by shard``), to show how time and memory grow;
+* with ``--deployment N``: the same run on Flower's deployment engine, a
+  coordinator and the first N module campuses as separate processes on this
+  host (:mod:`experiments.localdeploy`: TLS, campus authentication, code
+  approval, each campus reading its own export), timed from ``edufl
+  coordinator start`` to the end of ``edufl coordinator run``, with its
+  per-round time against the simulation's.
 
 The last line printed is one JSON object with ``federated_s``,
-``centralized_s`` (medians), ``ratio``, ``per_round_s`` and ``peak_mb``.
+``centralized_s`` (medians), ``ratio``, ``per_round_s`` and ``peak_mb`` (and
+``deployment``, per N).
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["SETTLE_S", "bench", "measure"]
+__all__ = ["BENCH_POLICY", "SETTLE_S", "bench", "deployment", "measure"]
+
+BENCH_POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n"
+"""Every benchmark campus's policy (the defaults, and room for one run); the bench approves the app's bundle in it."""
 
 # Pause after each run: the simulation engine's processes take a second or two to
 # exit after the run's own process, and must not slow down the next measurement.
@@ -53,16 +63,58 @@ def measure(args: list[str], data_dir: Path, out: Path) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    ends = [r["elapsed_s"] for r in summary["rounds"]]
-    steady = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     return {
         "wall_s": wall,
         "peak_mb": peak / 2**20,
-        "first_round_s": ends[0],
-        "per_round_s": statistics.median(steady) if steady else ends[0],
+        **_rounds(summary),
         "auc": summary["global"]["auc"],
         "campuses": len(summary["campuses"]),
     }
+
+
+def _rounds(summary: dict) -> dict:
+    """First-round and median later-round seconds of a results folder's summary."""
+    ends = [r["elapsed_s"] for r in summary["rounds"]]
+    steady = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return {"first_round_s": ends[0], "per_round_s": statistics.median(steady) if steady else ends[0]}
+
+
+def deployment(data_dir: Path, campuses: int, rounds: int, root: Path) -> dict:
+    """One run of ``rounds`` rounds (default settings otherwise) of a coordinator and the first ``campuses`` module
+    campuses deployed on this host under ``root``: wall time from ``coordinator start`` to the run's end
+    (seconds; the campuses' exports are written before), first-round and per-round seconds, AUC.
+
+    Raises
+    ------
+    RuntimeError
+        When the run does not complete.
+    """
+    from edufl.federation.partition import campus_names, campus_slice
+    from edufl.federation.tables import load_tables
+    from edufl.federation.writers import write_tables
+
+    from .localdeploy import edufl, local_federation
+
+    tables = load_tables(data_dir)
+    names = campus_names(tables, "module")[:campuses]
+    for name in names:
+        write_tables(campus_slice(tables, "module", name), root / f"campus-{name}")
+    policy = root / "policy.toml"
+    policy.write_text(BENCH_POLICY)
+    approved = edufl("campus", "approve", "--policy", str(policy))
+    if approved.returncode != 0:
+        raise RuntimeError(f"edufl campus approve failed: {approved.stderr[-2000:]}")
+    started = time.perf_counter()
+    with local_federation(root, {n: (root / f"campus-{n}", policy) for n in names}) as (superlink, _):
+        run = edufl(
+            "coordinator", "run", "--superlink", superlink, "--pki", str(root / "pki"), "--rounds", str(rounds),
+            "--min-campuses", str(len(names)), "--out", str(root / "run"), timeout=3600,
+        )  # fmt: skip
+    wall = time.perf_counter() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"edufl coordinator run failed ({run.returncode}):\n{(run.stdout + run.stderr)[-3000:]}")
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    return {"wall_s": wall, **_rounds(summary), "auc": summary["global"]["auc"], "campuses": len(summary["campuses"])}
 
 
 def _rss(process: psutil.Process) -> int:
@@ -72,11 +124,14 @@ def _rss(process: psutil.Process) -> int:
         return 0
 
 
-def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200), repeats: int = 3) -> dict:
+def bench(
+    data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200), repeats: int = 3, deployments: tuple[int, ...] = ()
+) -> dict:
     """Run the measurements, print a table, and return the final JSON object.
 
     The 7-campus federation and the centralized run alternate ``repeats`` times
-    (timings on a shared machine drift); their medians give the ratio.
+    (timings on a shared machine drift); their medians give the ratio. Each of
+    ``deployments`` adds a deployed run with that many campuses (:func:`deployment`).
     """
     common = ["--rounds", str(rounds)]
     plan = [
@@ -96,12 +151,17 @@ def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200),
             print(f"measuring {name} ...", flush=True)
             runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i)))
             time.sleep(SETTLE_S)
+        for n in deployments:
+            print(f"measuring deployment, {n} campuses ...", flush=True)
+            (Path(tmp) / f"deploy-{n}").mkdir()
+            runs[f"deployment, {n} campuses"] = [deployment(data_dir, n, rounds, Path(tmp) / f"deploy-{n}")]
+            time.sleep(SETTLE_S)
     print(f"\n{'run':<32} {'campuses':>8} {'wall s':>8} {'1st round s':>12} {'per round s':>12} {'peak MB':>9} {'AUC':>7}")
     for name, measured in runs.items():
         for r in measured:
             print(
                 f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
-                f"{r['peak_mb']:>9.0f} {r['auc']:>7.4f}"
+                f"{r['peak_mb'] if 'peak_mb' in r else float('nan'):>9.0f} {r['auc']:>7.4f}"
             )
     fed, central = runs["federated, 7 campuses"], runs["centralized DP-SGD"]
     fed_s, central_s = (statistics.median(r["wall_s"] for r in rs) for rs in (fed, central))
@@ -121,6 +181,16 @@ def bench(data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200),
             for n in shards
         },
     }
+    for n in deployments:
+        d = runs[f"deployment, {n} campuses"][0]
+        result.setdefault("deployment", {})[str(n)] = {
+            **{k: round(v, 3) for k, v in d.items() if k != "campuses"},
+            "per_round_vs_simulation": round(d["per_round_s"] / result["per_round_s"], 2),
+        }
+        print(
+            f"deployment, {n} campuses: {d['per_round_s']:.2f} s per round, "
+            f"{d['per_round_s'] / result['per_round_s']:.2f}x the 7-campus simulation's {result['per_round_s']:.2f} s"
+        )
     print(f"\nfederated / centralized wall time (medians of {repeats}): {result['ratio']:.2f}x")
     print(json.dumps(result))
     return result

@@ -193,16 +193,34 @@ def data_validate(data: _DataOption = None) -> None:
         print(f"note: {note}")
 
 
-@app.command(help="time a DP federation against centralized DP-SGD, and at 50 and 200 campuses")
+@app.command(help="time a DP federation against centralized DP-SGD, at 50 and 200 campuses, and deployed on this host")
 def bench(
     data: _DataOption = None,
     rounds: Annotated[int, typer.Option(help="federation rounds")] = 10,
     shards: Annotated[str, typer.Option(help="comma-separated campus counts for the scaling runs ('' for none)")] = "50,200",
     repeats: Annotated[int, typer.Option(help="alternating federated/centralized runs; medians are compared")] = 3,
+    deployment: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated campus counts of deployed runs on this host (coordinator + that many module "
+            "campuses, TLS and campus authentication; '' for none)"
+        ),
+    ] = "",
 ) -> None:
     from .bench import bench as run_bench
 
-    run_bench(resolve_data_dir(data), rounds, tuple(int(n) for n in shards.split(",") if n), repeats)
+    deployed = _counts("--deployment", deployment)
+    if any(not 1 <= n <= 7 for n in deployed):
+        raise ConfigError(f"--deployment {deployment!r}: OULAD has 7 module campuses; expected counts from 1 to 7")
+    run_bench(resolve_data_dir(data), rounds, _counts("--shards", shards), repeats, deployed)
+
+
+def _counts(option: str, value: str) -> tuple[int, ...]:
+    """``"3,7"`` -> (3, 7); raises ConfigError naming ``option`` otherwise."""
+    try:
+        return tuple(int(n) for n in value.split(",") if n)
+    except ValueError:
+        raise ConfigError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 3,7") from None
 
 
 @app.command(

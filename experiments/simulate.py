@@ -75,8 +75,9 @@ def simulate(
     keeps its privacy ledger under ``cfg.out/campuses/<campus>/`` and, when
     ``policy`` (a campus policy file) is given, enforces it; without one, it
     runs under :data:`~edufl.federation.policy.RESEARCH_POLICY`: the research
-    settings of ``cfg`` (no DP, a large ε) run as asked. Returns the
-    summary dict written to ``cfg.out/summary.json``.
+    settings of ``cfg`` (no DP, a large ε) run as asked. A ``cfg`` without a
+    ``run_name`` gets a unique one (:func:`~edufl.server.coordinator.new_run_name`).
+    Returns the summary dict written to ``cfg.out/summary.json``.
 
     Raises
     ------
@@ -85,6 +86,10 @@ def simulate(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if not cfg.run_name:  # every run has a unique name: summary.json records it, campuses key their ledger by it
+        from edufl.server.coordinator import new_run_name
+
+        cfg = cfg.model_copy(update={"run_name": new_run_name(Path(cfg.out))})
     if mode == "federated":
         return _federated(cfg, data_dir, tables, policy)
     from .baselines import baseline  # torch, Opacus and scikit-learn load here

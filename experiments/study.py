@@ -9,7 +9,7 @@
 * ``privacy_utility.png``, ``<metric>_vs_cutoff.png``, ``campus_<metric>_<ε>.png``,
   with the task's primary metric (``auc`` for the binary tasks, ``macro_f1``
   for ``final_result``);
-* ``manifest.json``: config, seeds, git commit, library versions, data file
+* ``manifest.json``: config, seeds, git commit and dirty flag (``code``), library versions, data file
   hashes, privacy parameters and accountant.
 
 ``edufl experiment report DIR`` rebuilds the tables and plots from the saved
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -44,7 +43,7 @@ from edufl.federation.privacy import ACCOUNTANT
 from edufl.federation.runconfig import CampusBy, ConfigError, LocalEpochs, Model, Rounds, RunConfig, Strategy, Task
 from edufl.federation.tables import load_tables
 from edufl.federation.tomlfile import listed, load_model
-from edufl.server.results import METRIC_NAMES, primary_metric, task_metrics, versions, worst_metric
+from edufl.server.results import METRIC_NAMES, code_version, primary_metric, task_metrics, versions, worst_metric
 
 from .simulate import Mode, simulate
 
@@ -238,18 +237,6 @@ class Cell:
         }
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        commit, dirty = (
-            subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-            for args in (["rev-parse", "HEAD"], ["status", "--porcelain"])
-        )
-        return commit + ("+uncommitted-changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
 def run(config_path: Path, out: Path, data_dir: Path) -> Path:
     """Run every cell of the study in ``config_path`` not yet done in ``out``; then report."""
     study = Study.load(config_path)
@@ -260,7 +247,7 @@ def run(config_path: Path, out: Path, data_dir: Path) -> Path:
     manifest = {
         "config": {**study.model_dump(), "file": str(config_path)},
         "seeds": list(study.seeds),
-        "git_commit": _git_commit(),
+        "code": code_version(),
         "versions": versions(),
         "data": str(data_dir),
         "data_sha256": file_hashes(data_dir),
@@ -372,48 +359,60 @@ def _plots(table: pd.DataFrame, campus_rows: pd.DataFrame, out: Path, task: str)
 
     key = primary_metric(task)
     name = METRIC_NAMES[key]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    campuses = ", ".join(map(str, table["campus_by"].unique()))
+    settings = f"task {task}, campuses by {campuses}, mean ± sd over {table['seeds'].max()} seeds"
+
+    def chance(ax) -> None:  # AUC 0.5: a constant predictor
+        if key == "auc":
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="chance (AUC 0.5)")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True, layout="constrained")
     at_day = table[table["cutoff_day"] == day]
     for ax, metric, title in ((axes[0], key, f"weighted {name}"), (axes[1], worst_metric(task), f"worst-campus {name}")):
         for label, g in at_day.groupby("label"):
             g = g.sort_values("eps")
             x = [e if math.isfinite(e) else no_dp_x for e in g["eps"]]
             ax.errorbar(x, g[f"{metric}_mean"], yerr=g[f"{metric}_std"], marker="o", capsize=3, label=label)
+        chance(ax)
         ax.set_xscale("log")
         ax.set_xticks([*finite, no_dp_x], [f"{e:g}" for e in finite] + ["no DP"])
         ax.minorticks_off()
         ax.set_xlabel("target ε per campus (δ as in manifest)")
         ax.set_title(f"{title}, day {day}")
     axes[0].set_ylabel(f"test {name} (mean ± sd over seeds)")
-    axes[0].legend()
-    fig.tight_layout()
+    axes[0].legend(fontsize="small")
+    fig.suptitle(settings, fontsize="medium")
     fig.savefig(out / "privacy_utility.png", dpi=110)
     plt.close(fig)
 
     eps_values = sorted(table["epsilon"].unique(), key=_eps_value)
-    fig, axes = plt.subplots(1, len(eps_values), figsize=(4.5 * len(eps_values), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(eps_values), figsize=(4.5 * len(eps_values), 4.4), sharey=True, squeeze=False, layout="constrained"
+    )
     for ax, eps in zip(axes[0], eps_values, strict=True):
         for label, g in table[table["epsilon"] == eps].groupby("label"):
             g = g.sort_values("cutoff_day")
             ax.errorbar(g["cutoff_day"], g[f"{key}_mean"], yerr=g[f"{key}_std"], marker="o", capsize=3, label=label)
+        chance(ax)
         ax.set_title("no DP" if eps == NO_DP else f"ε = {eps}")
         ax.set_xlabel("cutoff day D")
-    axes[0][0].set_ylabel(f"weighted test {name}")
-    axes[0][0].legend()
-    fig.tight_layout()
+    axes[0][0].set_ylabel(f"weighted test {name} (mean ± sd over seeds)")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(settings, fontsize="medium")
     fig.savefig(out / f"{key}_vs_cutoff.png", dpi=110)
     plt.close(fig)
 
     at_day = campus_rows[campus_rows["cutoff_day"] == day].assign(label=lambda d: d.apply(_label, axis=1))
     for eps in eps_values:
-        means = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])[key].mean().unstack("label")
-        ax = means.plot.bar(figsize=(max(6, 0.6 * len(means) + 3), 4), rot=0)
-        ax.legend(title="mode")
-        ax.set_ylabel(f"test {name} (mean over seeds)")
-        if key == "auc":  # 0.5: a constant predictor
-            ax.set_ylim(0.4, max(0.8, float(means.max().max()) + 0.05))
-            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(f"{name} per campus, day {day}, " + ("no DP" if eps == NO_DP else f"ε = {eps}"))
+        grouped = at_day[at_day["epsilon"] == eps].groupby(["campus", "label"])[key]
+        means, sds = grouped.mean().unstack("label"), grouped.std(ddof=1).fillna(0.0).unstack("label")
+        ax = means.plot.bar(figsize=(max(6, 0.6 * len(means) + 3), 4.4), rot=0, yerr=sds, capsize=2)
+        if key == "auc":
+            ax.set_ylim(0.4, max(0.8, float((means + sds).max().max()) + 0.05))
+        chance(ax)
+        ax.legend(title="mode", fontsize="small")
+        ax.set_ylabel(f"test {name} (mean ± sd over seeds)")
+        ax.set_title(f"{name} per campus, day {day}, " + ("no DP" if eps == NO_DP else f"ε = {eps}") + f"\n{settings}")
         ax.figure.tight_layout()
         ax.figure.savefig(out / f"campus_{key}_{'nodp' if eps == NO_DP else 'eps' + eps}.png", dpi=110)
         plt.close(ax.figure)

@@ -56,6 +56,7 @@ APP_MODULES = (
     "edufl.server.training",
     "edufl.federation.audit",
     "edufl.federation.contract",
+    "edufl.federation.engagement",
     "edufl.federation.errors",
     "edufl.federation.fingerprint",
     "edufl.federation.ledger",

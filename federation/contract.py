@@ -1,9 +1,11 @@
-"""The learner-record data contract: five tables, the feature vocabularies, and their protobuf form.
+"""The learner-record data contract: its tables, the feature vocabularies, and their protobuf form.
 
 The contract (``protos/learner.proto``, package ``edufl.contract.v1``) says what
 a campus's data must hold about each student in a course presentation:
 demographics, prior study, registration, assessments (due day, weight) and
-submissions (day, score), and the outcome. A campus maps its own export to
+submissions (day, score), and the outcome; optionally (module ``engagement``,
+contract 1.1) the online resources of each presentation and the student's
+daily clicks on them. A campus maps its own export to
 these tables with a mapping file (:mod:`federation.mapping`); everything after
 loading, the feature pipeline included, reads only the contract's names.
 
@@ -28,21 +30,27 @@ from .proto import learner_pb2 as pb
 
 __all__ = [
     "AGE_BANDS",
+    "ACTIVITY_TYPES",
     "ASSESSMENTS",
+    "ASSESSMENTS_MODULE",
     "ASSESSMENT_TYPES",
     "CATEGORICAL_FEATURES",
     "CONTRACT_VERSION",
     "Column",
     "DISABILITY",
     "EDUCATION",
+    "ENGAGEMENT",
+    "EVENTS",
     "FINAL_RESULTS",
     "GENDER",
     "IMD_BANDS",
     "LEARNERS",
     "NUMERIC_FEATURES",
     "PRESENTATIONS",
+    "PRE_START_DAYS",
     "REGIONS",
     "REGISTRATIONS",
+    "RESOURCES",
     "SUBMISSIONS",
     "TABLE",
     "TABLES",
@@ -54,7 +62,7 @@ __all__ = [
     "version_text",
 ]
 
-CONTRACT_VERSION = (1, 0)
+CONTRACT_VERSION = (1, 1)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
 
 
@@ -102,6 +110,7 @@ class Table:
     message: str
     columns: tuple[Column, ...]
     key: tuple[str, ...]
+    module: str = "core"
 
 
 _COURSE = Column("course", "str")
@@ -148,6 +157,35 @@ AGE_BANDS = ("0-35", "35-55", "55<=")
 DISABILITY = ("N", "Y")
 FINAL_RESULTS = ("Distinction", "Fail", "Pass", "Withdrawn")
 ASSESSMENT_TYPES = ("CMA", "Exam", "TMA")
+ACTIVITY_TYPES = (
+    "dataplus",
+    "dualpane",
+    "externalquiz",
+    "folder",
+    "forumng",
+    "glossary",
+    "homepage",
+    "htmlactivity",
+    "oucollaborate",
+    "oucontent",
+    "ouelluminate",
+    "ouwiki",
+    "page",
+    "questionnaire",
+    "quiz",
+    "repeatactivity",
+    "resource",
+    "sharedsubpage",
+    "subpage",
+    "url",
+)
+"""Kinds of online resource (OULAD's ``activity_type`` of ``vle.csv``): forum, quiz, wiki, content page, ..."""
+ASSESSMENTS_MODULE = "assessments"
+"""The optional contract module of assessments and their submissions: tables :data:`ASSESSMENTS`, :data:`SUBMISSIONS`."""
+ENGAGEMENT = "engagement"
+"""The optional contract module of online engagement: tables :data:`RESOURCES` and :data:`EVENTS`."""
+PRE_START_DAYS = 365
+"""How many days before its presentation's start an engagement event may be dated."""
 
 PRESENTATIONS = Table(
     "presentations",
@@ -167,6 +205,7 @@ ASSESSMENTS = Table(
         Column("weight", "float", low=0, high=100),
     ),
     key=("assessment_id",),
+    module=ASSESSMENTS_MODULE,
 )
 LEARNERS = Table(
     "learners",
@@ -210,9 +249,32 @@ SUBMISSIONS = Table(
         Column("score", "float", nullable=True, low=0, high=100),
     ),
     key=("assessment_id", "student_id"),
+    module=ASSESSMENTS_MODULE,
 )
 
-TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS)
+RESOURCES = Table(
+    "resources",
+    "Resource",
+    (Column("site_id", "int", low=0), _COURSE, _PRESENTATION, Column("activity_type", "cat", vocab=ACTIVITY_TYPES)),
+    key=("site_id",),
+    module=ENGAGEMENT,
+)
+EVENTS = Table(
+    "events",
+    "EngagementEvent",
+    (
+        _COURSE,
+        _PRESENTATION,
+        _STUDENT,
+        Column("site_id", "int", low=0),
+        Column("day", "int", low=-PRE_START_DAYS, high=_DAY_HIGH),
+        Column("clicks", "int", positive=True, high=1_000_000),
+    ),
+    key=(),  # one row per student, site and day in OULAD, but a repeated row is a further visit, not a clash
+    module=ENGAGEMENT,
+)
+
+TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, RESOURCES, EVENTS)
 TABLE = {t.name: t for t in TABLES}
 
 # --- Feature contract -------------------------------------------------------
@@ -241,6 +303,7 @@ NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
     "weighted_score": (0, 100),
     "no_score_yet": (0, 1),
     "n_banked": (0, 12),
+    "assessments_absent": (0, 1),
 }
 
 
@@ -273,24 +336,34 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{str(k): v for k, v in r.items()} for r in frame.to_dict("records")]
 
 
+def _by_learner(frame: pd.DataFrame, cls: type[_M], table: Table) -> dict[tuple[Any, ...], list[_M]]:
+    grouped: dict[tuple[Any, ...], list[_M]] = {}
+    for r in _records(frame):
+        grouped.setdefault(tuple(r[k] for k in LEARNERS.key), []).append(_message(cls, r, table))
+    return grouped
+
+
 def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
-    presentations, assessments, and one ``LearnerRecord`` per learner with its registration and submissions."""
+    presentations, assessments, resources (module engagement), and one ``LearnerRecord`` per learner with its
+    registration, submissions and engagement events."""
 
     def rows(name: str) -> list[dict[str, Any]]:
-        return _records(frames[name][[c.name for c in TABLE[name].columns]])
+        return _records(frames[name][[c.name for c in TABLE[name].columns]]) if name in frames else []
 
     key = list(LEARNERS.key)
     registration = {tuple(r[k] for k in key): r for r in rows("registrations")}
-    where = frames["assessments"][["assessment_id", "course", "presentation"]]
-    submissions: dict[tuple[Any, ...], list[pb.Submission]] = {}
-    for r in _records(frames["submissions"].merge(where, on="assessment_id")):
-        submissions.setdefault(tuple(r[k] for k in key), []).append(_message(pb.Submission, r, SUBMISSIONS))
+    submissions = {}
+    if "assessments" in frames:
+        where = frames["assessments"][["assessment_id", "course", "presentation"]]
+        submissions = _by_learner(frames["submissions"].merge(where, on="assessment_id"), pb.Submission, SUBMISSIONS)
+    events = _by_learner(frames["events"], pb.EngagementEvent, EVENTS) if "events" in frames else {}
     records = [
         pb.LearnerRecord(
             learner=_message(pb.Learner, r, LEARNERS),
             registration=_message(pb.Registration, registration[k], REGISTRATIONS),
             submissions=submissions.get(k, []),
+            events=events.get(k, []),
         )
         for r in rows("learners")
         for k in [tuple(r[c] for c in key)]
@@ -300,11 +373,14 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
         presentations=[_message(pb.Presentation, r, PRESENTATIONS) for r in rows("presentations")],
         assessments=[_message(pb.Assessment, r, ASSESSMENTS) for r in rows("assessments")],
         records=records,
+        resources=[_message(pb.Resource, r, RESOURCES) for r in rows("resources")],
     )
 
 
 def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
-    """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`).
+    """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`;
+    the tables of a module only when the message holds its rows: ``assessments`` and ``submissions`` when
+    it has assessments, ``resources`` and ``events`` when it has resources).
 
     Raises
     ------
@@ -317,10 +393,15 @@ def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
             f"data follow learner-record contract {version_text(version)}; "
             f"this edufl reads contract {version_text(CONTRACT_VERSION)}"
         )
-    return {
+    frames = {
         "presentations": _frame(data.presentations, PRESENTATIONS),
-        "assessments": _frame(data.assessments, ASSESSMENTS),
         "learners": _frame([r.learner for r in data.records], LEARNERS),
         "registrations": _frame([r.registration for r in data.records], REGISTRATIONS),
-        "submissions": _frame([s for r in data.records for s in r.submissions], SUBMISSIONS),
     }
+    if data.assessments:
+        frames["assessments"] = _frame(data.assessments, ASSESSMENTS)
+        frames["submissions"] = _frame([s for r in data.records for s in r.submissions], SUBMISSIONS)
+    if data.resources:
+        frames["resources"] = _frame(data.resources, RESOURCES)
+        frames["events"] = _frame([e for r in data.records for e in r.events], EVENTS)
+    return frames

@@ -2,7 +2,8 @@
 
 Both sides run one Flower process (``flower-superlink`` or
 ``flower-supernode``) in the foreground: its output goes to the terminal, a
-Ctrl-C or SIGTERM stops it, and its exit status becomes edufl's. Before a
+Ctrl-C or SIGTERM stops it, and its exit status becomes edufl's. Beside it runs
+the SuperExec that alone may take its tasks (:class:`Companion`). Before a
 campus connects, :func:`probe_tls` checks the SuperLink's address and
 certificate, so that a wrong CA or a TLS/plaintext mismatch is reported in
 plain words instead of a retry loop.
@@ -39,6 +40,7 @@ from .runconfig import ConfigError
 __all__ = [
     "CA_CERT",
     "FLWR_ENV",
+    "Companion",
     "SUPERLINK_CERT",
     "SUPERLINK_KEY",
     "InsecureOption",
@@ -53,6 +55,7 @@ __all__ = [
     "free_port",
     "parse_address",
     "probe_tls",
+    "stop_child",
     "tls_files",
 ]
 
@@ -192,6 +195,50 @@ def foreground(command: list[str], on_line: Callable[[str], None] | None = None,
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def stop_child(program: str) -> bool:
+    """Stop this process's running child ``program`` (e.g. ``flower-superlink``) with SIGTERM, as
+    Ctrl-C would; False when there is none."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if any(Path(part).name == program for part in child.cmdline()[:2]):
+                child.terminate()
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
+
+
+class Companion:
+    """A process (``command``, ``what`` it is in messages) run beside the one :func:`foreground` runs.
+
+    :meth:`on_line` (foreground's ``on_line``) starts it once that process prints
+    ``ready``. Should it end with another status than ``stopped`` while that
+    process runs, ``stop`` (which says whether there was a process to stop) stops
+    that one too, and :attr:`failed` holds its exit status. It is stopped with
+    everything else foreground left behind.
+    """
+
+    def __init__(
+        self, command: list[str], ready: str, stop: Callable[[], bool], what: str, stopped: tuple[int, ...] = (0, 1, 2, 3)
+    ):
+        self.command, self.ready, self.stop, self.what, self.stopped = command, ready, stop, what, stopped
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.failed: int | None = None
+
+    def on_line(self, line: str) -> None:
+        if self.proc is None and self.ready in line:
+            self.proc = subprocess.Popen(self.command, env=flwr_env())
+            threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        status = proc.wait()
+        if status not in self.stopped and self.stop():  # (when the main process has ended, this one is stopped after it)
+            self.failed = status
+            print(f"edufl: {self.what} stopped with status {status}; the process beside it was stopped too", flush=True)
 
 
 # --- the PKI folder (written by `edufl certs`) and the options that point past it --------------

@@ -26,6 +26,25 @@ release is one such mapping, shipped with edufl (``federation/mappings/oulad.tom
 
 Parquet files (``.parquet``) are read with their own column types; delimiter
 and encoding then do not apply.
+
+Optional modules are declared by giving their tables; a mapping without them
+provides none of their data (nothing is made up for it). The core is
+``presentations``, ``learners`` and ``registrations``; module ``assessments`` is
+the pair ``assessments`` and ``submissions``; module ``engagement``
+(contract 1.1) is the pair of tables ``resources`` (each online resource of a
+presentation and its activity type) and ``events`` (a student's clicks on one
+resource on one day)::
+
+    [resources]
+    file = "vle.csv"
+    columns = { site_id = "id_site", course = "code_module", presentation = "code_presentation", activity_type = "activity_type" }
+
+    [events]
+    file = "studentVle.parquet"       # or the CSV; read column by column (millions of rows)
+    columns = { course = "code_module", presentation = "code_presentation", student_id = "id_student",
+                site_id = "id_site", day = "date", clicks = "sum_click" }
+
+Events give days as day counts (``dates`` and ``codes`` do not apply to them).
 """
 
 from __future__ import annotations
@@ -37,14 +56,25 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from .contract import CONTRACT_VERSION, TABLES, parse_version, supports, version_text
+from .contract import ASSESSMENTS_MODULE, CONTRACT_VERSION, ENGAGEMENT, TABLES, Table, parse_version, supports, version_text
 from .errors import UserError
 from .tomlfile import load_model
 
-__all__ = ["CONTRACT_PARQUET", "DAY_COLUMNS", "Mapping", "MappingError", "OULAD_MAPPING", "TableMapping", "load_mapping"]
+__all__ = [
+    "CONTRACT_PARQUET",
+    "DAY_COLUMNS",
+    "ENGAGEMENT_SINCE",
+    "Mapping",
+    "MappingError",
+    "OULAD_MAPPING",
+    "TableMapping",
+    "load_mapping",
+]
 
 OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
 CONTRACT_PARQUET = Path(__file__).parent / "mappings" / "contract-parquet.toml"
+ENGAGEMENT_SINCE = (1, 1)
+"""The contract version that added module engagement (mappings written for 1.0 read as before)."""
 DAY_COLUMNS = frozenset({"due_day", "registration_day", "unregistration_day", "submission_day"})
 
 
@@ -91,10 +121,12 @@ class Mapping(_Strict):
     date_format: str = "%Y-%m-%d"
     start_date: str | None = None
     presentations: TableMapping
-    assessments: TableMapping
+    assessments: TableMapping | None = None
     learners: TableMapping
     registrations: TableMapping
-    submissions: TableMapping
+    submissions: TableMapping | None = None
+    resources: TableMapping | None = None
+    events: TableMapping | None = None
 
     @field_validator("contract_version")
     @classmethod
@@ -109,7 +141,18 @@ class Mapping(_Strict):
     @model_validator(mode="after")
     def _complete(self) -> Mapping:
         problems = _format_problems("", self.delimiter, self.encoding)
-        for table in TABLES:
+        if (self.assessments is None) != (self.submissions is None):
+            problems.append(f"assessments, submissions: module {ASSESSMENTS_MODULE} needs both tables (or neither)")
+        if (self.resources is None) != (self.events is None):
+            problems.append(f"resources, events: module {ENGAGEMENT} needs both tables (or neither)")
+        if self.events is not None and parse_version(self.contract_version) < ENGAGEMENT_SINCE:
+            problems.append(
+                f"contract_version: module {ENGAGEMENT} (tables resources, events) is part of contract "
+                f'{version_text(ENGAGEMENT_SINCE)} on; set contract_version = "{version_text(ENGAGEMENT_SINCE)}"'
+            )
+        if self.events is not None and (self.events.codes or self.events.dates):
+            problems.append("events: codes and dates do not apply to events; give day counts and numbers")
+        for table in self.tables():
             given = self.table(table.name)
             names = [c.name for c in table.columns]
             absent = [n for n in names if n not in given.columns]
@@ -125,7 +168,7 @@ class Mapping(_Strict):
                 if name not in DAY_COLUMNS or name not in names:
                     problems.append(f"{table.name}.dates: {name} is not a day column of {table.name}")
             problems += _format_problems(f"{table.name}.", given.delimiter, given.encoding)
-        if any(self.table(t.name).dates for t in TABLES) and not self.start_date:
+        if any(self.table(t.name).dates for t in self.tables()) and not self.start_date:
             problems.append(
                 "start_date: day columns are given as dates, so the presentations file must have a start-date column, named here"
             )
@@ -134,13 +177,24 @@ class Mapping(_Strict):
         return self
 
     def table(self, name: str) -> TableMapping:
-        """The mapping of contract table ``name``."""
-        found: TableMapping = getattr(self, name)
+        """The mapping of contract table ``name``; KeyError when the mapping does not provide it."""
+        found: TableMapping | None = getattr(self, name)
+        if found is None:
+            raise KeyError(f"the mapping provides no table {name}")
         return found
+
+    def tables(self) -> tuple[Table, ...]:
+        """The contract tables this mapping provides, in contract order (the core's and those of its modules)."""
+        return tuple(t for t in TABLES if getattr(self, t.name) is not None)
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """The optional contract modules the mapping provides (e.g. ``{"engagement"}``)."""
+        return frozenset(t.module for t in self.tables()) - {"core"}
 
     def files(self) -> list[str]:
         """The export's file names, in contract table order."""
-        return [self.table(t.name).file for t in TABLES]
+        return [self.table(t.name).file for t in self.tables()]
 
     @property
     def version(self) -> tuple[int, int]:

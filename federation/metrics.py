@@ -25,20 +25,21 @@ PRIMARY_METRIC: dict[str, str] = {"withdrawal": "auc", "at_risk": "auc", "final_
 """The metric each task is judged by: in the worst-campus figure, study tables and plots, and per subgroup."""
 SUBGROUPS = {a: CATEGORICAL_FEATURES[a] for a in ("gender", "age_band", "disability", "imd_band")}
 """The fairness view: {attribute: its values}. For every value held by at least the policy's
-``release.min_cohort_size`` test rows, an evaluate reply also holds that group's number of test rows
-and the task's primary metric on them (:func:`subgroup_keys`); smaller groups are not sent
-(see :func:`federation.training.subgroup_metrics`)."""
+``release.min_cohort_size`` test rows, an evaluate reply also holds that group's number of test rows,
+the task's primary metric on them and the metric's bootstrap interval (:func:`subgroup_keys`); smaller
+groups are not sent (see :func:`federation.training.subgroup_metrics`)."""
 
 
-def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
-    """The declared per-subgroup metric keys of ``task``'s evaluate replies.
+def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str, str, str]]:
+    """The declared per-subgroup metric keys of ``task``'s evaluate replies, in the order of
+    :class:`federation.training.Subgroup`'s fields.
 
     Returns
     -------
     dict
-        ``(attribute, value) -> (count key, metric key)`` for every value of
-        every attribute of :data:`SUBGROUPS`, e.g. ``("gender", "F") ->
-        ("group:gender=F:num-examples", "group:gender=F:auc")``.
+        ``(attribute, value) -> (count key, metric key, interval low key, interval high key)`` for every
+        value of every attribute of :data:`SUBGROUPS`, e.g. ``("gender", "F") -> ("group:gender=F:num-examples",
+        "group:gender=F:auc", "group:gender=F:auc-low", "group:gender=F:auc-high")``.
 
     Raises
     ------
@@ -46,4 +47,8 @@ def subgroup_keys(task: str) -> dict[tuple[str, str], tuple[str, str]]:
         When ``task`` is not one of the tasks.
     """
     metric = PRIMARY_METRIC[task]
-    return {(a, v): (f"group:{a}={v}:{NUM_EXAMPLES}", f"group:{a}={v}:{metric}") for a, vocab in SUBGROUPS.items() for v in vocab}
+
+    def keys(prefix: str) -> tuple[str, str, str, str]:
+        return f"{prefix}{NUM_EXAMPLES}", f"{prefix}{metric}", f"{prefix}{metric}-low", f"{prefix}{metric}-high"
+
+    return {(a, v): keys(f"group:{a}={v}:") for a, vocab in SUBGROUPS.items() for v in vocab}

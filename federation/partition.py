@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pandas as pd
 
+from .engagement import learner_rows
 from .tables import Tables
 
 __all__ = ["CAMPUS_COLUMNS", "campus_names", "campus_of", "campus_slice", "campus_slices"]
@@ -48,28 +50,42 @@ def campus_names(tables: Tables, campus_by: str, shards: int = 0) -> list[str]:
 def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -> Tables:
     """Only ``campus``'s rows of every table: what that campus would hold itself."""
     learners = tables["learners"]
-    return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])
+    return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])[0]
 
 
 def campus_slices(tables: Tables, campus_by: str, shards: int = 0) -> dict[str, Tables]:
     """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once)."""
     learners = tables["learners"]
     campus = campus_of(learners, campus_by, shards)
-    return {name: _own_rows(tables, learners[campus == name]) for name in sorted(campus.unique())}
+    owners = None
+    slices = {}
+    for name in sorted(campus.unique()):
+        slices[name], owners = _own_rows(tables, learners[campus == name], owners)
+    return slices
 
 
-def _own_rows(tables: Tables, learners: pd.DataFrame) -> Tables:
+def _own_rows(tables: Tables, learners: pd.DataFrame, owners: np.ndarray | None = None) -> tuple[Tables, np.ndarray | None]:
+    """``learners``'s share of every table, and the position in ``tables["learners"]`` of each event's learner
+    (``owners``: computed once for the click log, and passed again for the next campus)."""
     f = tables.frames
     mp = ["course", "presentation"]
     student = [*mp, "student_id"]
     presentations = f["presentations"].merge(learners[mp].drop_duplicates(), on=mp)
-    assessments = f["assessments"].merge(presentations[mp], on=mp)
-    subs = f["submissions"].merge(assessments[["assessment_id", *mp]], on="assessment_id").merge(learners[student], on=student)
     frames = {
         "presentations": presentations,
-        "assessments": assessments,
         "learners": learners,
         "registrations": f["registrations"].merge(learners[student], on=student),
-        "submissions": subs[[*f["submissions"].columns]],
     }
-    return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping)
+    if "assessments" in f:
+        assessments = f["assessments"].merge(presentations[mp], on=mp)
+        subs = f["submissions"].merge(assessments[["assessment_id", *mp]], on="assessment_id")
+        frames["assessments"] = assessments
+        frames["submissions"] = subs.merge(learners[student], on=student)[[*f["submissions"].columns]]
+    if "events" in f:
+        frames["resources"] = f["resources"].merge(presentations[mp], on=mp)
+        if owners is None:
+            owners = learner_rows(f["events"], f["learners"], f["presentations"])
+        mine = np.zeros(len(f["learners"]) + 1, bool)  # the last entry: an event of no learner
+        mine[f["learners"].index.get_indexer(learners.index)] = True
+        frames["events"] = f["events"][mine[owners]]
+    return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping), owners

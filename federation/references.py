@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .contract import TABLES
 from .mapping import Mapping
 from .problems import Problem
 from .reading import LINE
@@ -24,13 +23,14 @@ def _missing_refs(child: pd.DataFrame, parent: pd.DataFrame, cols: list[str], fi
 def check_references(f: dict[str, pd.DataFrame], mapping: Mapping) -> list[Problem]:
     """Every row of the typed tables ``f`` that points at a row missing from another table: an assessment or
     learner of an unknown presentation, a registration without its learner row (and the reverse), a
-    submission of an unknown assessment or of a student not registered on its presentation."""
+    submission of an unknown assessment or of a student not registered on its presentation, a resource of an
+    unknown presentation (the click log's references: :func:`federation.engagement.check_events`)."""
     mp = ["course", "presentation"]
     student = [*mp, "student_id"]
-    file = {t.name: mapping.table(t.name).file for t in TABLES}
+    file = {t.name: mapping.table(t.name).file for t in mapping.tables()}
     learners, registrations = file["learners"], file["registrations"]
     problems = []
-    for name in ("assessments", "learners"):
+    for name in [n for n in ("assessments", "learners", "resources") if n in f]:
         problems += _missing_refs(
             f[name], f["presentations"], mp, file[name], f"course presentation (in {file['presentations']})"
         )
@@ -38,6 +38,8 @@ def check_references(f: dict[str, pd.DataFrame], mapping: Mapping) -> list[Probl
     problems += _missing_refs(
         f["learners"], f["registrations"], student, learners, f"registration (in {registrations}) for student"
     )
+    if "submissions" not in f:
+        return problems
     sa = f["submissions"]
     problems += _missing_refs(
         sa, f["assessments"], ["assessment_id"], file["submissions"], f"assessment (in {file['assessments']})"

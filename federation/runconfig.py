@@ -19,6 +19,7 @@ from pydantic_core import ErrorDetails
 
 from .contract import CONTRACT_VERSION, parse_version, version_text
 from .errors import UserError
+from .wire import EVALUATE_RECEIVED
 
 __all__ = [
     "CAMPUS_BY",
@@ -173,6 +174,13 @@ class RunConfig(BaseModel):
     secagg_max_weight: _Positive = Field(
         100000.0, description="SecAgg+: the largest weight (training rows) of one campus in the masked sum"
     )
+    evaluate_in_train: bool = Field(
+        True,
+        description="each campus evaluates the global model it receives for training on its test rows and sends "
+        "those metrics with its training reply: one exchange per round (the last round's model is evaluated by "
+        "one more exchange); false: a separate evaluation exchange after every round. SecAgg+ runs always "
+        "evaluate separately",
+    )
     reproducible_noise: bool = Field(
         False,
         description="DP noise and batch sampling follow the seed (research only: "
@@ -217,7 +225,8 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from a Flower run config or ConfigRecord (dashed keys; ``server-round`` is ignored).
+        """Build from a Flower run config or ConfigRecord (dashed keys; ``server-round`` and
+        :data:`~federation.wire.EVALUATE_RECEIVED` are ignored: they are per message).
 
         Raises
         ------
@@ -225,7 +234,7 @@ class RunConfig(BaseModel):
             On an unknown key or an invalid value.
         """
         names = {_key(name): name for name in cls.model_fields}
-        unknown = sorted(set(values) - set(names) - {"server-round"})
+        unknown = sorted(set(values) - set(names) - {"server-round", EVALUATE_RECEIVED})
         if unknown:
             raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
         return cls(**{names[key]: value for key, value in values.items() if key in names})

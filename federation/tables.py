@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .contract import TABLES
+from .contract import EVENTS
+from .engagement import check_events, read_events
 from .mapping import Mapping, load_mapping
 from .problems import DataError, Problem
 from .reading import START
@@ -40,9 +41,11 @@ HOW_TO_GET_DATA = (
 @dataclass
 class Tables:
     """The contract tables (``presentations``, ``assessments``, ``learners``, ``registrations``,
-    ``submissions``) as typed DataFrames, keyed by table name.
+    ``submissions``, and ``resources`` and ``events`` where the mapping provides module engagement)
+    as typed DataFrames, keyed by table name.
 
-    Each frame keeps a ``_line`` column with the row's line number in its export file;
+    Each frame but ``events`` (the click log, millions of rows) keeps a ``_line`` column with the row's
+    line number in its export file;
     ``mapping`` is how the export in ``source`` was read; ``notes`` say what was merged
     (exact duplicate rows); ``missingness`` (from :func:`load_tables`) counts the
     missing values of every contract field.
@@ -56,6 +59,9 @@ class Tables:
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.frames[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.frames
 
 
 def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.PathLike[str] | None = None) -> Tables:
@@ -92,10 +98,13 @@ def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.P
     problems: list[Problem] = []
     notes: list[str] = []
     missing: list[dict[str, str | int | float]] = []
-    for table in TABLES:
-        frame, found, counts = read_table(directory, mapping, table, frames)
+    for table in mapping.tables():
+        if table is EVENTS:
+            frame, found, counts = read_events(directory, mapping)
+        else:
+            frame, found, counts = read_table(directory, mapping, table, frames)
         missing += counts
-        if not found:
+        if not found and table.key:
             frame, found = deduplicate(frame, table, mapping.table(table.name).file, notes)
         frames[table.name] = frame
         problems += found
@@ -104,6 +113,8 @@ def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.P
     if problems:
         raise DataError(problems, missingness=missingness)
     problems = check_references(frames, mapping)
+    if "events" in frames and not problems:
+        problems = check_events(frames["events"], frames, mapping.table("events").file, mapping.table("events").columns)
     if problems:
         raise DataError(problems, missingness=missingness)
     return Tables(frames, directory, mapping, notes, missingness)

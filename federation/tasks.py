@@ -5,7 +5,8 @@ registration end as "Withdrawn" (``withdrawal``), or as "Fail" or "Withdrawn"
 (``at_risk``)? Task ``final_result``: which of the four final results
 (Distinction, Fail, Pass, Withdrawn) will it end with? The population is every
 registration made before day D and not unregistered before day D; features use
-only information dated before D.
+only information dated before D: submissions, assessments due, and clicks
+(module engagement; :mod:`federation.engagement`).
 Encodings are fixed by :mod:`federation.contract`, so every campus produces the
 same columns in the same order without seeing any other campus's data.
 """
@@ -18,13 +19,36 @@ import numpy as np
 import pandas as pd
 
 from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES
+from .engagement import ENGAGEMENT_FEATURES, engagement_features
 from .metrics import SUBGROUPS
 from .runconfig import SPLITS, TASKS
 from .tables import Tables
 
-__all__ = ["CLASSES", "MISSING_SLOT", "POSITIVE", "TaskData", "early_warning", "feature_names", "n_outputs", "split"]
+__all__ = [
+    "ASSESSMENT_FEATURES",
+    "CLASSES",
+    "MISSING_SLOT",
+    "POSITIVE",
+    "TaskData",
+    "early_warning",
+    "feature_names",
+    "n_outputs",
+    "split",
+]
 
 MISSING_SLOT = "<missing>"
+ASSESSMENT_FEATURES = (
+    "n_assessments_due",
+    "n_submitted",
+    "submitted_fraction_of_due",
+    "n_late",
+    "n_missing_due",
+    "mean_score",
+    "weighted_score",
+    "no_score_yet",
+    "n_banked",
+)
+"""The numeric features from module assessments (assessments due and submitted before D), in order."""
 # Binary tasks: the final results that make an example positive.
 POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn")}
 # Multiclass tasks: the classes, in the order of the model's outputs.
@@ -37,9 +61,10 @@ def n_outputs(task: str) -> int:
 
 
 def feature_names() -> list[str]:
-    """Column names of the feature matrix, in order (same on every campus)."""
+    """Column names of the feature matrix, in order (same on every campus): one-hot categories, numbers,
+    then :data:`~federation.engagement.ENGAGEMENT_FEATURES`. Every model's input width is its length."""
     names = [f"{col}={v}" for col, vocab in CATEGORICAL_FEATURES.items() for v in (*vocab, MISSING_SLOT)]
-    return names + list(NUMERIC_FEATURES)
+    return names + list(NUMERIC_FEATURES) + list(ENGAGEMENT_FEATURES)
 
 
 @dataclass
@@ -77,6 +102,12 @@ class TaskData:
 def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
     mp = ["course", "presentation"]
     key = [*mp, "student_id"]
+    if "assessments" not in tables:  # module assessments not provided: its features 0, the absent flag 1
+        out = population[key].copy()
+        for col in ASSESSMENT_FEATURES:
+            out[col] = 0.0
+        out["assessments_absent"] = 1.0
+        return out
     assess = tables["assessments"][[*mp, "assessment_id", "due_day", "weight"]]
     due = assess[assess["due_day"].notna() & (assess["due_day"] < cutoff_day)]
     n_due = due.groupby(mp).size().rename("n_assessments_due").reset_index()
@@ -106,6 +137,7 @@ def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: 
     weighted = out["ws"] / out["w"].where(out["w"] > 0)
     out["weighted_score"] = weighted.fillna(out["mean_score"]).fillna(0.0)
     out["mean_score"] = out["mean_score"].fillna(0.0)
+    out["assessments_absent"] = 0.0
     return out
 
 
@@ -117,7 +149,8 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``);
     for ``final_result``, the index of ``final_result`` in :data:`FINAL_RESULTS`.
     Neither ``final_result`` nor ``unregistration_day`` enters a feature, and
-    only submissions with ``submission_day < D`` and assessments due before D count.
+    only submissions with ``submission_day < D``, assessments due before D and
+    events with ``day < D`` count.
 
     Raises
     ------
@@ -150,7 +183,10 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
         columns += [(values == v).astype(np.float32) for v in (*vocab, MISSING_SLOT)]
     for col, (low, high) in NUMERIC_FEATURES.items():
         columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
-    x = np.stack(columns, axis=1) if len(population) else np.zeros((0, len(feature_names())), np.float32)
+    x = np.concatenate(
+        [np.stack(columns, axis=1).reshape(len(population), -1), engagement_features(tables.frames, population, cutoff_day)],
+        axis=1,
+    )
     y: np.ndarray
     if task in CLASSES:
         y = population["final_result"].map({c: i for i, c in enumerate(CLASSES[task])}).to_numpy(np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from scipy.stats import rankdata  # type: ignore[import-untyped]
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
@@ -29,6 +30,8 @@ from .randomness import SECRET, Randomness, gaussian
 from .tasks import CLASSES, TaskData
 
 __all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "Subgroup",
     "TrainResult",
     "best_f1_threshold",
     "binary_scores",
@@ -252,24 +255,80 @@ def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData, task: 
     return {**_scores(task, test_data.y, p, threshold), "threshold": threshold}
 
 
-def subgroup_metrics(model: nn.Module, test_data: TaskData, task: str, min_size: int) -> dict[tuple[str, str], tuple[int, float]]:
+class Subgroup(NamedTuple):
+    """One subgroup's evaluation: its test rows (``n``), the task's primary metric on them (``value``) and
+    that metric's 95 % percentile bootstrap interval (``low``, ``high``; NaN where it is undefined)."""
+
+    n: int
+    value: float
+    low: float
+    high: float
+
+
+BOOTSTRAP_RESAMPLES = 200
+"""Resamples of a subgroup's rows behind its bootstrap interval (:func:`subgroup_metrics`)."""
+
+
+def _resampled_auc(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    # ROC AUC of each row of (resamples, n) labels and scores, by the rank-sum (Mann-Whitney) formula, ties averaged.
+    positives = y.sum(axis=1)
+    negatives = y.shape[1] - positives
+    ranks = rankdata(p, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(((ranks * y).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _resampled_macro_f1(y: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    # Macro-F1 of each row of (resamples, n) class indices, as multiclass_scores computes it.
+    f1 = np.full((y.shape[0], classes), np.nan)
+    for c in range(classes):
+        true_positives = ((y == c) & (predicted == c)).sum(axis=1)
+        counted = (predicted == c).sum(axis=1) + (y == c).sum(axis=1)
+        np.divide(2 * true_positives, counted, out=f1[:, c], where=counted > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without any class cannot occur: n >= 1
+        return np.asarray(np.nanmean(f1, axis=1))
+
+
+def _bootstrap_interval(task: str, y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamples: int) -> tuple[float, float]:
+    # 2.5th and 97.5th percentiles of the metric over resamples of the rows; NaN when over 5 % of the
+    # resamples leave it undefined (an AUC resample with one class only).
+    index = rng.integers(0, len(y), size=(resamples, len(y)))
+    if task in CLASSES:
+        values = _resampled_macro_f1(y.astype(np.int64)[index], p.argmax(axis=1)[index], len(CLASSES[task]))
+    else:
+        values = _resampled_auc(y.astype(np.float64)[index], p[index])
+    defined = values[np.isfinite(values)]
+    if len(defined) < 0.95 * resamples:
+        return float("nan"), float("nan")
+    low, high = np.percentile(defined, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def subgroup_metrics(
+    model: nn.Module, test_data: TaskData, task: str, min_size: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[tuple[str, str], Subgroup]:
     """``task``'s primary metric (:data:`~federation.metrics.PRIMARY_METRIC`: AUC, or macro-F1)
     on each subgroup of ``test_data``'s rows: each value of each attribute of
-    :data:`~federation.metrics.SUBGROUPS` (gender, age band, disability, IMD band).
+    :data:`~federation.metrics.SUBGROUPS` (gender, age band, disability, IMD band), with its 95 %
+    percentile bootstrap interval over ``resamples`` resamples of the group's rows (Efron and
+    Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), drawn from a generator seeded with ``seed``.
 
     Only groups of at least ``k = max(min_size, 1)`` rows are kept, and so that no
     smaller group's size can be recovered by subtracting the kept groups' sizes from
     ``len(test_data)``, an attribute's smallest kept groups are dropped too until the
     rows outside its kept groups (smaller groups, and rows with the attribute missing)
-    number 0 or at least k (complementary suppression).
+    number 0 or at least k (complementary suppression). The interval is computed on the
+    kept group's rows only, like its metric.
 
     Returns
     -------
     dict
-        ``(attribute, value) -> (rows in the group, metric)`` for the kept groups.
+        ``(attribute, value) -> Subgroup(rows in the group, metric, interval low, interval high)`` for the kept groups.
     """
     p = predict(model, test_data.x)
     metric, k = PRIMARY_METRIC[task].replace("-", "_"), max(min_size, 1)
+    rng = np.random.default_rng(seed)
     out = {}
     for attribute, values in SUBGROUPS.items():
         column = test_data.rows[attribute].to_numpy(object)
@@ -279,5 +338,7 @@ def subgroup_metrics(model: nn.Module, test_data: TaskData, task: str, min_size:
             kept.pop(0)
         for value in (v for v in values if v in kept):
             index = members[value]
-            out[(attribute, value)] = (len(index), _scores(task, test_data.y[index], p[index], 0.5)[metric])
+            y, scores = test_data.y[index], p[index]
+            low, high = _bootstrap_interval(task, y, scores, rng, resamples)
+            out[(attribute, value)] = Subgroup(len(index), _scores(task, y, scores, 0.5)[metric], low, high)
     return out

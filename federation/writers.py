@@ -14,10 +14,12 @@ __all__ = ["write_parquet", "write_tables"]
 
 def write_parquet(tables: Tables, directory: Path) -> Mapping:
     """Write ``tables`` as the contract's own tables, one Parquet file each; returns the mapping that
-    reads them (``federation/mappings/contract-parquet.toml``)."""
+    reads them (``federation/mappings/contract-parquet.toml``, less module engagement when ``tables`` lack it)."""
     directory.mkdir(parents=True, exist_ok=True)
     mapping = load_mapping(CONTRACT_PARQUET)
-    for table in TABLES:
+    if "events" not in tables:
+        mapping = mapping.model_copy(update={"resources": None, "events": None})
+    for table in (t for t in TABLES if t.name in tables):
         frame = tables[table.name][[c.name for c in table.columns]]
         frame.to_parquet(directory / mapping.table(table.name).file, index=False)
     return mapping
@@ -28,7 +30,10 @@ def write_tables(tables: Tables, directory: Path) -> None:
     columns, quoted CSV, ``?`` for missing), readable with the default mapping."""
     directory.mkdir(parents=True, exist_ok=True)
     oulad = load_mapping()
-    for table in TABLES:
+    for table in (t for t in TABLES if t.name in tables):
         given = oulad.table(table.name)
         frame = tables[table.name][[c.name for c in table.columns]].rename(columns=given.columns)
-        frame.to_csv(directory / given.file, index=False, na_rep="?", quoting=csv.QUOTE_ALL)
+        if given.file.endswith(".parquet"):  # the click log, as `edufl data download` stores it
+            frame.to_parquet(directory / given.file, index=False)
+        else:
+            frame.to_csv(directory / given.file, index=False, na_rep="?", quoting=csv.QUOTE_ALL)

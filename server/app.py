@@ -15,6 +15,7 @@ from edufl.federation.queries import QUERY_KEY
 from edufl.federation.runconfig import RunConfig
 
 from .analytics import answer_query
+from .replies import PollingGrid
 from .training import run_federation
 
 __all__ = ["app"]
@@ -24,7 +25,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point on Flower's engines: the statistic query or the training run that ``context.run_config`` names."""
+    """Entry point on Flower's engines: the statistic query or the training run that ``context.run_config`` names
+    (replies collected every :data:`server.replies.POLL_INTERVAL` s, :class:`server.replies.PollingGrid`)."""
+    grid = PollingGrid(grid)
     config = dict(context.run_config)
     if config.pop(QUERY_KEY, ""):
         answer_query(grid, context)

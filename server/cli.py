@@ -1,4 +1,4 @@
-"""The coordinator's commands: ``edufl coordinator start|run`` and ``edufl certs`` (:data:`app`).
+"""The coordinator's commands: ``edufl coordinator start|run|dashboard`` and ``edufl certs`` (:data:`app`).
 
 They parse options and call :mod:`edufl.server.coordinator` and
 :mod:`edufl.server.pki`; errors reach the user through ``edufl``'s ``main``
@@ -14,6 +14,7 @@ import typer
 
 from edufl.federation.deploy import InsecureOption, PkiOption, RootCertOption
 from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.web import AllowRemoteOption, HostOption
 
 from . import coordinator
 from .pki import make_pki
@@ -46,17 +47,24 @@ def certs(
     print(f"{out}: give each campus ca.crt and its own campus-NAME.key; superlink.key and ca.key stay with the coordinator")
 
 
-@_coordinator.command(help="start the SuperLink (TLS, campus authentication) in the foreground")
+@_coordinator.command(help="start the SuperLink (TLS, campus authentication) and its SuperExec in the foreground")
 def start(
     port: Annotated[int, typer.Option(help="the one port for campuses, `flwr` and the ServerApp")] = 9200,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for campuses on other hosts)")] = "127.0.0.1",
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="the coordinator's state folder: the SuperLink's database (registered campuses, runs) and "
+            "the SuperExec secret [default: edufl-state/coordinator]"
+        ),
+    ] = None,
     pki: PkiOption = None,
     root_cert: RootCertOption = None,
     cert: Annotated[Path | None, typer.Option(help="SuperLink TLS certificate (PEM)")] = None,
     key: Annotated[Path | None, typer.Option(help="SuperLink TLS private key (PEM)")] = None,
     insecure: InsecureOption = False,
 ) -> None:
-    coordinator.start(port=port, host=host, pki=pki, root_cert=root_cert, cert=cert, key=key, insecure=insecure)
+    coordinator.start(port=port, host=host, state=state, pki=pki, root_cert=root_cert, cert=cert, key=key, insecure=insecure)
 
 
 @_coordinator.command(help="run a federation on a started coordinator and write its results folder")
@@ -92,3 +100,16 @@ def run(
     coordinator.raise_for_failures(
         coordinator.run(cfg, superlink=superlink, pki=pki, root_cert=root_cert, insecure=insecure, wait=wait, resume=resume)
     )
+
+
+@_coordinator.command(help="a local, read-only web page of training runs, from their results folders as they are written")
+def dashboard(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="results folders of training runs")],
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8766,
+    host: HostOption = "127.0.0.1",
+    allow_remote: AllowRemoteOption = False,
+    refresh: Annotated[float, typer.Option(help="seconds between reloads of a page showing an unfinished run")] = 5.0,
+) -> None:
+    from .dashboard import dashboard as serve  # Starlette and uvicorn: loaded by this command alone
+
+    serve(run_dirs, host, port, allow_remote, refresh)

@@ -4,6 +4,15 @@
   authentication on, no per-run dependency installation; once it listens,
   every campus public key in the PKI folder is registered
   (``flwr supernode register``), so only those campuses can connect.
+  The SuperLink starts no ServerApp itself (``--isolation process``): it
+  queues one task per run on its Runtime API (the same port) and gives it
+  only to a SuperExec holding the secret in the coordinator's state folder
+  (:func:`edufl.server.pki.superexec_secret`); :func:`start` runs that
+  SuperExec (Flower's ``flower-superexec``) beside it and stops it with it.
+  Without the secret, anyone reaching the port could take a run's ServerApp
+  task and read every reply campuses send (tests/test_runtime_api.py). The
+  SuperLink keeps registered campuses and runs in a database file in the
+  state folder, so they survive a restart.
 * :func:`run` launches the ServerApp (``server/app.py``) on a SuperLink with
   ``flwr run`` (:func:`open_connection`, :func:`launch`; ``edufl analytics run
   --superlink`` launches its statistics runs the same way), streams its round
@@ -21,6 +30,7 @@ coordinator.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import tomli_w
@@ -37,19 +48,22 @@ from edufl.federation.deploy import (
     CA_CERT,
     SUPERLINK_CERT,
     SUPERLINK_KEY,
+    Companion,
     flwr_env,
     foreground,
     parse_address,
     probe_tls,
+    stop_child,
     tls_files,
 )
 from edufl.federation.errors import CampusesFailed, CampusesRefused, EduflError
 from edufl.federation.runconfig import ConfigError, RunConfig
 
-from .pki import registered_campuses
+from .pki import registered_campuses, superexec_secret
 
 __all__ = [
     "CONNECTION",
+    "DATABASE",
     "NODES_FILE",
     "RunFailed",
     "await_campuses",
@@ -63,11 +77,14 @@ __all__ = [
     "resumed_config",
     "run",
     "start",
+    "superexec_command",
     "superlink_command",
 ]
 
 CONNECTION = "edufl"
 NODES_FILE = "registered-nodes.json"  # campus name -> Flower node id, written by `coordinator start`
+DATABASE = "superlink.db"  # the SuperLink's state (registered campuses, runs), in the coordinator's state folder
+LISTENING = "Application startup complete"  # what flower-superlink prints once it serves
 INSECURE_WARNING = (
     "WARNING: --insecure: the coordinator runs WITHOUT TLS and WITHOUT campus authentication; "
     "model updates travel in plaintext and anyone who reaches the port can join. Local experiments only."
@@ -108,11 +125,14 @@ def connect(address: str, root_cert: Path | None) -> None:
     )
 
 
-def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None) -> list[str]:
-    """``flower-superlink`` on ``host:port`` (Fleet, Control and ServerApp APIs on that one port).
+def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None, secret: Path, database: Path) -> list[str]:
+    """``flower-superlink`` on ``host:port`` (Fleet, Control and Runtime APIs on that one port).
 
     ``tls`` is (CA certificate, server certificate, server key); with it SuperNode
-    authentication is on. None: plaintext and no authentication.
+    authentication is on. None: plaintext and no authentication. The SuperLink
+    starts no ServerApp itself: a run's task goes only to a SuperExec signing its
+    requests with the secret in the file ``secret`` (:func:`superexec_command`).
+    ``database``: the SQLite file of its state.
     """
     command = [
         "flower-superlink",
@@ -121,7 +141,11 @@ def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None)
         "--port",
         str(port),
         "--isolation",
-        "subprocess",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--database",
+        str(database),
         "--disable-runtime-dependency-installation",
     ]
     if tls is None:
@@ -136,6 +160,22 @@ def superlink_command(port: int, host: str, tls: tuple[Path, Path, Path] | None)
         "--ssl-keyfile",
         str(key),
         "--enable-supernode-auth",
+    ]
+
+
+def superexec_command(address: str, root_cert: Path | None, secret: Path) -> list[str]:
+    """Flower's ``flower-superexec`` taking the ServerApp tasks of the SuperLink at ``address`` with the
+    secret in ``secret``, over TLS verified with ``root_cert`` (None: plaintext); it stops when this process does."""
+    tls = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+    return [
+        "flower-superexec",
+        "--runtime-api-address",
+        address,
+        *tls,
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--parent-pid",
+        str(os.getpid()),
     ]
 
 
@@ -154,10 +194,11 @@ def register(pki: Path) -> dict[str, str]:
     nodes = json.loads(nodes_file.read_text()) if nodes_file.is_file() else {}
     for campus, public_key in registered_campuses(pki).items():
         proc = _flwr("supernode", "register", str(public_key), CONNECTION, "--name", campus, "--format", "json", check=False)
-        if proc.returncode == 0:
-            nodes[campus] = str(json.loads(proc.stdout[proc.stdout.index("{") :])["node-id"])
+        reply = json.loads(proc.stdout[proc.stdout.index("{") :]) if "{" in proc.stdout else {}
+        if proc.returncode == 0 and reply.get("success"):
+            nodes[campus] = str(reply["node-id"])
             print(f"coordinator: campus {campus} registered (node {nodes[campus]})", flush=True)
-        elif "already in use" in proc.stdout + proc.stderr:
+        elif "already in use" in reply.get("error-message", "") + proc.stderr:  # in the SuperLink's database already
             print(f"coordinator: campus {campus} was registered before", flush=True)
         else:
             raise RunFailed(f"registering campus {campus} ({public_key}) failed: {_flwr_error(proc)}")
@@ -169,30 +210,45 @@ def start(
     *,
     port: int,
     host: str = "127.0.0.1",
+    state: Path | None = None,
     pki: Path | None = None,
     root_cert: Path | None = None,
     cert: Path | None = None,
     key: Path | None = None,
     insecure: bool = False,
 ) -> None:
-    """Run the coordinator's SuperLink in the foreground until it is stopped (Ctrl-C, SIGTERM).
+    """Run the coordinator's SuperLink and its SuperExec in the foreground until stopped (Ctrl-C, SIGTERM).
+
+    ``state`` is the coordinator's state folder (default ``edufl-state/coordinator``
+    under the current directory, created with mode 0700): the SuperLink's
+    database (:data:`DATABASE`) and the SuperExec secret, created if missing.
+    Starting again with the same folder keeps the registered campuses and runs.
 
     Raises
     ------
     PKIError
-        On a missing certificate or key file.
+        On a missing certificate or key file, or a SuperExec secret others can read.
     RunFailed
-        When the SuperLink stops with an error or a campus key cannot be registered.
+        When the SuperLink or its SuperExec stops with an error, or a campus key cannot be registered.
     """
     tls = None if insecure else tuple(tls_files(pki, {CA_CERT: root_cert, SUPERLINK_CERT: cert, SUPERLINK_KEY: key}))
+    state = Path(state or Path("edufl-state") / "coordinator").resolve()
+    secret = superexec_secret(state)
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     connect(f"{local}:{port}", None if tls is None else tls[0])
+    superexec = Companion(
+        superexec_command(f"{local}:{port}", None if tls is None else tls[0], secret),
+        LISTENING,
+        partial(stop_child, "flower-superlink"),
+        "the coordinator's SuperExec",
+    )
     failures: list[Exception] = []
 
     def when_listening(line: str) -> None:
-        if "Application startup complete" not in line:
+        superexec.on_line(line)
+        if LISTENING not in line:
             return
         if insecure or pki is None:
             print("coordinator: ready (register campus keys with `flwr supernode register KEY.pub edufl`)", flush=True)
@@ -203,7 +259,7 @@ def start(
                 nodes = register(Path(pki))
                 print(
                     f"coordinator: ready on {host}:{port} with TLS and campus authentication; "
-                    f"{len(nodes)} campus key(s) registered",
+                    f"{len(nodes)} campus key(s) registered; state in {state}",
                     flush=True,
                 )
             except RunFailed as err:
@@ -212,7 +268,12 @@ def start(
 
         threading.Thread(target=register_all, daemon=True).start()
 
-    status, _ = foreground(superlink_command(port, host, tls), on_line=when_listening)
+    status, _ = foreground(superlink_command(port, host, tls, secret, state / DATABASE), on_line=when_listening)
+    if superexec.failed is not None:
+        raise RunFailed(
+            f"the coordinator's SuperExec stopped with status {superexec.failed} (see its output above); "
+            "the SuperLink was stopped with it, since no run can start without it"
+        )
     if status not in (0, -15) or failures:
         raise RunFailed(f"the SuperLink stopped with status {status}" if not failures else str(failures[0]))
 

@@ -13,6 +13,9 @@ from their own CA. :func:`make_pki` writes one folder that both sides read
 ``campus-NAME.pub``    its public key (OpenSSH format), registered on the SuperLink
 =====================  ==========================================================
 
+Private keys are created readable by their owner only (mode 0600) from the first
+byte on; :func:`superexec_secret` makes the coordinator's SuperExec secret the same way.
+
 Flower's SuperNode authentication takes an elliptic-curve key on a NIST curve
 (P-384 here) in OpenSSH format (``flwr supernode register`` and
 ``flower-supernode --auth-supernode-private-key``).
@@ -24,6 +27,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -33,9 +37,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edufl.federation.deploy import CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY, PKIError, campus_key, check_campus_name
 
-__all__ = ["CA_KEY", "LOCAL_NAMES", "make_pki", "registered_campuses"]
+__all__ = ["CA_KEY", "LOCAL_NAMES", "SUPEREXEC_SECRET", "make_pki", "registered_campuses", "superexec_secret"]
 
 CA_KEY = "ca.key"
+SUPEREXEC_SECRET = "superexec-auth.secret"  # in the coordinator's state folder
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 _CURVE = ec.SECP384R1
 _VALID_DAYS = 825  # the longest server-certificate lifetime common clients accept
@@ -52,9 +57,29 @@ def registered_campuses(pki: Path) -> dict[str, Path]:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Create ``path`` (never overwriting a file) holding ``data``: mode 0600 if ``private``, else 0644
+    (less what the umask removes), set when the file is created, before anything is written to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def superexec_secret(folder: Path) -> Path:
+    """The coordinator's SuperExec secret, ``folder/superexec-auth.secret`` (32 random bytes), created with
+    mode 0600 if it is not there yet: the SuperLink gives a run's ServerApp task only to a SuperExec holding it.
+
+    Raises
+    ------
+    PKIError
+        When the file exists but is empty, or can be read by other users than its owner.
+    """
+    path = Path(folder) / SUPEREXEC_SECRET
+    Path(folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        _write(path, secrets.token_bytes(32), private=True)
+    if path.stat().st_size == 0 or path.stat().st_mode & 0o077:
+        raise PKIError(f"{path}: expected a non-empty file only its owner can read (chmod 600), or delete it to get a new one")
+    return path
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -1,7 +1,8 @@
 """What the coordinator waits for and keeps of the campuses' replies, in training rounds and statistic queries alike.
 
-It waits, with a limit, for enough campuses to be connected
-(:func:`await_connected_nodes`), and sorts the replies to what it asked
+It collects replies every :data:`POLL_INTERVAL` seconds (:class:`PollingGrid`,
+around the grid Flower gives the ServerApp), waits, with a limit, for enough
+campuses to be connected (:func:`await_connected_nodes`), and sorts the replies to what it asked
 (:func:`collect`) into answers, with the size and digest of what each campus
 sent, and failures: an error reply, with only the reason a campus's release
 guard gave (:func:`error_reason`), or no reply at all.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -23,9 +25,12 @@ from edufl.federation.wire import BLOCKED, CAMPUS, FAILED, REFUSED
 __all__ = [
     "CAMPUS_CODES",
     "NO_REPLY",
+    "POLL_INTERVAL",
     "Answered",
     "CampusesMissing",
+    "DelegatingGrid",
     "Failed",
+    "PollingGrid",
     "await_connected_nodes",
     "collect",
     "error_reason",
@@ -35,6 +40,67 @@ __all__ = [
 NO_REPLY = "node {node}: no reply (disconnected, or past round-timeout)"
 CAMPUS_CODES = (REFUSED, BLOCKED, FAILED)
 """Error codes set by a campus's release guard, whose reasons it builds without data (:mod:`clients.guard`)."""
+
+
+POLL_INTERVAL = 0.1
+"""Seconds between two pulls of replies (Flower's deployment grid waits 3 s, ``superlink/grid/http_grid.py``)."""
+
+
+class DelegatingGrid(Grid):
+    """A Grid that passes every call to ``grid``, for wrappers that change one step (subclass and override it)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def set_run(self, run_id: int) -> None:
+        self.grid.set_run(run_id)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Any:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(DelegatingGrid):
+    """``grid`` with :meth:`send_and_receive` built on its public ``push_messages``/``pull_messages``, pulling
+    every ``interval`` seconds: a reply is collected within ``interval`` of its arrival at the SuperLink."""
+
+    def __init__(self, grid: Grid, interval: float = POLL_INTERVAL):
+        super().__init__(grid)
+        self.interval = interval
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages``; return the replies that arrived within ``timeout`` seconds (None: wait for all)."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval if deadline is None else max(0.0, min(self.interval, deadline - time.monotonic())))
+        return replies
 
 
 class CampusesMissing(RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -25,13 +26,17 @@ from rich.console import Console
 from edufl.federation.metrics import EVALUATE_METRICS, PRIMARY_METRIC, SUBGROUPS
 from edufl.federation.privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
 from edufl.federation.randomness import REPRODUCIBLE_WARNING
+from edufl.federation.training import Subgroup
 from edufl.federation.wire import NUM_EXAMPLES
 
 __all__ = [
     "METRIC_NAMES",
+    "BASE_RATE_NOTE",
     "NO_DP_WARNING",
     "SECRET_NOISE",
     "Report",
+    "code_version",
+    "combined_interval",
     "global_metrics",
     "primary_metric",
     "task_metrics",
@@ -44,6 +49,12 @@ METRIC_NAMES = {"auc": "AUC", "macro_f1": "macro-F1"}
 """How the console and plots name each task's primary metric."""
 NO_DP_WARNING = "DIFFERENTIAL PRIVACY IS OFF: model updates are released without clipping or noise; no ε applies."
 SECRET_NOISE = "secret: drawn on each campus from OS entropy for every release, never from the run config"
+BASE_RATE_NOTE = (
+    "base_rate: the share of positive rows among a campus's test rows, exact, in the centralized and local "
+    "baselines (the researcher's own rows); empty in federated runs: a campus releases no count of its positives "
+    "(an exact one is not among the declared metrics; a DP one is `edufl analytics run` with a count query)"
+)
+"""What ``base_rate`` in campuses.csv and summary.json is, and why federated runs leave it empty."""
 
 
 def versions() -> dict[str, str]:
@@ -55,6 +66,24 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def code_version() -> dict:
+    """The git commit the running edufl code comes from: ``commit`` (40 hex digits), ``dirty`` (uncommitted
+    changes to tracked or untracked files), and ``source`` (the checkout's folder). Both are None, with
+    ``source`` saying why, when the code does not run from a git checkout (an installed wheel, an app
+    bundle on a coordinator) or git cannot be run; never raises."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # a folder inside some other repository
+            raise ValueError
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")), "source": str(root)}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "source": f"not a git checkout ({root}): no commit recorded"}
 
 
 def _clean(value):
@@ -97,6 +126,25 @@ def global_metrics(rows: list[dict], task: str) -> dict[str, float]:
     key = primary_metric(task)
     values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
     return {**{m: weighted(rows, m) for m in task_metrics(task)}, worst_metric(task): min(values) if values else float("nan")}
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else "[no interval]"
+
+
+def combined_interval(groups: list[dict], key: str) -> tuple[float, float]:
+    """95 % interval of the test-row-weighted mean of ``key`` over the campuses' ``groups`` (each with
+    ``n_test``, ``key`` and its bootstrap interval ``low``, ``high``): one campus's own interval; for several, a
+    normal approximation: each campus's standard error taken as its interval's width over 2 × 1.96, the
+    campuses independent, clipped to [0, 1]. NaN when no group, or one group's interval, is known."""
+    if len(groups) == 1:
+        return groups[0]["low"], groups[0]["high"]
+    total = sum(g["n_test"] for g in groups)
+    spread = [(g["n_test"] / total) * (g["high"] - g["low"]) / (2 * 1.96) for g in groups] if total else [math.nan]
+    centre, se = weighted(groups, key), math.sqrt(sum(s * s for s in spread))
+    if not (math.isfinite(centre) and math.isfinite(se)):
+        return math.nan, math.nan
+    return max(0.0, centre - 1.96 * se), min(1.0, centre + 1.96 * se)
 
 
 @dataclass
@@ -170,14 +218,28 @@ class Report:
         )
 
     def add_evaluation(
-        self, campus: str, *, n_test: int, metrics: dict[str, float], groups: dict[tuple[str, str], tuple[int, float]]
+        self,
+        campus: str,
+        *,
+        n_test: int,
+        metrics: dict[str, float],
+        groups: dict[tuple[str, str], Subgroup],
+        base_rate: float | None = None,
     ) -> None:
         """Record a campus's evaluation of the current global model on its test rows: ``metrics`` (at
-        least :attr:`metrics`) and the subgroups it reported, ``(attribute, value) -> (test rows, primary
-        metric)`` (as from :func:`federation.training.subgroup_metrics`)."""
-        self.evaluation[campus] = dict(n_test=int(n_test), **{k: float(metrics[k]) for k in self.metrics})
+        least :attr:`metrics`), the subgroups it reported, ``(attribute, value) -> Subgroup(test rows,
+        primary metric, interval low, interval high)`` (as from :func:`federation.training.subgroup_metrics`),
+        and, where the caller holds the campus's test rows (the research baselines), their ``base_rate``: the
+        share of positive rows (binary tasks). Campuses do not release it (see :data:`BASE_RATE_NOTE`)."""
+        self.evaluation[campus] = dict(n_test=int(n_test), base_rate=base_rate, **{k: float(metrics[k]) for k in self.metrics})
         self.groups[campus] = [
-            dict(attribute=a, value=v, n_test=int(n), **{self.primary: float(m)}) for (a, v), (n, m) in groups.items()
+            dict(
+                attribute=a,
+                value=v,
+                n_test=int(g.n),
+                **{self.primary: float(g.value), "low": float(g.low), "high": float(g.high)},
+            )
+            for (a, v), g in groups.items()
         ]
         self._evaluated_now.add(campus)
 
@@ -289,9 +351,11 @@ class Report:
         return rows
 
     def fairness(self) -> list[dict]:
-        """The fairness table: one row per subgroup (``attribute``, ``value``) reported by at least one
-        campus in its latest evaluation, with the number of those ``campuses``, their test rows in the
-        group (``n_test``) and the primary metric weighted by those rows."""
+        """The fairness table: one row per subgroup (``attribute``, ``value``) reported by at least one campus
+        in its latest evaluation, with the number of those ``campuses`` and of the campuses that withheld it
+        (``withheld_by``: fewer than their ``release.min_cohort_size`` test rows in it, or complementary
+        suppression), the reported test rows in the group (``n_test``), the primary metric weighted by those
+        rows and its 95 % interval (``<metric>_low``, ``<metric>_high``; :func:`combined_interval`)."""
         key = self.primary
         table = []
         for attribute, values in SUBGROUPS.items():
@@ -299,16 +363,19 @@ class Report:
                 reported = [
                     g for groups in self.groups.values() for g in groups if (g["attribute"], g["value"]) == (attribute, value)
                 ]
-                if reported:
-                    table.append(
-                        dict(
-                            attribute=attribute,
-                            value=value,
-                            campuses=len(reported),
-                            n_test=sum(g["n_test"] for g in reported),
-                            **{key: weighted(reported, key)},
-                        )
+                if not reported:
+                    continue
+                low, high = combined_interval(reported, key)
+                table.append(
+                    dict(
+                        attribute=attribute,
+                        value=value,
+                        campuses=len(reported),
+                        withheld_by=len(self.groups) - len(reported),
+                        n_test=sum(g["n_test"] for g in reported),
+                        **{key: weighted(reported, key), f"{key}_low": low, f"{key}_high": high},
                     )
+                )
         return table
 
     def write(self, out: Path, state_dict: dict[str, torch.Tensor] | None, wall_time_s: float) -> dict:
@@ -318,6 +385,7 @@ class Report:
         summary = {
             "config": self.config,
             "versions": versions(),
+            "code": code_version(),
             "privacy": {
                 "dp": self.dp,
                 **({"warning": NO_DP_WARNING} if not self.dp else {}),
@@ -332,14 +400,17 @@ class Report:
             },
             "rounds": self.rounds,
             "campuses": rows,
+            "base_rate_is": BASE_RATE_NOTE,
             "global": global_metrics(rows, self.task),
             "fairness": {
                 "metric": self.primary,
                 "groups": fairness,
                 "how": "each campus reports the metric on each subgroup of at least its release.min_cohort_size (k) "
-                "test rows; smaller groups are not sent, nor, per attribute, its smallest groups while fewer "
-                "than k test rows would lie outside the groups sent; a group's value is the mean over the "
-                "campuses that reported it, weighted by their test rows in the group",
+                "test rows, with its 95 % percentile bootstrap interval over that group's rows; smaller groups are "
+                "not sent (withheld_by counts the campuses that sent none), nor, per attribute, its smallest groups "
+                "while fewer than k test rows would lie outside the groups sent; a group's value is the mean over "
+                "the campuses that reported it, weighted by their test rows in the group, its interval that of "
+                "one campus, or for several a normal approximation from the campuses' intervals",
             },
             "failures": self.failures,
             "receipts": self.receipts,
@@ -354,7 +425,16 @@ class Report:
                 privacy_unit=PRIVACY_UNIT_SHORT if self.dp else None,
                 noise="reproducible" if self.reproducible_noise else ("secret" if self.dp else None),
             ).to_csv(out / name, index=False)
-        columns = ["attribute", "value", "campuses", "n_test", self.primary]
+        columns = [
+            "attribute",
+            "value",
+            "campuses",
+            "withheld_by",
+            "n_test",
+            self.primary,
+            f"{self.primary}_low",
+            f"{self.primary}_high",
+        ]
         pd.DataFrame(fairness, columns=columns).to_csv(out / "fairness.csv", index=False)
         if state_dict is not None:
             torch.save(state_dict, out / "model.pt")
@@ -374,41 +454,61 @@ class Report:
         )
         for attribute in SUBGROUPS:
             groups = [
-                f"{r['value']} {r[key]:.3f} (n {r['n_test']}, {r['campuses']} campus{'es' if r['campuses'] > 1 else ''})"
+                f"{r['value']} {r[key]:.3f} {_interval(r[f'{key}_low'], r[f'{key}_high'])} (n {r['n_test']}, "
+                f"{r['campuses']} campus{'es' if r['campuses'] > 1 else ''}"
+                f"{f', withheld by {w}' if (w := r['withheld_by']) else ''})"
                 for r in fairness
                 if r["attribute"] == attribute
             ]
             self.console.print(f"  {name} by {attribute}: {', '.join(groups) or 'no group reported'}")
         return summary
 
-    def _plot(self, path: Path) -> None:
-        import matplotlib
+    def title(self) -> str:
+        """The settings that produced the run, in two lines, for its plot's title."""
+        c = self.config
+        campuses = f"{len(c['campuses'])} campuses by {c.get('campus-by')}" if "campuses" in c else "federated campuses"
+        privacy = f"DP-SGD ε ≤ {c.get('target-epsilon'):g}, δ = {self.delta:g}" if self.dp else "NO DIFFERENTIAL PRIVACY"
+        return (
+            f"{c.get('mode', 'federated')}, {campuses}, task {self.task} at day {c.get('cutoff-day')}\n"
+            f"{c.get('model')}, {c.get('strategy')}, {c.get('num-rounds')} rounds, {privacy}, seed {c.get('seed')}"
+        )
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+    def figure(self):
+        """The run's plot (a matplotlib Figure): left, the test primary metric per round, weighted and of the worst
+        campus, with the chance level of AUC (0.5); right, the ε spent so far (maximum over campuses) against
+        the run's target. The title holds the settings (:meth:`title`)."""
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
         frame = pd.DataFrame(self.rounds)
         key, name = self.primary, METRIC_NAMES[self.primary]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(frame["round"], frame[key], marker="o", label=f"weighted {name}")
-        ax.plot(frame["round"], frame[worst_metric(self.task)], marker=".", linestyle="--", label=f"worst-campus {name}")
-        ax.set_xlabel("round")
-        ax.set_xlim(0.5, frame["round"].max() + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.set_ylabel(f"{name} (test)")
+        fig = Figure(figsize=(10, 4.2), layout="constrained")
+        metric, spent = fig.subplots(1, 2)
+        metric.plot(frame["round"], frame[key], marker="o", label=f"weighted {name}")
+        metric.plot(frame["round"], frame[worst_metric(self.task)], marker=".", linestyle="--", label=f"worst-campus {name}")
+        if key == "auc":
+            metric.axhline(0.5, color="grey", linestyle=":", label="chance (AUC 0.5)")
+            metric.set_ylim(min(0.45, frame[worst_metric(self.task)].min() - 0.02), max(0.55, frame[key].max() + 0.02))
+        metric.set_ylabel(f"test {name}")
+        metric.set_title(f"test {name} of the global model")
         if self.dp:
-            right = ax.twinx()
-            right.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="max ε")
-            right.set_ylabel(f"ε (max over campuses, δ={self.delta:g}, per {PRIVACY_UNIT_SHORT})")
-            right.legend(loc="lower right")
-            if self.reproducible_noise:
-                ax.set_title(f"Test {name} and privacy spent per round\n{REPRODUCIBLE_WARNING}", color="red")
-            else:
-                ax.set_title(f"Test {name} and privacy spent per round")
+            spent.plot(frame["round"], frame["epsilon_max"], color="tab:red", marker="s", label="ε spent (max over campuses)")
+            spent.axhline(self.config["target-epsilon"], color="black", linestyle="--", label="target ε")
+            spent.set_ylim(0, self.config["target-epsilon"] * 1.15)
+            spent.set_ylabel(f"ε per {PRIVACY_UNIT_SHORT}")
+            spent.set_title(f"privacy spent so far (δ = {self.delta:g})")
         else:
-            ax.set_title(f"Test {name} per round — NO DIFFERENTIAL PRIVACY", color="red")
-        ax.legend(loc="upper left")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+            spent.text(0.5, 0.5, "no DP: no ε applies", ha="center", va="center", color="red", transform=spent.transAxes)
+            spent.set_title("privacy spent")
+        for ax in (metric, spent):
+            ax.set_xlabel("round")
+            ax.set_xlim(0.5, frame["round"].max() + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            if ax.lines:
+                ax.legend(loc="lower right", fontsize="small")
+        warning = f"\n{REPRODUCIBLE_WARNING}" if self.reproducible_noise else ""
+        fig.suptitle(self.title() + warning, color="red" if warning or not self.dp else "black", fontsize="medium")
+        return fig
+
+    def _plot(self, path: Path) -> None:
+        self.figure().savefig(path, dpi=110)

@@ -71,6 +71,13 @@ RUN_OPTIONS = (
     RunOption("max_grad_norm", "--max-grad-norm", float, "per-example clipping norm"),
     RunOption("dp", "--no-dp", bool, "turn differential privacy OFF (research baselines only)", inverted=True),
     RunOption(
+        "evaluate_in_train",
+        "--separate-evaluation",
+        bool,
+        "evaluate in an exchange of its own after every round, instead of in the next round's training reply",
+        inverted=True,
+    ),
+    RunOption(
         "central_dp",
         "--central-dp",
         str,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext, ServerConfig
@@ -39,7 +39,7 @@ from edufl.federation.runconfig import RunConfig
 from edufl.federation.secaggplus import named_arrays
 from edufl.federation.wire import CONFIG
 
-from .replies import await_connected_nodes
+from .replies import DelegatingGrid, await_connected_nodes
 from .reporting import ReportingStrategy
 
 __all__ = ["CampusGrid", "SecAggFedAvg", "SecAggPlus", "phase", "run_secaggplus"]
@@ -57,36 +57,13 @@ def _shares(value: float) -> int | float:
     return float(value) if value <= 1 else int(value)
 
 
-class CampusGrid(Grid):
+class CampusGrid(DelegatingGrid):
     """Passes every call to ``grid``; gives each SecAgg+ stage message the run configuration with its round,
     and records the stage's replies in ``reporting`` (a :class:`server.reporting.ReportingStrategy`)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, reporting: ReportingStrategy):
-        self.grid, self.cfg, self.reporting = grid, cfg, reporting
-
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        super().__init__(grid)
+        self.cfg, self.reporting = cfg, reporting
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

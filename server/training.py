@@ -66,6 +66,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
         cfg.round_timeout,
         first_round=first,
         checkpoint=(out / CHECKPOINT, cfg) if cfg.run_name else None,
+        evaluate_in_train=cfg.evaluate_in_train and cfg.secure_aggregation == "off",
     )
     config = ConfigRecord(cfg.to_flower())
     try:

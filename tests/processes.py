@@ -35,10 +35,11 @@ class Processes:
     def __init__(self, logs: Path):
         self.logs, self.running = logs, {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start `edufl ARGS` as ``name``; ``prefix`` (e.g. `ip netns exec NS`) runs it as another host would."""
         log = open(self.logs / f"{name}.log", "w")
         proc = subprocess.Popen(
-            [*EDUFL, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=flwr_env(), start_new_session=True
+            [*prefix, *EDUFL, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=flwr_env(), start_new_session=True
         )
         self.running[name] = proc
         return proc
@@ -81,7 +82,9 @@ def federation(root: Path, tables, policies: dict[str, str], unstarted: tuple[st
     port = free_port()
     superlink = f"127.0.0.1:{port}"
     try:
-        procs.start("coordinator", "coordinator", "start", "--pki", str(root / "pki"), "--port", str(port))
+        procs.start(
+            "coordinator", "coordinator", "start", "--pki", str(root / "pki"), "--port", str(port), *state(root, "coordinator")
+        )
         procs.wait_for("coordinator", "coordinator: ready")
         for campus, policy in policies.items():
             start_campus(procs, root, superlink, campus, policy=policy, wait=False)
@@ -128,7 +131,8 @@ def start_campus(
 
 
 def state(root: Path, campus: str) -> list[str]:
-    """The --state option giving ``campus`` its state folder under ``root`` (never the working or home folder)."""
+    """The --state option giving ``campus`` (or the ``coordinator``) its state folder under ``root`` (never the
+    working or home folder)."""
     return ["--state", str(root / "state" / campus)]
 
 

@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.superexec.executor import LaunchResult, LaunchResultStatus
 from processes import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
-from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, add_approval, gate_command
+from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, WarmWorkers, add_approval, gate_command
 from edufl.clients.campus import supernode_command
 from edufl.federation.audit import AuditLog
 from edufl.federation.bundle import APP_MODULES, app_folder, bundle_sha256, stage
@@ -155,6 +155,33 @@ def test_the_bundle_holds_exactly_the_modules_the_apps_import(tmp_path):
     assert {"matplotlib", "ray"}.isdisjoint(eager.stdout)  # the apps load no research code
 
 
+def test_a_warm_worker_preloads_no_edufl_module_and_flags_one_from_outside_its_bundle(tmp_path):
+    worker = REPO / "clients" / "worker.py"
+    with app_folder() as folder:
+        probe = (
+            "import importlib, runpy, sys\n"
+            "w = runpy.run_path(sys.argv[1], run_name='probe')\n"
+            "for name in w['PRELOAD']: importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'edufl'))\n"
+            "sys.path.insert(0, sys.argv[2]); import edufl.clients.app\n"
+            "from pathlib import Path\n"
+            "print(w['_stray_modules'](Path(sys.argv[2]).resolve()))\n"
+            "import importlib.util as u\n"
+            "spec = u.spec_from_file_location('edufl.outside', sys.argv[3])\n"
+            "sys.modules['edufl.outside'] = u.module_from_spec(spec)\n"
+            "print(w['_stray_modules'](Path(sys.argv[2]).resolve()))\n"
+        )
+        outside = REPO / "experiments" / "bench.py"
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", probe, str(worker), str(folder), str(outside)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "[]", "['edufl.outside']"]
+
+
 def test_the_bundles_run_config_is_the_run_config_defaults_as_flower_reads_it():
     with app_folder() as folder:
         fab = build_fab_from_disk(folder)
@@ -237,16 +264,71 @@ class RecordingGate(Gate):
         return LaunchResult.accepted()
 
 
-def test_plugin_launches_an_approved_task_with_flowers_executor_and_never_an_unapproved_one(tmp_path):
+# A stand-in for clients/worker.py speaking its protocol: it records each task line it reads in tasks.txt
+# beside it, and after CRASH_AFTER lines (a number in crash.txt, if any) exits without finishing the last.
+FAKE_WORKER = """
+import argparse, os, sys
+from pathlib import Path
+p = argparse.ArgumentParser()
+p.add_argument("--runtime-api-address"); p.add_argument("--status-fd", type=int); p.add_argument("--parent-pid")
+args = p.parse_args()
+here = Path(__file__).parent
+crash = int((here / "crash.txt").read_text()) if (here / "crash.txt").exists() else None
+with os.fdopen(args.status_fd, "w", buffering=1) as status:
+    status.write("ready\\n")
+    for n, line in enumerate(sys.stdin, 1):
+        with open(here / "tasks.txt", "a") as seen:
+            seen.write(line)
+        token = line.split()[0]
+        status.write(f"start {token}\\n")
+        if n == crash:
+            sys.exit(9)
+        status.write(f"done {token}\\n")
+"""
+
+
+def fake_worker(tmp_path: Path, crash_after: int | None = None) -> Path:
+    program = tmp_path / "fake_worker.py"
+    program.write_text(FAKE_WORKER)
+    if crash_after is not None:
+        (tmp_path / "crash.txt").write_text(str(crash_after))
+    return program
+
+
+def test_plugin_hands_an_approved_task_to_its_bundles_warm_worker_and_never_an_unapproved_one(tmp_path):
     gate = RecordingGate("AAA", tmp_path, policy_file(tmp_path, f'[apps]\napproved_fab_hashes = ["{OTHER}"]\n'))
     executor = FakeExecutor()
     plugin = GatePlugin("127.0.0.1:1", True, None, executor=executor, gate=gate)
+    plugin.workers = WarmWorkers("127.0.0.1:1", plugin.workers.cold_start, fake_worker(tmp_path))
     assert plugin.launch_task("token-1", task()).status == LaunchResultStatus.ACCEPTED
     assert plugin.launch_task("token-2", task("cd" * 32)).status == LaunchResultStatus.ACCEPTED
-    assert [(s.token, s.task_type, s.fab_hash, s.runtime_dependency_install) for s in executor.launched] == [
-        ("token-1", TaskType.CLIENT_APP, OTHER, False)
-    ]
+    assert plugin.launch_task("token-3", task()).status == LaunchResultStatus.ACCEPTED
+    worker = plugin.workers.worker(OTHER)
+    worker.proc.stdin.close()  # the worker ends once it has read both tasks
+    worker.follower.join(timeout=30)
+    assert (tmp_path / "tasks.txt").read_text() == f"token-1 {OTHER}\ntoken-3 {OTHER}\n"  # one process, both tasks
+    assert executor.launched == [] and worker.proc.returncode == 0
     assert [(token, fab_hash) for token, fab_hash, _ in gate.refused] == [("token-2", "cd" * 32)]
+
+
+def test_a_task_a_stopped_worker_had_not_started_starts_cold_and_the_next_gets_a_new_worker(tmp_path):
+    cold = []
+    workers = WarmWorkers("127.0.0.1:1", lambda token, t: cold.append(token) or LaunchResult.accepted(), fake_worker(tmp_path, 1))
+    first = workers.worker(OTHER)
+    assert workers.launch("token-1", task()).status == LaunchResultStatus.ACCEPTED  # started, then the worker dies
+    first.follower.join(timeout=30)
+    assert first.proc.returncode == 9 and cold == []  # a started task is closed as failed, never run twice
+    assert workers.launch("token-2", task()).status == LaunchResultStatus.ACCEPTED
+    second = workers.worker(OTHER)
+    assert second is not first
+    second.follower.join(timeout=30)  # it too stops after its first task
+    # A worker that stopped before reading a task: that task runs cold.
+    third = workers.worker(OTHER)
+    third.proc.kill()
+    third.follower.join(timeout=30)
+    assert not third.take("token-3", task())
+    assert workers.launch("token-4", task()).status == LaunchResultStatus.ACCEPTED
+    assert (tmp_path / "tasks.txt").read_text().split("\n")[:2] == [f"token-1 {OTHER}", f"token-2 {OTHER}"]
 
 
 def test_refusal_is_audited_and_printed_naming_the_bundle_and_the_policy_key(tmp_path, capsys, task_identity):

@@ -206,7 +206,7 @@ def test_unknown_message_type_is_refused_and_audited(aaa_dir: Path, tmp_path: Pa
 
 
 def test_query_with_an_unknown_config_key_is_refused(aaa_dir: Path, tmp_path: Path, task_identity):
-    config = ConfigRecord({QUERY_KEY: b"", "contract-version": "1.0", "server-round": 1, "seed": 4})
+    config = ConfigRecord({QUERY_KEY: b"", "contract-version": "1.1", "server-round": 1, "seed": 4})
     reply = app(
         Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query"), campus_context(aaa_dir, tmp_path / "state")
     )

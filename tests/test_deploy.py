@@ -86,7 +86,9 @@ def test_two_rounds_over_tls_with_campus_authentication(deployment, tables):
         logged |= {(r.server_round, r.message_type, campus, r.payload_sha256) for r in log.records(name) if r.sent}
         log.close()
     assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}
-    assert len(logged) == 2 * 2 * len(CAMPUSES)
+    # one exchange per round (round 1's model is evaluated in round 2's train replies), then the last model's evaluation
+    assert sorted((r, t) for r, t, c, _ in logged if c == "AAA") == [(1, "train"), (2, "evaluate"), (2, "train")]
+    assert len(logged) == 3 * len(CAMPUSES)
 
 
 def test_paused_run_resumes_after_its_last_round_under_the_same_run_name(deployment):

@@ -122,15 +122,16 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     model.load_state_dict(request.content["arrays"].to_torch_state_dict())
     p = predict(model, test_part.x)
     released, outside = [], {attribute: len(test_part) for attribute in SUBGROUPS}
-    for (attribute, value), (count, metric) in subgroup_keys(task).items():
+    for (attribute, value), (count, metric, low, high) in subgroup_keys(task).items():
         rows = np.flatnonzero(test_part.rows[attribute].to_numpy(object) == value)
         if count not in sent:
-            assert metric not in sent
+            assert not {metric, low, high} & set(sent)
             continue
         released.append(f"{attribute}={value}")
         outside[attribute] -= len(rows)
         assert sent[count] == len(rows) >= k
         assert sent[metric] == pytest.approx(_recomputed(task, test_part.y[rows], p[rows]), nan_ok=True)
+        assert not sent[low] > sent[high]  # the bootstrap interval, NaN where the metric is undefined on resamples
     # No smaller group's size follows by subtraction: per attribute, 0 or at least k test rows lie outside the groups sent.
     assert all(n == 0 or n >= k for n in outside.values()), outside
     if (task, policy_k) == ("final_result", None):  # AAA's 140 test rows: 9 with a disability, so neither N nor Y is sent
@@ -148,7 +149,7 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
             "imd_band=90-100%",
         ]
     assert 0 < len(released) < len(subgroup_keys(task))
-    assert len(sent) == len(EVALUATE_METRICS[task]) + 2 * len(released)
+    assert len(sent) == len(EVALUATE_METRICS[task]) + 4 * len(released)
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert record.sent and sorted(record.metric_keys) == sorted(sent)
 
@@ -222,8 +223,8 @@ def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_tab
     assert len(fairness) == len(set().union(*per_campus))
     for r in fairness.itertuples():
         reported = [groups[(r.attribute, r.value)] for groups in per_campus if (r.attribute, r.value) in groups]
-        assert r.campuses == len(reported) and r.n_test == sum(n for n, _ in reported)
-        assert r.macro_f1 == pytest.approx(sum(n * m for n, m in reported) / r.n_test)
+        assert r.campuses == len(reported) and r.withheld_by == 7 - len(reported) and r.n_test == sum(g.n for g in reported)
+        assert r.macro_f1 == pytest.approx(sum(g.n * g.value for g in reported) / r.n_test)
     assert fairness.set_index(["attribute", "value"]).loc[("age_band", "55<="), "campuses"] < 7  # suppressed somewhere
 
 
@@ -243,7 +244,7 @@ def test_each_task_end_to_end_centralized(tables, data_dir, tmp_path, task):
     else:
         assert summary["global"]["auc"] > 0.65
     fairness = pd.read_csv(out / "fairness.csv", dtype={"value": str})
-    assert list(fairness.columns) == ["attribute", "value", "campuses", "n_test", key]
+    assert list(fairness.columns) == ["attribute", "value", "campuses", "withheld_by", "n_test", key, f"{key}_low", f"{key}_high"]
     assert set(fairness["attribute"]) == {"gender", "age_band", "disability", "imd_band"}
     assert fairness.groupby("attribute")["n_test"].sum()["gender"] == sum(c["n_test"] for c in summary["campuses"])
 

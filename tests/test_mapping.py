@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from edufl.clients.app import train_handler
 from edufl.clients.guard import release_guard
-from edufl.federation.contract import TABLES, from_proto, to_proto
+from edufl.federation.contract import EVENTS, TABLES, from_proto, to_proto
 from edufl.federation.mapping import MappingError, load_mapping
 from edufl.federation.models import build_model
 from edufl.federation.problems import DataError
@@ -114,10 +114,12 @@ def test_example_export_gives_the_native_tables_and_features(aaa, records_dir):
     raw = (records_dir / "students.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b";" in raw.splitlines()[0]  # the export really is shaped differently
     mapped = load_tables(records_dir, EXAMPLE)
-    for table in TABLES:
+    assert mapped.mapping.modules == frozenset({"assessments"})  # the example export has no click log
+    for table in mapped.mapping.tables():
         pd.testing.assert_frame_equal(_contract(mapped, table.name), _contract(aaa, table.name))
+    core = Tables({k: v for k, v in aaa.frames.items() if k not in ("resources", "events")}, aaa.source, aaa.mapping)
     for task in ("withdrawal", "at_risk"):
-        native, other = early_warning(aaa, 60, task), early_warning(mapped, 60, task)
+        native, other = early_warning(core, 60, task), early_warning(mapped, 60, task)
         np.testing.assert_array_equal(native.x, other.x)
         np.testing.assert_array_equal(native.y, other.y)
         pd.testing.assert_frame_equal(native.rows, other.rows)
@@ -130,13 +132,21 @@ def test_example_export_gives_the_native_tables_and_features(aaa, records_dir):
 
 def test_contract_tables_survive_the_protobuf_round_trip(aaa):
     message = CampusData.FromString(to_proto(aaa.frames).SerializeToString())
-    assert (message.version.major, message.version.minor) == (1, 0)
+    assert (message.version.major, message.version.minor) == (1, 1)
     assert len(message.records) == 748 and sum(len(r.submissions) for r in message.records) == len(aaa["submissions"])
+    assert sum(len(r.events) for r in message.records) == len(aaa["events"]) == 350_298
     again = Tables(from_proto(message), aaa.source)
     for table in TABLES:
-        pd.testing.assert_frame_equal(_contract(again, table.name), _contract(aaa, table.name))
+        if table.key:
+            pd.testing.assert_frame_equal(_contract(again, table.name), _contract(aaa, table.name))
+    names = [c.name for c in EVENTS.columns]
+    pd.testing.assert_frame_equal(
+        again["events"][names].astype({"course": str, "presentation": str}).sort_values(names).reset_index(drop=True),
+        aaa["events"][names].astype({"course": str, "presentation": str}).sort_values(names).reset_index(drop=True),
+        check_dtype=False,
+    )
     message.version.major = 2
-    with pytest.raises(ValueError, match="contract 2.0; this edufl reads contract 1.0"):
+    with pytest.raises(ValueError, match="contract 2.1; this edufl reads contract 1.1"):
         from_proto(message)
 
 
@@ -214,7 +224,7 @@ def test_a_missing_column_names_the_contract_field(records_dir):
         (('start_date = "starts_on"', ""), "start_date: day columns are given as dates"),
         (
             ('contract_version = "1.0"', 'contract_version = "2.0"'),
-            "contract_version: .*reads learner-record contract 1.0; the mapping was written for 2.0",
+            "contract_version: .*reads learner-record contract 1.1; the mapping was written for 2.0",
         ),
         (('delimiter = ";"', 'delimiter = ";;"'), "delimiter: ';;' must be one character"),
         (('encoding = "utf-8"', 'encoding = "utf-9"'), "encoding: unknown encoding 'utf-9'"),

@@ -329,7 +329,7 @@ def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, q
 
 
 def _request(query: StatisticQuery, run: str = "q1") -> Message:
-    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString(), "contract-version": "1.0"})
+    config = ConfigRecord({"run-name": run, "server-round": 1, QUERY_KEY: query.SerializeToString(), "contract-version": "1.1"})
     return Message(RecordDict({CONFIG: config}), dst_node_id=1, message_type="query")
 
 

@@ -96,24 +96,56 @@ class Submission(_message.Message):
     score: float
     def __init__(self, assessment_id: _Optional[int] = ..., student_id: _Optional[int] = ..., submission_day: _Optional[int] = ..., banked: _Optional[bool] = ..., score: _Optional[float] = ...) -> None: ...
 
+class Resource(_message.Message):
+    __slots__ = ("site_id", "course", "presentation", "activity_type")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    COURSE_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    site_id: int
+    course: str
+    presentation: str
+    activity_type: str
+    def __init__(self, site_id: _Optional[int] = ..., course: _Optional[str] = ..., presentation: _Optional[str] = ..., activity_type: _Optional[str] = ...) -> None: ...
+
+class EngagementEvent(_message.Message):
+    __slots__ = ("course", "presentation", "student_id", "site_id", "day", "clicks")
+    COURSE_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    CLICKS_FIELD_NUMBER: _ClassVar[int]
+    course: str
+    presentation: str
+    student_id: int
+    site_id: int
+    day: int
+    clicks: int
+    def __init__(self, course: _Optional[str] = ..., presentation: _Optional[str] = ..., student_id: _Optional[int] = ..., site_id: _Optional[int] = ..., day: _Optional[int] = ..., clicks: _Optional[int] = ...) -> None: ...
+
 class LearnerRecord(_message.Message):
-    __slots__ = ("learner", "registration", "submissions")
+    __slots__ = ("learner", "registration", "submissions", "events")
     LEARNER_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     learner: Learner
     registration: Registration
     submissions: _containers.RepeatedCompositeFieldContainer[Submission]
-    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[EngagementEvent]
+    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[EngagementEvent, _Mapping]]] = ...) -> None: ...
 
 class CampusData(_message.Message):
-    __slots__ = ("version", "presentations", "assessments", "records")
+    __slots__ = ("version", "presentations", "assessments", "records", "resources")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PRESENTATIONS_FIELD_NUMBER: _ClassVar[int]
     ASSESSMENTS_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     version: ContractVersion
     presentations: _containers.RepeatedCompositeFieldContainer[Presentation]
     assessments: _containers.RepeatedCompositeFieldContainer[Assessment]
     records: _containers.RepeatedCompositeFieldContainer[LearnerRecord]
-    def __init__(self, version: _Optional[_Union[ContractVersion, _Mapping]] = ..., presentations: _Optional[_Iterable[_Union[Presentation, _Mapping]]] = ..., assessments: _Optional[_Iterable[_Union[Assessment, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[LearnerRecord, _Mapping]]] = ...) -> None: ...
+    resources: _containers.RepeatedCompositeFieldContainer[Resource]
+    def __init__(self, version: _Optional[_Union[ContractVersion, _Mapping]] = ..., presentations: _Optional[_Iterable[_Union[Presentation, _Mapping]]] = ..., assessments: _Optional[_Iterable[_Union[Assessment, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[LearnerRecord, _Mapping]]] = ..., resources: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,110 @@
+"""The user guides stay true: every command they show exists with every option they name, the researcher's
+first run runs as written, and the campus side runs without the research dependencies."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = ["docs/researcher.md", "docs/campus.md", "docs/coordinator.md", "docs/privacy.md", "docs/README.draft.md"]
+GROUPS = {"campus", "coordinator", "data", "analytics", "experiment"}
+ENV = {**os.environ, "COLUMNS": "250", "TERM": "dumb"}
+
+
+def _commands(text: str) -> list[tuple[tuple[str, ...], set[str]]]:
+    """Every `edufl ...` command in the guide's code blocks: (subcommand path, options named), with the
+    indented synopsis lines and backslash continuations that follow a command counted as its own."""
+    found: list[tuple[tuple[str, ...], set[str]]] = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        current = None
+        for line in block.splitlines():
+            code = line.split(" #")[0]
+            start = re.search(r"(?:^|&& |\.venv/bin/)edufl ((?:[a-z][a-z-]* ?)+)", code)
+            if start and not line.startswith(" "):
+                words = start.group(1).split()
+                path = tuple(words[:2]) if words[0] in GROUPS else (words[0],)
+                current = (path, set())
+                found.append(current)
+                code = code[start.start() :]  # what precedes the command (an install) is not its options
+            elif current is None or not line.startswith(" "):
+                current = None
+                continue
+            current[1].update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code))
+    return found
+
+
+@cache
+def _help(path: tuple[str, ...]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", *path, "--help"], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert done.returncode == 0, (path, done.stderr[-2000:])
+    return done.stdout
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_every_command_a_guide_shows_exists_with_every_option_it_names(guide):
+    commands = _commands((ROOT / guide).read_text())
+    if guide != "docs/privacy.md":
+        assert commands, f"{guide} shows no edufl command"
+    for path, options in commands:
+        text = _help(path)
+        missing = sorted(o for o in options - {"--help"} if not re.search(rf"{re.escape(o)}(?![\w-])", text))
+        assert not missing, f"{guide}: `edufl {' '.join(path)}` has no option {', '.join(missing)}"
+
+
+def test_guide_commands_are_parsed_as_a_reader_types_them():
+    text = "```\nedufl campus start --data DIR [--mapping FILE]\n      [--pki DIR] # a comment --not-an-option\nedufl bench\n```"
+    assert _commands(text) == [(("campus", "start"), {"--data", "--mapping", "--pki"}), (("bench",), set())]
+
+
+@pytest.mark.simulation
+def test_the_researcher_guide_first_run_runs_as_written(data_dir, tmp_path):
+    guide = (ROOT / "docs/researcher.md").read_text()
+    [command] = re.findall(r"^edufl simulate --rounds 2 [^\n]*", guide, flags=re.M)
+    assert command == "edufl simulate --rounds 2 --model logistic --out results/first"
+    edufl = [sys.executable, "-m", "edufl.experiments.cli"]
+    done = subprocess.run(
+        [*edufl, *command.split()[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**ENV, "EDUFL_DATA": str(data_dir)},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results/first/summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] and 0 < summary["privacy"]["epsilon"] <= 3
+    assert re.fullmatch(r"first-[0-9a-f]{8}", summary["config"]["run-name"])
+    assert (tmp_path / "results/first/plot.png").stat().st_size > 0
+    assert "done: weighted AUC" in done.stdout
+
+
+# A campus install ('edufl[campus]') has neither Ray nor matplotlib: the campus commands must not need them.
+_WITHOUT_RESEARCH = """
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "matplotlib"):
+            raise ImportError(f"{name} is not installed")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["edufl", *sys.argv[1:]]
+from edufl.experiments.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [["campus", "--help"], ["campus", "validate", "--data", "{data}"], ["campus", "approve"]])
+def test_campus_commands_run_without_ray_or_matplotlib(data_dir, args):
+    args = [a.format(data=data_dir) for a in args]
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_RESEARCH, *args], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not installed" not in done.stderr
