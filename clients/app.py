@@ -36,24 +36,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from edufl.federation.contract import parse_version, supports, version_text
 from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger, Release
-from edufl.federation.mapping import Mapping, MappingError, load_mapping
+from edufl.federation.mapping import CONTRACT_PARQUET, Mapping, MappingError, load_mapping, parquet_layout
 from edufl.federation.metrics import EVALUATE_METRICS, subgroup_keys
 from edufl.federation.models import build_model
 from edufl.federation.privacy import ACCOUNTANT, DPSettings, History, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
 from edufl.federation.proto.audit_pb2 import DpRelease
-from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError
+from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, require_modules
 from edufl.federation.randomness import SECRET, Randomness, round_seed
 from edufl.federation.runconfig import ConfigError, RunConfig
 from edufl.federation.statistics import answer
 from edufl.federation.tables import load_tables
-from edufl.federation.tasks import TaskData, early_warning, feature_names, n_outputs, split
+from edufl.federation.tasks import TaskData, early_warning, feature_names, missing_modules, n_outputs, split
 from edufl.federation.training import evaluate, subgroup_metrics, train
 from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
 
 from .gate import GuardedClientApp
 from .guard import release_guard
-from .node import CampusRefusal, CampusSetup, campus_setup, run_id
+from .node import CampusRefusal, CampusSetup, campus_setup, prepared, run_id
 from .query_budget import plan_release
 from .secagg import secure_aggregation_mod
 
@@ -92,8 +92,8 @@ def campus_mapping(setup: CampusSetup, contract_version: str) -> Mapping:
         When the mapping cannot be used or maps the data to a learner-record
         contract version the run's ``contract_version`` does not read (checked before any data is read).
     """
-    try:
-        mapping = load_mapping(setup.mapping)
+    try:  # the simulation's own layout holds a file for each table the campus has
+        mapping = parquet_layout(setup.data_dir) if setup.mapping == CONTRACT_PARQUET else load_mapping(setup.mapping)
     except MappingError as err:
         raise CampusRefusal(f"campus {setup.name} cannot join: {err}") from None
     run_version = parse_version(contract_version)
@@ -111,8 +111,9 @@ def _files_identity(folder: Path) -> tuple:
 
 
 def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
-    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process, and read
-    again when a data file's size or modification time changes).
+    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process, shared by
+    a simulation's workers through :func:`~clients.node.prepared`, and read again when a data file's size or
+    modification time changes).
 
     Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
     key = (
@@ -128,9 +129,15 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     )
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
-        data = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
-        train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-        _CAMPUS_CACHE[key] = Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
+        if why := missing_modules(cfg.task, mapping.modules):  # refused before any record is read
+            raise CampusRefusal(f"campus {setup.name} refuses the run: {why}")
+
+        def build() -> Campus:
+            data = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
+            train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+            return Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
+
+        _CAMPUS_CACHE[key] = prepared(setup, key, build)  # a simulation's workers prepare each campus once
     return _CAMPUS_CACHE[key]
 
 
@@ -365,6 +372,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     with PrivacyLedger(setup.state_dir) as ledger:
         try:
             z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
+            require_modules(query, mapping.modules)  # before any record is read or any ε charged
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
         tables = load_tables(setup.data_dir, mapping)

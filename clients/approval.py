@@ -25,7 +25,7 @@ match); before anything is started,
 * any other task (a bundle the policy does not list, a policy file that cannot
   be read, a task that is not a ClientApp) is answered by the gate itself,
   never by the bundle: it takes the task's input through the Runtime API as
-  ``flwr-clientapp`` would (Flower's own ``pull_task_input``), writes a
+  ``flwr-clientapp`` would (:func:`clients.worker.pull_task`), writes a
   refusal (``sent`` false, ``reason`` ``refused: ...``, ``fab_sha256``) to the
   campus audit log, prints it, and replies with an error (code ``REFUSED``)
   that the coordinator records under ``failures`` for this campus. The bundle
@@ -36,8 +36,8 @@ only the gate may claim tasks, so no other local process can start a bundle.
 The gate reads the policy file at every task, so an approval added with
 ``edufl campus approve`` takes effect at the next message, without a restart,
 and a hash removed from it stops reaching its worker at the next message. The
-gate looks for tasks every :data:`TASK_POLL_INTERVAL` seconds (Flower's
-SuperExec default is 1 s).
+gate looks for tasks every 0.1 s (:data:`federation.deploy.SUPEREXEC_POLL`;
+Flower's SuperExec default is 1 s).
 
 Simulation (``edufl simulate``) has no bundle and no gate: see :mod:`federation.policy`.
 """
@@ -64,26 +64,25 @@ from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from edufl.federation.audit import AuditLog
-from edufl.federation.deploy import flwr_env
+from edufl.federation.deploy import SUPEREXEC_POLL, Companion, flwr_env, stop_child
 from edufl.federation.policy import AppApproval, CampusPolicy, PolicyError
 from edufl.federation.proto.audit_pb2 import AuditRecord
 from edufl.federation.store import now
 from edufl.federation.wire import CONFIG, REFUSED
 
 from .node import run_id
-from .worker import runtime_client
+from .worker import pull_task, runtime_client
 
 __all__ = [
     "GATE_FAILED",
     "SUPERNODE_READY",
-    "TASK_POLL_INTERVAL",
     "Gate",
     "GatePlugin",
-    "GateProcess",
     "WarmWorker",
     "WarmWorkers",
     "add_approval",
     "gate_command",
+    "gate_process",
     "main",
     "serve",
 ]
@@ -93,9 +92,12 @@ SUPERNODE_READY = "SuperNode ID"
 # Exit statuses of a gate that was asked to stop (Flower's graceful exits on SIGINT, SIGQUIT, SIGTERM).
 _STOPPED = (0, 1, 2, 3)
 GATE_FAILED = 70  # the gate stopped on an error of its own
-TASK_POLL_INTERVAL = "0.1"
-"""Seconds between the gate's looks for new tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; a value the user set wins)."""
 WORKER = Path(__file__).with_name("worker.py")
+KEEPALIVE_S = 10.0
+WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+"""A worker's environment besides the gate's (values the user set win): one compute thread per worker, as Flower's
+simulation engine gives each ClientApp; several campuses' workers, or a worker beside the SuperNode, would
+otherwise each start a thread per core and spin against each other."""
 
 
 _KEY = re.compile(r"^[ \t]*approved_fab_hashes[ \t]*=[ \t]*\[", re.M)
@@ -181,13 +183,13 @@ class Gate:
         """Answer ``task`` with a refusal, in place of its app: take its input with ``token``, log and print
         the refusal, reply with an error (code ``REFUSED``) and close the task as failed."""
         from flwr.app import Error, Message
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = runtime_client(runtime_api_address, token)
         message = context = None
         try:
             try:
-                message, context, _, _ = pull_task_input(client)  # the bundle itself is not even looked at
+                message, context, _, _ = pull_task(client)  # the bundle itself is not even looked at
             finally:
                 self._log(task, why, message, context)
             push_message(client, Message(Error(code=REFUSED, reason=self.reply(why)), reply_to=message), context)
@@ -216,7 +218,11 @@ class WarmWorker:
     """One worker process (:mod:`clients.worker`) for the Runtime API at ``runtime_api_address``, and the tasks
     handed to it that it has not finished. Should it stop, ``on_lost`` gets the tasks (token, task) it had not
     started; one it had started and not finished is closed as failed with its token (its reply, if any, was
-    lost with the worker)."""
+    lost with the worker).
+
+    A task's token lapses unless a heartbeat arrives within 30 s of its claim (``HEARTBEAT_DEFAULT_INTERVAL``
+    in ``flwr/common/constant.py``); the worker sends them once it starts a task, and until then this object
+    sends one every :data:`KEEPALIVE_S` seconds for each task waiting in the worker's queue."""
 
     def __init__(
         self,
@@ -241,7 +247,7 @@ class WarmWorker:
             text=True,
             pass_fds=(status_write,),
             cwd=tempfile.gettempdir(),
-            env=flwr_env(),
+            env={**WORKER_ENV, **flwr_env()},
         )
         os.close(status_write)
         self.address, self.on_lost = runtime_api_address, on_lost
@@ -252,6 +258,7 @@ class WarmWorker:
         self._stopped = False
         self.follower = threading.Thread(target=self._follow, args=(status_read,), daemon=True)
         self.follower.start()
+        threading.Thread(target=self._keep_alive, daemon=True).start()
 
     def take(self, token: str, task: Task) -> bool:
         """Hand ``task`` (and its ``token``) to the worker; False when it has stopped and cannot take it."""
@@ -267,6 +274,22 @@ class WarmWorker:
             with self._lock:  # not taken, unless the worker's end already passed it on as lost
                 return self._pending.pop(token, None) is None
         return True
+
+    def _keep_alive(self) -> None:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+        while not self._stopped:
+            with self._lock:
+                waiting = [token for token in self._pending if token not in self._started]
+            for token in waiting:
+                client = runtime_client(self.address, token, tries=1)
+                try:
+                    client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+                except Exception:  # noqa: BLE001  the worker took it meanwhile, or the task ended
+                    pass
+                finally:
+                    client.close()
+            self.follower.join(KEEPALIVE_S)
 
     def _follow(self, status_read: int) -> None:
         with os.fdopen(status_read) as status:
@@ -399,36 +422,21 @@ def gate_command(campus: str, state: Path, policy: Path | None, runtime_api_addr
     ]
 
 
-class GateProcess:
-    """The gate beside one SuperNode run by :func:`federation.deploy.foreground`.
-
-    :meth:`on_line` (foreground's ``on_line``) starts it once the SuperNode says
-    it serves. Should it fail while the SuperNode runs, ``stop_supernode`` (which
-    says whether there was a SuperNode to stop) stops the SuperNode too, since
-    without its gate it would wait forever for an app to answer, and
-    :attr:`failed` holds the gate's exit status.
-    """
-
-    def __init__(self, command: list[str], stop_supernode: Callable[[], bool]):
-        self.command, self.stop_supernode = command, stop_supernode
-        self.proc: subprocess.Popen | None = None
-        self.watcher: threading.Thread | None = None
-        self.failed: int | None = None
-
-    def on_line(self, line: str) -> None:
-        if self.proc is None and SUPERNODE_READY in line:
-            # Run from the folder holding this edufl's packages: `python -m` looks there first, never in the
-            # working folder (which might hold an unreviewed edufl source tree).
-            env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_INTERVAL, **flwr_env()}
-            self.proc = subprocess.Popen(self.command, env=env, cwd=Path(__file__).resolve().parents[1])
-            self.watcher = threading.Thread(target=self._watch, daemon=True)
-            self.watcher.start()
-
-    def _watch(self) -> None:
-        status = self.proc.wait()
-        if status not in _STOPPED and self.stop_supernode():  # (when the SuperNode has ended, the gate is stopped after it)
-            self.failed = status
-            print(f"edufl: the code-approval gate stopped with status {status}; the SuperNode was stopped", flush=True)
+def gate_process(command: list[str]) -> Companion:
+    """The gate (``command``, from :func:`gate_command`) beside a SuperNode run by :func:`federation.deploy.foreground`:
+    started once the SuperNode serves; should it fail while the SuperNode runs, the SuperNode is stopped too,
+    since without its gate it would wait forever for an app to answer."""
+    return Companion(
+        command,
+        SUPERNODE_READY,
+        functools.partial(stop_child, "edufl.clients.supernode"),
+        "the code-approval gate",
+        stopped=_STOPPED,
+        env=SUPEREXEC_POLL,
+        # Run from the folder holding this edufl's packages: `python -m` looks there first, never in the
+        # working folder (which might hold an unreviewed edufl source tree).
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

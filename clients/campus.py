@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from edufl.federation.runconfig import ConfigError
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.writers import write_tables
 
-from .approval import GateProcess, add_approval, gate_command
+from .approval import add_approval, gate_command, gate_process
 from .node import CampusRefusal
 
 __all__ = [
@@ -145,6 +146,11 @@ def export_oulad(campus: str, out: Path, source: Path, campus_by: str = "module"
     return out
 
 
+SUPERNODE = [sys.executable, "-I", "-m", "edufl.clients.supernode"]
+"""Flower's ``flower-supernode`` with shorter polling waits (:mod:`clients.supernode`); ``-I``: the installed
+edufl, never a folder of that name in the working directory."""
+
+
 def supernode_command(
     campus: str,
     data: Path,
@@ -157,7 +163,7 @@ def supernode_command(
     gate_secret: Path,
     mapping: Path | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line for ``campus`` reading only ``data`` (through ``mapping``;
+    """The ``flower-supernode`` command line (:data:`SUPERNODE`) for ``campus`` reading only ``data`` (through ``mapping``;
     None: the OULAD layout), keeping its ledger and audit log in ``state``, under ``policy`` (None:
     the safe defaults); ``root_cert`` None: plaintext.
 
@@ -173,7 +179,7 @@ def supernode_command(
     if mapping is not None:
         node_config += f" mapping='{Path(mapping).resolve()}'"
     return [
-        "flower-supernode",
+        *SUPERNODE,
         "--superlink",
         superlink,
         *tls,
@@ -187,20 +193,6 @@ def supernode_command(
         "--superexec-auth-secret-file",
         str(gate_secret),
     ]
-
-
-def _stop_supernode() -> bool:
-    """Stop this process's running ``flower-supernode`` child, as Ctrl-C would; False when there is none."""
-    import psutil
-
-    for child in psutil.Process().children():
-        try:
-            if any(Path(part).name == "flower-supernode" for part in child.cmdline()[:2]):
-                child.terminate()
-                return True
-        except psutil.NoSuchProcess:
-            pass
-    return False
 
 
 def start(
@@ -284,7 +276,7 @@ def start(
         secret.write_bytes(secrets.token_bytes(32))
         while True:
             runtime_port = free_port()
-            gate = GateProcess(gate_command(campus, state, policy, f"127.0.0.1:{runtime_port}", secret), _stop_supernode)
+            gate = gate_process(gate_command(campus, state, policy, f"127.0.0.1:{runtime_port}", secret))
             status, tail = foreground(
                 supernode_command(campus, data, state, policy, superlink, root_cert, key, runtime_port, secret, mapping),
                 on_line=gate.on_line,

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from edufl.federation.errors import EduflError
 from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy
 
-__all__ = ["CampusRefusal", "CampusSetup", "SIM_ENV", "SIM_MANIFEST", "campus_setup", "run_id"]
+__all__ = [
+    "CampusRefusal",
+    "CampusSetup",
+    "copies_prefix",
+    "SIM_ENV",
+    "SIM_MANIFEST",
+    "SIM_STORE_ENV",
+    "campus_setup",
+    "prepared",
+    "run_id",
+]
 
 SIM_ENV = "EDUFL_SIM_DIR"
 """Simulation only: the environment variable naming the folder of per-campus data folders."""
 SIM_MANIFEST = "campuses.json"
 """Simulation only: the manifest in that folder mapping each virtual SuperNode's partition-id to its campus."""
+SIM_STORE_ENV = "EDUFL_SIM_STORE"
+"""Simulation on an existing Ray cluster only: the environment variable naming the Ray actor that holds
+the manifest and each campus's files (``experiments.simulate``); a worker copies its campus's files
+into a private folder of its node's temporary directory (named by :func:`copies_prefix`)."""
+_PREPARED = ".prepared"  # in a simulation's folder: each campus's examples, prepared once for every worker
+
+T = TypeVar("T")
 
 
 class CampusRefusal(EduflError):
@@ -35,6 +58,7 @@ class CampusSetup:
     state_dir: Path
     policy: CampusPolicy
     mapping: Path | None = None
+    cache_dir: Path | None = None  # simulation only: where the campus's prepared examples are shared (see prepared)
 
 
 def campus_setup(node_config: dict) -> CampusSetup:
@@ -53,14 +77,80 @@ def campus_setup(node_config: dict) -> CampusSetup:
         state = Path(str(node_config.get("state-dir", Path.home() / ".edufl" / "campuses" / name)))
         mapping = Path(str(node_config["mapping"])) if node_config.get("mapping") else None
         return CampusSetup(name, data_dir, state, CampusPolicy.load(node_config.get("policy")), mapping)
-    if "partition-id" in node_config and os.environ.get(SIM_ENV):
-        root = Path(os.environ[SIM_ENV])
-        manifest = json.loads((root / SIM_MANIFEST).read_text())
+    if "partition-id" in node_config and (os.environ.get(SIM_ENV) or os.environ.get(SIM_STORE_ENV)):
+        root, manifest = _simulation_manifest()
         name = manifest["campuses"][int(node_config["partition-id"])]
         policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else RESEARCH_POLICY
         mapping = Path(manifest["mapping"]) if manifest.get("mapping") else None  # None: OULAD layout
-        return CampusSetup(name, root / name, Path(manifest["state-root"]) / name, policy, mapping)
+        partition = manifest.get("partition", "")  # the sub-folder of this run's campus folders
+        data = root / partition / name if root is not None else _copy_from_store(partition, name)
+        cache = root / _PREPARED / partition / name if root is not None else None
+        return CampusSetup(name, data, Path(manifest["state-root"]) / name, policy, mapping, cache)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
+
+
+def copies_prefix(store_name: str) -> str:
+    """How the folders of the workers' copies of campus files made for store actor ``store_name`` begin."""
+    return f"edufl-campus-copy-{store_name}-"
+
+
+def _simulation_manifest() -> tuple[Path | None, dict]:
+    """The folder of campus folders (None on a Ray cluster: the files come from the store actor) and the manifest."""
+    if folder := os.environ.get(SIM_ENV):
+        root = Path(folder)
+        return root, json.loads((root / SIM_MANIFEST).read_text())
+    import ray
+
+    return None, ray.get(ray.get_actor(os.environ[SIM_STORE_ENV]).manifest.remote())
+
+
+_COPIES: dict[tuple[str, str, str], Path] = {}
+
+
+def _copy_from_store(partition: str, name: str) -> Path:
+    """This worker's private copy (folder mode 0700, on its own node) of campus ``name``'s files, fetched once
+    from the simulation's store actor through Ray's object store; removed by the simulation when it ends."""
+    store_name = os.environ[SIM_STORE_ENV]
+    key = (store_name, partition, name)
+    if key not in _COPIES:
+        import ray
+
+        files: dict[str, bytes] = ray.get(
+            ray.get_actor(store_name).files.remote(partition, name, ray.get_runtime_context().get_node_id())
+        )
+        folder = Path(tempfile.mkdtemp(prefix=copies_prefix(store_name)))  # mode 0700
+        try:
+            for file, data in files.items():
+                (folder / file).write_bytes(data)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _COPIES[key] = folder
+    return _COPIES[key]
+
+
+def prepared(setup: CampusSetup, key: tuple, build: Callable[[], T]) -> T:
+    """``build()``, shared through ``setup.cache_dir`` by every worker process of a simulation.
+
+    In a simulation the engine's workers take any campus's messages, so each would
+    otherwise prepare the same campus again. The first to need ``key`` (a tuple whose
+    ``repr`` names the data files and settings the result depends on) builds it and
+    leaves it (pickled: a folder of this user's simulation, mode 0700) for the others.
+    Without a ``cache_dir`` (a deployed campus, or a simulation on a Ray cluster) this is ``build()``.
+    """
+    if setup.cache_dir is None:
+        return build()
+    path = setup.cache_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pickle"
+    try:
+        return pickle.loads(path.read_bytes())  # written by this simulation's own processes
+    except FileNotFoundError:
+        pass
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(partial, path)  # atomic: another worker reads all of it or nothing
+    return value
 
 
 def run_id(config, context) -> str:

@@ -49,7 +49,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["PRELOAD", "BundleMismatch", "TaskStopped", "Worker", "main", "runtime_client"]
+__all__ = ["OBJECT_RETRY_S", "PRELOAD", "BundleMismatch", "TaskStopped", "Worker", "main", "pull_task", "runtime_client"]
 
 PRELOAD = (
     "numpy",
@@ -125,7 +125,7 @@ class Worker:
         from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = runtime_client(self.address, token)
         stopped = _TaskStop()
@@ -135,7 +135,7 @@ class Worker:
         try:
             stopped.arm()
             heartbeat.start()
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task(client)
             expected = self.fab_hash or fab_hash
             if expected != fab_hash or fab.hash_str != expected or hashlib.sha256(fab.content).hexdigest() != expected:
                 raise BundleMismatch(f"a task of bundle {fab.hash_str}; this worker runs {expected} only")
@@ -201,6 +201,50 @@ class _TaskStop:
             return True
 
         return fn
+
+
+OBJECT_RETRY_S = 0.05
+"""First wait before asking again for a part of a task's message the SuperNode has not stored yet (then twice that;
+``flwr-clientapp`` waits 1 s, then 2, 4, ... up to 10: ``PULL_INITIAL_BACKOFF``, ``PULL_BACKOFF_CAP`` in
+``supercore/constant.py``). The SuperNode is on this host: asking again is cheap."""
+
+
+def pull_task(client):
+    """The task's message, context, run and bundle (FAB), pulled through the Runtime API as ``flwr-clientapp``
+    pulls them (``pull_task_input`` in ``flwr/supernode/runtime/run_clientapp.py``), except that a part of the
+    message the SuperNode is still fetching from the SuperLink is asked for again after :data:`OBJECT_RETRY_S`.
+
+    A warm worker asks as soon as the task exists; the SuperNode creates the task before it has the message's
+    content, so with Flower's 1 s first wait most tasks would start a second or more late.
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, task.context.node_id
+    context, run, fab = context_from_proto(task.context), run_from_proto(task.run), fab_from_proto(task.fab)
+    listed = client.PullMessages(PullAppMessagesRequest())
+    if not listed.messages_list:
+        raise RuntimeError("the Runtime API holds no message for this task")
+    tree, node = listed.message_object_trees[0], Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=OBJECT_RETRY_S,
+        backoff_cap=2 * OBJECT_RETRY_S,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message does not carry its own id
+    return message, context, run, fab
 
 
 def runtime_client(address: str, token: str, tries: int | None = None):

@@ -10,7 +10,9 @@ sampled every 50 ms. Measured, in one run on one machine:
   of the campuses' training rows) for the same number of epochs;
   these two alternate ``--repeats`` times and their medians are compared;
 * the same federation with OULAD split into more, smaller campuses
-  (``--campus-by shard``), to show how time and memory grow;
+  (``--campus-by shard``, 50, 200 and 1,000 by default), to show how time and memory grow;
+* the study of ``experiments/configs/quick.toml``, end to end (``edufl experiment run``, one
+  process, its cells on one simulation engine);
 * with ``--deployment N``: the same run on Flower's deployment engine, a
   coordinator and the first N module campuses as separate processes on this
   host (:mod:`experiments.localdeploy`: TLS, campus authentication, code
@@ -19,8 +21,8 @@ sampled every 50 ms. Measured, in one run on one machine:
   per-round time against the simulation's.
 
 The last line printed is one JSON object with ``federated_s``,
-``centralized_s`` (medians), ``ratio``, ``per_round_s`` and ``peak_mb`` (and
-``deployment``, per N).
+``centralized_s`` (medians), ``ratio``, ``per_round_s``, ``peak_mb``, ``shards``
+(per count), ``study`` (and ``deployment``, per N).
 """
 
 from __future__ import annotations
@@ -35,19 +37,28 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["BENCH_POLICY", "SETTLE_S", "bench", "deployment", "measure"]
+__all__ = ["BENCH_POLICY", "QUICK_STUDY", "SETTLE_S", "bench", "deployment", "measure", "study"]
 
 BENCH_POLICY = "[privacy]\ntotal_epsilon_budget = 20.0\n"
 """Every benchmark campus's policy (the defaults, and room for one run); the bench approves the app's bundle in it."""
+
+QUICK_STUDY = Path(__file__).with_name("configs") / "quick.toml"
+"""The study ``edufl bench`` runs end to end."""
 
 # Pause after each run: the simulation engine's processes take a second or two to
 # exit after the run's own process, and must not slow down the next measurement.
 SETTLE_S = 5.0
 
 
-def measure(args: list[str], data_dir: Path, out: Path) -> dict:
-    """Run ``edufl simulate ARGS --out OUT`` as its own process; wall time, peak memory, summary."""
-    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", "--data", str(data_dir), "--out", str(out), *args]
+def _watch(args: list[str]) -> tuple[float, float]:
+    """Run ``edufl ARGS`` as its own process: (wall seconds from launch to exit, peak MiB of its process tree).
+
+    Raises
+    ------
+    RuntimeError
+        When it exits with another status than 0 (with the end of its stderr).
+    """
+    command = [sys.executable, "-m", "edufl.experiments.cli", *args]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(process.pid)
@@ -62,10 +73,16 @@ def measure(args: list[str], data_dir: Path, out: Path) -> dict:
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:]}")
+    return wall, peak / 2**20
+
+
+def measure(args: list[str], data_dir: Path, out: Path) -> dict:
+    """Run ``edufl simulate ARGS --out OUT`` as its own process; wall time, peak memory, summary."""
+    wall, peak = _watch(["simulate", "--data", str(data_dir), "--out", str(out), *args])
     summary = json.loads((out / "summary.json").read_text())
     return {
         "wall_s": wall,
-        "peak_mb": peak / 2**20,
+        "peak_mb": peak,
         **_rounds(summary),
         "auc": summary["global"]["auc"],
         "campuses": len(summary["campuses"]),
@@ -117,6 +134,12 @@ def deployment(data_dir: Path, campuses: int, rounds: int, root: Path) -> dict:
     return {"wall_s": wall, **_rounds(summary), "auc": summary["global"]["auc"], "campuses": len(summary["campuses"])}
 
 
+def study(data_dir: Path, out: Path, config: Path = QUICK_STUDY) -> dict:
+    """``edufl experiment run CONFIG --out OUT`` end to end as its own process: wall seconds, peak MiB, cells run."""
+    wall, peak = _watch(["experiment", "run", str(config), "--data", str(data_dir), "--out", str(out)])
+    return {"wall_s": wall, "peak_mb": peak, "cells": len(list((out / "cells").iterdir()))}
+
+
 def _rss(process: psutil.Process) -> int:
     try:
         return process.memory_info().rss
@@ -125,13 +148,20 @@ def _rss(process: psutil.Process) -> int:
 
 
 def bench(
-    data_dir: Path, rounds: int = 10, shards: tuple[int, ...] = (50, 200), repeats: int = 3, deployments: tuple[int, ...] = ()
+    data_dir: Path,
+    rounds: int = 10,
+    shards: tuple[int, ...] = (50, 200, 1000),
+    repeats: int = 3,
+    deployments: tuple[int, ...] = (),
+    quick_study: bool = True,
 ) -> dict:
     """Run the measurements, print a table, and return the final JSON object.
 
     The 7-campus federation and the centralized run alternate ``repeats`` times
-    (timings on a shared machine drift); their medians give the ratio. Each of
-    ``deployments`` adds a deployed run with that many campuses (:func:`deployment`).
+    (timings on a shared machine drift); their medians give the ratio. With
+    ``quick_study``, the study of ``experiments/configs/quick.toml`` runs end to
+    end (:func:`study`). Each of ``deployments`` adds a deployed run with that
+    many campuses (:func:`deployment`).
     """
     common = ["--rounds", str(rounds)]
     plan = [
@@ -150,6 +180,11 @@ def bench(
         for i, (name, args) in enumerate(plan):
             print(f"measuring {name} ...", flush=True)
             runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i)))
+            time.sleep(SETTLE_S)
+        quick = None
+        if quick_study:
+            print(f"measuring the study {QUICK_STUDY.name} ...", flush=True)
+            quick = study(data_dir, Path(tmp) / "study")
             time.sleep(SETTLE_S)
         for n in deployments:
             print(f"measuring deployment, {n} campuses ...", flush=True)
@@ -181,6 +216,9 @@ def bench(
             for n in shards
         },
     }
+    if quick is not None:
+        result["study"] = {"config": QUICK_STUDY.name, **{k: round(v, 2) for k, v in quick.items()}}
+        print(f"study {QUICK_STUDY.name}: {quick['cells']} cells in {quick['wall_s']:.1f} s, peak {quick['peak_mb']:.0f} MB")
     for n in deployments:
         d = runs[f"deployment, {n} campuses"][0]
         result.setdefault("deployment", {})[str(n)] = {

@@ -30,6 +30,13 @@ __all__ = ["app"]
 _DEFAULTS = RunConfig()
 _DATA_HELP = "folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)"
 _DataOption = Annotated[str | None, typer.Option(help=_DATA_HELP)]
+_RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        help="attach the simulation engine to this existing Ray cluster (HOST:PORT of its head, or auto) "
+        "instead of starting Ray on this machine"
+    ),
+]
 
 app = typer.Typer(add_completion=False)
 """Every research command of ``edufl``."""
@@ -66,6 +73,7 @@ def simulate(
             help="campus policy file (TOML) every virtual campus enforces (default: none, research settings run as asked)"
         ),
     ] = None,
+    ray_address: _RayAddressOption = None,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -80,8 +88,10 @@ def simulate(
         raise ConfigError(f"--policy is enforced by campuses, in federated runs only (not --mode {mode})")
     if policy:  # a bad policy file is the user's mistake (exit 2), reported before the engine starts
         CampusPolicy.load(policy)
+    if ray_address and mode != "federated":
+        raise ConfigError(f"--ray-address runs the simulation engine, for federated runs only (not --mode {mode})")
     started = time.perf_counter()
-    summary = run_simulation(cfg, resolve_data_dir(data), mode, policy=policy)
+    summary = run_simulation(cfg, resolve_data_dir(data), mode, policy=policy, ray_address=ray_address)
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
     raise_for_failures(summary)
 
@@ -164,11 +174,12 @@ def experiment_run(
     config: Annotated[Path, typer.Argument(show_default=False)],
     out: Annotated[Path | None, typer.Option(help="study folder (default: results/<study name>)")] = None,
     data: _DataOption = None,
+    ray_address: _RayAddressOption = None,
 ) -> None:
     from .study import Study, run
 
     study = Study.load(config)  # a bad config is the user's mistake (exit 2), reported before any data or engine
-    run(config, out or Path("results") / study.name, resolve_data_dir(data))
+    run(config, out or Path("results") / study.name, resolve_data_dir(data), ray_address)
 
 
 @_experiment.command("report", help="rebuild tables and plots from a study folder's saved rows")
@@ -193,11 +204,14 @@ def data_validate(data: _DataOption = None) -> None:
         print(f"note: {note}")
 
 
-@app.command(help="time a DP federation against centralized DP-SGD, at 50 and 200 campuses, and deployed on this host")
+@app.command(
+    help="time a DP federation against centralized DP-SGD, at 50, 200 and 1,000 campuses, a quick study, "
+    "and deployed on this host"
+)
 def bench(
     data: _DataOption = None,
     rounds: Annotated[int, typer.Option(help="federation rounds")] = 10,
-    shards: Annotated[str, typer.Option(help="comma-separated campus counts for the scaling runs ('' for none)")] = "50,200",
+    shards: Annotated[str, typer.Option(help="comma-separated campus counts for the scaling runs ('' for none)")] = "50,200,1000",
     repeats: Annotated[int, typer.Option(help="alternating federated/centralized runs; medians are compared")] = 3,
     deployment: Annotated[
         str,
@@ -206,13 +220,14 @@ def bench(
             "campuses, TLS and campus authentication; '' for none)"
         ),
     ] = "",
+    study: Annotated[bool, typer.Option(help="also run the study experiments/configs/quick.toml end to end")] = True,
 ) -> None:
     from .bench import bench as run_bench
 
     deployed = _counts("--deployment", deployment)
     if any(not 1 <= n <= 7 for n in deployed):
         raise ConfigError(f"--deployment {deployment!r}: OULAD has 7 module campuses; expected counts from 1 to 7")
-    run_bench(resolve_data_dir(data), rounds, _counts("--shards", shards), repeats, deployed)
+    run_bench(resolve_data_dir(data), rounds, _counts("--shards", shards), repeats, deployed, study)
 
 
 def _counts(option: str, value: str) -> tuple[int, ...]:

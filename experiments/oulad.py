@@ -108,7 +108,7 @@ def download(url: str = OULAD_URL, dest: Path | None = None) -> Path:
         if problems:
             raise DataError(problems)
         if (Path(tmp) / CLICK_LOG[0]).exists():
-            pq.write_table(pacsv.read_csv(Path(tmp) / CLICK_LOG[0]), Path(tmp) / CLICK_LOG[1], compression="zstd")
+            _to_parquet(Path(tmp) / CLICK_LOG[0], Path(tmp) / CLICK_LOG[1])
         staged = Path(tmp) / "oulad"
         staged.mkdir()
         for name in load_mapping().files():
@@ -165,3 +165,11 @@ def _rows(path: Path) -> int:
     if path.name == CLICK_LOG[0]:
         return int(pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=["id_site"])).num_rows)
     return sum(1 for _ in csv.reader(io.StringIO(path.read_text("utf-8-sig"), newline=""))) - 1
+
+
+def _to_parquet(source: Path, target: Path) -> None:
+    """The CSV ``source`` as a zstd-compressed Parquet file, converted block by block (little memory)."""
+    reader = pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=1 << 24))
+    with pq.ParquetWriter(target, reader.schema, compression="zstd") as out:
+        for batch in reader:
+            out.write_batch(batch)

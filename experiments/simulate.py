@@ -15,6 +15,10 @@ and write the same results folder.
 Start-up order (federated): the engine's processes start first, in the main
 thread, while a worker thread imports torch, Opacus and Flower, validates the
 tables and writes the campus folders; this module itself imports nothing heavy.
+Inside an :func:`engine` block (``edufl experiment run``), every run uses the
+same engine: Ray, its workers and their prepared campuses stay up between runs.
+With ``ray_address`` the engine attaches to an existing Ray cluster, and the
+campus files reach its workers through Ray's object store (:class:`Engine`).
 """
 
 from __future__ import annotations
@@ -24,33 +28,37 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import psutil
 
-from edufl.clients.node import SIM_ENV, SIM_MANIFEST
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST, SIM_STORE_ENV, copies_prefix
 from edufl.federation.fingerprint import file_hashes
 from edufl.federation.mapping import CONTRACT_PARQUET
 from edufl.federation.partition import campus_names, campus_slices
-from edufl.federation.runconfig import RunConfig
+from edufl.federation.runconfig import ConfigError, RunConfig
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.writers import write_parquet
 
 __all__ = [
     "CAMPUS_ROOT",
     "MODES",
+    "Engine",
     "Mode",
     "announce",
     "campus_folders",
     "campus_root",
+    "engine",
     "provenance",
     "remove_stale_campus_folders",
     "run_engine",
@@ -67,7 +75,12 @@ _START_TOLERANCE_S = 2.0  # a process's start time as the system reports it may 
 
 
 def simulate(
-    cfg: RunConfig, data_dir: Path, mode: str = "federated", tables: Tables | None = None, policy: Path | None = None
+    cfg: RunConfig,
+    data_dir: Path,
+    mode: str = "federated",
+    tables: Tables | None = None,
+    policy: Path | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``).
 
@@ -77,6 +90,8 @@ def simulate(
     runs under :data:`~edufl.federation.policy.RESEARCH_POLICY`: the research
     settings of ``cfg`` (no DP, a large ε) run as asked. A ``cfg`` without a
     ``run_name`` gets a unique one (:func:`~edufl.server.coordinator.new_run_name`).
+    A federated run uses the :func:`engine` of the enclosing block, else starts
+    one for itself, attached to the Ray cluster at ``ray_address`` when given.
     Returns the summary dict written to ``cfg.out/summary.json``.
 
     Raises
@@ -91,7 +106,7 @@ def simulate(
 
         cfg = cfg.model_copy(update={"run_name": new_run_name(Path(cfg.out))})
     if mode == "federated":
-        return _federated(cfg, data_dir, tables, policy)
+        return _federated(cfg, data_dir, tables, policy, ray_address)
     from .baselines import baseline  # torch, Opacus and scikit-learn load here
 
     tables = tables or load_tables(data_dir)
@@ -308,53 +323,258 @@ def _sigterm_exits() -> Iterator[Callable[[], None]]:
                 signal.raise_signal(signal.SIGTERM)
 
 
-def _start_ray(sim_dir: str) -> None:
-    """Start the simulation engine's backend (Ray); Flower's Ray backend uses it as it is.
+class _CampusStore:
+    """A Ray actor (on an existing cluster only) holding the current run's manifest and every campus's files.
 
-    Worker processes inherit this process's environment when Ray starts, so the
-    campus folder variable is set first. Ray must start in the main thread: its
-    processes are tied to the life of the thread that starts them. Ray starts
-    one idle worker per core at once, and the ClientApp actors are placed on
-    them; asking Ray to import the ClientApp's module in those workers as they
-    start (``RAY_preload_python_modules``) lets the imports (torch, Opacus,
-    Flower: about 3 s) overlap with the work of this process.
-    """
-    import ray
+    Workers on any node fetch them through Ray's object store (:func:`clients.node.campus_setup`); the
+    store records which node fetched which campus (:meth:`fetched`)."""
 
-    if ray.is_initialized():
-        ray.shutdown()  # its workers would still see another run's campus folders
-    os.environ[SIM_ENV] = sim_dir
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
-    # One core per virtual campus (client_resources below): torch in the workers reads
-    # OMP_NUM_THREADS when the preloaded import starts its thread pool. Set only while
-    # Ray starts, so that this process's own torch keeps its settings.
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="edufl.clients.app")
-    # ray.init() sets its own SIGTERM handler (and its core worker a C++ one that ends the
-    # process with SIGABRT): put back the run's, which removes the campus folders (campus_folders).
-    main = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    def __init__(self) -> None:
+        self._manifest: dict = {}
+        self._files: dict[tuple[str, str], dict[str, bytes]] = {}
+        self._fetched: dict[str, set[str]] = {}
+
+    def add(self, partition: str, campus: str, files: dict[str, bytes]) -> None:
+        self._files[(partition, campus)] = files
+
+    def set_manifest(self, manifest: dict) -> None:
+        self._manifest = manifest
+
+    def manifest(self) -> dict:
+        return self._manifest
+
+    def files(self, partition: str, campus: str, node: str) -> dict[str, bytes]:
+        self._fetched.setdefault(node, set()).add(campus)
+        return self._files[(partition, campus)]
+
+    def fetched(self) -> dict[str, list[str]]:
+        return {node: sorted(campuses) for node, campuses in self._fetched.items()}
+
+
+def _remove_copies(store_name: str) -> int:
+    """Remove this node's worker copies of the campus files of store ``store_name``; return how many."""
+    found = [p for p in Path(tempfile.gettempdir()).glob(f"{copies_prefix(store_name)}*") if p.is_dir() and not p.is_symlink()]
+    for folder in found:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(found)
+
+
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once (Ray itself retries for minutes) when nothing listens at ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself (e.g. ray://...)
     try:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
-        os.environ.pop("RAY_preload_python_modules")
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+        socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({err})") from None
+
+
+class Engine:
+    """Flower's simulation engine kept running for several runs (see :func:`engine`).
+
+    One Ray (started here, or an existing cluster at ``address`` attached) and one pool
+    of ClientApp actors, built by the first run and kept by the next ones: a study pays
+    once for starting Ray, for its workers' imports and for preparing each campus (the
+    workers keep their campuses' examples between runs). ``folder`` holds one
+    sub-folder of campus folders per way of forming campuses (written once, see
+    :meth:`partition`) and the current run's manifest. On a cluster, campus files
+    and manifest reach the workers through a store actor and Ray's object store,
+    and each worker keeps a copy in a private folder (mode 0700) of its node's temporary
+    directory, removed by :meth:`close` (a driver killed outright leaves them, named by
+    :func:`~clients.node.copies_prefix`; remove them by hand).
+    """
+
+    def __init__(self, folder: Path, address: str | None = None) -> None:
+        self.folder, self.address = folder, address
+        self.store_name = f"edufl-campus-store-{uuid.uuid4().hex[:12]}"
+        self._store: Any = None
+        self._pool: Any = None  # Flower's BasicActorPool, built by the first run
+        self._partitions: dict[tuple, tuple[Tables, str]] = {}  # the tables are kept: their id is in the key
+        self._uploaded: set[str] = set()
+        self._lock = threading.Lock()
+        self._restore: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        """Start Ray (or attach to the cluster) and make Flower's Ray backend keep its actors between runs.
+
+        Ray must start in the main thread: its processes are tied to the life of the
+        thread that starts them. Locally it starts one idle worker per core at once, and
+        the ClientApp actors are placed on them; asking Ray to import the ClientApp's
+        module in those workers as they start (``RAY_preload_python_modules``) lets the
+        imports (torch, Opacus, Flower: about 3 s) overlap with the work of this process.
+        """
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # its workers would still see another run's campus folders
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
+        # One core per virtual campus (client_resources below): torch in the workers reads
+        # OMP_NUM_THREADS when its thread pool starts. Set only while Ray starts, so that
+        # this process's own torch keeps its settings.
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="edufl.clients.app")
+        # ray.init() sets its own SIGTERM handler (and its core worker a C++ one that ends the
+        # process with SIGABRT): put back the run's, which removes the campus folders (campus_folders).
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        try:
+            if self.address is None:
+                os.environ[SIM_ENV] = str(self.folder)  # workers inherit the environment Ray starts with
+                ray.init(include_dashboard=False, **quiet)
+            else:
+                os.environ.pop(SIM_ENV, None)
+                env = {SIM_STORE_ENV: self.store_name, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+                _check_reachable(self.address)
+                try:
+                    ray.init(address=self.address, runtime_env={"env_vars": env}, **quiet)
+                except ConnectionError as err:
+                    raise ConfigError(f"--ray-address {self.address}: no Ray cluster answers there ({err})") from None
+                self._store = ray.remote(num_cpus=0)(_CampusStore).options(name=self.store_name).remote()
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
+            os.environ.pop("RAY_preload_python_modules")
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+        self._keep_actors()
+
+    def _keep_actors(self) -> None:
+        # Flower's simulation builds a RayBackend per run (looked up in its module at each run, flwr==1.42.0)
+        # and ends the run by stopping the actors and Ray: for the engine's life, the first run's actor pool
+        # serves every run, and stopping is left to close().
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+
+        base, pools = raybackend.RayBackend, self
+
+        class KeptRayBackend(base):  # type: ignore[misc,valid-type]
+            def build(self, app_fn) -> None:
+                if pools._pool is None:
+                    super().build(app_fn)
+                    pools._pool = self.pool
+                else:
+                    self.pool, self.app_fn = pools._pool, app_fn
+
+            def terminate(self) -> None:
+                pass
+
+        raybackend.RayBackend = KeptRayBackend
+        self._restore = lambda: setattr(raybackend, "RayBackend", base)
+
+    def partition(self, tables: Tables, campus_by: str, shards: int) -> str:
+        """The sub-folder of :attr:`folder` with one folder per campus of ``tables`` by ``campus_by``
+        (the contract's tables as Parquet files: each campus reads them without a CSV parse), written on first use."""
+        key = (id(tables), campus_by, shards if campus_by == "shard" else 0)
+        with self._lock:
+            if key not in self._partitions:
+                name = f"{len(self._partitions)}-{campus_by}"
+                for campus, own in campus_slices(tables, campus_by, shards).items():
+                    write_parquet(own, self.folder / name / campus)
+                self._partitions[key] = (tables, name)
+            return self._partitions[key][1]
+
+    def publish(self, partition: str, manifest: dict) -> None:
+        """Make ``manifest`` (campus names in partition-id order, state root, policy, mapping) the one the
+        workers read, with the campus folders of ``partition``; on a cluster, send those folders' files first."""
+        manifest = {**manifest, "partition": partition}
+        if self._store is not None:
+            import ray
+
+            if partition not in self._uploaded:
+                ray.get(
+                    [
+                        self._store.add.remote(partition, d.name, {f.name: f.read_bytes() for f in d.iterdir()})
+                        for d in sorted((self.folder / partition).iterdir())
+                    ]
+                )
+                self._uploaded.add(partition)
+            ray.get(self._store.set_manifest.remote(manifest))
+        path = self.folder / SIM_MANIFEST
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(manifest))
+        os.replace(partial, path)  # a worker reads the whole manifest, old or new
+
+    def fetched(self) -> dict[str, list[str]]:
+        """On a cluster: the campuses whose files each node (by Ray node id) fetched; locally: empty."""
+        import ray
+
+        return {} if self._store is None else ray.get(self._store.fetched.remote())
+
+    def close(self) -> None:
+        """Stop the ClientApp actors, remove the workers' copies of campus files (on a cluster) and stop Ray
+        (on a cluster: disconnect from it)."""
+        import ray
+
+        try:
+            if self._pool is not None:
+                self._pool.terminate_all_actors()
+            if self._store is not None:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                remove = ray.remote(num_cpus=0)(_remove_copies)
+                on = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in ray.nodes() if n["Alive"]]
+                ray.get([remove.options(scheduling_strategy=node).remote(self.store_name) for node in on])
+        finally:
+            if self._restore is not None:
+                self._restore()
+            ray.shutdown()
+
+    @contextmanager
+    def running(self) -> Iterator[Engine]:
+        """Start the engine for the block (runs in it use it, see :func:`run_engine`); close it when the block ends."""
+        try:
+            self.start()
+            _RUNNING.append(self)
+            yield self
+        finally:
+            if self in _RUNNING:
+                _RUNNING.remove(self)
+            self.close()
+
+
+_RUNNING: list[Engine] = []
+
+
+@contextmanager
+def engine(address: str | None = None) -> Iterator[Engine]:
+    """Flower's simulation engine, started once for every federated run of the block.
+
+    Parameters
+    ----------
+    address
+        An existing Ray cluster's address (``HOST:PORT`` of its head, or ``auto``) to attach to;
+        default: start Ray on this machine.
+
+    Yields
+    ------
+    Engine
+        The running engine; :func:`simulate` and :func:`run_engine` use it until the block ends.
+
+    Raises
+    ------
+    PermissionError
+        As :func:`campus_folders`.
+    ConfigError
+        When no Ray cluster answers at ``address`` (exit status 2).
+    """
+    with campus_folders() as folder, Engine(folder, address).running() as running:
+        yield running
 
 
 def _prepare(
+    engine: Engine,
     cfg: RunConfig,
     data_dir: Path,
     tables: Tables | None,
-    sim_dir: str,
-    policy: Path | None,
     headline: Callable[[RunConfig, Tables, str], list[str]],
 ):
-    """Runs while Ray starts: validate the tables, write one folder per campus, load the apps."""
+    """Validate the tables, write one folder per campus, load the apps (while Ray starts, for a single run)."""
     from flwr.simulation.run_simulation import _run_simulation
 
     from edufl.clients.app import app as client_app
@@ -362,20 +582,14 @@ def _prepare(
 
     tables = tables or load_tables(data_dir)
     names = headline(cfg, tables, "federated")
-    for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items():
-        write_parquet(own, Path(sim_dir) / name)  # the contract's tables: each campus reads them without a CSV parse
-    manifest = {
-        "campuses": names,
-        "state-root": str(Path(cfg.out).resolve() / "campuses"),
-        "policy": str(policy.resolve()) if policy else None,
-        "mapping": str(CONTRACT_PARQUET),
-    }
-    (Path(sim_dir) / SIM_MANIFEST).write_text(json.dumps(manifest))
-    return tables, names, _run_simulation, client_app, server
+    partition = engine.partition(tables, cfg.campus_by, cfg.shards)
+    return tables, names, partition, _run_simulation, client_app, server
 
 
-def _federated(cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None) -> dict:
-    cfg, tables, names = run_engine(cfg, data_dir, tables, policy)
+def _federated(
+    cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None, ray_address: str | None = None
+) -> dict:
+    cfg, tables, names = run_engine(cfg, data_dir, tables, policy, ray_address=ray_address)
     path = Path(cfg.out) / "summary.json"
     summary = json.loads(path.read_text())
     summary["config"].update(provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
@@ -390,6 +604,7 @@ def run_engine(
     policy: Path | None,
     headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
     extra_config: dict | None = None,
+    ray_address: str | None = None,
 ) -> tuple[RunConfig, Tables, list[str]]:
     """Run the ServerApp (``server/app.py``) and the campuses' ClientApp on Flower's simulation engine.
 
@@ -398,45 +613,57 @@ def run_engine(
     (enforcing ``policy`` when given). ``headline(cfg, tables, mode)`` prints
     what runs and returns the campus names; the ServerApp's run config is
     ``cfg`` (with ``min-campuses`` set to the number of campuses) plus
-    ``extra_config``. Returns that config, the tables and the campus names.
+    ``extra_config``. Inside an :func:`engine` block the run uses that engine
+    (``ray_address`` is then ignored); otherwise it starts one for this run
+    (attached to the Ray cluster at ``ray_address`` when given), preparing the
+    campuses while Ray starts. Returns that config, the tables and the campus names.
 
     Raises
     ------
     DataError
         When the tables fail validation.
     """
-    import ray
-
+    if _RUNNING:
+        running = _RUNNING[-1]
+        return _run(running, cfg, policy, extra_config, _prepare(running, cfg, data_dir, tables, headline))
+    if ray_address:
+        _check_reachable(ray_address)  # before any data is read
     with campus_folders() as folder, ThreadPoolExecutor(1) as pool:
-        sim_dir = str(folder)
-        prepared = pool.submit(_prepare, cfg, data_dir, tables, sim_dir, policy, headline)
+        fresh = Engine(folder, ray_address)
+        prepared = pool.submit(_prepare, fresh, cfg, data_dir, tables, headline)
         try:
-            _start_ray(sim_dir)
-            tables, names, run_simulation, client_app, server = prepared.result()
-            from flwr.app import Context, RecordDict
-            from flwr.supercore.telemetry import EventType
+            with fresh.running():
+                return _run(fresh, cfg, policy, extra_config, prepared.result())
+        finally:
+            prepared.cancel()
 
-            logging.getLogger("flwr").setLevel(logging.WARNING)
-            cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
-            # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
-            # internal entry point runs the same engine with the ServerApp's context given.
-            run_simulation(
-                num_supernodes=len(names),
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app,
-                server_app=server,
-                server_app_context=Context(
-                    run_id=0,
-                    node_id=0,
-                    node_config={},
-                    state=RecordDict(),
-                    run_config={**cfg.to_flower(), **(extra_config or {})},
-                ),
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-            )
-        except BaseException:
-            # Stop the engine's processes now: after a SIGTERM the process ends by the signal
-            # (campus_folders), without the exit handler that would stop them.
-            ray.shutdown()
-            raise
+
+def _run(engine: Engine, cfg: RunConfig, policy: Path | None, extra_config: dict | None, prepared: tuple):
+    tables, names, partition, run_simulation, client_app, server = prepared
+    engine.publish(
+        partition,
+        {
+            "campuses": names,
+            "state-root": str(Path(cfg.out).resolve() / "campuses"),
+            "policy": str(policy.resolve()) if policy else None,
+            "mapping": str(CONTRACT_PARQUET),
+        },
+    )
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.telemetry import EventType
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cfg = RunConfig.from_flower({**cfg.to_flower(), "min-campuses": len(names)})
+    # The public run_simulation() takes no run config; this pinned (flwr==1.42.0)
+    # internal entry point runs the same engine with the ServerApp's context given.
+    run_simulation(
+        num_supernodes=len(names),
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server,
+        server_app_context=Context(
+            run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={**cfg.to_flower(), **(extra_config or {})}
+        ),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     return cfg, tables, names

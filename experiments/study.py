@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -37,6 +38,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from edufl.federation.fingerprint import file_hashes
 from edufl.federation.privacy import ACCOUNTANT
@@ -45,7 +54,7 @@ from edufl.federation.tables import load_tables
 from edufl.federation.tomlfile import listed, load_model
 from edufl.server.results import METRIC_NAMES, code_version, primary_metric, task_metrics, versions, worst_metric
 
-from .simulate import Mode, simulate
+from .simulate import Mode, engine, simulate
 
 __all__ = ["Axis", "Cell", "Epsilon", "KEYS", "NO_DP", "Study", "report", "run", "summarise"]
 
@@ -111,7 +120,9 @@ class Study(BaseModel):
     holds any other run setting (dashed keys, as in ``[tool.flwr.app.config]``),
     e.g. ``settings = {"reproducible-noise" = true}`` (research only: each
     cell's DP noise and batch sampling follow its seed), validated as a run
-    configuration. Lists are TOML lists, each value once, none empty.
+    configuration. ``ray_address`` (``HOST:PORT`` of a Ray cluster's head) runs the
+    federated cells on that cluster instead of a Ray started for the study.
+    Lists are TOML lists, each value once, none empty.
 
     Raises
     ------
@@ -132,6 +143,7 @@ class Study(BaseModel):
     rounds: Rounds = _RUN.num_rounds
     local_epochs: LocalEpochs = _RUN.local_epochs
     model: Model = _RUN.model
+    ray_address: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("settings")
@@ -237,8 +249,27 @@ class Cell:
         }
 
 
-def run(config_path: Path, out: Path, data_dir: Path) -> Path:
-    """Run every cell of the study in ``config_path`` not yet done in ``out``; then report."""
+def _progress() -> Progress:
+    """A progress bar across a study's cells: cells done, time so far and the estimated time left."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+def run(config_path: Path, out: Path, data_dir: Path, ray_address: str | None = None) -> Path:
+    """Run every cell of the study in ``config_path`` not yet done in ``out``; then report.
+
+    Every federated cell runs on one simulation engine (:func:`~experiments.simulate.engine`),
+    started for the first of them: Ray, its workers and the campuses they prepared stay up
+    between cells, with the results of cells run one by one. ``ray_address`` (else the
+    study's ``ray_address``) attaches that engine to an existing Ray cluster. A progress bar
+    shows the cells done and the estimated time left.
+    """
     study = Study.load(config_path)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -263,14 +294,22 @@ def run(config_path: Path, out: Path, data_dir: Path) -> Path:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     cells = study.cells()
-    for i, cell in enumerate(cells, start=1):
-        done = cells_dir / cell.id / "cell.json"
-        if done.exists():
-            print(f"[{i}/{len(cells)}] {cell.id}: done before, skipped")
-            continue
-        print(f"[{i}/{len(cells)}] {cell.id}")
-        simulate(cell.config(cells_dir), data_dir, cell.mode, tables)
-        done.write_text(json.dumps(cell.keys()) + "\n")  # written last: the cell is complete
+    started = None
+    with ExitStack() as stack, _progress() as progress:
+        bar = progress.add_task("study", total=len(cells))
+        for i, cell in enumerate(cells, start=1):
+            done = cells_dir / cell.id / "cell.json"
+            if done.exists():
+                progress.console.print(f"[{i}/{len(cells)}] {cell.id}: done before, skipped")
+                progress.update(bar, total=progress.tasks[bar].total - 1)  # the ETA counts the cells that run
+                continue
+            progress.update(bar, description=cell.id)
+            if cell.mode == "federated" and not started:  # one engine for every federated cell
+                started = stack.enter_context(engine(ray_address or study.ray_address))
+            progress.console.print(f"[{i}/{len(cells)}] {cell.id}")
+            simulate(cell.config(cells_dir), data_dir, cell.mode, tables)
+            done.write_text(json.dumps(cell.keys()) + "\n")  # written last: the cell is complete
+            progress.advance(bar)
     _collect(cells, cells_dir, out)
     report(out)
     return out

@@ -34,6 +34,11 @@ __all__ = [
     "ASSESSMENTS",
     "ASSESSMENTS_MODULE",
     "ASSESSMENT_TYPES",
+    "OUTCOMES",
+    "STUDYING",
+    "TERMS",
+    "TERMS_MODULE",
+    "TERMS_SINCE",
     "CATEGORICAL_FEATURES",
     "CONTRACT_VERSION",
     "Column",
@@ -62,7 +67,7 @@ __all__ = [
     "version_text",
 ]
 
-CONTRACT_VERSION = (1, 1)
+CONTRACT_VERSION = (1, 2)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
 
 
@@ -156,6 +161,12 @@ IMD_BANDS = (
 AGE_BANDS = ("0-35", "35-55", "55<=")
 DISABILITY = ("N", "Y")
 FINAL_RESULTS = ("Distinction", "Fail", "Pass", "Withdrawn")
+"""The four final results a registration ends with: the classes of task ``final_result``."""
+STUDYING = "Studying"
+"""The outcome of a registration still under way (contract 1.2): its final result is not known yet, so no task
+takes it as an example (its features and label would say nothing of how it ends)."""
+OUTCOMES = (*FINAL_RESULTS, STUDYING)
+"""The values of ``learners.final_result``."""
 ASSESSMENT_TYPES = ("CMA", "Exam", "TMA")
 ACTIVITY_TYPES = (
     "dataplus",
@@ -182,6 +193,11 @@ ACTIVITY_TYPES = (
 """Kinds of online resource (OULAD's ``activity_type`` of ``vle.csv``): forum, quiz, wiki, content page, ..."""
 ASSESSMENTS_MODULE = "assessments"
 """The optional contract module of assessments and their submissions: tables :data:`ASSESSMENTS`, :data:`SUBMISSIONS`."""
+TERMS_MODULE = "terms"
+"""The optional contract module of term-level study (contract 1.2): table :data:`TERMS`, the curricular units
+enrolled in and approved and the mean grade of each registration in each term."""
+TERMS_SINCE = (1, 2)
+"""The contract version that added module terms, the ``Studying`` outcome and the nullable learner attributes."""
 ENGAGEMENT = "engagement"
 """The optional contract module of online engagement: tables :data:`RESOURCES` and :data:`EVENTS`."""
 PRE_START_DAYS = 365
@@ -190,7 +206,7 @@ PRE_START_DAYS = 365
 PRESENTATIONS = Table(
     "presentations",
     "Presentation",
-    (_COURSE, _PRESENTATION, Column("length_days", "int", positive=True, high=1000)),
+    (_COURSE, _PRESENTATION, Column("length_days", "int", nullable=True, positive=True, high=1000)),
     key=("course", "presentation"),
 )
 ASSESSMENTS = Table(
@@ -214,15 +230,15 @@ LEARNERS = Table(
         _COURSE,
         _PRESENTATION,
         _STUDENT,
-        Column("gender", "cat", vocab=GENDER),
-        Column("region", "cat", vocab=REGIONS),
-        Column("highest_education", "cat", vocab=EDUCATION),
+        Column("gender", "cat", nullable=True, vocab=GENDER),
+        Column("region", "cat", nullable=True, vocab=REGIONS),
+        Column("highest_education", "cat", nullable=True, vocab=EDUCATION),
         Column("imd_band", "cat", nullable=True, vocab=IMD_BANDS),
-        Column("age_band", "cat", vocab=AGE_BANDS),
-        Column("prev_attempts", "int", low=0, high=100),
-        Column("studied_credits", "int", positive=True, high=1000),
-        Column("disability", "cat", vocab=DISABILITY),
-        Column("final_result", "cat", vocab=FINAL_RESULTS),
+        Column("age_band", "cat", nullable=True, vocab=AGE_BANDS),
+        Column("prev_attempts", "int", nullable=True, low=0, high=100),
+        Column("studied_credits", "int", nullable=True, positive=True, high=1000),
+        Column("disability", "cat", nullable=True, vocab=DISABILITY),
+        Column("final_result", "cat", vocab=OUTCOMES),
     ),
     key=("course", "presentation", "student_id"),
 )
@@ -274,7 +290,24 @@ EVENTS = Table(
     module=ENGAGEMENT,
 )
 
-TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, RESOURCES, EVENTS)
+TERMS = Table(
+    "terms",
+    "Term",
+    (
+        _COURSE,
+        _PRESENTATION,
+        _STUDENT,
+        Column("term", "int", low=1, high=20),
+        Column("units_enrolled", "int", nullable=True, low=0, high=100),
+        Column("units_approved", "int", nullable=True, low=0, high=100),
+        Column("grade", "float", nullable=True, low=0, high=1000),
+        Column("grade_max", "float", nullable=True, positive=True, high=1000),
+    ),
+    key=("course", "presentation", "student_id", "term"),
+    module=TERMS_MODULE,
+)
+
+TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, TERMS, RESOURCES, EVENTS)
 TABLE = {t.name: t for t in TABLES}
 
 # --- Feature contract -------------------------------------------------------
@@ -304,6 +337,11 @@ NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
     "no_score_yet": (0, 1),
     "n_banked": (0, 12),
     "assessments_absent": (0, 1),
+    "term1_units_enrolled": (0, 12),
+    "term1_units_approved": (0, 12),
+    "term1_approved_share": (0, 1),
+    "term1_grade": (0, 1),
+    "terms_absent": (0, 1),
 }
 
 
@@ -346,7 +384,7 @@ def _by_learner(frame: pd.DataFrame, cls: type[_M], table: Table) -> dict[tuple[
 def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
     presentations, assessments, resources (module engagement), and one ``LearnerRecord`` per learner with its
-    registration, submissions and engagement events."""
+    registration, submissions, terms (module terms) and engagement events."""
 
     def rows(name: str) -> list[dict[str, Any]]:
         return _records(frames[name][[c.name for c in TABLE[name].columns]]) if name in frames else []
@@ -358,12 +396,14 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
         where = frames["assessments"][["assessment_id", "course", "presentation"]]
         submissions = _by_learner(frames["submissions"].merge(where, on="assessment_id"), pb.Submission, SUBMISSIONS)
     events = _by_learner(frames["events"], pb.EngagementEvent, EVENTS) if "events" in frames else {}
+    terms = _by_learner(frames["terms"], pb.Term, TERMS) if "terms" in frames else {}
     records = [
         pb.LearnerRecord(
             learner=_message(pb.Learner, r, LEARNERS),
             registration=_message(pb.Registration, registration[k], REGISTRATIONS),
             submissions=submissions.get(k, []),
             events=events.get(k, []),
+            terms=terms.get(k, []),
         )
         for r in rows("learners")
         for k in [tuple(r[c] for c in key)]
@@ -380,7 +420,7 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
 def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
     """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`;
     the tables of a module only when the message holds its rows: ``assessments`` and ``submissions`` when
-    it has assessments, ``resources`` and ``events`` when it has resources).
+    it has assessments, ``terms`` when a record has terms, ``resources`` and ``events`` when it has resources).
 
     Raises
     ------
@@ -401,6 +441,8 @@ def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
     if data.assessments:
         frames["assessments"] = _frame(data.assessments, ASSESSMENTS)
         frames["submissions"] = _frame([s for r in data.records for s in r.submissions], SUBMISSIONS)
+    if any(r.terms for r in data.records):
+        frames["terms"] = _frame([t for r in data.records for t in r.terms], TERMS)
     if data.resources:
         frames["resources"] = _frame(data.resources, RESOURCES)
         frames["events"] = _frame([e for r in data.records for e in r.events], EVENTS)

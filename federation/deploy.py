@@ -40,6 +40,7 @@ from .runconfig import ConfigError
 __all__ = [
     "CA_CERT",
     "FLWR_ENV",
+    "SUPEREXEC_POLL",
     "Companion",
     "SUPERLINK_CERT",
     "SUPERLINK_KEY",
@@ -65,6 +66,11 @@ FLWR_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+
+
+SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+"""The environment of edufl's SuperExecs (the campus gate, the coordinator's): look for a new task every 0.1 s
+(Flower's default is 1 s; a value the user set wins)."""
 
 
 def flwr_env() -> dict[str, str]:
@@ -198,13 +204,13 @@ def foreground(command: list[str], on_line: Callable[[str], None] | None = None,
 
 
 def stop_child(program: str) -> bool:
-    """Stop this process's running child ``program`` (e.g. ``flower-superlink``) with SIGTERM, as
-    Ctrl-C would; False when there is none."""
+    """Stop this process's running child ``program`` (e.g. ``flower-superlink``, or a module run with
+    ``python -m``) with SIGTERM, as Ctrl-C would; False when there is none."""
     import psutil
 
     for child in psutil.Process().children():
         try:
-            if any(Path(part).name == program for part in child.cmdline()[:2]):
+            if any(Path(part).name == program for part in child.cmdline()[:4]):
                 child.terminate()
                 return True
         except psutil.NoSuchProcess:
@@ -213,7 +219,8 @@ def stop_child(program: str) -> bool:
 
 
 class Companion:
-    """A process (``command``, ``what`` it is in messages) run beside the one :func:`foreground` runs.
+    """A process (``command``, ``what`` it is in messages) run beside the one :func:`foreground` runs, in
+    ``cwd`` with :func:`flwr_env` plus ``env`` (values the user set win).
 
     :meth:`on_line` (foreground's ``on_line``) starts it once that process prints
     ``ready``. Should it end with another status than ``stopped`` while that
@@ -223,16 +230,26 @@ class Companion:
     """
 
     def __init__(
-        self, command: list[str], ready: str, stop: Callable[[], bool], what: str, stopped: tuple[int, ...] = (0, 1, 2, 3)
+        self,
+        command: list[str],
+        ready: str,
+        stop: Callable[[], bool],
+        what: str,
+        stopped: tuple[int, ...] = (0, 1, 2, 3),
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ):
         self.command, self.ready, self.stop, self.what, self.stopped = command, ready, stop, what, stopped
+        self.env, self.cwd = dict(env or {}), cwd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.watcher: threading.Thread | None = None
         self.failed: int | None = None
 
     def on_line(self, line: str) -> None:
         if self.proc is None and self.ready in line:
-            self.proc = subprocess.Popen(self.command, env=flwr_env())
-            threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
+            self.proc = subprocess.Popen(self.command, env={**self.env, **flwr_env()}, cwd=self.cwd)
+            self.watcher = threading.Thread(target=self._watch, args=(self.proc,), daemon=True)
+            self.watcher.start()
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         status = proc.wait()

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .contract import ACTIVITY_TYPES, EVENTS
+from .contract import ACTIVITY_TYPES, EVENTS, PRE_START_DAYS
 from .mapping import Mapping
 from .problems import DataError, Problem
 
@@ -44,6 +44,7 @@ __all__ = [
     "benchmark",
     "check_events",
     "engagement_features",
+    "engagement_totals",
     "learner_rows",
     "presentation_index",
     "read_events",
@@ -163,7 +164,9 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
             for r, v in zip(rows[:MAX_LISTED], listed, strict=True)
         )
         if len(rows) > MAX_LISTED:
-            problems.append(Problem(given.file, None, column, f"{len(rows) - MAX_LISTED} more rows with this problem"))
+            problems.append(
+                Problem(given.file, None, column, f"{len(rows) - MAX_LISTED} more rows with this problem", len(rows) - MAX_LISTED)
+            )
 
     for col in EVENTS.columns:
         values = frame[col.name]
@@ -177,7 +180,8 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
                 number = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
                 bad = ~null & (np.isnan(number) | (number % 1 != 0))
             report(bad, source[col.name], "{value!r} is not a whole number", values)
-            frame[col.name] = np.where(null | bad, -1, number).astype(np.int64 if col.name.endswith("_id") else np.int32)
+            kept = number if not (null.any() or bad.any()) else np.where(null | bad, -1, number)
+            frame[col.name] = kept.astype(np.int64 if col.name.endswith("_id") else np.int32, copy=False)
             if col.positive or col.low is not None:
                 low = 1 if col.positive else col.low
                 high = np.inf if col.high is None else col.high
@@ -239,7 +243,9 @@ def check_events(events: pd.DataFrame, f: dict[str, pd.DataFrame], file: str, so
         rows = np.flatnonzero(mask)
         problems.extend(Problem(file, int(r) + first_line, column, message) for r in rows[:MAX_LISTED])
         if len(rows) > MAX_LISTED:
-            problems.append(Problem(file, None, column, f"{len(rows) - MAX_LISTED} more rows with this problem"))
+            problems.append(
+                Problem(file, None, column, f"{len(rows) - MAX_LISTED} more rows with this problem", len(rows) - MAX_LISTED)
+            )
 
     presentations = f["presentations"]
     where = presentation_index(events["course"], events["presentation"], presentations)
@@ -260,7 +266,7 @@ def check_events(events: pd.DataFrame, f: dict[str, pd.DataFrame], file: str, so
         "resource not listed for this course presentation (in resources); expected a known site",
     )
     day = events["day"].to_numpy(np.int64)
-    length = presentations["length_days"].to_numpy(np.int64)[where.clip(0)]
+    length = presentations["length_days"].to_numpy(float, na_value=np.inf)[where.clip(0)]  # no length known: no bound
     late = (where >= 0) & (day > length)
     report(late, source["day"], "day is after the presentation's last day; expected at most its length in days")
     return problems
@@ -269,6 +275,22 @@ def check_events(events: pd.DataFrame, f: dict[str, pd.DataFrame], file: str, so
 def learner_rows(events: pd.DataFrame, learners: pd.DataFrame, presentations: pd.DataFrame) -> np.ndarray:
     """The position in ``learners`` of each event's registration (int64, -1 for another learner's)."""
     return _lookup(_keys(events, presentations), _keys(learners, presentations))
+
+
+def engagement_totals(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per ``learners`` row (same order): ``course``, ``presentation``, ``student_id``, ``total_clicks`` (all its
+    clicks) and ``total_active_days`` (days with a click); 0 for a registration without events. The numbers
+    :data:`federation.queries.ENGAGEMENT_FIELDS` a DP statistic may release."""
+    learners = frames["learners"]
+    events = frames["events"]
+    row = learner_rows(events, learners, frames["presentations"])
+    mine = row >= 0
+    row, day = row[mine], events["day"].to_numpy(np.int64)[mine]
+    days = np.unique(row * 4096 + (day + PRE_START_DAYS))  # one entry per (registration, day); days < 4096 apart
+    out = learners[["course", "presentation", "student_id"]].reset_index(drop=True)
+    out["total_clicks"] = np.bincount(row, events["clicks"].to_numpy(np.float64)[mine], minlength=len(learners))
+    out["total_active_days"] = np.bincount(days // 4096, minlength=len(learners)).astype(np.float64)
+    return out
 
 
 def _scale(values: np.ndarray, high: float, log: bool) -> np.ndarray:

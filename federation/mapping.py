@@ -51,12 +51,24 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .contract import ASSESSMENTS_MODULE, CONTRACT_VERSION, ENGAGEMENT, TABLES, Table, parse_version, supports, version_text
+from .contract import (
+    ASSESSMENTS_MODULE,
+    CONTRACT_VERSION,
+    ENGAGEMENT,
+    TABLES,
+    TERMS_MODULE,
+    TERMS_SINCE,
+    Table,
+    parse_version,
+    supports,
+    version_text,
+)
 from .errors import UserError
 from .tomlfile import load_model
 
@@ -64,11 +76,13 @@ __all__ = [
     "CONTRACT_PARQUET",
     "DAY_COLUMNS",
     "ENGAGEMENT_SINCE",
+    "Bins",
     "Mapping",
     "MappingError",
     "OULAD_MAPPING",
     "TableMapping",
     "load_mapping",
+    "parquet_layout",
 ]
 
 OULAD_MAPPING = Path(__file__).parent / "mappings" / "oulad.toml"
@@ -98,16 +112,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Bins(_Strict):
+    """Value binning of one field: a number ``x`` of the export becomes ``labels[i]`` where ``i`` is the count of
+    ``edges`` at or below ``x`` (``x < edges[0]``: ``labels[0]``; ``x >= edges[-1]``: the last label)."""
+
+    edges: tuple[float, ...] = Field(min_length=1)
+    labels: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _fits(self) -> Bins:
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"edges {list(self.edges)} must increase")
+        if len(self.labels) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges make {len(self.edges) + 1} bins; {len(self.labels)} labels given")
+        return self
+
+
 class TableMapping(_Strict):
-    """Where one contract table comes from (see the module docstring)."""
+    """Where one contract table comes from (see the module docstring): its file, the export column of each
+    contract field (a nullable field may be left out: missing in every row), fixed values (``constants``),
+    recodings (``codes``), binning (``bins``), day fields given as dates (``dates``) and a row filter (``keep``)."""
 
     file: str
     columns: dict[str, str]
+    constants: dict[str, str | int | float] = {}
+    keep: dict[str, tuple[str | int, ...]] = {}
     codes: dict[str, dict[str, str]] = {}
+    bins: dict[str, Bins] = {}
     dates: tuple[str, ...] = ()
     delimiter: str | None = None
     encoding: str | None = None
     missing: tuple[str, ...] | None = None
+
+    def kept(self) -> dict[str, frozenset[str]]:
+        """The row filter: export column -> the values (as text) a row must hold in it to be read."""
+        return {column: frozenset(str(v) for v in values) for column, values in self.keep.items()}
 
 
 class Mapping(_Strict):
@@ -125,6 +164,7 @@ class Mapping(_Strict):
     learners: TableMapping
     registrations: TableMapping
     submissions: TableMapping | None = None
+    terms: TableMapping | tuple[TableMapping, ...] | None = None
     resources: TableMapping | None = None
     events: TableMapping | None = None
 
@@ -150,25 +190,18 @@ class Mapping(_Strict):
                 f"contract_version: module {ENGAGEMENT} (tables resources, events) is part of contract "
                 f'{version_text(ENGAGEMENT_SINCE)} on; set contract_version = "{version_text(ENGAGEMENT_SINCE)}"'
             )
-        if self.events is not None and (self.events.codes or self.events.dates):
-            problems.append("events: codes and dates do not apply to events; give day counts and numbers")
+        if self.terms is not None and parse_version(self.contract_version) < TERMS_SINCE:
+            problems.append(
+                f"contract_version: module {TERMS_MODULE} (table terms) is part of contract "
+                f'{version_text(TERMS_SINCE)} on; set contract_version = "{version_text(TERMS_SINCE)}"'
+            )
+        if self.events is not None and (self.events.codes or self.events.dates or self.events.bins or self.events.keep):
+            problems.append("events: codes, bins, dates and keep do not apply to events; give day counts and numbers")
         for table in self.tables():
-            given = self.table(table.name)
-            names = [c.name for c in table.columns]
-            absent = [n for n in names if n not in given.columns]
-            unknown = [n for n in given.columns if n not in names]
-            if absent:
-                problems.append(f"{table.name}.columns: no export column given for {', '.join(absent)}")
-            if unknown:
-                problems.append(f"{table.name}.columns: {', '.join(unknown)} not in the contract (expected {', '.join(names)})")
-            for name in given.codes:
-                if name not in names:
-                    problems.append(f"{table.name}.codes: {name} is not a column of {table.name}")
-            for name in given.dates:
-                if name not in DAY_COLUMNS or name not in names:
-                    problems.append(f"{table.name}.dates: {name} is not a day column of {table.name}")
-            problems += _format_problems(f"{table.name}.", given.delimiter, given.encoding)
-        if any(self.table(t.name).dates for t in self.tables()) and not self.start_date:
+            parts = self.parts(table.name)
+            for i, given in enumerate(parts):
+                problems += _table_problems(table, given, table.name if len(parts) == 1 else f"{table.name}[{i}]")
+        if any(p.dates for t in self.tables() for p in self.parts(t.name)) and not self.start_date:
             problems.append(
                 "start_date: day columns are given as dates, so the presentations file must have a start-date column, named here"
             )
@@ -176,12 +209,17 @@ class Mapping(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    def table(self, name: str) -> TableMapping:
-        """The mapping of contract table ``name``; KeyError when the mapping does not provide it."""
-        found: TableMapping | None = getattr(self, name)
+    def parts(self, name: str) -> tuple[TableMapping, ...]:
+        """The parts contract table ``name`` is read from, in order (one, or those of a ``[[name]]`` array,
+        whose rows are concatenated); KeyError when the mapping does not provide it."""
+        found: TableMapping | tuple[TableMapping, ...] | None = getattr(self, name)
         if found is None:
             raise KeyError(f"the mapping provides no table {name}")
-        return found
+        return found if isinstance(found, tuple) else (found,)
+
+    def table(self, name: str) -> TableMapping:
+        """The mapping of contract table ``name`` (its first part); KeyError when the mapping does not provide it."""
+        return self.parts(name)[0]
 
     def tables(self) -> tuple[Table, ...]:
         """The contract tables this mapping provides, in contract order (the core's and those of its modules)."""
@@ -193,12 +231,42 @@ class Mapping(_Strict):
         return frozenset(t.module for t in self.tables()) - {"core"}
 
     def files(self) -> list[str]:
-        """The export's file names, in contract table order."""
-        return [self.table(t.name).file for t in self.tables()]
+        """The export's file names, each once, in contract table order."""
+        return list(dict.fromkeys(p.file for t in self.tables() for p in self.parts(t.name)))
 
     @property
     def version(self) -> tuple[int, int]:
         return parse_version(self.contract_version)
+
+
+def _table_problems(table: Table, given: TableMapping, where: str) -> list[str]:
+    """What is wrong with the mapping ``given`` of contract ``table`` (``where``: its key in the file)."""
+    columns = {c.name: c for c in table.columns}
+    problems = []
+    absent = [n for n, c in columns.items() if not c.nullable and n not in given.columns and n not in given.constants]
+    if absent:
+        problems.append(
+            f"{where}.columns: no export column given for {', '.join(absent)} "
+            "(nor a constant; only nullable fields may be left out)"
+        )
+    for key in ("columns", "constants", "codes", "bins"):
+        unknown = [n for n in getattr(given, key) if n not in columns]
+        if unknown:
+            problems.append(f"{where}.{key}: {', '.join(unknown)} not in the contract (expected {', '.join(columns)})")
+    both = sorted(set(given.columns) & set(given.constants))
+    if both:
+        problems.append(f"{where}.constants: {', '.join(both)} also given in columns; give each field one source")
+    for name in [n for n in given.bins if n in columns and columns[n].kind != "cat"]:
+        problems.append(f"{where}.bins: {name} is not a categorical field; bins turn numbers into labels")
+    for name, spec in given.bins.items():
+        vocab = columns[name].vocab if name in columns else ()
+        wrong = [label for label in spec.labels if vocab and label not in vocab]
+        if wrong:
+            problems.append(f"{where}.bins.{name}: labels {', '.join(wrong)} not in {', '.join(columns[name].vocab)}")
+    for name in given.dates:
+        if name not in DAY_COLUMNS or name not in given.columns:
+            problems.append(f"{where}.dates: {name} is not a day column of {table.name} given in columns")
+    return problems + _format_problems(f"{where}.", given.delimiter, given.encoding)
 
 
 def load_mapping(path: str | os.PathLike[str] | None = None) -> Mapping:
@@ -211,6 +279,29 @@ def load_mapping(path: str | os.PathLike[str] | None = None) -> Mapping:
         column, a key is unknown, or the contract version is not one this edufl reads.
     """
     return load_model(Mapping, path, MappingError, "mapping file") if path else _oulad()
+
+
+def parquet_layout(directory: Path, tables: Iterable[str] | None = None) -> Mapping:
+    """The mapping of :data:`CONTRACT_PARQUET` (the contract's own tables, one Parquet file each: what
+    ``edufl simulate`` gives each virtual campus) for a campus holding only the tables ``tables``, by default
+    those whose file is in ``directory``: the layout has a file exactly for each table the campus has, and the
+    modules it lacks have none.
+
+    Raises
+    ------
+    MappingError
+        When what is left gives an optional module only in part.
+    """
+    full = load_mapping(CONTRACT_PARQUET)
+    held = (
+        set(tables)
+        if tables is not None
+        else {t.name for t in full.tables() if (Path(directory) / full.table(t.name).file).is_file()}
+    )
+    try:
+        return Mapping.model_validate({**full.model_dump(), **{t.name: None for t in full.tables() if t.name not in held}})
+    except ValidationError as err:
+        raise MappingError(f"{directory}: {'; '.join(e['msg'] for e in err.errors())}") from None
 
 
 @lru_cache(maxsize=1)

@@ -50,23 +50,31 @@ def campus_names(tables: Tables, campus_by: str, shards: int = 0) -> list[str]:
 def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -> Tables:
     """Only ``campus``'s rows of every table: what that campus would hold itself."""
     learners = tables["learners"]
-    return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])[0]
+    return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])
 
 
 def campus_slices(tables: Tables, campus_by: str, shards: int = 0) -> dict[str, Tables]:
-    """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once)."""
+    """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once,
+    and the click log split in one pass)."""
     learners = tables["learners"]
     campus = campus_of(learners, campus_by, shards)
-    owners = None
-    slices = {}
-    for name in sorted(campus.unique()):
-        slices[name], owners = _own_rows(tables, learners[campus == name], owners)
-    return slices
+    names = sorted(campus.unique())
+    events = _events_by_campus(tables, campus, names) if "events" in tables else {}
+    return {name: _own_rows(tables, learners[campus == name], events.get(name)) for name in names}
 
 
-def _own_rows(tables: Tables, learners: pd.DataFrame, owners: np.ndarray | None = None) -> tuple[Tables, np.ndarray | None]:
-    """``learners``'s share of every table, and the position in ``tables["learners"]`` of each event's learner
-    (``owners``: computed once for the click log, and passed again for the next campus)."""
+def _events_by_campus(tables: Tables, campus: pd.Series, names: list[str]) -> dict[str, pd.DataFrame]:
+    """Each campus's share of the click log; ``campus`` holds the campus of each ``learners`` row."""
+    f = tables.frames
+    owners = learner_rows(f["events"], f["learners"], f["presentations"])
+    code = np.append(pd.Index(names).get_indexer(pd.Index(campus.to_numpy())), -1)[owners]  # -1: no learner's event
+    order = np.argsort(code, kind="stable")
+    bounds = np.searchsorted(code[order], np.arange(len(names) + 1))
+    return {name: f["events"].take(order[bounds[i] : bounds[i + 1]]) for i, name in enumerate(names)}
+
+
+def _own_rows(tables: Tables, learners: pd.DataFrame, events: pd.DataFrame | None = None) -> Tables:
+    """``learners``'s share of every table (``events``: their click log, when already split off)."""
     f = tables.frames
     mp = ["course", "presentation"]
     student = [*mp, "student_id"]
@@ -83,9 +91,7 @@ def _own_rows(tables: Tables, learners: pd.DataFrame, owners: np.ndarray | None 
         frames["submissions"] = subs.merge(learners[student], on=student)[[*f["submissions"].columns]]
     if "events" in f:
         frames["resources"] = f["resources"].merge(presentations[mp], on=mp)
-        if owners is None:
-            owners = learner_rows(f["events"], f["learners"], f["presentations"])
-        mine = np.zeros(len(f["learners"]) + 1, bool)  # the last entry: an event of no learner
-        mine[f["learners"].index.get_indexer(learners.index)] = True
-        frames["events"] = f["events"][mine[owners]]
-    return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping), owners
+        if events is None:
+            events = f["events"][learner_rows(f["events"], learners, f["presentations"]) >= 0]
+        frames["events"] = events
+    return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping)

@@ -33,13 +33,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS
+from .contract import ASSESSMENTS, ASSESSMENTS_MODULE, ENGAGEMENT, LEARNERS, REGISTRATIONS, SUBMISSIONS
 from .errors import UserError
 from .proto.analytics_pb2 import StatisticQuery
 from .tomlfile import load_model
 
 __all__ = [
     "ANSWER",
+    "ENGAGEMENT_FIELDS",
     "GROUP_FIELDS",
     "INDICATOR_FIELDS",
     "KEYS",
@@ -58,7 +59,9 @@ __all__ = [
     "edges",
     "indicator",
     "load_query",
+    "modules_needed",
     "over_submissions",
+    "require_modules",
     "rows_per_registration",
     "threshold",
 ]
@@ -80,7 +83,13 @@ SUBMISSION_FIELDS = frozenset(c.name for t in (ASSESSMENTS, SUBMISSIONS) for c i
 """Fields of the assessments and submissions tables: a statistic using one is over submissions."""
 GROUP_FIELDS = {c.name: (*c.vocab, *((MISSING,) if c.nullable else ())) for c in _COLUMNS.values() if c.kind == "cat"}
 """Fields a statistic may be grouped by (the contract's categorical fields), with every group value (fixed vocabularies)."""
-NUMERIC_FIELDS = tuple(c.name for c in _COLUMNS.values() if c.kind in ("int", "float"))
+ENGAGEMENT_FIELDS = {
+    "total_clicks": "all clicks of the registration in its click log",
+    "total_active_days": "days on which the registration has a click",
+}
+"""Numbers of each registration from module engagement (one value per registration, like a registration field;
+0 for a registration without a click). A campus without the module refuses a query on them."""
+NUMERIC_FIELDS = tuple(c.name for c in _COLUMNS.values() if c.kind in ("int", "float")) + tuple(ENGAGEMENT_FIELDS)
 """Numeric contract fields a mean, histogram or quantile may take."""
 INDICATOR_FIELDS = {c.name: c.vocab for c in _COLUMNS.values() if c.kind == "cat"}
 """Categorical contract fields a ``FIELD=VALUE`` indicator may test."""
@@ -292,6 +301,31 @@ def cells(query: StatisticQuery) -> list[CellKey]:
 def over_submissions(query: StatisticQuery | Query) -> bool:
     """Whether the query's records are submissions (its value or a group_by field is an assessment or submission field)."""
     return bool({query.value.partition("=")[0], *query.group_by} & SUBMISSION_FIELDS)
+
+
+def modules_needed(query: StatisticQuery | Query) -> frozenset[str]:
+    """The optional contract modules whose tables the query's records need: ``assessments`` for a
+    statistic over submissions, ``engagement`` for a value of :data:`ENGAGEMENT_FIELDS`."""
+    needed = {ASSESSMENTS_MODULE} if over_submissions(query) else set()
+    if query.value.partition("=")[0] in ENGAGEMENT_FIELDS:
+        needed.add(ENGAGEMENT)
+    return frozenset(needed)
+
+
+def require_modules(query: StatisticQuery | Query, provided: frozenset[str] | set[str]) -> None:
+    """Refuse ``query`` when the campus's data (``provided``: its mapping's modules) lack a module it needs.
+
+    Raises
+    ------
+    QueryError
+        Naming the modules missing and what the query uses them for (no data value).
+    """
+    absent = sorted(modules_needed(query) - set(provided))
+    if absent:
+        raise QueryError(
+            f"this campus's data have no module {', '.join(absent)} (its mapping provides "
+            f"{', '.join(sorted(provided)) or 'the core tables only'}); query {query.name!r} needs it"
+        )
 
 
 def rows_per_registration(query: StatisticQuery) -> int:

@@ -24,7 +24,8 @@ def check_references(f: dict[str, pd.DataFrame], mapping: Mapping) -> list[Probl
     """Every row of the typed tables ``f`` that points at a row missing from another table: an assessment or
     learner of an unknown presentation, a registration without its learner row (and the reverse), a
     submission of an unknown assessment or of a student not registered on its presentation, a resource of an
-    unknown presentation (the click log's references: :func:`federation.engagement.check_events`)."""
+    unknown presentation, a term of a student not registered
+    (the click log's references: :func:`federation.engagement.check_events`)."""
     mp = ["course", "presentation"]
     student = [*mp, "student_id"]
     file = {t.name: mapping.table(t.name).file for t in mapping.tables()}
@@ -38,6 +39,8 @@ def check_references(f: dict[str, pd.DataFrame], mapping: Mapping) -> list[Probl
     problems += _missing_refs(
         f["learners"], f["registrations"], student, learners, f"registration (in {registrations}) for student"
     )
+    if "terms" in f:
+        problems += _missing_refs(f["terms"], f["learners"], student, file["terms"], f"student (in {learners})")
     if "submissions" not in f:
         return problems
     sa = f["submissions"]

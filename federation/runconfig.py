@@ -39,7 +39,7 @@ __all__ = [
     "Task",
 ]
 
-Task = Literal["withdrawal", "at_risk", "final_result"]
+Task = Literal["withdrawal", "at_risk", "final_result", "term1_dropout"]
 Split = Literal["stratified", "temporal"]
 Model = Literal["mlp", "logistic"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]

@@ -4,7 +4,8 @@ The query and its rules are in :mod:`federation.queries`; combining the
 campuses' answers is the coordinator's (:mod:`server.combine`).
 
 Records and privacy unit: a campus's registrations (``learners`` rows joined
-with their ``registrations`` row), or, when the value or a ``group_by`` field
+with their ``registrations`` row, and for a value of
+:data:`~federation.queries.ENGAGEMENT_FIELDS` its click-log totals), or, when the value or a ``group_by`` field
 belongs to the ``assessments`` or ``submissions`` tables, its submissions
 joined with their assessment and registration. The privacy unit is one
 registration with everything recorded about it, as for DP-SGD training
@@ -74,10 +75,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, Table
+from .contract import ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, TABLES, Table
+from .engagement import engagement_totals
 from .privacy import DPSettings, calibrate_noise, epsilon
 from .proto.analytics_pb2 import Cell, StatisticAnswer, StatisticQuery
 from .queries import (
+    ENGAGEMENT_FIELDS,
     KEYS,
     MISSING,
     NUMERIC_FIELDS,
@@ -89,6 +92,7 @@ from .queries import (
     edges,
     indicator,
     over_submissions,
+    require_modules,
     rows_per_registration,
     threshold,
 )
@@ -161,9 +165,11 @@ def records(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> pd.Dat
     ``registrations`` fields). Submission statistics: one row per submission
     with its assessment's and registration's fields, at most ``m`` per
     registration (its first by submission day and assessment id). Rows whose
-    numeric value is missing are left out first. Raises QueryError on an invalid query.
+    numeric value is missing are left out first. Raises QueryError on an invalid query, or one needing a
+    module ``tables`` lack (:func:`federation.queries.require_modules`).
     """
     check(query)
+    require_modules(query, {t.module for t in TABLES if t.name in tables} - {"core"})
     field = query.value.partition("=")[0]
     wanted = {*query.group_by, *([field] if field else [])}
     key = list(LEARNERS.key)
@@ -183,6 +189,8 @@ def records(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> pd.Dat
         ]
         subs = subs.merge(part(ASSESSMENTS, ["assessment_id", "course", "presentation"]), on="assessment_id")
         rows = subs.merge(rows, on=key)
+    if field in ENGAGEMENT_FIELDS:
+        rows = rows.merge(engagement_totals(dict(tables))[[*key, field]], on=key, how="left")
     if field in NUMERIC_FIELDS:
         rows = rows[rows[field].notna()]
     if over_submissions(query):

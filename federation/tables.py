@@ -20,7 +20,7 @@ from .contract import EVENTS
 from .engagement import check_events, read_events
 from .mapping import Mapping, load_mapping
 from .problems import DataError, Problem
-from .reading import START
+from .reading import START, Headers
 from .references import check_references
 from .validation import deduplicate, read_table
 
@@ -47,7 +47,8 @@ class Tables:
     Each frame but ``events`` (the click log, millions of rows) keeps a ``_line`` column with the row's
     line number in its export file;
     ``mapping`` is how the export in ``source`` was read; ``notes`` say what was merged
-    (exact duplicate rows); ``missingness`` (from :func:`load_tables`) counts the
+    (exact duplicate rows), left out by a row filter, and which columns of each file no table reads;
+    ``missingness`` (from :func:`load_tables`) counts the
     missing values of every contract field.
     """
 
@@ -98,17 +99,24 @@ def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.P
     problems: list[Problem] = []
     notes: list[str] = []
     missing: list[dict[str, str | int | float]] = []
+    headers: Headers = {}
     for table in mapping.tables():
         if table is EVENTS:
             frame, found, counts = read_events(directory, mapping)
         else:
-            frame, found, counts = read_table(directory, mapping, table, frames)
+            parts = [read_table(directory, mapping, table, frames, given, headers, notes) for given in mapping.parts(table.name)]
+            frame = pd.concat([p[0] for p in parts], ignore_index=True) if len(parts) > 1 else parts[0][0]
+            found, counts = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
         missing += counts
         if not found and table.key:
             frame, found = deduplicate(frame, table, mapping.table(table.name).file, notes)
         frames[table.name] = frame
         problems += found
     frames["presentations"] = frames["presentations"].drop(columns=[START], errors="ignore")  # used while reading
+    for file, (header, used) in headers.items():
+        unused = [h for h in header if h not in used]
+        if unused:
+            notes.append(f"{file}: {len(unused)} column(s) not used by the mapping: {', '.join(unused)}")
     missingness = pd.DataFrame(missing)
     if problems:
         raise DataError(problems, missingness=missingness)

@@ -2,7 +2,9 @@
 
 Tasks ``withdrawal`` and ``at_risk`` (early warning at day D): will this
 registration end as "Withdrawn" (``withdrawal``), or as "Fail" or "Withdrawn"
-(``at_risk``)? Task ``final_result``: which of the four final results
+(``at_risk``)? Task ``term1_dropout`` (module terms): will it end as "Withdrawn", from what the
+first term's units and grade say (with the core, and any module's data before D)? Registrations still
+under way (outcome "Studying") are no task's examples. Task ``final_result``: which of the four final results
 (Distinction, Fail, Pass, Withdrawn) will it end with? The population is every
 registration made before day D and not unregistered before day D; features use
 only information dated before D: submissions, assessments due, and clicks
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES
+from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES, STUDYING, TABLES, TERMS_MODULE
 from .engagement import ENGAGEMENT_FEATURES, engagement_features
 from .metrics import SUBGROUPS
 from .runconfig import SPLITS, TASKS
@@ -29,9 +31,12 @@ __all__ = [
     "CLASSES",
     "MISSING_SLOT",
     "POSITIVE",
+    "TASK_MODULES",
+    "TERM_FEATURES",
     "TaskData",
     "early_warning",
     "feature_names",
+    "missing_modules",
     "n_outputs",
     "split",
 ]
@@ -49,8 +54,26 @@ ASSESSMENT_FEATURES = (
     "n_banked",
 )
 """The numeric features from module assessments (assessments due and submitted before D), in order."""
+TERM_FEATURES = ("term1_units_enrolled", "term1_units_approved", "term1_approved_share", "term1_grade", "terms_absent")
+"""The numeric features from module terms (task ``term1_dropout`` only): the registration's first term's units
+enrolled in and approved, the share approved, the mean grade over the scale's maximum; and the absent flag."""
 # Binary tasks: the final results that make an example positive.
-POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn")}
+POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn"), "term1_dropout": ("Withdrawn",)}
+TASK_MODULES = {"term1_dropout": frozenset({TERMS_MODULE})}
+"""The optional contract modules a task cannot do without (a campus lacking one refuses the task)."""
+
+
+def missing_modules(task: str, provided: frozenset[str]) -> str:
+    """Why a campus whose mapping provides the modules ``provided`` cannot take part in ``task`` ("" if it can)."""
+    absent = sorted(TASK_MODULES.get(task, frozenset()) - provided)
+    if not absent:
+        return ""
+    return (
+        f"task {task} needs module {', '.join(absent)}, and this campus's mapping provides "
+        f"{', '.join(sorted(provided)) or 'the core tables only'}"
+    )
+
+
 # Multiclass tasks: the classes, in the order of the model's outputs.
 CLASSES = {"final_result": FINAL_RESULTS}
 
@@ -99,6 +122,29 @@ class TaskData:
         return len(self.y)
 
 
+def _first_term(tables: Tables, population: pd.DataFrame, task: str) -> pd.DataFrame:
+    """:data:`TERM_FEATURES` of each ``population`` row: its term-1 row of module terms for task
+    ``term1_dropout``; all 0 for other tasks (a term's results are not dated, so no early-warning task at day D
+    may use them), the absent flag 1 where the campus has no module terms."""
+    key = ["course", "presentation", "student_id"]
+    out = population[key].copy()
+    for col in TERM_FEATURES:
+        out[col] = 0.0
+    if "terms" not in tables:
+        out["terms_absent"] = 1.0
+        return out
+    if task != "term1_dropout":
+        return out
+    terms = tables["terms"]
+    first = out[key].merge(terms[terms["term"] == 1].drop(columns="_line", errors="ignore"), on=key, how="left")
+    enrolled, approved = first["units_enrolled"].astype(float), first["units_approved"].astype(float)
+    out["term1_units_enrolled"] = enrolled.fillna(0.0).to_numpy()
+    out["term1_units_approved"] = approved.fillna(0.0).to_numpy()
+    out["term1_approved_share"] = (approved / enrolled.where(enrolled > 0)).fillna(0.0).to_numpy()
+    out["term1_grade"] = (first["grade"].astype(float) / first["grade_max"].astype(float)).fillna(0.0).clip(0, 1).to_numpy()
+    return out
+
+
 def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
     mp = ["course", "presentation"]
     key = [*mp, "student_id"]
@@ -142,7 +188,8 @@ def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: 
 
 
 def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> TaskData:
-    """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal``, ``at_risk`` or ``final_result``.
+    """Examples for early warning at day ``cutoff_day`` (D): task ``withdrawal``, ``at_risk``, ``final_result``
+    or ``term1_dropout`` (module terms: :data:`TERM_FEATURES` from the first term).
 
     Population: registrations with ``registration_day < D`` (or unknown) and
     no ``unregistration_day < D``. Label: ``final_result`` in
@@ -150,26 +197,31 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     for ``final_result``, the index of ``final_result`` in :data:`FINAL_RESULTS`.
     Neither ``final_result`` nor ``unregistration_day`` enters a feature, and
     only submissions with ``submission_day < D``, assessments due before D and
-    events with ``day < D`` count.
+    events with ``day < D`` count. Registrations with outcome ``Studying`` are left out.
 
     Raises
     ------
     ValueError
-        For a task not in :data:`TASKS`.
+        For a task not in :data:`TASKS`, or one needing a module ``tables`` lack (:func:`missing_modules`).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if why := missing_modules(task, frozenset(t.module for t in TABLES if t.name in tables) - {"core"}):
+        raise ValueError(why)
     key = ["course", "presentation", "student_id"]
     info = tables["learners"].merge(tables["registrations"].drop(columns="_line"), on=key)
     reg, unreg = info["registration_day"], info["unregistration_day"]
     keep = (reg.isna() | (reg < cutoff_day)).to_numpy(bool) & (unreg.isna() | (unreg >= cutoff_day)).to_numpy(bool)
+    keep &= (info["final_result"] != STUDYING).to_numpy(bool)  # still under way: how it ends is not known
     population = info[keep].sort_values(key).reset_index(drop=True)
-    behaviour = _assessment_behaviour(tables, population, cutoff_day)
+    behaviour = _assessment_behaviour(tables, population, cutoff_day).merge(
+        _first_term(tables, population, task), on=key, how="left"
+    )
 
     numeric = pd.DataFrame(
         {
-            "prev_attempts": population["prev_attempts"].astype(float),
-            "studied_credits": population["studied_credits"].astype(float),
+            "prev_attempts": population["prev_attempts"].astype(float).fillna(0.0),
+            "studied_credits": population["studied_credits"].astype(float).fillna(0.0),
             "registration_day": population["registration_day"].astype(float).fillna(0.0),
             "registration_missing": population["registration_day"].isna().astype(float),
         }

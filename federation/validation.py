@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from .contract import Column, Table
-from .mapping import Mapping, TableMapping
+from .mapping import Bins, Mapping, TableMapping
 from .problems import Problem
-from .reading import LINE, START, read_export_file
+from .reading import LINE, START, Headers, read_export_file
 
 __all__ = ["deduplicate", "read_table"]
 
@@ -28,11 +28,13 @@ def _check_column(
     source: str,
     missing_markers: frozenset[str],
     codes: dict[str, str],
+    bins: Bins | None = None,
     reported: pd.Series | None = None,
 ) -> tuple[pd.Series, list[Problem], int]:
-    """The typed column, its problems (rows in ``reported`` already have one) and its count of missing values."""
+    """The typed column, its problems (rows in ``reported`` already have one) and its count of missing values.
+    ``bins`` turn numbers into labels before ``codes`` recode them."""
     raw = frame[col.name].str.strip()
-    missing = raw.isin(missing_markers)
+    missing = raw.isin(missing_markers) | raw.isna()
     problems: list[Problem] = []
     n_missing = int(missing.sum())
     fresh = ~reported if reported is not None else pd.Series(True, index=frame.index)
@@ -44,6 +46,13 @@ def _check_column(
 
     if not col.nullable:
         report(missing, "value is missing; expected a value")
+    if bins is not None:
+        number = pd.to_numeric(raw.where(~missing), errors="coerce")
+        report(
+            ~missing & number.isna(), f"{{value!r}} is not a number (binned by edges {', '.join(f'{e:g}' for e in bins.edges)})"
+        )
+        labels = np.asarray(bins.labels, dtype=object)[np.searchsorted(bins.edges, number.fillna(0).to_numpy(), side="right")]
+        raw = raw.where(missing | number.isna(), pd.Series(labels, index=raw.index))
     if codes:
         raw = raw.replace(codes)
     if col.kind in ("str",):
@@ -116,23 +125,39 @@ def _start_dates(frame: pd.DataFrame, table: Table, f: dict[str, pd.DataFrame]) 
     return keys.merge(starts, how="left", on=["course", "presentation"])[START]
 
 
+def _source(given: TableMapping, name: str) -> str:
+    """How a problem or a missingness row names where contract field ``name`` comes from."""
+    if name in given.constants:
+        return f"(constant {given.constants[name]!r})"
+    return given.columns.get(name, "(not in the export)")
+
+
 def read_table(
-    directory: Path, mapping: Mapping, table: Table, f: dict[str, pd.DataFrame]
+    directory: Path,
+    mapping: Mapping,
+    table: Table,
+    f: dict[str, pd.DataFrame],
+    given: TableMapping,
+    headers: Headers,
+    notes: list[str],
 ) -> tuple[pd.DataFrame, list[Problem], list[dict[str, str | int | float]]]:
-    """The export's ``table`` typed as the contract declares, every problem of its values, and one
-    missingness row per contract field (table, field, file, column, rows, missing, share).
+    """The export's ``table`` (its part ``given``) typed as the contract declares, every problem of its
+    values, and one missingness row per contract field (table, field, file, column, rows, missing, share).
 
     ``f`` holds the tables read before it (presentations and assessments), needed to
     turn calendar dates into days since a presentation's start. Integer columns are
     ``Int64`` when the table has no problem. Problems of values are returned, not raised.
+    The rows a row filter left out are counted in ``notes``; ``headers`` collects the columns read
+    (:func:`~federation.reading.read_export_file`).
 
     Raises
     ------
     DataError
         When the file itself cannot be read (see :func:`~federation.reading.read_export_file`).
     """
-    frame = read_export_file(directory, mapping, table)
-    given = mapping.table(table.name)
+    frame, left_out = read_export_file(directory, mapping, table, given, headers)
+    if left_out:
+        notes.append(f"{given.file}: {left_out} row(s) left out of {table.name} by its row filter (keep)")
     missing_markers = frozenset(given.missing if given.missing is not None else mapping.missing)
     problems: list[Problem] = []
     if table.name == "presentations" and mapping.start_date:  # every presentation needs its start date
@@ -149,9 +174,10 @@ def read_table(
             frame,
             col,
             given.file,
-            given.columns[col.name],
+            _source(given, col.name),
             missing_markers,
             given.codes.get(col.name, {}),
+            given.bins.get(col.name),
             reported.get(col.name),
         )
         problems += found
@@ -160,7 +186,7 @@ def read_table(
                 "table": table.name,
                 "field": col.name,
                 "file": given.file,
-                "column": given.columns[col.name],
+                "column": _source(given, col.name),
                 "rows": len(frame),
                 "missing": n_missing,
                 "share": round(n_missing / len(frame), 4) if len(frame) else 0.0,

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from .contract import TABLES
-from .mapping import CONTRACT_PARQUET, Mapping, load_mapping
+from .mapping import Mapping, load_mapping, parquet_layout
 from .tables import Tables
 
 __all__ = ["write_parquet", "write_tables"]
@@ -14,11 +14,9 @@ __all__ = ["write_parquet", "write_tables"]
 
 def write_parquet(tables: Tables, directory: Path) -> Mapping:
     """Write ``tables`` as the contract's own tables, one Parquet file each; returns the mapping that
-    reads them (``federation/mappings/contract-parquet.toml``, less module engagement when ``tables`` lack it)."""
+    reads them (:func:`federation.mapping.parquet_layout`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    mapping = load_mapping(CONTRACT_PARQUET)
-    if "events" not in tables:
-        mapping = mapping.model_copy(update={"resources": None, "events": None})
+    mapping = parquet_layout(directory, [t.name for t in TABLES if t.name in tables])
     for table in (t for t in TABLES if t.name in tables):
         frame = tables[table.name][[c.name for c in table.columns]]
         frame.to_parquet(directory / mapping.table(table.name).file, index=False)

@@ -46,6 +46,7 @@ import tomli_w
 from edufl.federation.bundle import app_folder, bundle_sha256
 from edufl.federation.deploy import (
     CA_CERT,
+    SUPEREXEC_POLL,
     SUPERLINK_CERT,
     SUPERLINK_KEY,
     Companion,
@@ -243,6 +244,7 @@ def start(
         LISTENING,
         partial(stop_child, "flower-superlink"),
         "the coordinator's SuperExec",
+        env=SUPEREXEC_POLL,
     )
     failures: list[Exception] = []
 

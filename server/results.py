@@ -129,7 +129,7 @@ def global_metrics(rows: list[dict], task: str) -> dict[str, float]:
 
 
 def _interval(low: float, high: float) -> str:
-    return f"[{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else "[no interval]"
+    return f"[{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else "(no interval)"
 
 
 def combined_interval(groups: list[dict], key: str) -> tuple[float, float]:

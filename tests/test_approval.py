@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.superexec.executor import LaunchResult, LaunchResultStatus
 from processes import POLICY, REPO, approved_policy, coordinator_run, edufl, federation, released_rounds
 
-from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, GateProcess, WarmWorkers, add_approval, gate_command
+from edufl.clients.approval import GATE_FAILED, Gate, GatePlugin, WarmWorkers, add_approval, gate_command, gate_process
 from edufl.clients.campus import supernode_command
 from edufl.federation.audit import AuditLog
 from edufl.federation.bundle import APP_MODULES, app_folder, bundle_sha256, stage
@@ -383,10 +383,10 @@ def test_supernode_leaves_every_app_launch_to_the_gate(tmp_path):
 )
 def test_a_gate_that_fails_stops_its_supernode(status, supernode_running, failed):
     stops = []
-    gate = GateProcess(
-        [sys.executable, "-c", f"raise SystemExit({status})" if status >= 0 else "import os; os.kill(os.getpid(), 9)"],
-        lambda: stops.append(True) or supernode_running,
+    gate = gate_process(
+        [sys.executable, "-c", f"raise SystemExit({status})" if status >= 0 else "import os; os.kill(os.getpid(), 9)"]
     )
+    gate.stop = lambda: stops.append(True) or supernode_running
     gate.on_line("INFO :      Starting Flower SuperNode")
     assert gate.proc is None  # not before the SuperNode serves
     gate.on_line("INFO :      SuperNode ID: 123")

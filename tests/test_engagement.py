@@ -158,6 +158,11 @@ def test_a_wholly_wrong_column_is_listed_up_to_a_bound_then_counted(aaa_dir):
     assert len(problems) == MAX_LISTED + 1
     assert problems[0] == "studentVle.parquet, row 1, column 'sum_click': 0 is out of range; expected 1 to 1000000"
     assert problems[-1] == "studentVle.parquet, column 'sum_click': 7 more rows with this problem"
+    assert str(err.value).splitlines()[:3] == [
+        f"{MAX_LISTED + 7} data problem(s):",
+        "by file and column:",
+        f"  studentVle.parquet, column 'sum_click': {MAX_LISTED + 7} problems (rows 1, 2, 3, ...)",
+    ]
 
 
 def test_mapped_click_column_missing_is_named(aaa_dir):
@@ -216,3 +221,76 @@ def test_the_assessments_module_needs_both_tables(tmp_path):
     path.write_text(source[: source.index("[submissions]")] + source[source.index("[resources]") :])
     with pytest.raises(MappingError, match="module assessments needs both tables"):
         load_mapping(path)
+
+
+def test_download_stores_the_official_click_log_csv_as_parquet(aaa, aaa_dir, tmp_path, monkeypatch):
+    import zipfile
+
+    from edufl.experiments import oulad
+
+    _events_csv(aaa_dir, pd.read_parquet(aaa_dir / "studentVle.parquet").astype(str).to_numpy().tolist())
+    archive = tmp_path / "release.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(aaa_dir.iterdir()):
+            zf.write(path, f"anonymisedData/{path.name}")
+    with pytest.raises(DataError) as err:  # campus AAA's rows, not the release's: the counts say so
+        oulad.download(archive.resolve().as_uri(), tmp_path / "cache")
+    assert "studentVle.csv: has 350298 rows; the official release has 10655280" in [str(p) for p in err.value.problems]
+    aaa_rows = {**oulad.OULAD_RELEASE_ROWS, "studentVle.csv": 350_298, "vle.csv": len(aaa["resources"])}
+    aaa_rows.update(
+        {"courses.csv": 2, "assessments.csv": len(aaa["assessments"]), "studentAssessment.csv": len(aaa["submissions"])}
+    )
+    aaa_rows.update({"studentInfo.csv": 748, "studentRegistration.csv": 748})
+    monkeypatch.setattr(oulad, "OULAD_RELEASE_ROWS", aaa_rows)
+    monkeypatch.setattr(oulad, "OULAD_RELEASE_SHA256", {})  # campus AAA's files are not the release's
+    dest = oulad.download(archive.resolve().as_uri(), tmp_path / "cache2")
+    assert not (dest / "studentVle.csv").exists()
+    pd.testing.assert_frame_equal(load_tables(dest)["events"], aaa["events"], check_categorical=False)
+
+
+def test_dp_engagement_statistic_by_final_result(aaa, data_dir, aaa_dir):
+    from edufl.federation.proto.analytics_pb2 import StatisticQuery
+    from edufl.federation.queries import QueryError
+    from edufl.federation.randomness import Randomness
+    from edufl.federation.statistics import answer, exact_cells, noise, noise_multiplier
+
+    query = StatisticQuery(
+        name="clicks",
+        statistic="mean",
+        value="total_clicks",
+        low=0,
+        high=5000,
+        group_by=["final_result"],
+        epsilon=1.0,
+        delta=1e-5,
+    )
+    raw = pd.read_parquet(data_dir / "studentVle.parquet", filters=[("code_module", "==", "AAA")])
+    per = raw.groupby(["code_presentation", "id_student"])["sum_click"].sum().clip(upper=5000)
+    info = aaa["learners"].set_index(["presentation", "student_id"])
+    totals = per.reindex(info.index, fill_value=0)  # a registration without a click counts 0
+    expected = totals.groupby(info["final_result"].to_numpy()).agg(["size", "sum"])
+    exact = exact_cells(query, aaa.frames)
+    assert {k[0][0]: (n, round(s)) for k, (n, s) in exact.items() if n} == {
+        r: (int(row["size"]), int(row["sum"])) for r, row in expected.iterrows()
+    }
+    z = noise_multiplier(query)
+    reply = answer(query, aaa.frames, "AAA", z, 10, randomness=Randomness(seed=3))
+    pass_cell = next(c for c in reply.cells if list(c.group) == ["Pass"])
+    true, std = expected.loc["Pass"], noise(query, z)  # noise of std z·√2 per count and z·√2·5000 per sum
+    assert abs(pass_cell.noisy_count - true["size"]) < 4 * std.count_std
+    assert abs(pass_cell.noisy_sum - true["sum"]) < 4 * std.sum_std and pass_cell.noisy_sum != true["sum"]
+    core = load_mapping().model_copy(update={"resources": None, "events": None})
+    with pytest.raises(QueryError, match="this campus's data have no module engagement"):
+        exact_cells(query, load_tables(aaa_dir, core).frames)
+
+
+def test_the_dataset_identity_covers_the_core_so_a_new_module_keeps_the_budget_spent(aaa_dir):
+    from edufl.federation.fingerprint import dataset_id
+
+    before = dataset_id(aaa_dir)
+    events = pd.read_parquet(aaa_dir / "studentVle.parquet")
+    events.head(len(events) // 2).to_parquet(aaa_dir / "studentVle.parquet")  # the click log changed
+    assert dataset_id(aaa_dir) == before
+    with open(aaa_dir / "studentRegistration.csv", "a") as f:  # who the records are about changed
+        f.write("\n")
+    assert dataset_id(aaa_dir) != before

@@ -32,6 +32,7 @@ from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, cells, load_
 from edufl.federation.randomness import SECRET, Randomness
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.statistics import answer, answer_problems, exact_cells, noise, noise_multiplier, records
+from edufl.federation.tables import load_tables
 from edufl.federation.tasks import feature_names
 from edufl.federation.wire import ARRAYS, BLOCKED, CONFIG, REFUSED
 from edufl.server.combine import Z_95, combine
@@ -214,10 +215,11 @@ def test_small_cells_are_suppressed(aaa):
     exact = exact_cells(query, aaa)
     reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, randomness=Randomness(seed=1))
     released = {(tuple(c.group), c.bin) for c in reply.cells}
-    assert len(released) + reply.suppressed_cells == len(cells(query)) == 13 * 11 * 3
+    # region and age_band are nullable since contract 1.2: each has a "missing" group too.
+    assert len(released) + reply.suppressed_cells == len(cells(query)) == 14 * 11 * 4
     assert all(c.noisy_count >= 10 for c in reply.cells) and reply.min_cell_count == 10
     empty = [key for key, (n, _) in exact.items() if n == 0]
-    # An empty cell is released only when its noise alone reaches k: P(N(0, 4.06²) ≥ 10) = 0.7 %, about 1.4 of 193.
+    # An empty cell is released only when its noise alone reaches k: P(N(0, 4.06²) ≥ 10) = 0.7 %, about 4 of 580.
     assert len(empty) > 150 and sum(key in released for key in empty) <= 8
     assert all(key in released for key, (n, _) in exact.items() if n >= 40)
 
@@ -388,6 +390,21 @@ def test_the_campus_refuses_a_revealing_or_loose_query_before_reading_data(aaa_d
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert not record.sent and record.message_type == "query" and reason in record.reason
     assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # nothing charged, nothing released
+
+
+def test_a_campus_without_the_assessments_module_refuses_a_submission_statistic(aaa_dir, task_identity, tmp_path):
+    core = (ROOT / "federation" / "mappings" / "oulad.toml").read_text()
+    mapping = tmp_path / "core.toml"  # the OULAD mapping less module assessments
+    mapping.write_text(core[: core.index("[assessments]")] + core[core.index("[learners]") : core.index("[submissions]")])
+    query = load_query(SCORE_BY_TYPE)
+    reply = release_guard(_request(query), campus_context(aaa_dir, mapping=str(mapping)), query_handler)
+    assert reply.error.code == REFUSED
+    assert (
+        "this campus's data have no module assessments" in reply.error.reason and "campus AAA refuses query" in reply.error.reason
+    )
+    assert PrivacyLedger(aaa_dir.parent / "state").releases() == []  # refused before any ε is charged
+    with pytest.raises(QueryError, match="no module assessments"):  # and the campus's own call fails alike
+        records(query, {k: v for k, v in load_tables(aaa_dir, mapping).frames.items()})
 
 
 def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity, tmp_path):

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from edufl.experiments.bench import measure
+from edufl.experiments.simulate import Engine, simulate
 from edufl.experiments.study import Study, run
 from edufl.federation.runconfig import ConfigError
 
@@ -260,6 +262,37 @@ def test_same_seed_same_config_identical_metrics_resume_and_report(data_dir, tmp
     manifest = json.loads((first / "manifest.json").read_text())
     assert manifest["privacy"]["reproducible_noise"] is True and manifest["config"]["epsilons"] == [3]
     assert manifest["config"]["settings"] == {"reproducible-noise": True} and manifest["seeds"] == [0]
+
+
+WARM = """
+[study]
+name = "warm"
+cutoff_days = [30, 60]
+modes = ["federated"]
+epsilons = [3]
+seeds = [0]
+rounds = 2
+model = "logistic"
+settings = {"reproducible-noise" = true}
+"""
+
+
+@pytest.mark.simulation
+def test_a_study_runs_its_cells_on_one_engine_with_the_results_of_cells_run_alone(data_dir, tmp_path, monkeypatch):
+    starts = []
+    start = Engine.start
+    monkeypatch.setattr(Engine, "start", lambda self: (starts.append(self), start(self))[1])
+    config = _write(tmp_path, WARM)
+    study_dir = run(config, tmp_path / "study", data_dir)
+    assert len(starts) == 1  # Ray, its workers and their campuses: once for both cells
+    for cell in Study.load(config).cells():
+        simulate(cell.config(tmp_path / "alone"), data_dir, cell.mode)  # a run of its own, on a fresh engine
+        warm, alone = study_dir / "cells" / cell.id, tmp_path / "alone" / cell.id
+        pd.testing.assert_frame_equal(*(pd.read_csv(d / "rounds.csv").drop(columns="elapsed_s") for d in (warm, alone)))
+        models = [torch.load(d / "model.pt", weights_only=True) for d in (warm, alone)]
+        assert models[0].keys() == models[1].keys()
+        assert all(torch.equal(models[0][k], models[1][k]) for k in models[0]), cell.id
+    assert len(starts) == 3
 
 
 @pytest.mark.simulation

@@ -124,17 +124,39 @@ class EngagementEvent(_message.Message):
     clicks: int
     def __init__(self, course: _Optional[str] = ..., presentation: _Optional[str] = ..., student_id: _Optional[int] = ..., site_id: _Optional[int] = ..., day: _Optional[int] = ..., clicks: _Optional[int] = ...) -> None: ...
 
+class Term(_message.Message):
+    __slots__ = ("course", "presentation", "student_id", "term", "units_enrolled", "units_approved", "grade", "grade_max")
+    COURSE_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    UNITS_ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    UNITS_APPROVED_FIELD_NUMBER: _ClassVar[int]
+    GRADE_FIELD_NUMBER: _ClassVar[int]
+    GRADE_MAX_FIELD_NUMBER: _ClassVar[int]
+    course: str
+    presentation: str
+    student_id: int
+    term: int
+    units_enrolled: int
+    units_approved: int
+    grade: float
+    grade_max: float
+    def __init__(self, course: _Optional[str] = ..., presentation: _Optional[str] = ..., student_id: _Optional[int] = ..., term: _Optional[int] = ..., units_enrolled: _Optional[int] = ..., units_approved: _Optional[int] = ..., grade: _Optional[float] = ..., grade_max: _Optional[float] = ...) -> None: ...
+
 class LearnerRecord(_message.Message):
-    __slots__ = ("learner", "registration", "submissions", "events")
+    __slots__ = ("learner", "registration", "submissions", "events", "terms")
     LEARNER_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     learner: Learner
     registration: Registration
     submissions: _containers.RepeatedCompositeFieldContainer[Submission]
     events: _containers.RepeatedCompositeFieldContainer[EngagementEvent]
-    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[EngagementEvent, _Mapping]]] = ...) -> None: ...
+    terms: _containers.RepeatedCompositeFieldContainer[Term]
+    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[EngagementEvent, _Mapping]]] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
 
 class CampusData(_message.Message):
     __slots__ = ("version", "presentations", "assessments", "records", "resources")
