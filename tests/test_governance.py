@@ -91,7 +91,7 @@ def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str):
         (
             '[training]\nallowed_tasks = ["withdrawl"]\n',
             "training.allowed_tasks.0",
-            "Input should be 'withdrawal', 'at_risk' or 'final_result'",
+            "Input should be 'withdrawal', 'at_risk', 'final_result' or 'term1_dropout'",
         ),
         (
             '[training]\nallowed_tasks = "withdrawal"\n',

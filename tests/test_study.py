@@ -72,7 +72,7 @@ def test_grid_expansion_and_cell_configs(tmp_path):
         (
             ('model = "logistic"', 'model = "logistic"\ntask = "withdrawl"'),
             "study.task",
-            "Input should be 'withdrawal', 'at_risk' or 'final_result'",
+            "Input should be 'withdrawal', 'at_risk', 'final_result' or 'term1_dropout'",
         ),
         (
             ('model = "logistic"', 'model = "logistic"\nsettings = {learning-rate = "0.3"}'),
@@ -207,7 +207,7 @@ def test_simulate_reports_a_bad_policy_file_with_status_2_before_the_engine_star
     policy.write_text('[training]\nallowed_tasks = ["withdrawl"]\n')
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        f"edufl: {policy}: training.allowed_tasks.0: Input should be 'withdrawal', 'at_risk' or 'final_result'\n"
+        f"edufl: {policy}: training.allowed_tasks.0: Input should be 'withdrawal', 'at_risk', 'final_result' or 'term1_dropout'\n"
     )
     assert main(["simulate", "--policy", str(tmp_path / "missing.toml"), "--out", str(run)]) == 2
     assert capsys.readouterr().err == f"edufl: {tmp_path / 'missing.toml'}: policy file not found\n"
