@@ -466,7 +466,8 @@ class Report:
     def title(self) -> str:
         """The settings that produced the run, in two lines, for its plot's title."""
         c = self.config
-        campuses = f"{len(c['campuses'])} campuses by {c.get('campus-by')}" if "campuses" in c else "federated campuses"
+        n = len(c["campuses"]) if "campuses" in c else len(self.train | self.evaluation)
+        campuses = f"{n} campuses" + (f" by {c['campus-by']}" if "campuses" in c else "")
         privacy = f"DP-SGD ε ≤ {c.get('target-epsilon'):g}, δ = {self.delta:g}" if self.dp else "NO DIFFERENTIAL PRIVACY"
         return (
             f"{c.get('mode', 'federated')}, {campuses}, task {self.task} at day {c.get('cutoff-day')}\n"
