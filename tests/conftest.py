@@ -17,7 +17,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("EDUFL_DATA", Path(__file__).parents[2] / "shared" / "data" / "oulad"))
+    path = Path(os.environ.get("EDUFL_DATA", Path(__file__).parents[2] / "shared" / "data" / "oulad")).resolve()
     if not (path / "studentInfo.csv").is_file():
         pytest.fail(f"OULAD tables not found in {path}: set EDUFL_DATA to the folder holding them")
     return path
