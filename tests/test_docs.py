@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edufl.federation.contract import CONTRACT_VERSION, TABLES, Column, Table, version_text
+
 ROOT = Path(__file__).resolve().parents[1]
 GUIDES = [
     "README.md",
@@ -118,3 +120,38 @@ def test_campus_commands_run_without_ray_or_matplotlib(data_dir, args):
     done = subprocess.run([sys.executable, "-c", _WITHOUT_RESEARCH, *args], capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "not installed" not in done.stderr
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _values(column: Column) -> str:
+    if column.kind == "str":
+        return "any"
+    if column.kind == "cat":
+        return ", ".join(column.vocab)
+    low = _number(column.low) if column.low is not None else None
+    if column.positive:
+        low = "1" if column.kind == "int" else "more than 0"
+    high = _number(column.high) if column.high is not None else None
+    if low and high:
+        return f"{low} to {high}"
+    return f"at least {low}" if low else f"at most {high}"
+
+
+def field_reference(table: Table) -> str:
+    """docs/contract.md's section on one contract table, as federation/contract.py declares it."""
+    kinds = {"str": "text", "int": "whole number", "float": "number", "cat": "category"}
+    rows = [f"| `{c.name}` | {kinds[c.kind]} | {'yes' if c.nullable else 'no'} | {_values(c)} |" for c in table.columns]
+    key = ", ".join(table.key) or "none"
+    head = f"### `{table.name}` (module {table.module}; protobuf `{table.message}`; key: {key})"
+    return "\n".join([head, "", "| field | type | nullable | values |", "|---|---|---|---|", *rows]) + "\n"
+
+
+def test_the_contract_reference_shows_every_table_and_field_as_the_code_declares_them():
+    text = (ROOT / "docs/contract.md").read_text()
+    assert f"(version {version_text(CONTRACT_VERSION)})" in text.splitlines()[0]
+    for table in TABLES:
+        assert field_reference(table) in text, f"docs/contract.md: section on `{table.name}` differs from federation/contract.py"
+    assert len(re.findall(r"^### `", text, flags=re.M)) == len(TABLES)

@@ -154,7 +154,8 @@ def test_two_rounds_across_hosts_with_receipts_equal_to_the_campus_audit_logs(ho
         log.close()
     assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in summary["receipts"]}
     # Per campus: a train reply in each of the 2 rounds, then the final model's evaluation.
-    assert sorted((r, phase) for r, phase, campus, _ in logged if campus == CAMPUSES[0]) == [(1, "train"), (2, "evaluate"), (2, "train")]
+    first = sorted((r, phase) for r, phase, campus, _ in logged if campus == CAMPUSES[0])
+    assert first == [(1, "train"), (2, "evaluate"), (2, "train")]
     assert len(logged) == 3 * len(CAMPUSES)
 
 
