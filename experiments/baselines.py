@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from edufl.federation.models import build_model
+from edufl.federation.partition import Campuses
 from edufl.federation.policy import RESEARCH_POLICY
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
 from edufl.federation.randomness import SECRET, Randomness
@@ -34,7 +35,7 @@ from .splits import campus_splits
 __all__ = ["baseline"]
 
 
-def baseline(cfg: RunConfig, tables: Tables, names: list[str], mode: str) -> dict:
+def baseline(cfg: RunConfig, tables: Tables | Campuses, names: list[str], mode: str) -> dict:
     """Train the ``centralized`` or ``local`` baseline on campuses ``names`` of ``tables``.
 
     Returns the summary dict written to ``cfg.out/summary.json``.

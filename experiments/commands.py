@@ -74,12 +74,23 @@ def simulate(
         ),
     ] = None,
     ray_address: _RayAddressOption = None,
+    campus: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=DIR[:MAPPING]",
+            help="a campus folder (repeat for each campus): its export in DIR, read with the mapping file MAPPING "
+            "(default: the OULAD release); campuses are then these folders, not --data split by --campus-by",
+        ),
+    ] = None,
     *,
     settings: dict[str, Any],
 ) -> None:
+    from .simulate import load_campuses
     from .simulate import simulate as run_simulation
 
     cfg = run_config(settings, campus_by=campus_by, shards=shards)
+    if campus and (data or campus_by != _DEFAULTS.campus_by or shards != _DEFAULTS.shards):
+        raise ConfigError("--campus gives the campuses: leave out --data, --campus-by and --shards")
     if cfg.central_dp != "off" and mode != "federated":
         raise ConfigError(f"--central-dp is applied by the coordinator, in federated runs only (not --mode {mode})")
     if cfg.secure_aggregation != "off" and mode != "federated":
@@ -91,7 +102,10 @@ def simulate(
     if ray_address and mode != "federated":
         raise ConfigError(f"--ray-address runs the simulation engine, for federated runs only (not --mode {mode})")
     started = time.perf_counter()
-    summary = run_simulation(cfg, resolve_data_dir(data), mode, policy=policy, ray_address=ray_address)
+    if campus:
+        summary = run_simulation(cfg, None, mode, load_campuses(campus), policy=policy, ray_address=ray_address)
+    else:
+        summary = run_simulation(cfg, resolve_data_dir(data), mode, policy=policy, ray_address=ray_address)
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
     raise_for_failures(summary)
 

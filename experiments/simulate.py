@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,7 +46,7 @@ import psutil
 from edufl.clients.node import SIM_ENV, SIM_MANIFEST, SIM_STORE_ENV, copies_prefix
 from edufl.federation.fingerprint import file_hashes
 from edufl.federation.mapping import CONTRACT_PARQUET
-from edufl.federation.partition import campus_names, campus_slices
+from edufl.federation.partition import Campuses, campus_names, campus_slices
 from edufl.federation.runconfig import ConfigError, RunConfig
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.writers import write_parquet
@@ -59,6 +60,7 @@ __all__ = [
     "campus_folders",
     "campus_root",
     "engine",
+    "load_campuses",
     "provenance",
     "remove_stale_campus_folders",
     "run_engine",
@@ -76,15 +78,16 @@ _START_TOLERANCE_S = 2.0  # a process's start time as the system reports it may 
 
 def simulate(
     cfg: RunConfig,
-    data_dir: Path,
+    data_dir: Path | None,
     mode: str = "federated",
-    tables: Tables | None = None,
+    tables: Tables | Campuses | None = None,
     policy: Path | None = None,
     ray_address: str | None = None,
 ) -> dict:
-    """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``).
+    """Run ``mode`` on the OULAD tables in ``data_dir`` (or the already loaded ``tables``; then ``data_dir`` may be None).
 
-    Campuses are formed by ``cfg.campus_by``. Federated: every virtual campus
+    Campuses are formed by ``cfg.campus_by``, or are the campus folders of ``tables`` when
+    it is :data:`~federation.partition.Campuses` (see :func:`load_campuses`). Federated: every virtual campus
     keeps its privacy ledger under ``cfg.out/campuses/<campus>/`` and, when
     ``policy`` (a campus policy file) is given, enforces it; without one, it
     runs under :data:`~edufl.federation.policy.RESEARCH_POLICY`: the research
@@ -113,14 +116,52 @@ def simulate(
     return baseline(cfg, tables, announce(cfg, tables, mode), mode)
 
 
-def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
+def load_campuses(specs: list[str]) -> dict[str, Tables]:
+    """Read and validate the campus folders ``specs``, each ``NAME=DIR`` (the OULAD release) or
+    ``NAME=DIR:MAPPING`` (an export read with the mapping file ``MAPPING``), as one federation.
+
+    Returns
+    -------
+    dict
+        Each campus's tables by name, in the order given.
+
+    Raises
+    ------
+    ConfigError
+        For a spec not of that form, a name that is not 1-64 letters, digits, ``_``, ``-`` or ``.``
+        (not starting with ``.``), or a name given twice.
+    MappingError, DataError
+        As :func:`~federation.tables.load_tables`, for the first campus whose mapping or data fail.
+    """
+    campuses: dict[str, Tables] = {}
+    for spec in specs:
+        name, eq, where = spec.partition("=")
+        folder, _, mapping = where.partition(":")
+        if not eq or not folder:
+            raise ConfigError(f"--campus {spec!r}: expected NAME=DIR or NAME=DIR:MAPPING")
+        if not _CAMPUS_NAME.fullmatch(name):
+            raise ConfigError(
+                f"--campus {spec!r}: a campus name is 1-64 letters, digits, '_', '-' or '.' (not starting with '.')"
+            )
+        if name in campuses:
+            raise ConfigError(f"--campus {spec!r}: campus {name!r} is given twice")
+        campuses[name] = load_tables(Path(folder).expanduser(), Path(mapping).expanduser() if mapping else None)
+    return campuses
+
+
+_CAMPUS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     """Print the data notes and a one-line description of the run; return the campus names."""
     from edufl.federation.privacy import PRIVACY_UNIT_SHORT
     from edufl.federation.randomness import REPRODUCIBLE_WARNING
 
-    for note in tables.notes:
-        print(f"note: {note}")
+    for campus, own in _sources(tables).items():
+        for note in own.notes:
+            print(f"note: {campus + ': ' if campus else ''}{note}")
     names = campus_names(tables, cfg.campus_by, cfg.shards)
+    formed = f"by {cfg.campus_by}" if isinstance(tables, Tables) else "from campus folders"
     privacy = (
         f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
         if cfg.dp
@@ -128,21 +169,36 @@ def announce(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
     )
     privacy += f" ({REPRODUCIBLE_WARNING})" if cfg.dp and cfg.reproducible_noise else ""
     print(
-        f"edufl simulate: {mode}, {len(names)} campuses by {cfg.campus_by}, task {cfg.task} at day {cfg.cutoff_day}, "
+        f"edufl simulate: {mode}, {len(names)} campuses {formed}, task {cfg.task} at day {cfg.cutoff_day}, "
         f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}"
     )
     return names
 
 
-def provenance(mode: str, cfg: RunConfig, tables: Tables, names: list[str]) -> dict:
-    """The results folder's record of what ran on which data (mode, settings, campuses, file hashes)."""
+def provenance(mode: str, cfg: RunConfig, tables: Tables | Campuses, names: list[str]) -> dict:
+    """The results folder's record of what ran on which data (mode, settings, campuses, file hashes); for
+    campus folders, ``campus-by`` is ``folders`` and ``data``/``data_sha256`` hold each campus's, by name."""
+    if isinstance(tables, Tables):
+        return {
+            "mode": mode,
+            **cfg.to_flower(),
+            "campuses": names,
+            "data": str(tables.source.resolve()),
+            "data_sha256": file_hashes(tables.source, tables.mapping),
+        }
     return {
         "mode": mode,
         **cfg.to_flower(),
+        "campus-by": "folders",
         "campuses": names,
-        "data": str(tables.source.resolve()),
-        "data_sha256": file_hashes(tables.source),
+        "data": {name: str(own.source.resolve()) for name, own in tables.items()},
+        "data_sha256": {name: file_hashes(own.source, own.mapping) for name, own in tables.items()},
     }
+
+
+def _sources(tables: Tables | Campuses) -> dict[str, Tables]:
+    """The tables as read, by campus name ("" for one set of tables that campuses are formed from)."""
+    return {"": tables} if isinstance(tables, Tables) else dict(tables)
 
 
 def campus_root(base: Path | str | None = None) -> Path:
@@ -393,7 +449,7 @@ class Engine:
         self.store_name = f"edufl-campus-store-{uuid.uuid4().hex[:12]}"
         self._store: Any = None
         self._pool: Any = None  # Flower's BasicActorPool, built by the first run
-        self._partitions: dict[tuple, tuple[Tables, str]] = {}  # the tables are kept: their id is in the key
+        self._partitions: dict[tuple, tuple[Tables | Campuses, str]] = {}  # the tables are kept: their id is in the key
         self._uploaded: set[str] = set()
         self._lock = threading.Lock()
         self._restore: Callable[[], None] | None = None
@@ -467,7 +523,7 @@ class Engine:
         raybackend.RayBackend = KeptRayBackend
         self._restore = lambda: setattr(raybackend, "RayBackend", base)
 
-    def partition(self, tables: Tables, campus_by: str, shards: int) -> str:
+    def partition(self, tables: Tables | Campuses, campus_by: str, shards: int) -> str:
         """The sub-folder of :attr:`folder` with one folder per campus of ``tables`` by ``campus_by``
         (the contract's tables as Parquet files: each campus reads them without a CSV parse), written on first use."""
         key = (id(tables), campus_by, shards if campus_by == "shard" else 0)
@@ -570,9 +626,9 @@ def engine(address: str | None = None) -> Iterator[Engine]:
 def _prepare(
     engine: Engine,
     cfg: RunConfig,
-    data_dir: Path,
-    tables: Tables | None,
-    headline: Callable[[RunConfig, Tables, str], list[str]],
+    data_dir: Path | None,
+    tables: Tables | Campuses | None,
+    headline: Callable[[RunConfig, Tables | Campuses, str], list[str]],
 ):
     """Validate the tables, write one folder per campus, load the apps (while Ray starts, for a single run)."""
     from flwr.simulation.run_simulation import _run_simulation
@@ -587,7 +643,7 @@ def _prepare(
 
 
 def _federated(
-    cfg: RunConfig, data_dir: Path, tables: Tables | None, policy: Path | None, ray_address: str | None = None
+    cfg: RunConfig, data_dir: Path | None, tables: Tables | Campuses | None, policy: Path | None, ray_address: str | None = None
 ) -> dict:
     cfg, tables, names = run_engine(cfg, data_dir, tables, policy, ray_address=ray_address)
     path = Path(cfg.out) / "summary.json"
@@ -599,13 +655,13 @@ def _federated(
 
 def run_engine(
     cfg: RunConfig,
-    data_dir: Path,
-    tables: Tables | None,
+    data_dir: Path | None,
+    tables: Tables | Campuses | None,
     policy: Path | None,
-    headline: Callable[[RunConfig, Tables, str], list[str]] = announce,
+    headline: Callable[[RunConfig, Tables | Campuses, str], list[str]] = announce,
     extra_config: dict | None = None,
     ray_address: str | None = None,
-) -> tuple[RunConfig, Tables, list[str]]:
+) -> tuple[RunConfig, Tables | Campuses, list[str]]:
     """Run the ServerApp (``server/app.py``) and the campuses' ClientApp on Flower's simulation engine.
 
     One virtual SuperNode per campus of ``cfg.campus_by``, each reading only

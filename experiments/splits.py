@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edufl.federation.partition import campus_slices
+from edufl.federation.partition import Campuses, campus_slices
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables
 from edufl.federation.tasks import TaskData, early_warning, split
@@ -10,10 +10,10 @@ from edufl.federation.tasks import TaskData, early_warning, split
 __all__ = ["campus_splits"]
 
 
-def campus_splits(tables: Tables, cfg: RunConfig) -> dict[str, tuple[TaskData, TaskData]]:
+def campus_splits(tables: Tables | Campuses, cfg: RunConfig) -> dict[str, tuple[TaskData, TaskData]]:
     """Every campus's (train, test) examples, by campus name in sorted order, as a run with ``cfg`` forms
-    them: campuses by ``cfg.campus_by`` (and ``shards``), then ``cfg``'s task, cutoff day, split, test
-    fraction and seed. Raises ValueError for an unknown task or split."""
+    them: campuses by ``cfg.campus_by`` (and ``shards``) or the campus folders of ``tables``, then
+    ``cfg``'s task, cutoff day, split, test fraction and seed. Raises ValueError for an unknown task or split."""
     return {
         name: split(early_warning(own, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)
         for name, own in campus_slices(tables, cfg.campus_by, cfg.shards).items()

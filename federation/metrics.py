@@ -8,6 +8,7 @@ names.
 from __future__ import annotations
 
 from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS
+from .runconfig import TASKS
 from .wire import NUM_EXAMPLES
 
 __all__ = ["EVALUATE_METRICS", "PRIMARY_METRIC", "SUBGROUPS", "TRAIN_METRICS", "subgroup_keys"]
@@ -15,13 +16,13 @@ __all__ = ["EVALUATE_METRICS", "PRIMARY_METRIC", "SUBGROUPS", "TRAIN_METRICS", "
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "epsilon", "delta", "noise-multiplier", "sample-rate", "steps")
 """The metric keys of a train reply: rows trained on, mean loss, the run's ε and δ so far, and the DP-SGD plan."""
 _BINARY_METRICS = ("auc", "average-precision", "f1", "brier", "loss")
+_MULTICLASS = "final_result"
 EVALUATE_METRICS: dict[str, tuple[str, ...]] = {
-    "withdrawal": (NUM_EXAMPLES, *_BINARY_METRICS),
-    "at_risk": (NUM_EXAMPLES, *_BINARY_METRICS),
-    "final_result": (NUM_EXAMPLES, "macro-f1", "accuracy", "macro-auc", *(f"f1-{c}" for c in FINAL_RESULTS), "loss"),
+    **{task: (NUM_EXAMPLES, *_BINARY_METRICS) for task in TASKS if task != _MULTICLASS},
+    _MULTICLASS: (NUM_EXAMPLES, "macro-f1", "accuracy", "macro-auc", *(f"f1-{c}" for c in FINAL_RESULTS), "loss"),
 }
 """The metric keys of an evaluate reply, per task (besides the subgroup keys of :func:`subgroup_keys`)."""
-PRIMARY_METRIC: dict[str, str] = {"withdrawal": "auc", "at_risk": "auc", "final_result": "macro-f1"}
+PRIMARY_METRIC: dict[str, str] = {**{task: "auc" for task in TASKS if task != _MULTICLASS}, _MULTICLASS: "macro-f1"}
 """The metric each task is judged by: in the worst-campus figure, study tables and plots, and per subgroup."""
 SUBGROUPS = {a: CATEGORICAL_FEATURES[a] for a in ("gender", "age_band", "disability", "imd_band")}
 """The fairness view: {attribute: its values}. For every value held by at least the policy's

@@ -3,11 +3,14 @@
 Campuses are formed by course (``module``), by region, or by a hash of the
 student (``shard``). Simulations and tests play campuses this way, and
 ``edufl campus export-oulad`` writes one campus's slice as its own export.
+A federation of campus folders, each read with its own mapping
+(:data:`Campuses`, ``edufl simulate --campus``), is already partitioned.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,12 @@ import pandas as pd
 from .engagement import learner_rows
 from .tables import Tables
 
-__all__ = ["CAMPUS_COLUMNS", "campus_names", "campus_of", "campus_slice", "campus_slices"]
+__all__ = ["CAMPUS_COLUMNS", "Campuses", "campus_names", "campus_of", "campus_slice", "campus_slices"]
+
+Campuses = Mapping[str, Tables]
+"""One campus's tables by campus name: campus folders read each with its own mapping (``edufl simulate
+--campus``). Where a function takes ``Tables | Campuses``, such a federation is its own partition and
+``campus_by`` does not apply."""
 
 CAMPUS_COLUMNS = {"module": "course", "region": "region"}
 """The learners column each way of forming campuses (but ``shard``) groups by."""
@@ -42,8 +50,10 @@ def campus_of(learners: pd.DataFrame, campus_by: str, shards: int = 0) -> pd.Ser
     return learners[CAMPUS_COLUMNS[campus_by]]
 
 
-def campus_names(tables: Tables, campus_by: str, shards: int = 0) -> list[str]:
+def campus_names(tables: Tables | Campuses, campus_by: str, shards: int = 0) -> list[str]:
     """Sorted names of the campuses that hold at least one registration."""
+    if not isinstance(tables, Tables):
+        return sorted(tables)
     return sorted(campus_of(tables["learners"], campus_by, shards).unique())
 
 
@@ -53,9 +63,11 @@ def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -
     return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])
 
 
-def campus_slices(tables: Tables, campus_by: str, shards: int = 0) -> dict[str, Tables]:
+def campus_slices(tables: Tables | Campuses, campus_by: str, shards: int = 0) -> dict[str, Tables]:
     """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once,
-    and the click log split in one pass)."""
+    and the click log split in one pass); :data:`Campuses` as they are, in sorted order."""
+    if not isinstance(tables, Tables):
+        return {name: tables[name] for name in sorted(tables)}
     learners = tables["learners"]
     campus = campus_of(learners, campus_by, shards)
     names = sorted(campus.unique())

@@ -4,6 +4,7 @@ filters, value binning, code tables, a table read from two parts, and module ter
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,61 @@ def test_a_bad_binned_value_and_a_missing_filter_column_are_reported_with_file_l
     mapping.write_text(MAPPING.read_text().replace('"Enrolment type"', '"Programme type"'))
     with pytest.raises(DataError, match="column 'Programme type': column is missing \\(a row filter of presentations\\)"):
         load_tables(EXAMPLE / "north", mapping)
+
+
+def _simulate(*args: str) -> subprocess.CompletedProcess:
+    campuses = [f"--campus={c}={EXAMPLE / c}:{MAPPING}" for c in CAMPUSES]
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", *campuses, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.simulation
+def test_simulate_trains_on_the_three_campus_folders_and_its_centralized_baseline(tmp_path):
+    common = ("--task", "term1_dropout", "--rounds", "3", "--model", "logistic", "--seed", "0")
+    summaries = {}
+    for mode in ("federated", "centralized"):
+        done = _simulate(*common, "--mode", mode, "--out", str(tmp_path / mode))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"edufl simulate: {mode}, 3 campuses from campus folders, task term1_dropout" in done.stdout
+        summaries[mode] = json.loads((tmp_path / mode / "summary.json").read_text())
+    for summary in summaries.values():
+        config = summary["config"]
+        assert config["campus-by"] == "folders" and config["campuses"] == list(CAMPUSES)
+        assert config["data"] == {c: str((EXAMPLE / c).resolve()) for c in CAMPUSES}
+        assert set(config["data_sha256"]["north"]) == {"students.csv"}
+        assert [c["campus"] for c in summary["campuses"]] == list(CAMPUSES)
+        assert 0 < summary["privacy"]["epsilon"] <= 3
+        # Students still enrolled are no examples: each campus's test rows come from its Dropout/Graduate rows only.
+        assert all(c["n_test"] < len(_rows(c["campus"])) for c in summary["campuses"])
+    # The first-term results predict dropout well on this export (AUC well above a constant predictor's 0.5),
+    # federated near its centralized baseline.
+    assert summaries["centralized"]["global"]["auc"] > 0.8
+    assert summaries["federated"]["global"]["auc"] > summaries["centralized"]["global"]["auc"] - 0.05
+    assert sorted(p.name for p in (tmp_path / "federated" / "campuses").iterdir()) == list(CAMPUSES)
+
+
+@pytest.mark.parametrize(
+    ("campus", "expected"),
+    [
+        (["north"], "expected NAME=DIR or NAME=DIR:MAPPING"),
+        ([f"../up={EXAMPLE / 'north'}:{MAPPING}"], "a campus name is 1-64 letters"),
+        ([f"a={EXAMPLE / 'north'}:{MAPPING}", f"a={EXAMPLE / 'south'}:{MAPPING}"], "campus 'a' is given twice"),
+    ],
+)
+def test_a_bad_campus_folder_option_is_refused_with_exit_status_2(campus, expected):
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", *(f"--campus={c}" for c in campus)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_campus_folders_with_data_or_campus_by_are_refused(data_dir):
+    done = _simulate("--data", str(data_dir))
+    assert done.returncode == 2 and "leave out --data, --campus-by and --shards" in done.stderr
+
+
+def test_a_campus_folder_with_bad_data_names_its_file_and_exits_2(tmp_path):
+    (tmp_path / "students.csv").write_text("Student number;Course\n1;2\n")
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", f"--campus=bad={tmp_path}:{MAPPING}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "students.csv" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
