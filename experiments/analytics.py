@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edufl.federation.partition import Campuses, campus_names
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
 from edufl.federation.queries import QUERY_KEY, load_query
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables
 
-from .simulate import run_engine
+from .simulate import print_notes, run_engine
 
 __all__ = ["run_analytics", "run_deployed"]
 
@@ -55,8 +56,11 @@ def _results(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path | None, out: Path) -> dict:
-    """Answer the query in ``query_file`` over the simulated campuses of ``campus_by``; returns ``out/summary.json``'s dict.
+def run_analytics(
+    query_file: Path, data_dir: Path | None, campus_by: str, policy: Path | None, out: Path, campuses: Campuses | None = None
+) -> dict:
+    """Answer the query in ``query_file`` over the simulated campuses of ``campus_by`` (or the campus folders
+    ``campuses``, see :func:`experiments.simulate.load_campuses`); returns ``out/summary.json``'s dict.
 
     Raises
     ------
@@ -73,16 +77,13 @@ def run_analytics(query_file: Path, data_dir: Path, campus_by: str, policy: Path
     CampusPolicy.load(policy)  # a bad policy file is the user's mistake, reported before anything starts
     cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out))
 
-    def headline(cfg: RunConfig, tables: Tables, mode: str) -> list[str]:
-        from edufl.federation.partition import campus_names
-
-        for note in tables.notes:
-            print(f"note: {note}")
+    def headline(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
+        print_notes(tables)
         names = campus_names(tables, cfg.campus_by)
-        _headline(query, f"{len(names)} campuses by {cfg.campus_by}")
+        _headline(query, f"{len(names)} campus folders" if campuses else f"{len(names)} campuses by {cfg.campus_by}")
         return names
 
-    run_engine(cfg, data_dir, None, policy, headline=headline, extra_config=extra)
+    run_engine(cfg, data_dir, campuses, policy, headline=headline, extra_config=extra)
     return _results(out)
 
 

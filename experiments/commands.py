@@ -30,6 +30,14 @@ __all__ = ["app"]
 _DEFAULTS = RunConfig()
 _DATA_HELP = "folder with the OULAD tables (default: $EDUFL_DATA, then the user cache)"
 _DataOption = Annotated[str | None, typer.Option(help=_DATA_HELP)]
+_CampusOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="NAME=DIR[:MAPPING]",
+        help="simulation: a campus folder (repeat for each campus), its export in DIR read with the mapping file "
+        "MAPPING (default: the OULAD release); campuses are then these folders, not --data split by --campus-by",
+    ),
+]
 _RayAddressOption = Annotated[
     str | None,
     typer.Option(
@@ -74,14 +82,7 @@ def simulate(
         ),
     ] = None,
     ray_address: _RayAddressOption = None,
-    campus: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="NAME=DIR[:MAPPING]",
-            help="a campus folder (repeat for each campus): its export in DIR, read with the mapping file MAPPING "
-            "(default: the OULAD release); campuses are then these folders, not --data split by --campus-by",
-        ),
-    ] = None,
+    campus: _CampusOption = None,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -140,6 +141,7 @@ def analytics_run(
     out: Annotated[
         Path, typer.Option(help="results folder (reuse it to keep spending the same simulated campus budgets)")
     ] = Path("results/analytics"),
+    campus: _CampusOption = None,
 ) -> None:
     from edufl.federation.queries import load_query
 
@@ -150,7 +152,14 @@ def analytics_run(
 
     if superlink:
         stray = [
-            flag for flag, given in (("--data", data), ("--policy", policy), ("--campus-by", campus_by != "module")) if given
+            flag
+            for flag, given in (
+                ("--data", data),
+                ("--policy", policy),
+                ("--campus-by", campus_by != "module"),
+                ("--campus", campus),
+            )
+            if given
         ]
         if stray:
             raise ConfigError(
@@ -172,7 +181,14 @@ def analytics_run(
         stray = [flag for flag, given in (("--pki", pki), ("--root-cert", root_cert), ("--insecure", insecure)) if given]
         if stray:
             raise ConfigError(f"{', '.join(stray)}: deployment options; give --superlink HOST:PORT too")
-        summary = run_analytics(query, resolve_data_dir(data), campus_by, policy, out)
+        if campus and (data or campus_by != "module"):
+            raise ConfigError("--campus gives the campuses: leave out --data and --campus-by")
+        if campus:
+            from .simulate import load_campuses
+
+            summary = run_analytics(query, None, campus_by, policy, out, load_campuses(campus))
+        else:
+            summary = run_analytics(query, resolve_data_dir(data), campus_by, policy, out)
     if summary["refusals"]:
         raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
 

@@ -61,6 +61,7 @@ __all__ = [
     "campus_root",
     "engine",
     "load_campuses",
+    "print_notes",
     "provenance",
     "remove_stale_campus_folders",
     "run_engine",
@@ -157,9 +158,7 @@ def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     from edufl.federation.privacy import PRIVACY_UNIT_SHORT
     from edufl.federation.randomness import REPRODUCIBLE_WARNING
 
-    for campus, own in _sources(tables).items():
-        for note in own.notes:
-            print(f"note: {campus + ': ' if campus else ''}{note}")
+    print_notes(tables)
     names = campus_names(tables, cfg.campus_by, cfg.shards)
     formed = f"by {cfg.campus_by}" if isinstance(tables, Tables) else "from campus folders"
     privacy = (
@@ -196,9 +195,11 @@ def provenance(mode: str, cfg: RunConfig, tables: Tables | Campuses, names: list
     }
 
 
-def _sources(tables: Tables | Campuses) -> dict[str, Tables]:
-    """The tables as read, by campus name ("" for one set of tables that campuses are formed from)."""
-    return {"": tables} if isinstance(tables, Tables) else dict(tables)
+def print_notes(tables: Tables | Campuses) -> None:
+    """Print what reading the tables noted (merged rows, unused columns), each campus folder's under its name."""
+    for campus, own in ({"": tables} if isinstance(tables, Tables) else tables).items():
+        for note in own.notes:
+            print(f"note: {campus + ': ' if campus else ''}{note}")
 
 
 def campus_root(base: Path | str | None = None) -> Path:

@@ -25,6 +25,7 @@ from edufl.federation.tasks import early_warning, feature_names
 EXAMPLE = Path(__file__).parents[1] / "docs" / "single-table-example"
 MAPPING = EXAMPLE / "student_records.toml"
 CAMPUSES = ("north", "south", "west")
+GENDER = {"0": "F", "1": "M"}  # the mapping's codes.gender
 
 
 def _rows(campus: str) -> list[dict[str, str]]:
@@ -188,3 +189,36 @@ def test_a_campus_folder_with_bad_data_names_its_file_and_exits_2(tmp_path):
     command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", f"--campus=bad={tmp_path}:{MAPPING}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "students.csv" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.simulation
+def test_a_dp_statistic_over_the_three_campus_folders_is_within_its_stated_bound(tmp_path):
+    query = tmp_path / "dropout_by_gender.toml"
+    query.write_text(
+        'name = "dropout-by-gender"\nstatistic = "mean"\nvalue = "final_result=Withdrawn"\n'
+        'group_by = ["gender"]\nepsilon = 1.0\ndelta = 1e-5\n'
+    )
+    campuses = [f"--campus={c}={EXAMPLE / c}:{MAPPING}" for c in CAMPUSES]
+    command = [
+        sys.executable,
+        "-m",
+        "edufl.experiments.cli",
+        "analytics",
+        "run",
+        str(query),
+        *campuses,
+        "--out",
+        str(tmp_path / "q"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 campus folders" in done.stdout
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["refusals"] == [] and [c["campus"] for c in summary["campuses"]] == list(CAMPUSES)
+    degree = [r for c in CAMPUSES for r in _rows(c) if r["Enrolment type"] == "degree"]
+    for estimate in summary["estimates"]:
+        group = [r for r in degree if GENDER[r["Gender"]] == estimate["gender"]]
+        truth = sum(r["Target"] == "Dropout" for r in group) / len(group)
+        assert estimate["campuses"] == 3
+        assert abs(estimate["estimate"] - truth) <= 5 * estimate["std"], (estimate, truth)  # 5 σ: fails once in ~2 million
+    assert {e["gender"] for e in summary["estimates"]} == {"F", "M"}

@@ -526,6 +526,8 @@ def test_a_bad_query_file_exits_2_naming_the_file_and_key(tmp_path, capsys, text
     [
         (["--insecure"], "--insecure: deployment options; give --superlink HOST:PORT too"),
         (["--superlink", "127.0.0.1:1", "--insecure", "--policy", "p.toml"], "--policy: simulation options"),
+        (["--superlink", "127.0.0.1:1", "--insecure", "--campus", "a=d"], "--campus: simulation options"),
+        (["--campus", "a=d", "--campus-by", "region"], "--campus gives the campuses: leave out --data and --campus-by"),
     ],
 )
 def test_simulation_and_deployment_options_are_not_mixed(tmp_path, capsys, args, named):
