@@ -31,14 +31,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from edufl.federation.contract import parse_version, supports, version_text
 from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger, Release
 from edufl.federation.mapping import CONTRACT_PARQUET, Mapping, MappingError, load_mapping, parquet_layout
 from edufl.federation.metrics import EVALUATE_METRICS, subgroup_keys
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.privacy import ACCOUNTANT, DPSettings, History, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
 from edufl.federation.proto.audit_pb2 import DpRelease
@@ -142,9 +142,7 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
 
 
 def _model(cfg: RunConfig, msg: Message):
-    model = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)
-    return model
+    return load_model_arrays(build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task)), msg.content[ARRAYS])
 
 
 def _campus_record(name: str) -> ConfigRecord:
@@ -289,7 +287,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "steps": int(sum(h[2] for h in history)),
         }
     )
-    content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: metrics, CAMPUS: _campus_record(campus.name)})
+    content = RecordDict({ARRAYS: model_arrays(model), METRICS: metrics, CAMPUS: _campus_record(campus.name)})
     if evaluation is not None:
         content[EVALUATION] = evaluation
     return Message(content=content, reply_to=msg)

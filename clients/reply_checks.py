@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from edufl.federation.audit import array_specs
 from edufl.federation.metrics import EVALUATE_METRICS, SUBGROUPS, TRAIN_METRICS, subgroup_keys
-from edufl.federation.models import build_model
+from edufl.federation.models import WEIGHTS, build_model, n_weights
 from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from edufl.federation.queries import ANSWER, QUERY_KEY
 from edufl.federation.runconfig import RunConfig
@@ -40,10 +40,10 @@ __all__ = ["expected_arrays", "metric_problems", "violations"]
 
 @functools.cache
 def expected_arrays(model_name: str, task: str) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of each parameter of ``task``'s ``model_name`` model, in order (built once per
-    model and task per process). Raises ValueError for an unknown model or task."""
-    model = build_model(model_name, len(feature_names()), outputs=n_outputs(task))
-    return [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in model.state_dict().items()]
+    """(name, shape, dtype) of each array of a train reply for ``task``'s ``model_name`` model: its one
+    flat weights array (:func:`~federation.models.model_arrays`; built once per model and task per process).
+    Raises ValueError for an unknown model or task."""
+    return [(WEIGHTS, [n_weights(build_model(model_name, len(feature_names()), outputs=n_outputs(task)))], "float32")]
 
 
 def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tasks import feature_names, n_outputs
 
@@ -54,9 +54,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
         started -= saved["report"]["elapsed_s"]
         report.console.print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}")
     else:
-        arrays = ArrayRecord(
-            build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)).state_dict()
-        )
+        arrays = model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)))
     first = saved["round"] + 1 if saved else 1
     strategy = ReportingStrategy(
         inner,
@@ -91,5 +89,6 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
             f"continue with `edufl coordinator run --resume {out}`"
         )
         return None
-    state = strategy.arrays.to_torch_state_dict() if trained or saved else None
+    final = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
+    state = load_model_arrays(final, strategy.arrays).state_dict() if trained or saved else None  # model.pt: named
     return report.write(out, state, time.perf_counter() - started)

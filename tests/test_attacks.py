@@ -28,7 +28,7 @@ from edufl.clients.node import SIM_ENV, SIM_MANIFEST
 from edufl.federation.audit import AuditLog
 from edufl.federation.errors import CampusesFailed
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, model_arrays
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.queries import QUERY_KEY
 from edufl.federation.randomness import Randomness, gaussian, round_seed
@@ -43,10 +43,10 @@ from edufl.server.results import Report
 from edufl.server.strategies import build_strategy
 
 
-def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: dict | None = None) -> Message:
-    arrays = arrays or build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict()
+def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: ArrayRecord | None = None) -> Message:
+    arrays = arrays or model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed))
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
-    return Message(RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: config}), dst_node_id=1, message_type=kind)
+    return Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=1, message_type=kind)
 
 
 def _flat(state: dict) -> torch.Tensor:
@@ -96,8 +96,11 @@ def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
 def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
     aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, capsys, monkeypatch
 ):
-    start = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed).state_dict()
-    replies = [app(_request(ATTACK, arrays=start), campus_context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)]
+    initial = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed)
+    start = initial.state_dict()
+    replies = [
+        app(_request(ATTACK, arrays=model_arrays(initial)), campus_context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)
+    ]
     assert not any(r.has_error() for r in replies)
     updates = [_flat(r.content[ARRAYS].to_torch_state_dict()) for r in replies]
     assert not torch.equal(updates[0], updates[1])  # two runs of one config: different noise
@@ -115,7 +118,7 @@ def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
     (aaa_dir.parent / SIM_MANIFEST).write_text(json.dumps(manifest))
     monkeypatch.setenv(SIM_ENV, str(aaa_dir.parent))
     simulated = Context(run_id=9, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    exposed = app(_request(research, arrays=start), simulated)
+    exposed = app(_request(research, arrays=model_arrays(initial)), simulated)
     assert not exposed.has_error()
     control = float((_recovered_sum(research, start, exposed, public_seed) - truth).norm())
     with capsys.disabled():
@@ -157,7 +160,7 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(
     info.to_csv(aaa_dir / "studentInfo.csv", index=False)
     secrets_ = {"Q7Z", victim["id_student"], *info["id_student"]}
 
-    request = _request(cfg, 2, arrays=first.content[ARRAYS].to_torch_state_dict())
+    request = _request(cfg, 2, arrays=first.content[ARRAYS])
     second = app(request, context)
     assert second.has_error() and second.error.code == FAILED
     assert "AAA" in second.error.reason and not _leaks(second.error.reason, secrets_)

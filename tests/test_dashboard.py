@@ -185,11 +185,10 @@ def test_coordinator_page_shows_a_finished_run(run, page):
 
 def test_coordinator_page_follows_a_run_as_its_results_folder_is_written(tmp_path, page):
     """A run's results folder as the coordinator writes it: a checkpoint after each round, then summary.json."""
-    from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import FedAvg
     from rich.console import Console
 
-    from edufl.federation.models import build_model
+    from edufl.federation.models import build_model, model_arrays
     from edufl.federation.runconfig import RunConfig
     from edufl.federation.tasks import feature_names
     from edufl.server.checkpoint import save_checkpoint
@@ -198,7 +197,7 @@ def test_coordinator_page_follows_a_run_as_its_results_folder_is_written(tmp_pat
     out = tmp_path / "live"
     cfg = RunConfig(num_rounds=2, run_name="live-run", out=str(out), model="logistic")
     report = Report(config=cfg.to_flower(), dp=True, delta=cfg.delta, console=Console(quiet=True))
-    arrays = ArrayRecord(build_model("logistic", len(feature_names()), seed=0).state_dict())
+    arrays = model_arrays(build_model("logistic", len(feature_names()), seed=0))
 
     def finish_round(server_round: int, auc: float, failed: bool) -> None:
         report.add_train("AAA", n_train=560, loss=0.5, epsilon=1.4 * server_round, noise_multiplier=1.1, sample_rate=0.1, steps=9)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from campus_contexts import campus_context
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from processes import simulate
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
@@ -22,7 +22,7 @@ from edufl.experiments.splits import campus_splits
 from edufl.federation.audit import AuditLog
 from edufl.federation.contract import FINAL_RESULTS
 from edufl.federation.metrics import EVALUATE_METRICS, SUBGROUPS, subgroup_keys
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.partition import campus_slice
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.runconfig import TASKS, RunConfig
@@ -92,9 +92,7 @@ def test_four_class_metrics_match_scikit_learn_and_beat_the_majority_class(table
 def _evaluate_request(cfg: RunConfig, seed: int = 1) -> Message:
     model = build_model(cfg.model, len(feature_names()), seed=seed, outputs=n_outputs(cfg.task))
     config = ConfigRecord({**cfg.to_flower(), "server-round": 1})
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type="evaluate"
-    )
+    return Message(RecordDict({"arrays": model_arrays(model), CONFIG: config}), dst_node_id=1, message_type="evaluate")
 
 
 def _recomputed(task: str, y: np.ndarray, p: np.ndarray) -> float:
@@ -119,7 +117,7 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     k = policy_k or CampusPolicy().release.min_cohort_size  # no [release] in the policy: the default, 10
     test_part = split(early_warning(aaa, D, task), "stratified", 0.2, 0)[1]
     model = build_model("logistic", len(feature_names()), outputs=n_outputs(task))
-    model.load_state_dict(request.content["arrays"].to_torch_state_dict())
+    load_model_arrays(model, request.content["arrays"])
     p = predict(model, test_part.x)
     released, outside = [], {attribute: len(test_part) for attribute in SUBGROUPS}
     for (attribute, value), (count, metric, low, high) in subgroup_keys(task).items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from campus_contexts import campus_context
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from pydantic import ValidationError
 
@@ -22,7 +22,7 @@ from edufl.federation.audit import AuditLog, as_dict, payload_digest
 from edufl.federation.errors import UserError
 from edufl.federation.ledger import PrivacyLedger, Release
 from edufl.federation.metrics import TRAIN_METRICS
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, model_arrays
 from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy, PolicyError, ResearchPolicy
 from edufl.federation.proto.audit_pb2 import DpRelease
 from edufl.federation.runconfig import TASKS, ConfigError, RunConfig
@@ -309,7 +309,7 @@ def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
 def _train_request(cfg: RunConfig, server_round: int = 1) -> Message:
     model = build_model(cfg.model, len(feature_names()))
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
-    return Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type="train")
+    return Message(RecordDict({ARRAYS: model_arrays(model), CONFIG: config}), dst_node_id=1, message_type="train")
 
 
 def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, task_identity):
@@ -318,10 +318,8 @@ def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, 
     assert not reply.has_error()
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert (record.campus, record.run_id, record.server_round, record.message_type, record.sent) == ("AAA", "5", 1, "train", True)
-    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [
-        ("0.0.weight", [1, len(feature_names())], "float32"),
-        ("0.0.bias", [1], "float32"),
-    ]
+    # the logistic model's weight row and bias, flattened into the one array a model travels as
+    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [("weights", [len(feature_names()) + 1], "float32")]
     assert (record.payload_bytes, record.payload_sha256) == payload_digest(reply.content)
     assert record.num_examples == 563 and sorted(record.metric_keys) == sorted(TRAIN_METRICS)
     [release] = PrivacyLedger(aaa_dir.parent / "state").releases()

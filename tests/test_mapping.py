@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edufl.clients.app import train_handler
 from edufl.clients.guard import release_guard
 from edufl.federation.contract import EVENTS, TABLES, from_proto, to_proto
 from edufl.federation.mapping import MappingError, load_mapping
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, model_arrays
 from edufl.federation.problems import DataError
 from edufl.federation.proto.learner_pb2 import CampusData
 from edufl.federation.runconfig import RunConfig
@@ -285,7 +285,7 @@ def test_a_campus_whose_contract_version_the_run_does_not_read_is_refused_at_joi
     cfg = RunConfig(model="logistic", contract_version="2.0")
     model = build_model(cfg.model, len(feature_names()))
     request = Message(
-        RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
+        RecordDict({ARRAYS: model_arrays(model), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
         dst_node_id=1,
         message_type="train",
     )
@@ -311,7 +311,7 @@ def test_a_campus_whose_contract_version_the_run_does_not_read_is_refused_at_joi
         Message(
             RecordDict(
                 {
-                    ARRAYS: ArrayRecord(model.state_dict()),
+                    ARRAYS: model_arrays(model),
                     CONFIG: ConfigRecord({**RunConfig(model="logistic").to_flower(), "server-round": 1}),
                 }
             ),

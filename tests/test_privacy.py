@@ -11,12 +11,12 @@ import pytest
 import torch
 from campus_contexts import campus_context
 from dp_accounting import dp_event, pld, rdp
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edufl.clients.app import CampusRefusal, evaluate_handler, train_handler
 from edufl.clients.node import SIM_ENV, SIM_MANIFEST
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.privacy import ORDERS, DPSettings, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tasks import TaskData, early_warning, feature_names, split
@@ -129,7 +129,7 @@ def test_invalid_privacy_inputs_fail_closed():
 
 def _message(cfg: RunConfig, model, server_round: int, kind: str = "train") -> Message:
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
-    return Message(RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: config}), dst_node_id=1, message_type=kind)
+    return Message(RecordDict({ARRAYS: model_arrays(model), CONFIG: config}), dst_node_id=1, message_type=kind)
 
 
 def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_dir, task_identity):
@@ -143,7 +143,7 @@ def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_di
         assert reply.content[CAMPUS]["name"] == "AAA"
         assert metrics["num-examples"] == 563
         spent.append(metrics["epsilon"])
-        model.load_state_dict(reply.content[ARRAYS].to_torch_state_dict())
+        load_model_arrays(model, reply.content[ARRAYS])
     assert 0 < spent[0] < spent[1] <= 1.0
     ledger = PrivacyLedger(aaa_dir.parent / "state")
     releases = ledger.releases()
@@ -220,9 +220,7 @@ def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, 
     values = {**RunConfig(model="logistic").to_flower(), "server-round": 1}
     values.update({k.replace("_", "-") if k != "sneaky_key" else k: v for k, v in change.items()})
     msg = Message(
-        RecordDict(
-            {ARRAYS: ArrayRecord(build_model("logistic", len(feature_names())).state_dict()), CONFIG: ConfigRecord(values)}
-        ),
+        RecordDict({ARRAYS: model_arrays(build_model("logistic", len(feature_names()))), CONFIG: ConfigRecord(values)}),
         dst_node_id=1,
         message_type="train",
     )

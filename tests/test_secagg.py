@@ -34,7 +34,7 @@ from edufl.clients.secagg_checks import FIT_PARAMETERS, SECAGG
 from edufl.federation.audit import AuditLog
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.metrics import EVALUATE_METRICS, TRAIN_METRICS
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, model_arrays
 from edufl.federation.partition import campus_names, campus_slices
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.secaggplus import named_arrays
@@ -143,7 +143,7 @@ def _run(root: Path, tamper=None, **settings):
     grid = LocalGrid(_stub_campus(tamper), _contexts(root))
     report = Report(config=cfg.to_flower(), dp=True, delta=cfg.delta)
     reporting = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout)
-    initial = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=0).state_dict())
+    initial = model_arrays(build_model(cfg.model, len(feature_names()), seed=0))
     context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config={})
     aggregated = run_secaggplus(grid, context, cfg, reporting, initial)
     return grid, report, reporting, initial, aggregated
@@ -174,7 +174,8 @@ def test_secaggplus_aggregate_is_fedavg_and_every_stage_is_guarded_and_logged(tm
         assert [r.message_type for r in records] == [*STAGES, "evaluate"] and all(r.sent for r in records)
         assert [r.campus for r in records] == [f"C{node}"] * 5 and {r.server_round for r in records} == {1}
         masked = records[2]
-        assert [a.dtype for a in masked.arrays] == ["int64"] * 3 and masked.num_examples == 100 * node
+        # the masked weight, then the model's one array
+        assert [a.dtype for a in masked.arrays] == ["int64"] * 2 and masked.num_examples == 100 * node
     # what the coordinator received is exactly what the campuses logged as sent
     logged = {(r.server_round, r.message_type, r.campus, r.payload_sha256) for n in (1, 2, 3) for r in _audit(tmp_path, n)}
     assert logged == {(r["round"], r["phase"], r["campus"], r["payload_sha256"]) for r in report.receipts}
@@ -306,7 +307,7 @@ def test_campus_refuses_a_setup_whose_threshold_would_let_the_coordinator_unmask
 
 def test_campus_refuses_a_plain_update_in_a_run_under_secure_aggregation(tmp_path, task_identity):
     cfg = RunConfig(model="logistic", secure_aggregation="secaggplus")
-    arrays = ArrayRecord(build_model(cfg.model, len(feature_names())).state_dict())
+    arrays = model_arrays(build_model(cfg.model, len(feature_names())))
     plain = Message(
         RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
         dst_node_id=1,
@@ -414,7 +415,7 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
         write_tables(own, sim / name)
     (sim / SIM_MANIFEST).write_text(json.dumps({"campuses": campuses, "state-root": str(tmp_path / "again"), "policy": None}))
     monkeypatch.setenv(SIM_ENV, str(sim))
-    initial = ArrayRecord(build_model(cfg.model, len(feature_names()), seed=cfg.seed).state_dict())
+    initial = model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed))
     ran = RunConfig.from_flower({k: v for k, v in summary["config"].items() if k in cfg.to_flower()})
     run_config = ConfigRecord({**ran.to_flower(), "server-round": 1})
     threads = torch.get_num_threads()

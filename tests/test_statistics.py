@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from campus_contexts import campus_context
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from scipy.stats import chi2, norm
 
@@ -23,7 +23,7 @@ from edufl.federation import statistics
 from edufl.federation.audit import AuditLog
 from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.models import build_model
+from edufl.federation.models import build_model, model_arrays
 from edufl.federation.partition import campus_slices
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.privacy import epsilon
@@ -432,7 +432,7 @@ def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity,
 def test_a_statistic_and_training_spend_one_budget(aaa_dir, task_identity):
     cfg = RunConfig(model="logistic", num_rounds=1, target_epsilon=1.0)
     model = build_model(cfg.model, len(feature_names()))
-    content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})})
+    content = RecordDict({ARRAYS: model_arrays(model), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})})
     train = Message(content, dst_node_id=1, message_type="train")
     context = campus_context(aaa_dir)
     assert not release_guard(train, context, train_handler).has_error()
