@@ -48,7 +48,7 @@ from edufl.federation.runconfig import ConfigError, RunConfig
 from edufl.federation.statistics import answer
 from edufl.federation.tables import load_tables
 from edufl.federation.tasks import TaskData, early_warning, feature_names, missing_modules, n_outputs, split
-from edufl.federation.training import evaluate, subgroup_metrics, train
+from edufl.federation.training import BOOTSTRAP_RESAMPLES, evaluate, subgroup_metrics, train
 from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
 
 from .gate import GuardedClientApp
@@ -224,7 +224,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     model = _model(cfg, msg)
     k = setup.policy.release.min_cohort_size
     evaluation = (
-        _evaluation(cfg, campus, model, k) if msg.content[CONFIG].get(EVALUATE_RECEIVED) and len(campus.test) >= k else None
+        _evaluation(cfg, campus, model, k, intervals=False)
+        if msg.content[CONFIG].get(EVALUATE_RECEIVED) and len(campus.test) >= k
+        else None
     )
     run = run_id(msg.content[CONFIG], context)
     n, loss, sigma, q = len(campus.train), math.nan, math.nan, math.nan
@@ -318,18 +320,22 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         raise CampusRefusal(
             f"campus {campus.name} refuses to release metrics: it has fewer test rows than release.min_cohort_size ({k})"
         )
-    metrics = _evaluation(cfg, campus, _model(cfg, msg), k)
+    metrics = _evaluation(cfg, campus, _model(cfg, msg), k, intervals=True)
     return Message(content=RecordDict({METRICS: metrics, CAMPUS: _campus_record(campus.name)}), reply_to=msg)
 
 
-def _evaluation(cfg: RunConfig, campus: Campus, model, k: int) -> MetricRecord:
-    """``model``'s declared metrics on the campus's test rows, and those of each subgroup that may be sent."""
+def _evaluation(cfg: RunConfig, campus: Campus, model, k: int, intervals: bool) -> MetricRecord:
+    """``model``'s declared metrics on the campus's test rows, and those of each subgroup that may be sent, with
+    the subgroup's bootstrap interval when ``intervals`` (an evaluate request), else NaN (the evaluation in a
+    train reply: the coordinator keeps only the latest evaluation's subgroups, and the final model's
+    comes in an evaluate request; each interval is an exact statistic of the rows, not covered by ε)."""
     scores = evaluate(model, campus.train, campus.test, cfg.task)
     metrics = MetricRecord(
         {NUM_EXAMPLES: len(campus.test), **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}}
     )
     keys = subgroup_keys(cfg.task)
-    for group, subgroup in subgroup_metrics(model, campus.test, cfg.task, k).items():
+    resamples = BOOTSTRAP_RESAMPLES if intervals else 0
+    for group, subgroup in subgroup_metrics(model, campus.test, cfg.task, k, resamples).items():
         metrics.update(zip(keys[group], subgroup, strict=True))
     return metrics
 

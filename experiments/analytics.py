@@ -27,7 +27,7 @@ from edufl.federation.queries import QUERY_KEY, load_query
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables
 
-from .simulate import print_notes, run_engine
+from .simulate import formation, print_notes, run_engine
 
 __all__ = ["run_analytics", "run_deployed"]
 
@@ -80,7 +80,7 @@ def run_analytics(
     def headline(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
         print_notes(tables)
         names = campus_names(tables, cfg.campus_by)
-        _headline(query, f"{len(names)} campus folders" if campuses else f"{len(names)} campuses by {cfg.campus_by}")
+        _headline(query, f"{len(names)} campuses {formation(cfg, tables)}")
         return names
 
     run_engine(cfg, data_dir, campuses, policy, headline=headline, extra_config=extra)

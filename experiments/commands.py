@@ -46,6 +46,28 @@ _RayAddressOption = Annotated[
     ),
 ]
 
+
+def _data_or_campuses(data: str | None, campus: list[str] | None, options: str, formed: bool) -> tuple[Path | None, dict | None]:
+    """What a research command reads: the OULAD folder of ``--data`` (resolved; no campus folders), or
+    the ``--campus`` folders, each read and validated (no data folder).
+
+    Raises
+    ------
+    ConfigError
+        When ``--campus`` comes with ``--data`` or with an option that forms campuses from it (``formed``;
+        ``options`` names them for the message).
+    MappingError, DataError
+        As :func:`~experiments.simulate.load_campuses`.
+    """
+    if not campus:
+        return resolve_data_dir(data), None
+    if data or formed:
+        raise ConfigError(f"--campus gives the campuses: leave out {options}")
+    from .simulate import load_campuses
+
+    return None, load_campuses(campus)
+
+
 app = typer.Typer(add_completion=False)
 """Every research command of ``edufl``."""
 _analytics = typer.Typer(help="DP federated statistics: counts, means, histograms and quantiles per group", no_args_is_help=True)
@@ -86,12 +108,9 @@ def simulate(
     *,
     settings: dict[str, Any],
 ) -> None:
-    from .simulate import load_campuses
     from .simulate import simulate as run_simulation
 
     cfg = run_config(settings, campus_by=campus_by, shards=shards)
-    if campus and (data or campus_by != _DEFAULTS.campus_by or shards != _DEFAULTS.shards):
-        raise ConfigError("--campus gives the campuses: leave out --data, --campus-by and --shards")
     if cfg.central_dp != "off" and mode != "federated":
         raise ConfigError(f"--central-dp is applied by the coordinator, in federated runs only (not --mode {mode})")
     if cfg.secure_aggregation != "off" and mode != "federated":
@@ -103,10 +122,9 @@ def simulate(
     if ray_address and mode != "federated":
         raise ConfigError(f"--ray-address runs the simulation engine, for federated runs only (not --mode {mode})")
     started = time.perf_counter()
-    if campus:
-        summary = run_simulation(cfg, None, mode, load_campuses(campus), policy=policy, ray_address=ray_address)
-    else:
-        summary = run_simulation(cfg, resolve_data_dir(data), mode, policy=policy, ray_address=ray_address)
+    formed = campus_by != _DEFAULTS.campus_by or shards != _DEFAULTS.shards
+    data_dir, campuses = _data_or_campuses(data, campus, "--data, --campus-by and --shards", formed)
+    summary = run_simulation(cfg, data_dir, mode, campuses, policy=policy, ray_address=ray_address)
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
     raise_for_failures(summary)
 
@@ -181,14 +199,8 @@ def analytics_run(
         stray = [flag for flag, given in (("--pki", pki), ("--root-cert", root_cert), ("--insecure", insecure)) if given]
         if stray:
             raise ConfigError(f"{', '.join(stray)}: deployment options; give --superlink HOST:PORT too")
-        if campus and (data or campus_by != "module"):
-            raise ConfigError("--campus gives the campuses: leave out --data and --campus-by")
-        if campus:
-            from .simulate import load_campuses
-
-            summary = run_analytics(query, None, campus_by, policy, out, load_campuses(campus))
-        else:
-            summary = run_analytics(query, resolve_data_dir(data), campus_by, policy, out)
+        data_dir, campuses = _data_or_campuses(data, campus, "--data and --campus-by", campus_by != "module")
+        summary = run_analytics(query, data_dir, campus_by, policy, out, campuses)
     if summary["refusals"]:
         raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
 

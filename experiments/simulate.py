@@ -60,6 +60,7 @@ __all__ = [
     "campus_folders",
     "campus_root",
     "engine",
+    "formation",
     "load_campuses",
     "print_notes",
     "provenance",
@@ -153,6 +154,11 @@ def load_campuses(specs: list[str]) -> dict[str, Tables]:
 _CAMPUS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
+def formation(cfg: RunConfig, tables: Tables | Campuses) -> str:
+    """How the run's campuses are formed, for a headline: ``by <campus-by>`` of one release, or ``from campus folders``."""
+    return f"by {cfg.campus_by}" if isinstance(tables, Tables) else "from campus folders"
+
+
 def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     """Print the data notes and a one-line description of the run; return the campus names."""
     from edufl.federation.privacy import PRIVACY_UNIT_SHORT
@@ -160,7 +166,6 @@ def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
 
     print_notes(tables)
     names = campus_names(tables, cfg.campus_by, cfg.shards)
-    formed = f"by {cfg.campus_by}" if isinstance(tables, Tables) else "from campus folders"
     privacy = (
         f"DP-SGD, ε ≤ {cfg.target_epsilon:g} per campus at δ = {cfg.delta:g}, privacy unit: {PRIVACY_UNIT_SHORT}"
         if cfg.dp
@@ -168,7 +173,7 @@ def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     )
     privacy += f" ({REPRODUCIBLE_WARNING})" if cfg.dp and cfg.reproducible_noise else ""
     print(
-        f"edufl simulate: {mode}, {len(names)} campuses {formed}, task {cfg.task} at day {cfg.cutoff_day}, "
+        f"edufl simulate: {mode}, {len(names)} campuses {formation(cfg, tables)}, task {cfg.task} at day {cfg.cutoff_day}, "
         f"{cfg.model}, {cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}, {privacy}"
     )
     return names
@@ -177,19 +182,12 @@ def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
 def provenance(mode: str, cfg: RunConfig, tables: Tables | Campuses, names: list[str]) -> dict:
     """The results folder's record of what ran on which data (mode, settings, campuses, file hashes); for
     campus folders, ``campus-by`` is ``folders`` and ``data``/``data_sha256`` hold each campus's, by name."""
+    record = {"mode": mode, **cfg.to_flower(), "campuses": names}
     if isinstance(tables, Tables):
-        return {
-            "mode": mode,
-            **cfg.to_flower(),
-            "campuses": names,
-            "data": str(tables.source.resolve()),
-            "data_sha256": file_hashes(tables.source, tables.mapping),
-        }
+        return {**record, "data": str(tables.source.resolve()), "data_sha256": file_hashes(tables.source, tables.mapping)}
     return {
-        "mode": mode,
-        **cfg.to_flower(),
+        **record,
         "campus-by": "folders",
-        "campuses": names,
         "data": {name: str(own.source.resolve()) for name, own in tables.items()},
         "data_sha256": {name: file_hashes(own.source, own.mapping) for name, own in tables.items()},
     }

@@ -7,6 +7,7 @@ rows they see and how weights are combined.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -312,7 +313,8 @@ def subgroup_metrics(
     on each subgroup of ``test_data``'s rows: each value of each attribute of
     :data:`~federation.metrics.SUBGROUPS` (gender, age band, disability, IMD band), with its 95 %
     percentile bootstrap interval over ``resamples`` resamples of the group's rows (Efron and
-    Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), drawn from a generator seeded with ``seed``.
+    Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), drawn from a generator seeded with ``seed``
+    (``resamples`` = 0: no interval, NaN).
 
     Only groups of at least ``k = max(min_size, 1)`` rows are kept, and so that no
     smaller group's size can be recovered by subtracting the kept groups' sizes from
@@ -339,6 +341,6 @@ def subgroup_metrics(
         for value in (v for v in values if v in kept):
             index = members[value]
             y, scores = test_data.y[index], p[index]
-            low, high = _bootstrap_interval(task, y, scores, rng, resamples)
+            low, high = _bootstrap_interval(task, y, scores, rng, resamples) if resamples else (math.nan, math.nan)
             out[(attribute, value)] = Subgroup(len(index), _scores(task, y, scores, 0.5)[metric], low, high)
     return out

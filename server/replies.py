@@ -1,6 +1,6 @@
 """What the coordinator waits for and keeps of the campuses' replies, in training rounds and statistic queries alike.
 
-It collects replies every :data:`POLL_INTERVAL` seconds (:class:`PollingGrid`,
+It collects replies every 0.1-0.3 s (:data:`POLL_WAITS`, :class:`PollingGrid`,
 around the grid Flower gives the ServerApp), waits, with a limit, for enough
 campuses to be connected (:func:`await_connected_nodes`), and sorts the replies to what it asked
 (:func:`collect`) into answers, with the size and digest of what each campus
@@ -25,7 +25,7 @@ from edufl.federation.wire import BLOCKED, CAMPUS, FAILED, REFUSED
 __all__ = [
     "CAMPUS_CODES",
     "NO_REPLY",
-    "POLL_INTERVAL",
+    "POLL_WAITS",
     "Answered",
     "CampusesMissing",
     "DelegatingGrid",
@@ -42,8 +42,11 @@ CAMPUS_CODES = (REFUSED, BLOCKED, FAILED)
 """Error codes set by a campus's release guard, whose reasons it builds without data (:mod:`clients.guard`)."""
 
 
-POLL_INTERVAL = 0.1
-"""Seconds between two pulls of replies (Flower's deployment grid waits 3 s, ``superlink/grid/http_grid.py``)."""
+POLL_WAITS = (0.1, 0.2, 0.3)
+"""Seconds before the next pull of replies: after the push or a pull that brought replies, after the 1st,
+and after the 2nd and later pull in a row that brought none (Flower's deployment grid waits 3 s,
+``superlink/grid/http_grid.py``). Each pull is a request the SuperLink answers with database queries,
+competing with the campuses' transfers: the wait grows while no reply comes."""
 
 
 class DelegatingGrid(Grid):
@@ -82,24 +85,23 @@ class DelegatingGrid(Grid):
 
 class PollingGrid(DelegatingGrid):
     """``grid`` with :meth:`send_and_receive` built on its public ``push_messages``/``pull_messages``, pulling
-    every ``interval`` seconds: a reply is collected within ``interval`` of its arrival at the SuperLink."""
-
-    def __init__(self, grid: Grid, interval: float = POLL_INTERVAL):
-        super().__init__(grid)
-        self.interval = interval
+    after the waits of :data:`POLL_WAITS`: a reply is collected within 0.3 s of its arrival at the SuperLink."""
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; return the replies that arrived within ``timeout`` seconds (None: wait for all)."""
         waiting = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        empty = 0  # pulls in a row that brought no reply
         while waiting:
             pulled = list(self.grid.pull_messages(waiting))
             replies += pulled
             waiting -= {m.metadata.reply_to_message_id for m in pulled}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.interval if deadline is None else max(0.0, min(self.interval, deadline - time.monotonic())))
+            empty = 0 if pulled else empty + 1
+            wait = POLL_WAITS[min(empty, len(POLL_WAITS) - 1)]
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies
 
 

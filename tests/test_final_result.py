@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from processes import simulate
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
-from edufl.clients.app import evaluate_handler
+from edufl.clients.app import evaluate_handler, train_handler
 from edufl.clients.guard import release_guard
 from edufl.experiments.splits import campus_splits
 from edufl.federation.audit import AuditLog
@@ -29,7 +29,7 @@ from edufl.federation.runconfig import TASKS, RunConfig
 from edufl.federation.tables import Tables
 from edufl.federation.tasks import TASK_MODULES, early_warning, feature_names, n_outputs, split
 from edufl.federation.training import evaluate, predict, subgroup_metrics, train
-from edufl.federation.wire import BLOCKED, CONFIG, METRICS
+from edufl.federation.wire import BLOCKED, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS
 from edufl.server.results import primary_metric
 
 KEY = ["course", "presentation", "student_id"]
@@ -150,6 +150,25 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     assert len(sent) == len(EVALUATE_METRICS[task]) + 4 * len(released)
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert record.sent and sorted(record.metric_keys) == sorted(sent)
+
+
+def test_the_evaluation_in_a_train_reply_is_the_evaluate_replys_without_the_bootstrap_intervals(aaa_dir: Path, task_identity):
+    # Only the evaluate request (the final model's evaluation) gets the subgroups' bootstrap intervals: the
+    # coordinator keeps the latest evaluation's subgroups only, and every interval is an exact statistic of the rows.
+    cfg = RunConfig(model="logistic")
+    evaluated = release_guard(_evaluate_request(cfg), campus_context(aaa_dir), evaluate_handler).content[METRICS]
+    request = _evaluate_request(cfg)
+    request.content[CONFIG][EVALUATE_RECEIVED] = True
+    request.metadata.__dict__["_message_type"] = "train"
+    reply = release_guard(request, campus_context(aaa_dir), train_handler)
+    assert not reply.has_error(), reply.error.reason
+    fused = reply.content[EVALUATION]
+    assert sorted(fused) == sorted(evaluated)
+    bounds = [k for k in evaluated if k.endswith(("-low", "-high"))]
+    assert any(math.isfinite(evaluated[k]) for k in bounds) and all(math.isnan(fused[k]) for k in bounds)
+    assert {k: v for k, v in fused.items() if k not in bounds} == pytest.approx(
+        {k: v for k, v in evaluated.items() if k not in bounds}, rel=0, abs=0, nan_ok=True
+    )
 
 
 @pytest.mark.parametrize(

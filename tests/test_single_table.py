@@ -212,7 +212,7 @@ def test_a_dp_statistic_over_the_three_campus_folders_is_within_its_stated_bound
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 campus folders" in done.stdout
+    assert "3 campuses from campus folders" in done.stdout
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["refusals"] == [] and [c["campus"] for c in summary["campuses"]] == list(CAMPUSES)
     degree = [r for c in CAMPUSES for r in _rows(c) if r["Enrolment type"] == "degree"]
