@@ -43,9 +43,9 @@ CAMPUS_CODES = (REFUSED, BLOCKED, FAILED)
 
 
 POLL_WAITS = (0.1, 0.2, 0.3)
-"""Seconds before the next pull of replies: after the push or a pull that brought replies, after the 1st,
-and after the 2nd and later pull in a row that brought none (Flower's deployment grid waits 3 s,
-``superlink/grid/http_grid.py``). Each pull is a request the SuperLink answers with database queries,
+"""Seconds before the next pull of replies: after a pull that brought replies, after the 1st, and after
+the 2nd and later pulls in a row that brought none; the first pull follows the push at once (Flower's
+deployment grid waits 3 s, ``superlink/grid/http_grid.py``). Each pull is a request the SuperLink answers with database queries,
 competing with the campuses' transfers: the wait grows while no reply comes."""
 
 
