@@ -89,6 +89,8 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
             f"continue with `edufl coordinator run --resume {out}`"
         )
         return None
-    final = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
-    state = load_model_arrays(final, strategy.arrays).state_dict() if trained or saved else None  # model.pt: named
+    state = None
+    if trained or saved:  # model.pt holds the model's named state_dict, not the wire's one flat array
+        final = load_model_arrays(build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task)), strategy.arrays)
+        state = final.state_dict()
     return report.write(out, state, time.perf_counter() - started)
