@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 
 from edufl.federation.runconfig import RunConfig
 
-__all__ = ["EqualWeights", "build_strategy"]
+__all__ = ["EqualWeights", "FedAdamFloat32", "build_strategy"]
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -49,13 +50,28 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         train_metrics_aggr_fn=_train_metrics,
     )
     if cfg.strategy == "fedadam":
-        return FedAdam(**common, eta=cfg.learning_rate, eta_l=cfg.learning_rate)
+        return FedAdamFloat32(**common, eta=cfg.learning_rate, eta_l=cfg.learning_rate)
     strategy = FedProx(**common, proximal_mu=cfg.proximal_mu) if cfg.strategy == "fedprox" else FedAvg(**common)
     if cfg.central_dp == "off":
         return strategy
     return DifferentialPrivacyServerSideFixedClipping(
         EqualWeights(strategy, cfg.min_campuses), cfg.central_noise_multiplier, cfg.central_clipping_norm, cfg.min_campuses
     )
+
+
+class FedAdamFloat32(FedAdam):
+    """Flower's FedAdam whose new global model is cast back to float32, the dtype a model travels in
+    (:func:`federation.models.model_arrays`); campuses refuse any other.
+
+    Flower's update scales by NumPy float64 scalars, which NumPy 2's promotion rules (NEP 50) let widen the
+    float32 arrays to float64. Its moments stay float64.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({name: Array(a.numpy().astype(np.float32)) for name, a in arrays.items()})
+        return arrays, metrics
 
 
 class EqualWeights(Strategy):

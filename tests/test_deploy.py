@@ -269,8 +269,8 @@ def test_campus_killed_mid_round_is_recorded_and_rejoins_after_restart(deploymen
             "3",
             "--model",
             "logistic",
-            "--min-campuses",
-            "2",
+            "--min-campuses",  # round 1 goes on without BBB; round 2 waits (up to the round timeout) until it is back
+            "3",
             "--round-timeout",
             "120",
             "--out",
