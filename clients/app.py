@@ -28,6 +28,7 @@ leaves the campus.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVA
 
 from .gate import GuardedClientApp
 from .guard import release_guard
-from .node import CampusRefusal, CampusSetup, campus_setup, prepared, run_id
+from .node import CampusRefusal, CampusSetup, campus_setup, leave_prepared, prepared, run_id
 from .query_budget import plan_release
 from .secagg import secure_aggregation_mod
 
@@ -62,10 +63,12 @@ __all__ = [
     "PRIVACY_CONTRACT",
     "QUERY_CONFIG",
     "app",
+    "campus_key",
     "campus_mapping",
     "evaluate_handler",
     "load_campus",
     "query_handler",
+    "share_examples",
     "train_handler",
 ]
 
@@ -110,16 +113,13 @@ def _files_identity(folder: Path) -> tuple:
     return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if (st := p.stat()) and p.is_file()))
 
 
-def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
-    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process, shared by
-    a simulation's workers through :func:`~clients.node.prepared`, and read again when a data file's size or
-    modification time changes).
-
-    Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
-    key = (
-        str(setup.data_dir),
-        _files_identity(setup.data_dir),
-        str(setup.mapping),
+def campus_key(data_dir: Path, mapping: Path | None, cfg: RunConfig) -> tuple:
+    """What a campus's examples depend on: its data folder and files (name, size, modification time), its
+    mapping file, and ``cfg``'s contract version, task, cutoff day, split, test fraction and seed."""
+    return (
+        str(data_dir),
+        _files_identity(data_dir),
+        str(mapping),
         cfg.contract_version,
         cfg.task,
         cfg.cutoff_day,
@@ -127,18 +127,44 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
         cfg.test_fraction,
         cfg.seed,
     )
+
+
+def _campus(name: str, data_dir: Path, mapping: Mapping, cfg: RunConfig, data: TaskData) -> Campus:
+    train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    return Campus(name, dataset_id(data_dir, mapping), train_part, test_part)
+
+
+def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
+    """This campus's train/test examples for ``cfg``'s task, cutoff and split (cached per process, shared by
+    a simulation's workers through :func:`~clients.node.prepared`, and read again when a data file's size or
+    modification time changes).
+
+    Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
+    key = campus_key(setup.data_dir, setup.mapping, cfg)
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
         if why := missing_modules(cfg.task, mapping.modules):  # refused before any record is read
             raise CampusRefusal(f"campus {setup.name} refuses the run: {why}")
 
         def build() -> Campus:
-            data = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
-            train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
-            return Campus(setup.name, dataset_id(setup.data_dir, mapping), train_part, test_part)
+            examples = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
+            return _campus(setup.name, setup.data_dir, mapping, cfg, examples)
 
-        _CAMPUS_CACHE[key] = prepared(setup, key, build)  # a simulation's workers prepare each campus once
+        _CAMPUS_CACHE[key] = prepared(setup.cache_dir, key, build)  # a simulation's workers prepare each campus once
     return _CAMPUS_CACHE[key]
+
+
+def share_examples(name: str, data_dir: Path, cache_dir: Path, cfg: RunConfig, examples: Callable[[], TaskData]) -> bool:
+    """Simulation only: leave in ``cache_dir`` what :func:`load_campus` prepares for campus ``name`` from its
+    contract-layout Parquet folder ``data_dir`` under ``cfg``, built from ``examples()``: the simulation's
+    own early-warning examples of the tables it wrote to ``data_dir`` (the same rows, features and labels
+    the campus would compute). Returns False, building nothing, when they are there already or the folder
+    lacks a module the task needs (the campus then refuses the run, :func:`load_campus`)."""
+    mapping = parquet_layout(data_dir)
+    if missing_modules(cfg.task, mapping.modules):
+        return False
+    key = campus_key(data_dir, CONTRACT_PARQUET, cfg)
+    return leave_prepared(cache_dir, key, lambda: _campus(name, data_dir, mapping, cfg, examples()))
 
 
 def _model(cfg: RunConfig, msg: Message):

@@ -20,12 +20,14 @@ __all__ = [
     "CampusRefusal",
     "CampusSetup",
     "copies_prefix",
+    "leave_prepared",
     "SIM_ENV",
     "SIM_MANIFEST",
     "SIM_STORE_ENV",
     "campus_setup",
     "prepared",
     "run_id",
+    "simulation_folders",
 ]
 
 SIM_ENV = "EDUFL_SIM_DIR"
@@ -83,8 +85,7 @@ def campus_setup(node_config: dict) -> CampusSetup:
         policy = CampusPolicy.load(manifest["policy"]) if manifest["policy"] else RESEARCH_POLICY
         mapping = Path(manifest["mapping"]) if manifest.get("mapping") else None  # None: OULAD layout
         partition = manifest.get("partition", "")  # the sub-folder of this run's campus folders
-        data = root / partition / name if root is not None else _copy_from_store(partition, name)
-        cache = root / _PREPARED / partition / name if root is not None else None
+        data, cache = simulation_folders(root, partition, name) if root is not None else (_copy_from_store(partition, name), None)
         return CampusSetup(name, data, Path(manifest["state-root"]) / name, policy, mapping, cache)
     raise RuntimeError("this SuperNode has no campus data: start it with --node-config \"data-dir='DIR' campus='NAME'\"")
 
@@ -129,28 +130,53 @@ def _copy_from_store(partition: str, name: str) -> Path:
     return _COPIES[key]
 
 
-def prepared(setup: CampusSetup, key: tuple, build: Callable[[], T]) -> T:
-    """``build()``, shared through ``setup.cache_dir`` by every worker process of a simulation.
+def prepared(cache_dir: Path | None, key: tuple, build: Callable[[], T]) -> T:
+    """``build()``, shared through ``cache_dir`` by every worker process of a simulation.
 
     In a simulation the engine's workers take any campus's messages, so each would
     otherwise prepare the same campus again. The first to need ``key`` (a tuple whose
     ``repr`` names the data files and settings the result depends on) builds it and
-    leaves it (pickled: a folder of this user's simulation, mode 0700) for the others.
+    leaves it (pickled: a folder of this user's simulation, mode 0700) for the others;
+    the simulation itself may have left it already (:func:`leave_prepared`).
     Without a ``cache_dir`` (a deployed campus, or a simulation on a Ray cluster) this is ``build()``.
     """
-    if setup.cache_dir is None:
+    if cache_dir is None:
         return build()
-    path = setup.cache_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pickle"
+    path = _prepared_path(cache_dir, key)
     try:
         return pickle.loads(path.read_bytes())  # written by this simulation's own processes
     except FileNotFoundError:
         pass
     value = build()
+    _store(path, value)
+    return value
+
+
+def leave_prepared(cache_dir: Path, key: tuple, build: Callable[[], T]) -> bool:
+    """Leave ``build()`` in ``cache_dir`` for :func:`prepared` to find under ``key``, unless it is there already;
+    returns whether it was built."""
+    path = _prepared_path(cache_dir, key)
+    if path.exists():
+        return False
+    _store(path, build())
+    return True
+
+
+def _prepared_path(cache_dir: Path, key: tuple) -> Path:
+    return cache_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pickle"
+
+
+def _store(path: Path, value: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     os.replace(partial, path)  # atomic: another worker reads all of it or nothing
-    return value
+
+
+def simulation_folders(root: Path, partition: str, name: str) -> tuple[Path, Path]:
+    """A simulated campus's data folder and the folder its prepared examples are shared in (:func:`prepared`),
+    under the simulation's folder ``root``, for campus ``name`` of the sub-folder ``partition``."""
+    return root / partition / name, root / _PREPARED / partition / name
 
 
 def run_id(config, context) -> str:

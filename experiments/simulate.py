@@ -43,12 +43,13 @@ from typing import Any, Literal, get_args
 
 import psutil
 
-from edufl.clients.node import SIM_ENV, SIM_MANIFEST, SIM_STORE_ENV, copies_prefix
+from edufl.clients.node import SIM_ENV, SIM_MANIFEST, SIM_STORE_ENV, copies_prefix, simulation_folders
 from edufl.federation.fingerprint import file_hashes
 from edufl.federation.mapping import CONTRACT_PARQUET
-from edufl.federation.partition import Campuses, campus_names, campus_slices
+from edufl.federation.partition import Campuses, campus_examples, campus_names, campus_slices
 from edufl.federation.runconfig import ConfigError, RunConfig
 from edufl.federation.tables import Tables, load_tables
+from edufl.federation.tasks import TaskData
 from edufl.federation.writers import write_parquet
 
 __all__ = [
@@ -530,9 +531,30 @@ class Engine:
             if key not in self._partitions:
                 name = f"{len(self._partitions)}-{campus_by}"
                 for campus, own in campus_slices(tables, campus_by, shards).items():
-                    write_parquet(own, self.folder / name / campus)
+                    write_parquet(own, simulation_folders(self.folder, name, campus)[0])
                 self._partitions[key] = (tables, name)
             return self._partitions[key][1]
+
+    def share_examples(self, partition: str, tables: Tables | Campuses, cfg: RunConfig) -> int:
+        """Leave each campus of ``partition`` its examples for ``cfg`` where its workers look first
+        (:func:`clients.app.share_examples`), computed here from the tables written to the campus folders, all
+        at once (:func:`federation.partition.campus_examples`): no worker reads and validates a campus folder
+        again. Returns how many campuses got them: none on a Ray cluster (its workers share no folder)."""
+        if self.address is not None:
+            return 0
+        from edufl.clients.app import share_examples
+
+        examples: dict[str, TaskData] = {}
+
+        def of(name: str) -> TaskData:
+            if not examples:  # computed only when some campus lacks them (a study's later runs often do not)
+                examples.update(campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task))
+            return examples[name]
+
+        names = sorted(d.name for d in (self.folder / partition).iterdir())
+        return sum(
+            share_examples(name, *simulation_folders(self.folder, partition, name), cfg, lambda n=name: of(n)) for name in names
+        )
 
     def publish(self, partition: str, manifest: dict) -> None:
         """Make ``manifest`` (campus names in partition-id order, state root, policy, mapping) the one the
@@ -638,6 +660,7 @@ def _prepare(
     tables = tables or load_tables(data_dir)
     names = headline(cfg, tables, "federated")
     partition = engine.partition(tables, cfg.campus_by, cfg.shards)
+    engine.share_examples(partition, tables, cfg)
     return tables, names, partition, _run_simulation, client_app, server
 
 

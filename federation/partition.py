@@ -17,8 +17,9 @@ import pandas as pd
 
 from .engagement import learner_rows
 from .tables import Tables
+from .tasks import TaskData, early_warning, missing_modules
 
-__all__ = ["CAMPUS_COLUMNS", "Campuses", "campus_names", "campus_of", "campus_slice", "campus_slices"]
+__all__ = ["CAMPUS_COLUMNS", "Campuses", "campus_examples", "campus_names", "campus_of", "campus_slice", "campus_slices"]
 
 Campuses = Mapping[str, Tables]
 """One campus's tables by campus name: campus folders read each with its own mapping (``edufl simulate
@@ -58,52 +59,84 @@ def campus_names(tables: Tables | Campuses, campus_by: str, shards: int = 0) -> 
 
 
 def campus_slice(tables: Tables, campus_by: str, campus: str, shards: int = 0) -> Tables:
-    """Only ``campus``'s rows of every table: what that campus would hold itself."""
-    learners = tables["learners"]
-    return _own_rows(tables, learners[campus_of(learners, campus_by, shards) == campus])
+    """Only ``campus``'s rows of every table: what that campus would hold itself (:func:`campus_slices`).
+
+    Raises
+    ------
+    KeyError
+        When no learners row is ``campus``'s.
+    """
+    return campus_slices(tables, campus_by, shards)[campus]
 
 
 def campus_slices(tables: Tables | Campuses, campus_by: str, shards: int = 0) -> dict[str, Tables]:
-    """Every campus's :func:`campus_slice`, by campus name in sorted order (each row's campus computed once,
-    and the click log split in one pass); :data:`Campuses` as they are, in sorted order."""
+    """Every campus's :func:`campus_slice`, by campus name in sorted order; :data:`Campuses` as they are, in sorted
+    order. Each row's campus is found once for every table, and each table split in one pass."""
     if not isinstance(tables, Tables):
         return {name: tables[name] for name in sorted(tables)}
-    learners = tables["learners"]
+    f = tables.frames
+    learners = f["learners"]
     campus = campus_of(learners, campus_by, shards)
     names = sorted(campus.unique())
-    events = _events_by_campus(tables, campus, names) if "events" in tables else {}
-    return {name: _own_rows(tables, learners[campus == name], events.get(name)) for name in names}
-
-
-def _events_by_campus(tables: Tables, campus: pd.Series, names: list[str]) -> dict[str, pd.DataFrame]:
-    """Each campus's share of the click log; ``campus`` holds the campus of each ``learners`` row."""
-    f = tables.frames
-    owners = learner_rows(f["events"], f["learners"], f["presentations"])
-    code = np.append(pd.Index(names).get_indexer(pd.Index(campus.to_numpy())), -1)[owners]  # -1: no learner's event
-    order = np.argsort(code, kind="stable")
-    bounds = np.searchsorted(code[order], np.arange(len(names) + 1))
-    return {name: f["events"].take(order[bounds[i] : bounds[i + 1]]) for i, name in enumerate(names)}
-
-
-def _own_rows(tables: Tables, learners: pd.DataFrame, events: pd.DataFrame | None = None) -> Tables:
-    """``learners``'s share of every table (``events``: their click log, when already split off)."""
-    f = tables.frames
+    code = pd.Index(names).get_indexer(pd.Index(campus.to_numpy()))  # each learners row's campus, as its index in names
     mp = ["course", "presentation"]
     student = [*mp, "student_id"]
-    presentations = f["presentations"].merge(learners[mp].drop_duplicates(), on=mp)
-    frames = {
-        "presentations": presentations,
-        "learners": learners,
-        "registrations": f["registrations"].merge(learners[student], on=student),
-    }
-    if "assessments" in f:
-        assessments = f["assessments"].merge(presentations[mp], on=mp)
-        subs = f["submissions"].merge(assessments[["assessment_id", *mp]], on="assessment_id")
-        frames["assessments"] = assessments
-        frames["submissions"] = subs.merge(learners[student], on=student)[[*f["submissions"].columns]]
+    owner = learners[student].assign(_campus=code)
+    held = owner[[*mp, "_campus"]].drop_duplicates()  # the presentations each campus has learners in
+    split = {"learners": _split(learners, code, len(names))}
+    for name in ("presentations", "assessments", "resources"):  # one copy of a presentation's rows for each campus in it
+        if name in f:
+            rows = f[name].merge(held, on=mp)
+            split[name] = [part.drop(columns="_campus") for part in _split(rows, rows["_campus"].to_numpy(), len(names))]
+    split["registrations"] = _split(f["registrations"], _owners(f["registrations"], owner, student), len(names))
+    if "submissions" in f:
+        subs = f["submissions"][["assessment_id"]].merge(f["assessments"][["assessment_id", *mp]], on="assessment_id", how="left")
+        subs["student_id"] = f["submissions"]["student_id"].to_numpy()
+        split["submissions"] = _split(f["submissions"], _owners(subs, owner, student), len(names))
     if "events" in f:
-        frames["resources"] = f["resources"].merge(presentations[mp], on=mp)
-        if events is None:
-            events = f["events"][learner_rows(f["events"], learners, f["presentations"]) >= 0]
-        frames["events"] = events
-    return Tables({k: v.reset_index(drop=True) for k, v in frames.items()}, tables.source, tables.mapping)
+        owners = learner_rows(f["events"], learners, f["presentations"])
+        split["events"] = _split(f["events"], np.append(code, -1)[owners], len(names))  # -1: no learner's event
+    return {
+        name: Tables({k: parts[i].reset_index(drop=True) for k, parts in split.items()}, tables.source, tables.mapping)
+        for i, name in enumerate(names)
+    }
+
+
+def _owners(frame: pd.DataFrame, owner: pd.DataFrame, key: list[str]) -> np.ndarray:
+    """The campus code (``owner``'s ``_campus``; -1: none) of each ``frame`` row, by its learner ``key``."""
+    return frame[key].merge(owner, on=key, how="left")["_campus"].fillna(-1).to_numpy(int)
+
+
+def _split(frame: pd.DataFrame, code: np.ndarray, n: int) -> list[pd.DataFrame]:
+    """``frame``'s rows with each campus code 0 .. n - 1, in their order (code -1: in no campus)."""
+    order = np.argsort(code, kind="stable")
+    bounds = np.searchsorted(code[order], np.arange(n + 1))
+    return [frame.take(order[bounds[i] : bounds[i + 1]]) for i in range(n)]
+
+
+def campus_examples(tables: Tables | Campuses, campus_by: str, shards: int, cutoff_day: int, task: str) -> dict[str, TaskData]:
+    """Each campus's :func:`~federation.tasks.early_warning` examples, by campus name in sorted order: what each
+    campus of :func:`campus_slices` computes from its own slice, with its rows in the same order.
+
+    For one set of tables they are computed once over all rows and split by campus: every feature is
+    a registration's own or its presentation's, and a campus's slice holds all of both
+    (``tests/test_partition.py`` checks the equality). :data:`Campuses` compute their own; a campus
+    whose tables lack a module ``task`` needs is left out (it refuses such a run).
+
+    Raises
+    ------
+    ValueError
+        For one set of tables lacking a module ``task`` needs (as :func:`~federation.tasks.early_warning`).
+    """
+    if not isinstance(tables, Tables):
+        return {
+            name: early_warning(tables[name], cutoff_day, task)
+            for name in sorted(tables)
+            if not missing_modules(task, tables[name].modules)
+        }
+    data = early_warning(tables, cutoff_day, task)
+    key = ["course", "presentation", "student_id"]
+    learners = tables["learners"]
+    owners = learners[key].assign(_campus=campus_of(learners, campus_by, shards).to_numpy())
+    campus = data.rows[key].merge(owners, on=key, how="left")["_campus"].to_numpy()
+    return {name: data.take(np.flatnonzero(campus == name)) for name in sorted(owners["_campus"].unique())}

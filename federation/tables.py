@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .contract import EVENTS
+from .contract import EVENTS, TABLES
 from .engagement import check_events, read_events
 from .mapping import Mapping, load_mapping
 from .problems import DataError, Problem
@@ -63,6 +63,11 @@ class Tables:
 
     def __contains__(self, name: str) -> bool:
         return name in self.frames
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """The optional contract modules these tables provide (``core`` left out)."""
+        return frozenset(t.module for t in TABLES if t.name in self.frames) - {"core"}
 
 
 def load_tables(directory: str | os.PathLike[str], mapping: Mapping | str | os.PathLike[str] | None = None) -> Tables:

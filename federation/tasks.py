@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES, STUDYING, TABLES, TERMS_MODULE
+from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES, STUDYING, TERMS_MODULE
 from .engagement import ENGAGEMENT_FEATURES, engagement_features
 from .metrics import SUBGROUPS
 from .runconfig import SPLITS, TASKS
@@ -206,7 +206,7 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if why := missing_modules(task, frozenset(t.module for t in TABLES if t.name in tables) - {"core"}):
+    if why := missing_modules(task, tables.modules):
         raise ValueError(why)
     key = ["course", "presentation", "student_id"]
     info = tables["learners"].merge(tables["registrations"].drop(columns="_line"), on=key)
