@@ -429,6 +429,24 @@ def _check_reachable(address: str) -> None:
         raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({err})") from None
 
 
+def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict, f_stop: threading.Event) -> None:
+    """Flower's loop handing each virtual SuperNode's next message to the actors (flwr==1.42.0,
+    ``vce_api.add_messages_to_queue``), asking only for the nodes that have an undelivered message.
+
+    Flower's asks the LinkState for every node's message every 0.1 s, and each ask checks every stored
+    message: N² checks a tick with N campuses, which kept one of this machine's two cores busy through every
+    round of 200 campuses. Here a tick first reads which nodes wait for a message (the in-memory LinkState's
+    store, under its lock), then asks for those nodes' messages as Flower does, in its node order.
+    """
+    while not f_stop.is_set():
+        with state.lock:
+            waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""}
+        for node_id in (n for n in nodes_mapping if n in waiting):
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        f_stop.wait(0.1)
+
+
 class Engine:
     """Flower's simulation engine kept running for several runs (see :func:`engine`).
 
@@ -504,7 +522,8 @@ class Engine:
     def _keep_actors(self) -> None:
         # Flower's simulation builds a RayBackend per run (looked up in its module at each run, flwr==1.42.0)
         # and ends the run by stopping the actors and Ray: for the engine's life, the first run's actor pool
-        # serves every run, and stopping is left to close().
+        # serves every run, and stopping is left to close(). Its loop handing messages to the actors is
+        # replaced too (_add_messages_to_queue).
         from flwr.server.superlink.fleet.vce.backend import raybackend
 
         base, pools = raybackend.RayBackend, self
@@ -520,8 +539,15 @@ class Engine:
             def terminate(self) -> None:
                 pass
 
-        raybackend.RayBackend = KeptRayBackend
-        self._restore = lambda: setattr(raybackend, "RayBackend", base)
+        from flwr.server.superlink.fleet.vce import vce_api
+
+        flowers = vce_api.add_messages_to_queue
+        raybackend.RayBackend, vce_api.add_messages_to_queue = KeptRayBackend, _add_messages_to_queue
+
+        def restore() -> None:
+            raybackend.RayBackend, vce_api.add_messages_to_queue = base, flowers
+
+        self._restore = restore
 
     def partition(self, tables: Tables | Campuses, campus_by: str, shards: int) -> str:
         """The sub-folder of :attr:`folder` with one folder per campus of ``tables`` by ``campus_by``

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import brier_score_loss, f1_score, roc_auc_score
 
 from edufl.federation.models import build_model
 from edufl.federation.tasks import early_warning, feature_names, n_outputs, split
-from edufl.federation.training import Subgroup, _bootstrap_interval, predict, subgroup_metrics
+from edufl.federation.training import Subgroup, _bootstrap_interval, auc, binary_scores, predict, subgroup_metrics
 from edufl.server.results import Report, code_version, combined_interval
 
 D = 60
@@ -43,14 +43,14 @@ def _report(dp: bool = True, **config) -> tuple[Report, StringIO]:
 
 def _two_rounds(report: Report) -> None:
     for r, (auc_a, auc_b) in enumerate([(0.60, 0.70), (0.62, 0.74)], start=1):
-        for campus, auc, n in (("A", auc_a, 100), ("B", auc_b, 300)):
+        for campus, value, n in (("A", auc_a, 100), ("B", auc_b, 300)):
             report.add_train(
                 campus, n_train=4 * n, loss=0.5, epsilon=1.4 * r, noise_multiplier=1.1, sample_rate=0.1, steps=10 * r
             )
-            groups = {("gender", "F"): Subgroup(n // 2, auc, auc - 0.1, auc + 0.1)}
+            groups = {("gender", "F"): Subgroup(n // 2, value, value - 0.1, value + 0.1)}
             if campus == "B":
                 groups[("age_band", "55<=")] = Subgroup(12, 0.9, 0.7, 1.0)
-            metrics = {"auc": auc, "average_precision": 0.3, "f1": 0.4, "brier": 0.1}
+            metrics = {"auc": value, "average_precision": 0.3, "f1": 0.4, "brier": 0.1}
             report.add_evaluation(campus, n_test=n, metrics=metrics, groups=groups)
         report.end_round(r, 2)
 
@@ -144,6 +144,15 @@ def test_bootstrap_interval_equals_a_resampling_with_scikit_learn(aaa, task):
     again = subgroup_metrics(model, test, task, 10, resamples=50, seed=3)  # seeded: the same intervals again
     np.testing.assert_array_equal(np.array(list(groups.values())), np.array(list(again.values())))
     assert all(g.low <= g.high for g in groups.values() if not math.isnan(g.low))
+
+
+def test_auc_and_brier_equal_scikit_learns_with_ties_and_are_nan_on_one_class():
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 300).astype(np.float32)
+    p = np.round(rng.random(300), 1).astype(np.float32)  # 11 distinct scores: many ties
+    assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert binary_scores(y, p, 0.5)["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-6)  # float32 scores
+    assert math.isnan(auc(np.ones(5), p[:5])) and math.isnan(auc(np.zeros(0), p[:0]))
 
 
 def test_bootstrap_interval_is_nan_when_resamples_leave_auc_undefined():
