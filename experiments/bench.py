@@ -59,20 +59,23 @@ def _watch(args: list[str]) -> tuple[float, float]:
         When it exits with another status than 0 (with the end of its stderr).
     """
     command = [sys.executable, "-m", "edufl.experiments.cli", *args]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.05)
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:]}")
+    # stderr goes to a file, not a pipe: a pipe read only after exit blocks a child that writes more than it holds
+    with tempfile.TemporaryFile("w+") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        root = psutil.Process(process.pid)
+        peak = 0
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(_rss(p) for p in tree))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read()[-2000:]}")
     return wall, peak / 2**20
 
 
