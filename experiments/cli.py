@@ -14,9 +14,11 @@ file; also a command line that does not parse), 3 when campuses refused a run,
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 import click
 from typer.core import TyperGroup
@@ -25,7 +27,7 @@ from typer.main import get_command
 from edufl.federation.deploy import FLWR_ENV
 from edufl.federation.errors import EduflError
 
-__all__ = ["SIDES", "main"]
+__all__ = ["SIDES", "main", "run"]
 
 SIDES = {
     "simulate": "edufl.experiments.commands",
@@ -74,5 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     return status if isinstance(status, int) else 0
 
 
+def run() -> NoReturn:
+    """The ``edufl`` program: :func:`main`, then exit at once with its status, after the exit handlers.
+
+    The interpreter's own teardown is skipped: with a simulation's tables and torch loaded, freeing every
+    object one by one took about 1.5 s after the work was done. Everything edufl writes is closed by then
+    (its files in ``with`` blocks, its databases committed), and the standard streams are flushed here.
+    """
+    status = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

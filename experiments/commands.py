@@ -42,7 +42,7 @@ _RayAddressOption = Annotated[
     str | None,
     typer.Option(
         help="attach the simulation engine to this existing Ray cluster (HOST:PORT of its head, or auto) "
-        "instead of starting Ray on this machine"
+        "instead of running its workers on this machine"
     ),
 ]
 

@@ -1,7 +1,9 @@
 """``edufl simulate``: one run on one machine, federated (Flower simulation engine) or a baseline.
 
 * ``federated``: the ServerApp and ClientApp of ``server/`` and ``clients/`` on
-  Flower's simulation engine (Ray backend). Each virtual campus reads only a
+  Flower's simulation engine, its ClientApps run by worker processes forked from
+  this one (:mod:`experiments.workers`), or by Ray's on an existing Ray cluster.
+  Each virtual campus reads only a
   folder holding its own rows (the contract's tables as Parquet files), written
   to a private folder of this process (see :func:`campus_folders`) that is
   deleted at the end, on an error, Ctrl-C or SIGTERM (raw rows are never
@@ -12,11 +14,12 @@
 All modes use the same features, splits, model, optimizer and DP-SGD code,
 and write the same results folder.
 
-Start-up order (federated): the engine's processes start first, in the main
-thread, while a worker thread imports torch, Opacus and Flower, validates the
-tables and writes the campus folders; this module itself imports nothing heavy.
+Start-up order (federated, this machine): the main thread imports torch, Opacus and Flower with the
+apps, forks the workers (which load what torch loads late while it goes on), validates the tables and
+writes the campus folders; this module itself imports nothing heavy. On a Ray cluster, Ray is attached
+in the main thread while a worker thread does that preparation.
 Inside an :func:`engine` block (``edufl experiment run``), every run uses the
-same engine: Ray, its workers and their prepared campuses stay up between runs.
+same engine: its workers and their prepared campuses stay up between runs.
 With ``ray_address`` the engine attaches to an existing Ray cluster, and the
 campus files reach its workers through Ray's object store (:class:`Engine`).
 """
@@ -450,10 +453,11 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict, f_stop: 
 class Engine:
     """Flower's simulation engine kept running for several runs (see :func:`engine`).
 
-    One Ray (started here, or an existing cluster at ``address`` attached) and one pool
-    of ClientApp actors, built by the first run and kept by the next ones: a study pays
-    once for starting Ray, for its workers' imports and for preparing each campus (the
-    workers keep their campuses' examples between runs). ``folder`` holds one
+    On this machine, one pool of worker processes forked from this one (:mod:`experiments.workers`);
+    with ``address``, an existing Ray cluster attached and one pool of ClientApp actors on it. Either
+    is built by the first run and kept by the next ones: a study pays once for starting the workers,
+    for their imports and for preparing each campus (the workers keep their campuses' examples between
+    runs). ``folder`` holds one
     sub-folder of campus folders per way of forming campuses (written once, see
     :meth:`partition`) and the current run's manifest. On a cluster, campus files
     and manifest reach the workers through a store actor and Ray's object store,
@@ -466,83 +470,83 @@ class Engine:
         self.folder, self.address = folder, address
         self.store_name = f"edufl-campus-store-{uuid.uuid4().hex[:12]}"
         self._store: Any = None
-        self._pool: Any = None  # Flower's BasicActorPool, built by the first run
+        self._pool: Any = None  # on a cluster: Flower's BasicActorPool, built by the first run
+        self._workers: Any = None  # on this machine: the forked workers (experiments.workers.Workers)
         self._partitions: dict[tuple, tuple[Tables | Campuses, str]] = {}  # the tables are kept: their id is in the key
         self._uploaded: set[str] = set()
         self._lock = threading.Lock()
         self._restore: Callable[[], None] | None = None
 
     def start(self) -> None:
-        """Start Ray (or attach to the cluster) and make Flower's Ray backend keep its actors between runs.
+        """Start the engine's workers: on this machine, fork them (:class:`~experiments.workers.Workers`)
+        once the ClientApp (torch, Opacus, Flower) is imported, so that they inherit it; on a Ray cluster,
+        attach to it.
 
-        Ray must start in the main thread: its processes are tied to the life of the
-        thread that starts them. Locally it starts one idle worker per core at once, and
-        the ClientApp actors are placed on them; asking Ray to import the ClientApp's
-        module in those workers as they start (``RAY_preload_python_modules``) lets the
-        imports (torch, Opacus, Flower: about 3 s) overlap with the work of this process.
+        Call it from the main thread while no other thread of this process runs: a lock held elsewhere at
+        the fork would stay held in every worker, and Ray's processes are tied to the life of the thread
+        that starts them.
         """
+        if self.address is None:
+            os.environ[SIM_ENV] = str(self.folder)  # the workers, forked from this process, read it
+            from edufl.clients.app import app as client_app
+
+            self._keep_actors()
+            self._workers.start(client_app)
+            return
         import ray
 
         if ray.is_initialized():
             ray.shutdown()  # its workers would still see another run's campus folders
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only actors; silences a Ray notice
-        # One core per virtual campus (client_resources below): torch in the workers reads
-        # OMP_NUM_THREADS when its thread pool starts. Set only while Ray starts, so that
-        # this process's own torch keeps its settings.
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ.update(OMP_NUM_THREADS="1", RAY_preload_python_modules="edufl.clients.app")
         # ray.init() sets its own SIGTERM handler (and its core worker a C++ one that ends the
         # process with SIGABRT): put back the run's, which removes the campus folders (campus_folders).
         main = threading.current_thread() is threading.main_thread()
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        # One core per virtual campus (client_resources below): torch in the workers reads OMP_NUM_THREADS.
+        env = {SIM_STORE_ENV: self.store_name, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        os.environ.pop(SIM_ENV, None)
+        _check_reachable(self.address)
         try:
-            if self.address is None:
-                os.environ[SIM_ENV] = str(self.folder)  # workers inherit the environment Ray starts with
-                ray.init(include_dashboard=False, **quiet)
-            else:
-                os.environ.pop(SIM_ENV, None)
-                env = {SIM_STORE_ENV: self.store_name, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-                _check_reachable(self.address)
-                try:
-                    ray.init(address=self.address, runtime_env={"env_vars": env}, **quiet)
-                except ConnectionError as err:
-                    raise ConfigError(f"--ray-address {self.address}: no Ray cluster answers there ({err})") from None
-                self._store = ray.remote(num_cpus=0)(_CampusStore).options(name=self.store_name).remote()
+            ray.init(address=self.address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as err:
+            raise ConfigError(f"--ray-address {self.address}: no Ray cluster answers there ({err})") from None
         finally:
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
-            os.environ.pop("RAY_preload_python_modules")
-            if saved is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+        self._store = ray.remote(num_cpus=0)(_CampusStore).options(name=self.store_name).remote()
         self._keep_actors()
 
     def _keep_actors(self) -> None:
         # Flower's simulation builds a RayBackend per run (looked up in its module at each run, flwr==1.42.0)
-        # and ends the run by stopping the actors and Ray: for the engine's life, the first run's actor pool
-        # serves every run, and stopping is left to close(). Its loop handing messages to the actors is
-        # replaced too (_add_messages_to_queue).
+        # and ends the run by stopping the actors and Ray. On this machine it is replaced by the engine's
+        # forked workers; on a cluster, the first run's actor pool serves every run, and stopping is left to
+        # close(). Its loop handing messages to the actors is replaced too (_add_messages_to_queue).
+        from flwr.server.superlink.fleet.vce import vce_api
         from flwr.server.superlink.fleet.vce.backend import raybackend
 
         base, pools = raybackend.RayBackend, self
+        if self.address is None:
+            from .workers import Workers, local_backend
 
-        class KeptRayBackend(base):  # type: ignore[misc,valid-type]
-            def build(self, app_fn) -> None:
-                if pools._pool is None:
-                    super().build(app_fn)
-                    pools._pool = self.pool
-                else:
-                    self.pool, self.app_fn = pools._pool, app_fn
+            self._workers = Workers()
+            backend: type = local_backend(self._workers)
+        else:
 
-            def terminate(self) -> None:
-                pass
+            class KeptRayBackend(base):  # type: ignore[misc,valid-type]
+                def build(self, app_fn) -> None:
+                    if pools._pool is None:
+                        super().build(app_fn)
+                        pools._pool = self.pool
+                    else:
+                        self.pool, self.app_fn = pools._pool, app_fn
 
-        from flwr.server.superlink.fleet.vce import vce_api
+                def terminate(self) -> None:
+                    pass
+
+            backend = KeptRayBackend
 
         flowers = vce_api.add_messages_to_queue
-        raybackend.RayBackend, vce_api.add_messages_to_queue = KeptRayBackend, _add_messages_to_queue
+        raybackend.RayBackend, vce_api.add_messages_to_queue = backend, _add_messages_to_queue
 
         def restore() -> None:
             raybackend.RayBackend, vce_api.add_messages_to_queue = base, flowers
@@ -610,8 +614,18 @@ class Engine:
         return {} if self._store is None else ray.get(self._store.fetched.remote())
 
     def close(self) -> None:
-        """Stop the ClientApp actors, remove the workers' copies of campus files (on a cluster) and stop Ray
-        (on a cluster: disconnect from it)."""
+        """Stop the workers (on a cluster: the ClientApp actors, remove the workers' copies of campus files
+        and disconnect from Ray)."""
+        try:
+            if self._workers is not None:
+                self._workers.close()
+            if self.address is not None:
+                self._leave_cluster()
+        finally:
+            if self._restore is not None:
+                self._restore()
+
+    def _leave_cluster(self) -> None:
         import ray
 
         try:
@@ -624,8 +638,6 @@ class Engine:
                 on = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in ray.nodes() if n["Alive"]]
                 ray.get([remove.options(scheduling_strategy=node).remote(self.store_name) for node in on])
         finally:
-            if self._restore is not None:
-                self._restore()
             ray.shutdown()
 
     @contextmanager
@@ -677,7 +689,7 @@ def _prepare(
     tables: Tables | Campuses | None,
     headline: Callable[[RunConfig, Tables | Campuses, str], list[str]],
 ):
-    """Validate the tables, write one folder per campus, load the apps (while Ray starts, for a single run)."""
+    """Load the apps, validate the tables, write one folder per campus and their examples."""
     from flwr.simulation.run_simulation import _run_simulation
 
     from edufl.clients.app import app as client_app
@@ -719,8 +731,8 @@ def run_engine(
     ``cfg`` (with ``min-campuses`` set to the number of campuses) plus
     ``extra_config``. Inside an :func:`engine` block the run uses that engine
     (``ray_address`` is then ignored); otherwise it starts one for this run
-    (attached to the Ray cluster at ``ray_address`` when given), preparing the
-    campuses while Ray starts. Returns that config, the tables and the campus names.
+    (attached to the Ray cluster at ``ray_address`` when given, preparing the
+    campuses while Ray attaches). Returns that config, the tables and the campus names.
 
     Raises
     ------
@@ -730,9 +742,11 @@ def run_engine(
     if _RUNNING:
         running = _RUNNING[-1]
         return _run(running, cfg, policy, extra_config, _prepare(running, cfg, data_dir, tables, headline))
-    if ray_address:
-        _check_reachable(ray_address)  # before any data is read
-    with campus_folders() as folder, ThreadPoolExecutor(1) as pool:
+    if not ray_address:
+        with campus_folders() as folder, Engine(folder).running() as local:
+            return _run(local, cfg, policy, extra_config, _prepare(local, cfg, data_dir, tables, headline))
+    _check_reachable(ray_address)  # before any data is read
+    with campus_folders() as folder, ThreadPoolExecutor(1) as pool:  # the campuses are prepared while Ray attaches
         fresh = Engine(folder, ray_address)
         prepared = pool.submit(_prepare, fresh, cfg, data_dir, tables, headline)
         try:

@@ -265,8 +265,8 @@ def run(config_path: Path, out: Path, data_dir: Path, ray_address: str | None = 
     """Run every cell of the study in ``config_path`` not yet done in ``out``; then report.
 
     Every federated cell runs on one simulation engine (:func:`~experiments.simulate.engine`),
-    started for the first of them: Ray, its workers and the campuses they prepared stay up
-    between cells, with the results of cells run one by one. ``ray_address`` (else the
+    started before the first cell when any federated cell is left: its workers and the campuses they
+    prepared stay up between cells, with the results of cells run one by one. ``ray_address`` (else the
     study's ``ray_address``) attaches that engine to an existing Ray cluster. A progress bar
     shows the cells done and the estimated time left.
     """
@@ -294,8 +294,11 @@ def run(config_path: Path, out: Path, data_dir: Path, ray_address: str | None = 
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     cells = study.cells()
-    started = None
-    with ExitStack() as stack, _progress() as progress:
+    with ExitStack() as stack:
+        if any(c.mode == "federated" and not (cells_dir / c.id / "cell.json").exists() for c in cells):
+            # one engine for every federated cell, started before the progress bar's thread
+            stack.enter_context(engine(ray_address or study.ray_address))
+        progress = stack.enter_context(_progress())
         bar = progress.add_task("study", total=len(cells))
         for i, cell in enumerate(cells, start=1):
             done = cells_dir / cell.id / "cell.json"
@@ -304,8 +307,6 @@ def run(config_path: Path, out: Path, data_dir: Path, ray_address: str | None = 
                 progress.update(bar, total=progress.tasks[bar].total - 1)  # the ETA counts the cells that run
                 continue
             progress.update(bar, description=cell.id)
-            if cell.mode == "federated" and not started:  # one engine for every federated cell
-                started = stack.enter_context(engine(ray_address or study.ray_address))
             progress.console.print(f"[{i}/{len(cells)}] {cell.id}")
             simulate(cell.config(cells_dir), data_dir, cell.mode, tables)
             done.write_text(json.dumps(cell.keys()) + "\n")  # written last: the cell is complete

@@ -155,10 +155,14 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
     problems: list[Problem] = []
     missingness: list[dict[str, str | int | float]] = []
 
-    def report(mask: np.ndarray, column: str, message: str, values: pd.Series | None = None) -> None:
+    def report(mask: np.ndarray, column: str, message: str, values: pd.Series | np.ndarray | None = None) -> None:
         """A problem for each row in ``mask`` (``message`` with ``{value}`` from ``values``), up to MAX_LISTED."""
         rows = np.flatnonzero(mask)
-        listed = values.iloc[rows[:MAX_LISTED]].tolist() if values is not None else [None] * len(rows[:MAX_LISTED])
+        shown = rows[:MAX_LISTED]
+        if values is None:
+            listed = [None] * len(shown)
+        else:
+            listed = (values.iloc[shown] if isinstance(values, pd.Series) else values[shown]).tolist()
         problems.extend(
             Problem(given.file, int(r) + first_line, column, message.format(value=v))
             for r, v in zip(rows[:MAX_LISTED], listed, strict=True)
@@ -187,7 +191,7 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
                 high = np.inf if col.high is None else col.high
                 out = ~null & ~bad & ((number < low) | (number > high))
                 expected = f"expected {low:.0f} to {high:.0f}"
-                report(out, source[col.name], "{value:.0f} is out of range; " + expected, pd.Series(number))
+                report(out, source[col.name], "{value:.0f} is out of range; " + expected, number)
         missingness.append(
             {
                 "table": "events",
