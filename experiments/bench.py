@@ -50,13 +50,13 @@ QUICK_STUDY = Path(__file__).with_name("configs") / "quick.toml"
 SETTLE_S = 5.0
 
 
-def _watch(args: list[str]) -> tuple[float, float]:
+def _watch(args: list[str], accepted: tuple[int, ...] = (0,)) -> tuple[float, float]:
     """Run ``edufl ARGS`` as its own process: (wall seconds from launch to exit, peak MiB of its process tree).
 
     Raises
     ------
     RuntimeError
-        When it exits with another status than 0 (with the end of its stderr).
+        When it exits with a status not in ``accepted`` (with the end of its stderr).
     """
     command = [sys.executable, "-m", "edufl.experiments.cli", *args]
     # stderr goes to a file, not a pipe: a pipe read only after exit blocks a child that writes more than it holds
@@ -73,22 +73,29 @@ def _watch(args: list[str]) -> tuple[float, float]:
                 pass
             time.sleep(0.05)
         wall = time.perf_counter() - started
-        if process.returncode != 0:
+        if process.returncode not in accepted:
             stderr.seek(0)
             raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read()[-2000:]}")
     return wall, peak / 2**20
 
 
-def measure(args: list[str], data_dir: Path, out: Path) -> dict:
-    """Run ``edufl simulate ARGS --out OUT`` as its own process; wall time, peak memory, summary."""
-    wall, peak = _watch(["simulate", "--data", str(data_dir), "--out", str(out), *args])
+def measure(args: list[str], data_dir: Path, out: Path, refusals: bool = False) -> dict:
+    """Run ``edufl simulate ARGS --out OUT`` as its own process; wall time, peak memory, summary.
+
+    With ``refusals``, a run that some campuses refused (exit status 3: e.g. 1,000 shards of OULAD leave many
+    campuses fewer test rows than the release threshold, so they withhold their metrics) is measured too, and
+    ``refused`` counts the campuses (SuperNodes) that refused; the AUC is then over the campuses that released
+    (None when none did).
+    """
+    wall, peak = _watch(["simulate", "--data", str(data_dir), "--out", str(out), *args], (0, 3) if refusals else (0,))
     summary = json.loads((out / "summary.json").read_text())
     return {
         "wall_s": wall,
         "peak_mb": peak,
         **_rounds(summary),
         "auc": summary["global"]["auc"],
-        "campuses": len(summary["campuses"]),
+        "campuses": len(summary["config"]["campuses"]),  # in the run; summary["campuses"] holds those that released
+        "refused": len({f["reason"].partition(":")[0] for f in summary["failures"] if f["refused"]}),
     }
 
 
@@ -143,6 +150,14 @@ def study(data_dir: Path, out: Path, config: Path = QUICK_STUDY) -> dict:
     return {"wall_s": wall, "peak_mb": peak, "cells": len(list((out / "cells").iterdir()))}
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _rss(process: psutil.Process) -> int:
     try:
         return process.memory_info().rss
@@ -182,7 +197,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="edufl-bench-") as tmp:
         for i, (name, args) in enumerate(plan):
             print(f"measuring {name} ...", flush=True)
-            runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i)))
+            runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i), refusals="shard" in name))
             time.sleep(SETTLE_S)
         quick = None
         if quick_study:
@@ -194,12 +209,13 @@ def bench(
             (Path(tmp) / f"deploy-{n}").mkdir()
             runs[f"deployment, {n} campuses"] = [deployment(data_dir, n, rounds, Path(tmp) / f"deploy-{n}")]
             time.sleep(SETTLE_S)
-    print(f"\n{'run':<32} {'campuses':>8} {'wall s':>8} {'1st round s':>12} {'per round s':>12} {'peak MB':>9} {'AUC':>7}")
+    columns = ("campuses", 8), ("wall s", 8), ("1st round s", 12), ("per round s", 12), ("peak MB", 9), ("AUC", 7), ("refused", 8)
+    print(f"\n{'run':<32} " + " ".join(f"{name:>{width}}" for name, width in columns))
     for name, measured in runs.items():
         for r in measured:
             print(
                 f"{name:<32} {r['campuses']:>8} {r['wall_s']:>8.1f} {r['first_round_s']:>12.2f} {r['per_round_s']:>12.3f} "
-                f"{r['peak_mb'] if 'peak_mb' in r else float('nan'):>9.0f} {r['auc']:>7.4f}"
+                f"{r['peak_mb'] if 'peak_mb' in r else float('nan'):>9.0f} {_auc(r['auc']):>7} {r.get('refused', 0):>8}"
             )
     fed, central = runs["federated, 7 campuses"], runs["centralized DP-SGD"]
     fed_s, central_s = (statistics.median(r["wall_s"] for r in rs) for rs in (fed, central))
@@ -215,7 +231,7 @@ def bench(
         "federated_runs_s": [round(r["wall_s"], 2) for r in fed],
         "centralized_runs_s": [round(r["wall_s"], 2) for r in central],
         "shards": {
-            str(n): {k: round(v, 3) for k, v in runs[f"federated, {n} shard campuses"][0].items() if k != "campuses"}
+            str(n): {k: _rounded(v) for k, v in runs[f"federated, {n} shard campuses"][0].items() if k != "campuses"}
             for n in shards
         },
     }
