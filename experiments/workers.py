@@ -80,6 +80,8 @@ class Workers:
         """Stop the workers (a message being handled is abandoned)."""
         if self._executor is None:
             return
+        # The pool's processes (a private attribute of CPython 3.11's ProcessPoolExecutor, which has no public
+        # way to stop a worker in the middle of a task before 3.14's terminate_workers).
         for process in list(getattr(self._executor, "_processes", {}).values()):
             process.terminate()
         self._executor.shutdown(wait=True, cancel_futures=True)
