@@ -197,7 +197,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="edufl-bench-") as tmp:
         for i, (name, args) in enumerate(plan):
             print(f"measuring {name} ...", flush=True)
-            runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i), refusals="shard" in name))
+            runs.setdefault(name, []).append(measure(args, data_dir, Path(tmp) / str(i), refusals="--shards" in args))
             time.sleep(SETTLE_S)
         quick = None
         if quick_study:

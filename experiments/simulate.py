@@ -490,6 +490,9 @@ class Engine:
             os.environ[SIM_ENV] = str(self.folder)  # the workers, forked from this process, read it
             from edufl.clients.app import app as client_app
 
+            from .workers import Workers
+
+            self._workers = Workers()
             self._keep_actors()
             self._workers.start(client_app)
             return
@@ -525,10 +528,9 @@ class Engine:
         from flwr.server.superlink.fleet.vce.backend import raybackend
 
         base, pools = raybackend.RayBackend, self
-        if self.address is None:
-            from .workers import Workers, local_backend
+        if self._workers is not None:
+            from .workers import local_backend
 
-            self._workers = Workers()
             backend: type = local_backend(self._workers)
         else:
 

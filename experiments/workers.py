@@ -4,7 +4,7 @@ Flower 1.42's simulation engine hands each message to a *backend*, and its only 
 machine Ray costs more than the training it serves: it starts its service processes (about 3 s), its
 workers start as fresh interpreters that import torch, Opacus and Flower again (about 3.5 s of CPU each,
 on the same cores as the driver's own imports), and it takes about 1.4 s to stop. Here the workers are
-forked from the driver once it has imported the ClientApp and prepared every campus: they start in
+forked from the driver once it has imported the ClientApp, before it reads the tables: they start in
 milliseconds with every module loaded, and share the driver's memory pages until they write to them.
 
 A worker serves any campus, as a Ray actor does: it reads the campus's examples and state from the
@@ -125,7 +125,7 @@ def local_backend(workers: Workers) -> type:
 
     class LocalBackend(Backend):
         def build(self, app_fn: Any) -> None:
-            pass  # the workers run already (Engine.start_workers), with the ClientApp app_fn returns
+            pass  # the workers run already (started by experiments.simulate.Engine.start), with the ClientApp app_fn returns
 
         @property
         def num_workers(self) -> int:

@@ -165,7 +165,7 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
             listed = (values.iloc[shown] if isinstance(values, pd.Series) else values[shown]).tolist()
         problems.extend(
             Problem(given.file, int(r) + first_line, column, message.format(value=v))
-            for r, v in zip(rows[:MAX_LISTED], listed, strict=True)
+            for r, v in zip(shown, listed, strict=True)
         )
         if len(rows) > MAX_LISTED:
             problems.append(
