@@ -164,8 +164,7 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
         else:
             listed = (values.iloc[shown] if isinstance(values, pd.Series) else values[shown]).tolist()
         problems.extend(
-            Problem(given.file, int(r) + first_line, column, message.format(value=v))
-            for r, v in zip(shown, listed, strict=True)
+            Problem(given.file, int(r) + first_line, column, message.format(value=v)) for r, v in zip(shown, listed, strict=True)
         )
         if len(rows) > MAX_LISTED:
             problems.append(
