@@ -38,16 +38,18 @@ from edufl.federation.contract import parse_version, supports, version_text
 from edufl.federation.fingerprint import dataset_id
 from edufl.federation.ledger import PrivacyLedger, Release
 from edufl.federation.mapping import CONTRACT_PARQUET, Mapping, MappingError, load_mapping, parquet_layout
-from edufl.federation.metrics import EVALUATE_METRICS, subgroup_keys
+from edufl.federation.metrics import evaluate_metrics, subgroup_keys
 from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.privacy import ACCOUNTANT, DPSettings, History, calibrate_noise, epsilon, poisson_plan
+from edufl.federation.problems import DataError
 from edufl.federation.proto.analytics_pb2 import StatisticQuery
 from edufl.federation.proto.audit_pb2 import DpRelease
-from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, require_modules
+from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, check_schema, require_modules
 from edufl.federation.randomness import SECRET, Randomness, round_seed
 from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.schema import FederationSchema, SchemaError, schema_from_text
 from edufl.federation.statistics import answer
-from edufl.federation.tables import load_tables
+from edufl.federation.tables import Tables, load_tables
 from edufl.federation.tasks import TaskData, early_warning, feature_names, missing_modules, n_outputs, split
 from edufl.federation.training import BOOTSTRAP_RESAMPLES, evaluate, subgroup_metrics, train
 from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
@@ -108,6 +110,27 @@ def campus_mapping(setup: CampusSetup, contract_version: str) -> Mapping:
     return mapping
 
 
+def campus_tables(setup: CampusSetup, mapping: Mapping, schema: FederationSchema) -> Tables:
+    """The campus's tables, checked against the run's federation ``schema`` before anything is computed from them.
+
+    Raises
+    ------
+    CampusRefusal
+        When the mapping or the data do not fit ``schema`` (an attribute or label it lacks, a value outside a
+        vocabulary or range, any other problem of the data). The reason names the schema only: which rows and
+        values do not fit is the refusal's ``detail``, which the release guard writes to the campus's audit log
+        only (``edufl campus validate --schema`` shows the same).
+    """
+    try:
+        return load_tables(setup.data_dir, mapping, schema)
+    except (MappingError, DataError) as err:
+        raise CampusRefusal(
+            f"campus {setup.name} cannot join: its data do not fit federation schema {schema.name!r} "
+            f"(sha256 {schema.digest[:16]}...); the campus checks them with `edufl campus validate --schema`",
+            detail=f"{type(err).__name__}: {err}",
+        ) from None
+
+
 def _files_identity(folder: Path) -> tuple:
     # (name, size, mtime) of every file in the data folder: a changed file is read again.
     return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if (st := p.stat()) and p.is_file()))
@@ -115,12 +138,13 @@ def _files_identity(folder: Path) -> tuple:
 
 def campus_key(data_dir: Path, mapping: Path | None, cfg: RunConfig) -> tuple:
     """What a campus's examples depend on: its data folder and files (name, size, modification time), its
-    mapping file, and ``cfg``'s contract version, task, cutoff day, split, test fraction and seed."""
+    mapping file, and ``cfg``'s contract version, federation schema, task, cutoff day, split, test fraction and seed."""
     return (
         str(data_dir),
         _files_identity(data_dir),
         str(mapping),
         cfg.contract_version,
+        cfg.schema.digest,
         cfg.task,
         cfg.cutoff_day,
         cfg.split,
@@ -139,15 +163,16 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     a simulation's workers through :func:`~clients.node.prepared`, and read again when a data file's size or
     modification time changes).
 
-    Raises CampusRefusal as :func:`campus_mapping`, and DataError when the data fail validation."""
+    Raises CampusRefusal as :func:`campus_mapping`, and as :func:`campus_tables` when the data do not fit the run's
+    federation schema."""
     key = campus_key(setup.data_dir, setup.mapping, cfg)
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
-        if why := missing_modules(cfg.task, mapping.modules):  # refused before any record is read
+        if why := missing_modules(cfg.task, mapping.modules, cfg.schema):  # refused before any record is read
             raise CampusRefusal(f"campus {setup.name} refuses the run: {why}")
 
         def build() -> Campus:
-            examples = early_warning(load_tables(setup.data_dir, mapping), cfg.cutoff_day, cfg.task)
+            examples = early_warning(campus_tables(setup, mapping, cfg.schema), cfg.cutoff_day, cfg.task)
             return _campus(setup.name, setup.data_dir, mapping, cfg, examples)
 
         _CAMPUS_CACHE[key] = prepared(setup.cache_dir, key, build)  # a simulation's workers prepare each campus once
@@ -161,14 +186,15 @@ def share_examples(name: str, data_dir: Path, cache_dir: Path, cfg: RunConfig, e
     the campus would compute). Returns False, building nothing, when they are there already or the folder
     lacks a module the task needs (the campus then refuses the run, :func:`load_campus`)."""
     mapping = parquet_layout(data_dir)
-    if missing_modules(cfg.task, mapping.modules):
+    if missing_modules(cfg.task, mapping.modules, cfg.schema):
         return False
     key = campus_key(data_dir, CONTRACT_PARQUET, cfg)
     return leave_prepared(cache_dir, key, lambda: _campus(name, data_dir, mapping, cfg, examples()))
 
 
 def _model(cfg: RunConfig, msg: Message):
-    return load_model_arrays(build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task)), msg.content[ARRAYS])
+    model = build_model(cfg.model, len(feature_names(cfg.schema)), outputs=n_outputs(cfg.task, cfg.schema))
+    return load_model_arrays(model, msg.content[ARRAYS])
 
 
 def _campus_record(name: str) -> ConfigRecord:
@@ -325,7 +351,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this campus's held-out test rows.
 
-    The reply holds the task's declared metrics (``EVALUATE_METRICS``) and, for
+    The reply holds the task's declared metrics (:func:`~federation.metrics.evaluate_metrics`) and, for
     each subgroup (``SUBGROUPS``: a gender, age band, disability or IMD band) of
     at least the policy's ``release.min_cohort_size`` test rows, its row count
     and the task's primary metric (``subgroup_keys``); smaller groups are not sent, nor groups whose sizes would give theirs away
@@ -355,18 +381,17 @@ def _evaluation(cfg: RunConfig, campus: Campus, model, k: int, intervals: bool) 
     the subgroup's bootstrap interval when ``intervals`` (an evaluate request), else NaN (the evaluation in a
     train reply: the coordinator keeps only the latest evaluation's subgroups, and the final model's
     comes in an evaluate request; each interval is an exact statistic of the rows, not covered by ε)."""
-    scores = evaluate(model, campus.train, campus.test, cfg.task)
-    metrics = MetricRecord(
-        {NUM_EXAMPLES: len(campus.test), **{key: scores[key.replace("-", "_")] for key in EVALUATE_METRICS[cfg.task][1:]}}
-    )
-    keys = subgroup_keys(cfg.task)
+    scores = evaluate(model, campus.train, campus.test, cfg.task, cfg.schema)
+    declared = evaluate_metrics(cfg.task, cfg.schema)[1:]
+    metrics = MetricRecord({NUM_EXAMPLES: len(campus.test), **{key: scores[key.replace("-", "_")] for key in declared}})
+    keys = subgroup_keys(cfg.task, cfg.schema)
     resamples = BOOTSTRAP_RESAMPLES if intervals else 0
-    for group, subgroup in subgroup_metrics(model, campus.test, cfg.task, k, resamples).items():
+    for group, subgroup in subgroup_metrics(model, campus.test, cfg.task, k, resamples, schema=cfg.schema).items():
         metrics.update(zip(keys[group], subgroup, strict=True))
     return metrics
 
 
-QUERY_CONFIG = frozenset({QUERY_KEY, "contract-version", "run-name", "server-round"})
+QUERY_CONFIG = frozenset({QUERY_KEY, "contract-version", "federation-schema", "run-name", "server-round"})
 """The config keys a statistic query may carry."""
 
 
@@ -397,15 +422,20 @@ def query_handler(msg: Message, context: Context) -> Message:
     setup = campus_setup(context.node_config)
     run, server_round = run_id(config, context), int(config.get("server-round", 1))
     query = StatisticQuery.FromString(config[QUERY_KEY])
+    try:
+        schema = schema_from_text(str(config.get("federation-schema", "")))
+    except SchemaError as err:
+        raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
     mapping = campus_mapping(setup, str(config["contract-version"]))
     dataset = dataset_id(setup.data_dir, mapping)
     with PrivacyLedger(setup.state_dir) as ledger:
         try:
             z, run_eps = plan_release(query, setup.policy, ledger.history(dataset, run), ledger.history(dataset))
             require_modules(query, mapping.modules)  # before any record is read or any ε charged
+            check_schema(query, schema)
         except QueryError as err:
             raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
-        tables = load_tables(setup.data_dir, mapping)
+        tables = campus_tables(setup, mapping, schema)
         ledger.record(
             Release(
                 dataset,
@@ -425,6 +455,6 @@ def query_handler(msg: Message, context: Context) -> Message:
             )
         )
     k = setup.policy.release.min_cohort_size
-    reply = answer(query, tables, setup.name, z, k)
+    reply = answer(query, tables, setup.name, z, k, schema=schema)
     content = RecordDict({ANSWER: ConfigRecord({ANSWER: reply.SerializeToString()}), CAMPUS: _campus_record(setup.name)})
     return Message(content=content, reply_to=msg)

@@ -37,6 +37,7 @@ from edufl.federation.partition import campus_names, campus_slice
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.problems import DataError, Problem
 from edufl.federation.runconfig import ConfigError
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.writers import write_tables
 
@@ -68,20 +69,24 @@ _REFUSALS = {
 REJOIN_WAIT_S = 75.0
 
 
-def validate(data: Path, mapping: Path | None = None) -> Tables:
+def validate(data: Path, mapping: Path | None = None, schema: Path | None = None) -> Tables:
     """Load and check the campus folder ``data`` through its ``mapping`` to the learner-record
-    contract (None: the OULAD layout); print what it holds and the missing values per field.
+    contract (None: the OULAD layout) against the federation schema file ``schema`` (None: OULAD's); print what
+    it holds and the missing values per field.
 
     Raises
     ------
     MappingError
-        When the mapping file cannot be used.
+        When the mapping file cannot be used, or does not fit the schema.
+    SchemaError
+        When the schema file cannot be used.
     DataError
         Listing every problem found (file, line, column, value, what was expected),
         or when the folder holds no registration; the missingness table is printed first.
     """
+    federation = load_schema(schema)
     try:
-        tables = load_tables(data, mapping)
+        tables = load_tables(data, mapping, federation)
     except DataError as err:
         _print_missingness(err.missingness)
         raise
@@ -93,7 +98,8 @@ def validate(data: Path, mapping: Path | None = None) -> Tables:
         )
     courses = ", ".join(campus_names(tables, "module"))
     print(
-        f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}); "
+        f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}) "
+        f"for federation schema {federation.name!r} (sha256 {federation.digest[:16]}...); "
         f"{', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())}"
     )
     for note in tables.notes:
@@ -208,6 +214,7 @@ def start(
     insecure: bool = False,
     rejoin_wait: float = REJOIN_WAIT_S,
     mapping: Path | None = None,
+    schema: Path | None = None,
 ) -> None:
     """Check everything a campus needs, then run its SuperNode in the foreground until stopped.
 
@@ -216,7 +223,8 @@ def start(
     ``edufl-state/<campus>`` under the current directory); ``policy`` its
     policy file (None: the safe defaults of
     :class:`federation.policy.CampusPolicy`); ``mapping`` the mapping of its
-    export to the learner-record contract (None: the OULAD layout). With ``pki``, the
+    export to the learner-record contract (None: the OULAD layout), checked against the federation schema file
+    ``schema`` (None: OULAD's; each run's ClientApp checks the data against the run's schema again). With ``pki``, the
     CA certificate and the key come from the folder ``edufl certs`` wrote;
     ``root_cert`` and ``key`` override them. ``insecure``: plaintext, no
     authentication (local experiments only). A refused key is retried for
@@ -249,7 +257,7 @@ def start(
             "WARNING: --insecure: this campus sends model updates in plaintext and is not authenticated; local experiments only"
         )
     try:
-        validate(data, mapping)
+        validate(data, mapping, schema)
     except DataError as err:
         raise DataError(err.problems, hint=f"campus {campus} does not join with this folder; fix it and start again") from None
     try:

@@ -24,6 +24,7 @@ __all__ = ["app"]
 
 _DEFAULTS = RunConfig()
 _MAPPING_HELP = "mapping file (TOML) of the export to the learner-record contract (default: OULAD layout)"
+_SCHEMA_HELP = "the federation's schema file (TOML) the data must fit: vocabularies, outcomes, attributes (default: OULAD's)"
 
 app = typer.Typer(add_completion=False)
 """Every campus-side command of ``edufl``."""
@@ -57,6 +58,7 @@ def start(
             "minute)"
         ),
     ] = campus_side.REJOIN_WAIT_S,
+    schema: Annotated[Path | None, typer.Option(help=_SCHEMA_HELP)] = None,
 ) -> None:
     campus_side.start(
         data=data,
@@ -70,6 +72,7 @@ def start(
         key=key,
         rejoin_wait=rejoin_wait,
         mapping=mapping,
+        schema=schema,
     )
 
 
@@ -90,8 +93,9 @@ def export_oulad(
 def validate(
     data: Annotated[Path, typer.Option(help="the campus's folder")],
     mapping: Annotated[Path | None, typer.Option(help=_MAPPING_HELP)] = None,
+    schema: Annotated[Path | None, typer.Option(help=_SCHEMA_HELP)] = None,
 ) -> None:
-    campus_side.validate(data, mapping)
+    campus_side.validate(data, mapping, schema)
 
 
 @_campus.command(

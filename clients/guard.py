@@ -10,9 +10,10 @@ record, a string, a list of per-student values, a metric on too few records)
 is blocked: the coordinator gets an error reply (code ``BLOCKED``) saying it
 was blocked, and nothing of the content. A request the ClientApp refuses (its
 policy, its privacy budget, an invalid configuration, a message type it does
-not answer) is answered with an error reply (code ``REFUSED``) carrying only
-the reason. Any other failure (an exception while handling the message, such
-as data that no longer validate) is answered with an error reply (code
+not answer, data that do not fit the run's federation schema or no longer
+validate) is answered with an error reply (code ``REFUSED``) carrying only
+the reason; a refusal's detail (which rows, which values) goes to the audit
+log only. Any other failure (an exception while handling the message) is answered with an error reply (code
 ``FAILED``) carrying a fixed sentence, never the exception's text, which may
 quote a student's record. Every outcome, sent, blocked, refused or failed, is
 written to the campus's audit log (:mod:`clients.audit_trail`) with its details
@@ -88,7 +89,8 @@ def _guarded(
     try:
         reply = call_next(msg, context)
     except (CampusRefusal, ConfigError, PolicyError) as err:
-        record.sent, record.reason, record.recorded_at = False, f"refused: {err}", now()
+        detail = f" (on this campus only: {err.detail})" if isinstance(err, CampusRefusal) and err.detail else ""
+        record.sent, record.reason, record.recorded_at = False, f"refused: {err}{detail}", now()
         write_record(setup.state_dir, record)
         return Message(Error(code=REFUSED, reason=str(err)), reply_to=msg)
     min_cohort = setup.policy.release.min_cohort_size

@@ -45,8 +45,16 @@ T = TypeVar("T")
 
 class CampusRefusal(EduflError):
     """The campus does not take part: a requested round would break its policy, take an ε past its limit or
-    change the run's privacy settings; or, at ``edufl campus start``, the coordinator cannot be trusted or
-    turns the campus away, or its SuperNode or code-approval gate stops with an error (exit status 1)."""
+    change the run's privacy settings, or its data do not fit the run's federation schema; or, at
+    ``edufl campus start``, the coordinator cannot be trusted or turns the campus away, or its SuperNode or
+    code-approval gate stops with an error (exit status 1).
+
+    The message is the reason the coordinator is sent; ``detail`` (which rows, which values) stays in the
+    campus's audit log."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass(frozen=True)

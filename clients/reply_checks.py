@@ -26,11 +26,12 @@ from flwr.app import Message
 from google.protobuf.message import DecodeError
 
 from edufl.federation.audit import array_specs
-from edufl.federation.metrics import EVALUATE_METRICS, SUBGROUPS, TRAIN_METRICS, subgroup_keys
+from edufl.federation.metrics import SUBGROUPS, TRAIN_METRICS, evaluate_metrics, subgroup_keys
 from edufl.federation.models import WEIGHTS, build_model, n_weights
 from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from edufl.federation.queries import ANSWER, QUERY_KEY
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import schema_from_text
 from edufl.federation.statistics import answer_problems
 from edufl.federation.tasks import feature_names, n_outputs
 from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS, NUM_EXAMPLES
@@ -38,12 +39,16 @@ from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, EVALUATE_RECEIVED, EVA
 __all__ = ["expected_arrays", "metric_problems", "violations"]
 
 
+def expected_arrays(cfg: RunConfig) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of each array of a train reply for ``cfg``'s task and model under its federation
+    schema: its one flat weights array (:func:`~federation.models.model_arrays`; built once per model, width and
+    outputs per process). Raises ValueError for an unknown model or task."""
+    return _weights(cfg.model, len(feature_names(cfg.schema)), n_outputs(cfg.task, cfg.schema))
+
+
 @functools.cache
-def expected_arrays(model_name: str, task: str) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of each array of a train reply for ``task``'s ``model_name`` model: its one
-    flat weights array (:func:`~federation.models.model_arrays`; built once per model and task per process).
-    Raises ValueError for an unknown model or task."""
-    return [(WEIGHTS, [n_weights(build_model(model_name, len(feature_names()), outputs=n_outputs(task)))], "float32")]
+def _weights(model_name: str, width: int, outputs: int) -> list[tuple[str, list[int], str]]:
+    return [(WEIGHTS, [n_weights(build_model(model_name, width, outputs=outputs))], "float32")]
 
 
 def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
@@ -64,7 +69,7 @@ def violations(msg: Message, reply: Message, min_cohort: int) -> list[str]:
     if kind == "train" and ARRAYS in content.array_records:
         cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
         sent = [(s.name, list(s.shape), s.dtype) for s in array_specs(content)]
-        if sent != expected_arrays(cfg.model, cfg.task):
+        if sent != expected_arrays(cfg):
             found.append(f"arrays {sent} are not the {cfg.model} model's parameters")
     if METRICS in content.metric_records:
         metrics = content.metric_records[METRICS]
@@ -105,9 +110,10 @@ def _evaluatemetric_problems(msg: Message, metrics, k: int) -> list[str]:
     declared count, metric and interval (:func:`federation.metrics.subgroup_keys`) on at least ``k`` records,
     with, per attribute, 0 or at least k test rows outside the groups sent (else a
     smaller group's size follows by subtraction)."""
-    task = RunConfig.from_flower(dict(msg.content[CONFIG])).task
-    sent = {group: keys for group, keys in subgroup_keys(task).items() if set(keys) & set(metrics)}
-    found = metric_problems(metrics, (*EVALUATE_METRICS[task], *(key for keys in sent.values() for key in keys)), k)
+    cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
+    sent = {group: keys for group, keys in subgroup_keys(cfg.task, cfg.schema).items() if set(keys) & set(metrics)}
+    declared = evaluate_metrics(cfg.task, cfg.schema)
+    found = metric_problems(metrics, (*declared, *(key for keys in sent.values() for key in keys)), k)
     counts = {group: metrics.get(count) for group, (count, *_) in sent.items()}
     if any(type(n) not in (int, float) for n in [*counts.values(), metrics.get(NUM_EXAMPLES)]):
         return found  # a missing count, or not a single number: reported above
@@ -137,7 +143,9 @@ def _answer_violations(msg: Message, reply: Message, k: int) -> list[str]:
     answer.DiscardUnknownFields()
     if answer.SerializeToString() != data:
         return ["the answer holds bytes that are not StatisticAnswer fields"]
-    found = answer_problems(StatisticQuery.FromString(msg.content[CONFIG][QUERY_KEY]), answer, k)
+    config = msg.content[CONFIG]
+    schema = schema_from_text(str(config.get("federation-schema", "")))
+    found = answer_problems(StatisticQuery.FromString(config[QUERY_KEY]), answer, k, schema)
     campus = reply.content.config_records.get(CAMPUS, {}).get("name")
     if answer.campus != campus:
         found.append(f"answer of campus {answer.campus!r} in the reply of campus {campus!r}")

@@ -154,7 +154,7 @@ def legacy_fit_adapter(msg: Message, context: Context, call_next: Callable[[Mess
 
 
 def _named(cfg: RunConfig, record: ArrayRecord) -> ArrayRecord:
-    specs = expected_arrays(cfg.model, cfg.task)
+    specs = expected_arrays(cfg)
     try:
         return named_arrays(record, specs)
     except ValueError:

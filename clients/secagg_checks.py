@@ -157,7 +157,7 @@ def _masked_vector_problems(asked, content, state: SecAggPlusState, msg, min_coh
     found = []
     cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
     model = cfg.model
-    expected = [[1]] + [shape for _, shape, _ in expected_arrays(model, cfg.task)]  # the weight, then the parameters
+    expected = [[1]] + [shape for _, shape, _ in expected_arrays(cfg)]  # the weight, then the parameters
     masked = [bytes_to_ndarray(b) for b in values[Key.MASKED_PARAMETERS]]
     shapes = [list(a.shape) for a in masked]
     if shapes != expected:

@@ -57,10 +57,17 @@ def _results(out: Path) -> dict:
 
 
 def run_analytics(
-    query_file: Path, data_dir: Path | None, campus_by: str, policy: Path | None, out: Path, campuses: Campuses | None = None
+    query_file: Path,
+    data_dir: Path | None,
+    campus_by: str,
+    policy: Path | None,
+    out: Path,
+    campuses: Campuses | None = None,
+    federation_schema: str = "",
 ) -> dict:
     """Answer the query in ``query_file`` over the simulated campuses of ``campus_by`` (or the campus folders
-    ``campuses``, see :func:`experiments.simulate.load_campuses`); returns ``out/summary.json``'s dict.
+    ``campuses``, see :func:`experiments.simulate.load_campuses`), under the federation schema whose text is
+    ``federation_schema`` (OULAD's when empty); returns ``out/summary.json``'s dict.
 
     Raises
     ------
@@ -75,7 +82,7 @@ def run_analytics(
 
     query, extra = _query_config(query_file)
     CampusPolicy.load(policy)  # a bad policy file is the user's mistake, reported before anything starts
-    cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out))
+    cfg = RunConfig(campus_by=campus_by, out=str(out.resolve()), run_name=new_run_name(out), federation_schema=federation_schema)
 
     def headline(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
         print_notes(tables)
@@ -98,6 +105,7 @@ def run_deployed(
     wait: float,
     round_timeout: float,
     out: Path,
+    federation_schema: str = "",
 ) -> dict:
     """Answer the query in ``query_file`` on the campuses of the coordinator at ``superlink``.
 
@@ -121,7 +129,13 @@ def run_deployed(
 
     query, extra = _query_config(query_file)
     out = out.resolve()
-    cfg = RunConfig(min_campuses=min_campuses, round_timeout=round_timeout, out=str(out), run_name=new_run_name(out))
+    cfg = RunConfig(
+        min_campuses=min_campuses,
+        round_timeout=round_timeout,
+        out=str(out),
+        run_name=new_run_name(out),
+        federation_schema=federation_schema,
+    )
     open_connection(superlink, pki=pki, root_cert=root_cert, insecure=insecure)
     online = await_campuses(min_campuses, wait, pki)
     _headline(query, f"{online} campus(es) online at {superlink}, run {cfg.run_name}")

@@ -25,7 +25,7 @@ from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
 from edufl.federation.randomness import SECRET, Randomness
 from edufl.federation.runconfig import RunConfig
 from edufl.federation.tables import Tables
-from edufl.federation.tasks import CLASSES, TaskData, feature_names, n_outputs
+from edufl.federation.tasks import TaskData, classes, feature_names, n_outputs
 from edufl.federation.training import evaluate, subgroup_metrics, train
 from edufl.server.results import Report
 
@@ -49,7 +49,8 @@ def baseline(cfg: RunConfig, tables: Tables | Campuses, names: list[str], mode: 
         groups = {"pooled": (pooled, list(campuses))}
     else:
         groups = {name: (train_part, [name]) for name, (train_part, _) in campuses.items()}
-    models = {g: build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)) for g in groups}
+    width, outputs = len(feature_names(cfg.schema)), n_outputs(cfg.task, cfg.schema)
+    models = {g: build_model(cfg.model, width, seed=cfg.seed, outputs=outputs) for g in groups}
     group_k = RESEARCH_POLICY.release.min_cohort_size
     histories = {g: [] for g in groups}
     steps_done = {g: 0 for g in groups}
@@ -97,9 +98,9 @@ def baseline(cfg: RunConfig, tables: Tables | Campuses, names: list[str], mode: 
                 report.add_evaluation(
                     name,
                     n_test=len(test_part),
-                    metrics=evaluate(models[g], train_part_c, test_part, cfg.task),
-                    groups=subgroup_metrics(models[g], test_part, cfg.task, group_k),
-                    base_rate=None if cfg.task in CLASSES or not len(test_part) else float(test_part.y.mean()),
+                    metrics=evaluate(models[g], train_part_c, test_part, cfg.task, cfg.schema),
+                    groups=subgroup_metrics(models[g], test_part, cfg.task, group_k, schema=cfg.schema),
+                    base_rate=None if classes(cfg.task, cfg.schema) or not len(test_part) else float(test_part.y.mean()),
                 )
         report.end_round(server_round, cfg.num_rounds)
     state = models["pooled"].state_dict() if mode == "centralized" else None

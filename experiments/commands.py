@@ -19,6 +19,7 @@ from edufl.federation.deploy import InsecureOption, PkiOption, RootCertOption
 from edufl.federation.errors import CampusesRefused
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.runconfig import CAMPUS_BY, ConfigError, RunConfig
+from edufl.federation.schema import FederationSchema, load_schema
 from edufl.federation.tables import load_tables
 from edufl.server.coordinator import raise_for_failures
 from edufl.server.run_options import run_config, run_settings
@@ -47,9 +48,11 @@ _RayAddressOption = Annotated[
 ]
 
 
-def _data_or_campuses(data: str | None, campus: list[str] | None, options: str, formed: bool) -> tuple[Path | None, dict | None]:
+def _data_or_campuses(
+    data: str | None, campus: list[str] | None, options: str, formed: bool, schema: FederationSchema
+) -> tuple[Path | None, dict | None]:
     """What a research command reads: the OULAD folder of ``--data`` (resolved; no campus folders), or
-    the ``--campus`` folders, each read and validated (no data folder).
+    the ``--campus`` folders, each read and validated against the federation ``schema`` (no data folder).
 
     Raises
     ------
@@ -65,7 +68,7 @@ def _data_or_campuses(data: str | None, campus: list[str] | None, options: str, 
         raise ConfigError(f"--campus gives the campuses: leave out {options}")
     from .simulate import load_campuses
 
-    return None, load_campuses(campus)
+    return None, load_campuses(campus, schema)
 
 
 app = typer.Typer(add_completion=False)
@@ -123,7 +126,7 @@ def simulate(
         raise ConfigError(f"--ray-address runs the simulation engine, for federated runs only (not --mode {mode})")
     started = time.perf_counter()
     formed = campus_by != _DEFAULTS.campus_by or shards != _DEFAULTS.shards
-    data_dir, campuses = _data_or_campuses(data, campus, "--data, --campus-by and --shards", formed)
+    data_dir, campuses = _data_or_campuses(data, campus, "--data, --campus-by and --shards", formed, cfg.schema)
     summary = run_simulation(cfg, data_dir, mode, campuses, policy=policy, ray_address=ray_address)
     print(f"total wall time {time.perf_counter() - started:.1f} s (start-up included)")
     raise_for_failures(summary)
@@ -160,12 +163,18 @@ def analytics_run(
         Path, typer.Option(help="results folder (reuse it to keep spending the same simulated campus budgets)")
     ] = Path("results/analytics"),
     campus: _CampusOption = None,
+    schema: Annotated[
+        Path | None,
+        typer.Option(help="federation schema file (TOML) the campuses' data must fit (default: OULAD's)"),
+    ] = None,
 ) -> None:
-    from edufl.federation.queries import load_query
+    from edufl.federation.queries import check_schema, load_query
 
-    # A bad query file is the user's mistake (exit 2), reported before anything starts, in both paths
-    # (experiments.analytics reads it again when it builds the run).
-    load_query(query)
+    # A bad query or schema file is the user's mistake (exit 2), reported before anything starts, in both paths
+    # (experiments.analytics reads the query again when it builds the run).
+    federation = load_schema(schema)
+    check_schema(load_query(query), federation)
+    text = federation.text() if schema else ""
     from .analytics import run_analytics, run_deployed
 
     if superlink:
@@ -194,13 +203,14 @@ def analytics_run(
             wait=wait,
             round_timeout=round_timeout,
             out=out,
+            federation_schema=text,
         )
     else:
         stray = [flag for flag, given in (("--pki", pki), ("--root-cert", root_cert), ("--insecure", insecure)) if given]
         if stray:
             raise ConfigError(f"{', '.join(stray)}: deployment options; give --superlink HOST:PORT too")
-        data_dir, campuses = _data_or_campuses(data, campus, "--data and --campus-by", campus_by != "module")
-        summary = run_analytics(query, data_dir, campus_by, policy, out, campuses)
+        data_dir, campuses = _data_or_campuses(data, campus, "--data and --campus-by", campus_by != "module", federation)
+        summary = run_analytics(query, data_dir, campus_by, policy, out, campuses, federation_schema=text)
     if summary["refusals"]:
         raise CampusesRefused("campuses refused the query:\n  " + "\n  ".join(r["reason"] for r in summary["refusals"]))
 

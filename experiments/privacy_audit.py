@@ -71,10 +71,10 @@ def audit(run_dir: Path, data_dir: Path | None = None, seed: int = 0) -> dict:
         if "data" not in config:
             raise ConfigError(f"{run_dir}: the run recorded no data folder; pass --data with the tables it used")
         data_dir = Path(config["data"])
-    tables = load_tables(data_dir)
+    tables = load_tables(data_dir, schema=cfg.schema)
     if "data_sha256" in config and file_hashes(data_dir) != config["data_sha256"]:
         raise ConfigError(f"{data_dir}: the tables differ from those the run used (SHA-256 recorded in summary.json)")
-    model = build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task))
+    model = build_model(cfg.model, len(feature_names(cfg.schema)), outputs=n_outputs(cfg.task, cfg.schema))
     model.load_state_dict(torch.load(model_path), strict=True)
     reported = {c["campus"]: c for c in summary["campuses"]}
     rows = []

@@ -51,6 +51,7 @@ from edufl.federation.fingerprint import file_hashes
 from edufl.federation.mapping import CONTRACT_PARQUET
 from edufl.federation.partition import Campuses, campus_examples, campus_names, campus_slices
 from edufl.federation.runconfig import ConfigError, RunConfig
+from edufl.federation.schema import FederationSchema
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.tasks import TaskData
 from edufl.federation.writers import write_parquet
@@ -118,13 +119,14 @@ def simulate(
         return _federated(cfg, data_dir, tables, policy, ray_address)
     from .baselines import baseline  # torch, Opacus and scikit-learn load here
 
-    tables = tables or load_tables(data_dir)
+    tables = tables or load_tables(data_dir, schema=cfg.schema)
     return baseline(cfg, tables, announce(cfg, tables, mode), mode)
 
 
-def load_campuses(specs: list[str]) -> dict[str, Tables]:
+def load_campuses(specs: list[str], schema: FederationSchema) -> dict[str, Tables]:
     """Read and validate the campus folders ``specs``, each ``NAME=DIR`` (the OULAD release) or
-    ``NAME=DIR:MAPPING`` (an export read with the mapping file ``MAPPING``), as one federation.
+    ``NAME=DIR:MAPPING`` (an export read with the mapping file ``MAPPING``), as one federation of the federation
+    ``schema``.
 
     Returns
     -------
@@ -151,7 +153,7 @@ def load_campuses(specs: list[str]) -> dict[str, Tables]:
             )
         if name in campuses:
             raise ConfigError(f"--campus {spec!r}: campus {name!r} is given twice")
-        campuses[name] = load_tables(Path(folder).expanduser(), Path(mapping).expanduser() if mapping else None)
+        campuses[name] = load_tables(Path(folder).expanduser(), Path(mapping).expanduser() if mapping else None, schema)
     return campuses
 
 
@@ -697,7 +699,7 @@ def _prepare(
     from edufl.clients.app import app as client_app
     from edufl.server.app import app as server
 
-    tables = tables or load_tables(data_dir)
+    tables = tables or load_tables(data_dir, schema=cfg.schema)
     names = headline(cfg, tables, "federated")
     partition = engine.partition(tables, cfg.campus_by, cfg.shards)
     engine.share_examples(partition, tables, cfg)

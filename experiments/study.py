@@ -50,6 +50,7 @@ from rich.progress import (
 from edufl.federation.fingerprint import file_hashes
 from edufl.federation.privacy import ACCOUNTANT
 from edufl.federation.runconfig import CampusBy, ConfigError, LocalEpochs, Model, Rounds, RunConfig, Strategy, Task
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import load_tables
 from edufl.federation.tomlfile import listed, load_model
 from edufl.server.results import METRIC_NAMES, code_version, primary_metric, task_metrics, versions, worst_metric
@@ -320,7 +321,7 @@ def _collect(cells: list[Cell], cells_dir: Path, out: Path) -> None:
     rows, campus_rows = [], []
     for cell in cells:
         summary = json.loads((cells_dir / cell.id / "summary.json").read_text())
-        eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task)
+        eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task, load_schema())
         rows.append(
             {
                 **cell.keys(),
@@ -350,14 +351,16 @@ def _label(row) -> str:
 
 def summarise(rows: pd.DataFrame, task: str) -> pd.DataFrame:
     """Mean and standard deviation (ddof 1; 0 for one seed) of every metric of ``task`` over seeds."""
-    grouped = rows.groupby(KEYS, sort=False)[[*task_metrics(task), worst_metric(task), "epsilon_spent", "wall_time_s"]]
+    grouped = rows.groupby(KEYS, sort=False)[
+        [*task_metrics(task, load_schema()), worst_metric(task), "epsilon_spent", "wall_time_s"]
+    ]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
     table["seeds"] = grouped.size()
     return table.reset_index()
 
 
 def _markdown(table: pd.DataFrame, task: str) -> str:
-    first, *others = task_metrics(task)
+    first, *others = task_metrics(task, load_schema())
     cols = [first, worst_metric(task), *others, "epsilon_spent"]
     head = "| campuses | day | mode | ε target | " + " | ".join(cols) + " | seeds |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

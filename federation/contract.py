@@ -1,20 +1,24 @@
-"""The learner-record data contract: its tables, the feature vocabularies, and their protobuf form.
+"""The learner-record data contract: its tables and fields, the features' names and bounds, and their protobuf form.
 
 The contract (``protos/learner.proto``, package ``edufl.contract.v1``) says what
-a campus's data must hold about each student in a course presentation:
-demographics, prior study, registration, assessments (due day, weight) and
-submissions (day, score), and the outcome; optionally (module ``engagement``,
-contract 1.1) the online resources of each presentation and the student's
-daily clicks on them. A campus maps its own export to
-these tables with a mapping file (:mod:`federation.mapping`); everything after
-loading, the feature pipeline included, reads only the contract's names.
+a campus's data must hold about each student in a course presentation: a small
+core (the presentation, the learner and the outcome, the registration) and
+optional modules, each provided only by a campus that has its data: module
+``assessments`` (assessments, due day and weight, and submissions, day and
+score), ``engagement`` (contract 1.1: the online resources of each presentation
+and the student's daily clicks on them), ``terms`` (contract 1.2: units enrolled
+in and approved and the grade of each term) and ``attributes`` (contract 1.3:
+extra attributes of each registration, such as an admission grade). A campus
+maps its own export to these tables with a mapping file
+(:mod:`federation.mapping`); everything after loading, the feature pipeline
+included, reads only the contract's names.
 
-Everything a campus needs to turn its own rows into model inputs is declared
-here, once, so that every campus encodes categories and scales numbers the same
-way without any raw row leaving it (no vocabulary or scaler is fitted on pooled
-data). The fields follow the Open University Learning Analytics Dataset
+What the contract leaves to each federation, its federation schema fixes
+(:mod:`federation.schema`): the vocabulary of every categorical field, the
+outcomes and what they mean, the extra attributes and the modules the tasks
+use. The fields' names follow the Open University Learning Analytics Dataset
 (Kuzilek, Hlosta and Zdrahal, Scientific Data 4, 170171, 2017), renamed to
-system-neutral terms.
+system-neutral terms; OULAD's vocabularies are its schema, not the contract's.
 """
 
 from __future__ import annotations
@@ -29,36 +33,29 @@ from google.protobuf.message import Message
 from .proto import learner_pb2 as pb
 
 __all__ = [
-    "AGE_BANDS",
-    "ACTIVITY_TYPES",
     "ASSESSMENTS",
     "ASSESSMENTS_MODULE",
-    "ASSESSMENT_TYPES",
-    "OUTCOMES",
-    "STUDYING",
-    "TERMS",
-    "TERMS_MODULE",
-    "TERMS_SINCE",
+    "ATTRIBUTES",
+    "ATTRIBUTES_MODULE",
+    "ATTRIBUTES_SINCE",
     "CATEGORICAL_FEATURES",
     "CONTRACT_VERSION",
     "Column",
-    "DISABILITY",
-    "EDUCATION",
     "ENGAGEMENT",
     "EVENTS",
-    "FINAL_RESULTS",
-    "GENDER",
-    "IMD_BANDS",
     "LEARNERS",
     "NUMERIC_FEATURES",
+    "OPTIONAL_MODULES",
     "PRESENTATIONS",
     "PRE_START_DAYS",
-    "REGIONS",
     "REGISTRATIONS",
     "RESOURCES",
     "SUBMISSIONS",
     "TABLE",
     "TABLES",
+    "TERMS",
+    "TERMS_MODULE",
+    "TERMS_SINCE",
     "Table",
     "from_proto",
     "parse_version",
@@ -67,7 +64,7 @@ __all__ = [
     "version_text",
 ]
 
-CONTRACT_VERSION = (1, 2)
+CONTRACT_VERSION = (1, 3)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
 
 
@@ -123,74 +120,6 @@ _PRESENTATION = Column("presentation", "str")
 _STUDENT = Column("student_id", "int", low=0)
 _DAY_LOW, _DAY_HIGH = -1000, 1000
 
-GENDER = ("F", "M")
-REGIONS = (
-    "East Anglian Region",
-    "East Midlands Region",
-    "Ireland",
-    "London Region",
-    "North Region",
-    "North Western Region",
-    "Scotland",
-    "South East Region",
-    "South Region",
-    "South West Region",
-    "Wales",
-    "West Midlands Region",
-    "Yorkshire Region",
-)
-EDUCATION = (
-    "No Formal quals",
-    "Lower Than A Level",
-    "A Level or Equivalent",
-    "HE Qualification",
-    "Post Graduate Qualification",
-)
-IMD_BANDS = (
-    "0-10%",
-    "10-20%",
-    "20-30%",
-    "30-40%",
-    "40-50%",
-    "50-60%",
-    "60-70%",
-    "70-80%",
-    "80-90%",
-    "90-100%",
-)
-AGE_BANDS = ("0-35", "35-55", "55<=")
-DISABILITY = ("N", "Y")
-FINAL_RESULTS = ("Distinction", "Fail", "Pass", "Withdrawn")
-"""The four final results a registration ends with: the classes of task ``final_result``."""
-STUDYING = "Studying"
-"""The outcome of a registration still under way (contract 1.2): its final result is not known yet, so no task
-takes it as an example (its features and label would say nothing of how it ends)."""
-OUTCOMES = (*FINAL_RESULTS, STUDYING)
-"""The values of ``learners.final_result``."""
-ASSESSMENT_TYPES = ("CMA", "Exam", "TMA")
-ACTIVITY_TYPES = (
-    "dataplus",
-    "dualpane",
-    "externalquiz",
-    "folder",
-    "forumng",
-    "glossary",
-    "homepage",
-    "htmlactivity",
-    "oucollaborate",
-    "oucontent",
-    "ouelluminate",
-    "ouwiki",
-    "page",
-    "questionnaire",
-    "quiz",
-    "repeatactivity",
-    "resource",
-    "sharedsubpage",
-    "subpage",
-    "url",
-)
-"""Kinds of online resource (OULAD's ``activity_type`` of ``vle.csv``): forum, quiz, wiki, content page, ..."""
 ASSESSMENTS_MODULE = "assessments"
 """The optional contract module of assessments and their submissions: tables :data:`ASSESSMENTS`, :data:`SUBMISSIONS`."""
 TERMS_MODULE = "terms"
@@ -200,6 +129,12 @@ TERMS_SINCE = (1, 2)
 """The contract version that added module terms, the ``Studying`` outcome and the nullable learner attributes."""
 ENGAGEMENT = "engagement"
 """The optional contract module of online engagement: tables :data:`RESOURCES` and :data:`EVENTS`."""
+ATTRIBUTES_MODULE = "attributes"
+"""The optional contract module of extra registration attributes (contract 1.3): table :data:`ATTRIBUTES`, whose
+columns besides the key are the attributes the federation schema declares (admission grade, scholarship, ...)."""
+ATTRIBUTES_SINCE = (1, 3)
+"""The contract version that added module attributes and moved the vocabularies to the federation schema."""
+OPTIONAL_MODULES = (ASSESSMENTS_MODULE, ENGAGEMENT, TERMS_MODULE, ATTRIBUTES_MODULE)
 PRE_START_DAYS = 365
 """How many days before its presentation's start an engagement event may be dated."""
 
@@ -216,7 +151,7 @@ ASSESSMENTS = Table(
         Column("assessment_id", "int", low=0),
         _COURSE,
         _PRESENTATION,
-        Column("assessment_type", "cat", vocab=ASSESSMENT_TYPES),
+        Column("assessment_type", "cat"),
         Column("due_day", "int", nullable=True, low=_DAY_LOW, high=_DAY_HIGH),
         Column("weight", "float", low=0, high=100),
     ),
@@ -230,15 +165,15 @@ LEARNERS = Table(
         _COURSE,
         _PRESENTATION,
         _STUDENT,
-        Column("gender", "cat", nullable=True, vocab=GENDER),
-        Column("region", "cat", nullable=True, vocab=REGIONS),
-        Column("highest_education", "cat", nullable=True, vocab=EDUCATION),
-        Column("imd_band", "cat", nullable=True, vocab=IMD_BANDS),
-        Column("age_band", "cat", nullable=True, vocab=AGE_BANDS),
+        Column("gender", "cat", nullable=True),
+        Column("region", "cat", nullable=True),
+        Column("highest_education", "cat", nullable=True),
+        Column("imd_band", "cat", nullable=True),
+        Column("age_band", "cat", nullable=True),
         Column("prev_attempts", "int", nullable=True, low=0, high=100),
         Column("studied_credits", "int", nullable=True, positive=True, high=1000),
-        Column("disability", "cat", nullable=True, vocab=DISABILITY),
-        Column("final_result", "cat", vocab=OUTCOMES),
+        Column("disability", "cat", nullable=True),
+        Column("final_result", "cat"),
     ),
     key=("course", "presentation", "student_id"),
 )
@@ -271,7 +206,7 @@ SUBMISSIONS = Table(
 RESOURCES = Table(
     "resources",
     "Resource",
-    (Column("site_id", "int", low=0), _COURSE, _PRESENTATION, Column("activity_type", "cat", vocab=ACTIVITY_TYPES)),
+    (Column("site_id", "int", low=0), _COURSE, _PRESENTATION, Column("activity_type", "cat")),
     key=("site_id",),
     module=ENGAGEMENT,
 )
@@ -307,21 +242,33 @@ TERMS = Table(
     module=TERMS_MODULE,
 )
 
-TABLES: tuple[Table, ...] = (PRESENTATIONS, ASSESSMENTS, LEARNERS, REGISTRATIONS, SUBMISSIONS, TERMS, RESOURCES, EVENTS)
+ATTRIBUTES = Table(
+    "attributes",
+    "Attribute",
+    (_COURSE, _PRESENTATION, _STUDENT),  # and one column per attribute of the federation schema
+    key=("course", "presentation", "student_id"),
+    module=ATTRIBUTES_MODULE,
+)
+
+TABLES: tuple[Table, ...] = (
+    PRESENTATIONS,
+    ASSESSMENTS,
+    LEARNERS,
+    REGISTRATIONS,
+    SUBMISSIONS,
+    TERMS,
+    ATTRIBUTES,
+    RESOURCES,
+    EVENTS,
+)
 TABLE = {t.name: t for t in TABLES}
 
 # --- Feature contract -------------------------------------------------------
-# Categorical features are one-hot encoded over these fixed vocabularies, with
-# one extra "missing" slot where the column is nullable. Numeric features are
-# clipped to [low, high] and scaled to [0, 1] with these fixed bounds.
-CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {
-    "gender": GENDER,
-    "region": REGIONS,
-    "highest_education": EDUCATION,
-    "imd_band": IMD_BANDS,
-    "age_band": AGE_BANDS,
-    "disability": DISABILITY,
-}
+# Categorical features are one-hot encoded over the federation schema's vocabularies, with one extra
+# "missing" slot. Numeric features are clipped to [low, high] and scaled to [0, 1] with fixed bounds:
+# these, unless the federation schema's `scaling` sets others.
+CATEGORICAL_FEATURES = ("gender", "region", "highest_education", "imd_band", "age_band", "disability")
+"""The learner fields one-hot encoded as features, over the federation schema's vocabulary of each."""
 NUMERIC_FEATURES: dict[str, tuple[float, float]] = {
     "prev_attempts": (0, 6),
     "studied_credits": (0, 360),
@@ -381,10 +328,23 @@ def _by_learner(frame: pd.DataFrame, cls: type[_M], table: Table) -> dict[tuple[
     return grouped
 
 
+def _attributes(frame: pd.DataFrame) -> dict[tuple[Any, ...], list[pb.Attribute]]:
+    """Each registration's known attributes (table ``attributes``: a text value is a label, any other a number)."""
+    names = [str(c) for c in frame.columns if c not in ATTRIBUTES.key and not str(c).startswith("_")]
+    return {
+        tuple(r[k] for k in ATTRIBUTES.key): [
+            pb.Attribute(name=n, label=r[n]) if isinstance(r[n], str) else pb.Attribute(name=n, number=float(r[n]))
+            for n in names
+            if not pd.isna(r[n])
+        ]
+        for r in _records(frame)
+    }
+
+
 def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
     """A campus's contract tables (keyed by :data:`TABLE` name) as one ``edufl.contract.v1.CampusData`` message:
     presentations, assessments, resources (module engagement), and one ``LearnerRecord`` per learner with its
-    registration, submissions, terms (module terms) and engagement events."""
+    registration, submissions, terms (module terms), attributes (module attributes) and engagement events."""
 
     def rows(name: str) -> list[dict[str, Any]]:
         return _records(frames[name][[c.name for c in TABLE[name].columns]]) if name in frames else []
@@ -397,6 +357,7 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
         submissions = _by_learner(frames["submissions"].merge(where, on="assessment_id"), pb.Submission, SUBMISSIONS)
     events = _by_learner(frames["events"], pb.EngagementEvent, EVENTS) if "events" in frames else {}
     terms = _by_learner(frames["terms"], pb.Term, TERMS) if "terms" in frames else {}
+    attributes = _attributes(frames["attributes"]) if "attributes" in frames else {}
     records = [
         pb.LearnerRecord(
             learner=_message(pb.Learner, r, LEARNERS),
@@ -404,6 +365,7 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
             submissions=submissions.get(k, []),
             events=events.get(k, []),
             terms=terms.get(k, []),
+            attributes=attributes.get(k, []),
         )
         for r in rows("learners")
         for k in [tuple(r[c] for c in key)]
@@ -420,7 +382,8 @@ def to_proto(frames: dict[str, pd.DataFrame]) -> pb.CampusData:
 def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
     """The contract tables (DataFrames by table name) held in a ``CampusData`` message (inverse of :func:`to_proto`;
     the tables of a module only when the message holds its rows: ``assessments`` and ``submissions`` when
-    it has assessments, ``terms`` when a record has terms, ``resources`` and ``events`` when it has resources).
+    it has assessments, ``terms`` when a record has terms, ``attributes`` (one column per attribute name, NaN where
+    unknown) when a record has attributes, ``resources`` and ``events`` when it has resources).
 
     Raises
     ------
@@ -443,6 +406,16 @@ def from_proto(data: pb.CampusData) -> dict[str, pd.DataFrame]:
         frames["submissions"] = _frame([s for r in data.records for s in r.submissions], SUBMISSIONS)
     if any(r.terms for r in data.records):
         frames["terms"] = _frame([t for r in data.records for t in r.terms], TERMS)
+    if any(r.attributes for r in data.records):
+        frames["attributes"] = pd.DataFrame(
+            [
+                {
+                    **{k: getattr(r.learner, k) for k in ATTRIBUTES.key},
+                    **{a.name: getattr(a, str(a.WhichOneof("value"))) for a in r.attributes},
+                }
+                for r in data.records
+            ]
+        )
     if data.resources:
         frames["resources"] = _frame(data.resources, RESOURCES)
         frames["events"] = _frame([e for r in data.records for e in r.events], EVENTS)

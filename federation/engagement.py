@@ -12,7 +12,7 @@ other tables' (:class:`~federation.problems.Problem`: file, line or row,
 column, value, what was expected).
 
 Features at day D (:func:`engagement_features`) use only events dated before D
-and are scaled with fixed constants (:data:`ENGAGEMENT_FEATURES`), never fitted
+and are scaled with fixed constants (:func:`engagement_feature_bounds`), never fitted
 on anyone's data, so every campus produces the same columns.
 """
 
@@ -33,16 +33,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .contract import ACTIVITY_TYPES, EVENTS, PRE_START_DAYS
+from .contract import EVENTS, PRE_START_DAYS
 from .mapping import Mapping
 from .problems import DataError, Problem
 
 __all__ = [
     "ENGAGEMENT_FEATURES",
+    "KIND_CLICKS_HIGH",
     "MAX_LISTED",
     "RECENT_WEEKS",
     "benchmark",
     "check_events",
+    "engagement_feature_bounds",
     "engagement_features",
     "engagement_totals",
     "learner_rows",
@@ -61,15 +63,24 @@ ENGAGEMENT_FEATURES: dict[str, tuple[float, bool]] = {
     "active_days": (365.0, False),
     "days_since_last_activity": (365.0, False),
     "no_activity_yet": (1.0, False),
-    **{f"clicks_{kind}": (10_000.0, True) for kind in ACTIVITY_TYPES},
     "engagement_absent": (1.0, False),
 }
-"""Engagement features at day D, in order: name -> (high, log). A value is clipped to [0, high] and divided
-by high, after ``log1p`` of both where ``log`` is True (click counts are heavy-tailed). Clicks per week
-(``clicks_week_k``: days D-7k to D-7k+6), all clicks before D, days with a click, days from the last click to
-D (365 when none; ``no_activity_yet`` then 1), clicks per activity type of
-:data:`~federation.contract.ACTIVITY_TYPES`; ``engagement_absent`` is 1 (and every other one 0) on a campus
-whose mapping does not provide module engagement."""
+"""Engagement features at day D but those per activity type (:func:`engagement_feature_bounds`): name -> (high,
+log). A value is clipped to [0, high] and divided by high, after ``log1p`` of both where ``log`` is True (click
+counts are heavy-tailed). Clicks per week (``clicks_week_k``: days D-7k to D-7k+6), all clicks before D, days with
+a click, days from the last click to D (365 when none; ``no_activity_yet`` then 1); ``engagement_absent`` is 1
+(and every other one 0) on a campus whose mapping does not provide module engagement."""
+KIND_CLICKS_HIGH = 10_000.0
+"""The bound (log-scaled) of the clicks on the resources of one activity type."""
+
+
+def engagement_feature_bounds(activity_types: tuple[str, ...]) -> dict[str, tuple[float, bool]]:
+    """Every engagement feature at day D, in order, as :data:`ENGAGEMENT_FEATURES`, with ``clicks_<type>`` for each
+    of the federation schema's ``activity_types`` (clicks on resources of that type) before ``engagement_absent``."""
+    static = dict(ENGAGEMENT_FEATURES)
+    absent = static.pop("engagement_absent")
+    return {**static, **{f"clicks_{kind}": (KIND_CLICKS_HIGH, True) for kind in activity_types}, "engagement_absent": absent}
+
 
 _KEY_SHIFT = 32  # registration key: presentation index << 32 | student_id (student ids are < 2**32)
 _NUMBERS = ("student_id", "site_id", "day", "clicks")
@@ -301,14 +312,18 @@ def _scale(values: np.ndarray, high: float, log: bool) -> np.ndarray:
     return (np.log1p(v) / np.log1p(high)) if log else v / high
 
 
-def engagement_features(frames: dict[str, pd.DataFrame], population: pd.DataFrame, cutoff_day: int) -> np.ndarray:
-    """The :data:`ENGAGEMENT_FEATURES` of each registration in ``population`` (rows with ``course``,
-    ``presentation``, ``student_id``) at day ``cutoff_day`` (D), from the events dated before D.
+def engagement_features(
+    frames: dict[str, pd.DataFrame], population: pd.DataFrame, cutoff_day: int, activity_types: tuple[str, ...]
+) -> np.ndarray:
+    """The :func:`engagement_feature_bounds` features (for the schema's ``activity_types``) of each registration in
+    ``population`` (rows with ``course``, ``presentation``, ``student_id``) at day ``cutoff_day`` (D), from the events
+    dated before D.
 
-    Returns float32 of shape (len(population), len(ENGAGEMENT_FEATURES)), values in [0, 1]. Without tables
+    Returns float32 of shape (len(population), number of features), values in [0, 1]. Without tables
     ``events`` in ``frames`` (no module engagement), every feature is 0 but ``engagement_absent`` (1).
     """
-    n, names = len(population), list(ENGAGEMENT_FEATURES)
+    bounds = engagement_feature_bounds(activity_types)
+    n, names = len(population), list(bounds)
     out = np.zeros((n, len(names)), np.float64)
     if "events" not in frames:
         out[:, names.index("engagement_absent")] = 1.0
@@ -334,12 +349,13 @@ def engagement_features(frames: dict[str, pd.DataFrame], population: pd.DataFram
     raw["no_activity_yet"] = np.asarray(none, np.float64)
     raw["days_since_last_activity"] = np.where(none, 365.0, cutoff_day - last).astype(np.float64)
     resources = frames["resources"]
-    kind = pd.Categorical(resources["activity_type"], categories=ACTIVITY_TYPES).codes.astype(np.int64)
+    kind = pd.Categorical(resources["activity_type"], categories=activity_types).codes.astype(np.int64)
     site = _lookup(events["site_id"].to_numpy(np.int64)[mine], resources["site_id"].to_numpy(np.int64))
-    per_kind = np.bincount(row * len(ACTIVITY_TYPES) + kind[site], clicks, minlength=n * len(ACTIVITY_TYPES))
-    for i, name in enumerate(ACTIVITY_TYPES):
-        raw[f"clicks_{name}"] = per_kind.reshape(n, len(ACTIVITY_TYPES))[:, i]
-    for j, (name, (high, log)) in enumerate(ENGAGEMENT_FEATURES.items()):
+    kinds = len(activity_types)
+    per_kind = np.bincount(row * kinds + kind[site], clicks, minlength=n * kinds)
+    for i, name in enumerate(activity_types):
+        raw[f"clicks_{name}"] = per_kind.reshape(n, kinds)[:, i]
+    for j, (name, (high, log)) in enumerate(bounds.items()):
         if name in raw:
             out[:, j] = _scale(raw[name], high, log)
     return out.astype(np.float32)

@@ -55,10 +55,14 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .contract import (
     ASSESSMENTS_MODULE,
+    ATTRIBUTES,
+    ATTRIBUTES_MODULE,
+    ATTRIBUTES_SINCE,
     CONTRACT_VERSION,
     ENGAGEMENT,
     TABLES,
@@ -165,6 +169,7 @@ class Mapping(_Strict):
     registrations: TableMapping
     submissions: TableMapping | None = None
     terms: TableMapping | tuple[TableMapping, ...] | None = None
+    attributes: TableMapping | tuple[TableMapping, ...] | None = None
     resources: TableMapping | None = None
     events: TableMapping | None = None
 
@@ -194,6 +199,11 @@ class Mapping(_Strict):
             problems.append(
                 f"contract_version: module {TERMS_MODULE} (table terms) is part of contract "
                 f'{version_text(TERMS_SINCE)} on; set contract_version = "{version_text(TERMS_SINCE)}"'
+            )
+        if self.attributes is not None and parse_version(self.contract_version) < ATTRIBUTES_SINCE:
+            problems.append(
+                f"contract_version: module {ATTRIBUTES_MODULE} (table attributes) is part of contract "
+                f'{version_text(ATTRIBUTES_SINCE)} on; set contract_version = "{version_text(ATTRIBUTES_SINCE)}"'
             )
         if self.events is not None and (self.events.codes or self.events.dates or self.events.bins or self.events.keep):
             problems.append("events: codes, bins, dates and keep do not apply to events; give day counts and numbers")
@@ -240,7 +250,9 @@ class Mapping(_Strict):
 
 
 def _table_problems(table: Table, given: TableMapping, where: str) -> list[str]:
-    """What is wrong with the mapping ``given`` of contract ``table`` (``where``: its key in the file)."""
+    """What is wrong with the mapping ``given`` of contract ``table`` (``where``: its key in the file). The
+    fields of table ``attributes`` beyond its key are the federation schema's, checked when the data are read
+    against it (:func:`federation.tables.load_tables`), as are the labels of ``codes`` and ``bins``."""
     columns = {c.name: c for c in table.columns}
     problems = []
     absent = [n for n, c in columns.items() if not c.nullable and n not in given.columns and n not in given.constants]
@@ -249,20 +261,16 @@ def _table_problems(table: Table, given: TableMapping, where: str) -> list[str]:
             f"{where}.columns: no export column given for {', '.join(absent)} "
             "(nor a constant; only nullable fields may be left out)"
         )
-    for key in ("columns", "constants", "codes", "bins"):
-        unknown = [n for n in getattr(given, key) if n not in columns]
-        if unknown:
-            problems.append(f"{where}.{key}: {', '.join(unknown)} not in the contract (expected {', '.join(columns)})")
+    if table.name != ATTRIBUTES.name:
+        for key in ("columns", "constants", "codes", "bins"):
+            unknown = [n for n in getattr(given, key) if n not in columns]
+            if unknown:
+                problems.append(f"{where}.{key}: {', '.join(unknown)} not in the contract (expected {', '.join(columns)})")
     both = sorted(set(given.columns) & set(given.constants))
     if both:
         problems.append(f"{where}.constants: {', '.join(both)} also given in columns; give each field one source")
     for name in [n for n in given.bins if n in columns and columns[n].kind != "cat"]:
         problems.append(f"{where}.bins: {name} is not a categorical field; bins turn numbers into labels")
-    for name, spec in given.bins.items():
-        vocab = columns[name].vocab if name in columns else ()
-        wrong = [label for label in spec.labels if vocab and label not in vocab]
-        if wrong:
-            problems.append(f"{where}.bins.{name}: labels {', '.join(wrong)} not in {', '.join(columns[name].vocab)}")
     for name in given.dates:
         if name not in DAY_COLUMNS or name not in given.columns:
             problems.append(f"{where}.dates: {name} is not a day column of {table.name} given in columns")
@@ -285,7 +293,7 @@ def parquet_layout(directory: Path, tables: Iterable[str] | None = None) -> Mapp
     """The mapping of :data:`CONTRACT_PARQUET` (the contract's own tables, one Parquet file each: what
     ``edufl simulate`` gives each virtual campus) for a campus holding only the tables ``tables``, by default
     those whose file is in ``directory``: the layout has a file exactly for each table the campus has, and the
-    modules it lacks have none.
+    modules it lacks have none. Table ``attributes`` reads every column of its file, each named after its attribute.
 
     Raises
     ------
@@ -298,8 +306,12 @@ def parquet_layout(directory: Path, tables: Iterable[str] | None = None) -> Mapp
         if tables is not None
         else {t.name for t in full.tables() if (Path(directory) / full.table(t.name).file).is_file()}
     )
+    layout = {**full.model_dump(), **{t.name: None for t in full.tables() if t.name not in held}}
+    if layout["attributes"] is not None and (Path(directory) / full.table("attributes").file).is_file():
+        names = pq.read_schema(Path(directory) / full.table("attributes").file).names
+        layout["attributes"]["columns"] = {n: n for n in names if not n.startswith("__")}
     try:
-        return Mapping.model_validate({**full.model_dump(), **{t.name: None for t in full.tables() if t.name not in held}})
+        return Mapping.model_validate(layout)
     except ValidationError as err:
         raise MappingError(f"{directory}: {'; '.join(e['msg'] for e in err.errors())}") from None
 

@@ -88,7 +88,9 @@ def campus_slices(tables: Tables | Campuses, campus_by: str, shards: int = 0) ->
         if name in f:
             rows = f[name].merge(held, on=mp)
             split[name] = [part.drop(columns="_campus") for part in _split(rows, rows["_campus"].to_numpy(), len(names))]
-    split["registrations"] = _split(f["registrations"], _owners(f["registrations"], owner, student), len(names))
+    for name in ("registrations", "terms", "attributes"):  # a registration's rows
+        if name in f:
+            split[name] = _split(f[name], _owners(f[name], owner, student), len(names))
     if "submissions" in f:
         subs = f["submissions"][["assessment_id"]].merge(f["assessments"][["assessment_id", *mp]], on="assessment_id", how="left")
         subs["student_id"] = f["submissions"]["student_id"].to_numpy()
@@ -97,7 +99,9 @@ def campus_slices(tables: Tables | Campuses, campus_by: str, shards: int = 0) ->
         owners = learner_rows(f["events"], learners, f["presentations"])
         split["events"] = _split(f["events"], np.append(code, -1)[owners], len(names))  # -1: no learner's event
     return {
-        name: Tables({k: parts[i].reset_index(drop=True) for k, parts in split.items()}, tables.source, tables.mapping)
+        name: Tables(
+            {k: parts[i].reset_index(drop=True) for k, parts in split.items()}, tables.source, tables.mapping, tables.schema
+        )
         for i, name in enumerate(names)
     }
 

@@ -36,12 +36,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from .contract import ASSESSMENTS, ASSESSMENTS_MODULE, ENGAGEMENT, LEARNERS, REGISTRATIONS, SUBMISSIONS
 from .errors import UserError
 from .proto.analytics_pb2 import StatisticQuery
+from .schema import FederationSchema
 from .tomlfile import load_model
 
 __all__ = [
     "ANSWER",
     "ENGAGEMENT_FIELDS",
     "GROUP_FIELDS",
+    "check_schema",
+    "group_values",
     "INDICATOR_FIELDS",
     "KEYS",
     "MAX_BINS",
@@ -81,8 +84,8 @@ KEYS = frozenset({"course", "presentation", "student_id", "assessment_id"})
 _COLUMNS = {c.name: c for t in (LEARNERS, REGISTRATIONS, ASSESSMENTS, SUBMISSIONS) for c in t.columns if c.name not in KEYS}
 SUBMISSION_FIELDS = frozenset(c.name for t in (ASSESSMENTS, SUBMISSIONS) for c in t.columns if c.name not in KEYS)
 """Fields of the assessments and submissions tables: a statistic using one is over submissions."""
-GROUP_FIELDS = {c.name: (*c.vocab, *((MISSING,) if c.nullable else ())) for c in _COLUMNS.values() if c.kind == "cat"}
-"""Fields a statistic may be grouped by (the contract's categorical fields), with every group value (fixed vocabularies)."""
+GROUP_FIELDS = tuple(c.name for c in _COLUMNS.values() if c.kind == "cat")
+"""Fields a statistic may be grouped by: the contract's categorical fields (their values: :func:`group_values`)."""
 ENGAGEMENT_FIELDS = {
     "total_clicks": "all clicks of the registration in its click log",
     "total_active_days": "days on which the registration has a click",
@@ -91,8 +94,14 @@ ENGAGEMENT_FIELDS = {
 0 for a registration without a click). A campus without the module refuses a query on them."""
 NUMERIC_FIELDS = tuple(c.name for c in _COLUMNS.values() if c.kind in ("int", "float")) + tuple(ENGAGEMENT_FIELDS)
 """Numeric contract fields a mean, histogram or quantile may take."""
-INDICATOR_FIELDS = {c.name: c.vocab for c in _COLUMNS.values() if c.kind == "cat"}
-"""Categorical contract fields a ``FIELD=VALUE`` indicator may test."""
+INDICATOR_FIELDS = GROUP_FIELDS
+"""Categorical contract fields a ``FIELD=VALUE`` indicator may test (VALUE: one of the federation schema's)."""
+
+
+def group_values(field: str, schema: FederationSchema) -> tuple[str, ...]:
+    """Every group of ``field`` under ``schema``: its vocabulary, and :data:`MISSING` where the field is nullable."""
+    return (*schema.vocabulary(field), *((MISSING,) if _COLUMNS[field].nullable else ()))
+
 
 CellKey = tuple[tuple[str, ...], str]
 """A cell: its group values (one per group_by field) and its bin label ("" for count and mean)."""
@@ -103,9 +112,10 @@ class QueryError(UserError):
 
 
 def indicator(value: str) -> tuple[str, str] | None:
-    """(field, level) of an indicator value ``FIELD=VALUE`` over a categorical contract field; None for any other value."""
+    """(field, level) of an indicator value ``FIELD=VALUE`` over a categorical contract field; None for any other value
+    (whether ``level`` is in the federation's vocabulary, :func:`check_schema` says)."""
     field, sep, level = value.partition("=")
-    return (field, level) if sep and level in INDICATOR_FIELDS.get(field, ()) else None
+    return (field, level) if sep and level and field in INDICATOR_FIELDS else None
 
 
 class Query(BaseModel):
@@ -292,9 +302,9 @@ def bin_labels(query: StatisticQuery) -> list[str]:
     return [f"[{a:g}, {b:g}{']' if i == len(e) - 2 else ')'}" for i, (a, b) in enumerate(itertools.pairwise(e))]
 
 
-def cells(query: StatisticQuery) -> list[CellKey]:
-    """Every cell the query declares, in a fixed order (data-independent)."""
-    groups = itertools.product(*(GROUP_FIELDS[f] for f in query.group_by))
+def cells(query: StatisticQuery, schema: FederationSchema) -> list[CellKey]:
+    """Every cell the query declares under the federation ``schema``, in a fixed order (data-independent)."""
+    groups = itertools.product(*(group_values(f, schema) for f in query.group_by))
     return [(g, b) for g in groups for b in (bin_labels(query) or [""])]
 
 
@@ -310,6 +320,21 @@ def modules_needed(query: StatisticQuery | Query) -> frozenset[str]:
     if query.value.partition("=")[0] in ENGAGEMENT_FIELDS:
         needed.add(ENGAGEMENT)
     return frozenset(needed)
+
+
+def check_schema(query: StatisticQuery | Query, schema: FederationSchema) -> None:
+    """Refuse ``query`` when its indicator tests a value outside the federation ``schema``'s vocabulary.
+
+    Raises
+    ------
+    QueryError
+        Naming the value and the vocabulary."""
+    tested = indicator(query.value)
+    if tested and tested[1] not in schema.vocabulary(tested[0]):
+        vocab = ", ".join(schema.vocabulary(tested[0])) or "none"
+        raise QueryError(
+            f"value {query.value!r}: {tested[1]!r} is not in federation schema {schema.name!r}'s vocabulary ({vocab})"
+        )
 
 
 def require_modules(query: StatisticQuery | Query, provided: frozenset[str] | set[str]) -> None:

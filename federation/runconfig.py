@@ -19,6 +19,7 @@ from pydantic_core import ErrorDetails
 
 from .contract import CONTRACT_VERSION, parse_version, version_text
 from .errors import UserError
+from .schema import FederationSchema, SchemaError, schema_from_text
 from .wire import EVALUATE_RECEIVED
 
 __all__ = [
@@ -66,6 +67,14 @@ def _contract_version(text: str) -> str:
         parse_version(text)
     except ValueError:
         raise ValueError('MAJOR.MINOR, e.g. "1.0"') from None
+    return text
+
+
+def _federation_schema(text: str) -> str:
+    try:
+        schema_from_text(text)
+    except SchemaError as err:
+        raise ValueError(str(err)) from None
     return text
 
 
@@ -158,6 +167,11 @@ class RunConfig(BaseModel):
         "a campus mapped to a contract it cannot read (another major, or "
         "a newer minor version) refuses to join",
     )
+    federation_schema: Annotated[str, AfterValidator(_federation_schema)] = Field(
+        "",
+        description="the federation schema (federation.schema, as its JSON text): the vocabularies, outcomes, "
+        "attributes and modules every campus checks its data against before it trains or answers; empty: OULAD's",
+    )
     secure_aggregation: SecureAggregation = Field(
         "off", description="secure aggregation of the training rounds (see the class docstring)"
     )
@@ -218,6 +232,11 @@ class RunConfig(BaseModel):
         if self.strategy == "fedadam":
             raise ValueError(f"secure-aggregation = {self.secure_aggregation!r} needs strategy fedavg or fedprox, not fedadam")
         return self
+
+    @property
+    def schema(self) -> FederationSchema:  # type: ignore[override]  # BaseModel.schema: pydantic 1's, deprecated
+        """The run's federation schema (OULAD's when ``federation_schema`` is empty)."""
+        return schema_from_text(self.federation_schema)
 
     def to_flower(self) -> dict[str, int | float | str | bool]:
         """The flat dict with dashed keys that Flower's ConfigRecord and run config use."""

@@ -97,6 +97,7 @@ from .queries import (
     threshold,
 )
 from .randomness import SECRET, Randomness, add_gaussian
+from .schema import FederationSchema
 
 __all__ = [
     "RHO_SLACK",
@@ -199,8 +200,11 @@ def records(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> pd.Dat
     return rows.reset_index(drop=True)
 
 
-def exact_cells(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> dict[CellKey, tuple[int, float]]:
-    """(count, sum of clipped values) of every declared cell over a campus's :func:`records`, without noise.
+def exact_cells(
+    query: StatisticQuery, tables: Mapping[str, pd.DataFrame], schema: FederationSchema
+) -> dict[CellKey, tuple[int, float]]:
+    """(count, sum of clipped values) of every cell ``query`` declares under ``schema`` over a campus's
+    :func:`records`, without noise.
 
     Sums are 0 except for a mean. Raises QueryError on an invalid query.
     """
@@ -227,13 +231,21 @@ def exact_cells(query: StatisticQuery, tables: Mapping[str, pd.DataFrame]) -> di
             (k if isinstance(k, tuple) else (k,) for k in grouped.index), grouped.itertuples(index=False), strict=True
         )
     }
-    return {key: found.get(key, (0, 0.0)) for key in cells(query)}
+    return {key: found.get(key, (0, 0.0)) for key in cells(query, schema)}
 
 
 def answer(
-    query: StatisticQuery, tables: Mapping[str, pd.DataFrame], campus: str, z: float, k: int, *, randomness: Randomness = SECRET
+    query: StatisticQuery,
+    tables: Mapping[str, pd.DataFrame],
+    campus: str,
+    z: float,
+    k: int,
+    *,
+    schema: FederationSchema,
+    randomness: Randomness = SECRET,
 ) -> StatisticAnswer:
-    """The campus's noised answer over its contract ``tables`` with multiplier ``z``; cells whose
+    """The campus's noised answer over its contract ``tables`` with multiplier ``z``, over the cells ``query``
+    declares under the federation ``schema``; cells whose
     noisy count is below :func:`federation.queries.threshold` are left out and counted in ``suppressed_cells``.
 
     The noise is one :func:`federation.randomness.add_gaussian` release of the
@@ -249,7 +261,7 @@ def answer(
         accounts for it (then nothing is returned).
     """
     scale = noise(query, z)
-    exact = exact_cells(query, tables)
+    exact = exact_cells(query, tables, schema)
     mean = query.statistic == "mean"
     bound = sum_bound(query) if mean else 1.0
     vector = [float(n) for n, _ in exact.values()] + ([s / bound for _, s in exact.values()] if mean else [])
@@ -281,14 +293,14 @@ def answer(
     )
 
 
-def answer_problems(query: StatisticQuery, answer_: StatisticAnswer, k: int) -> list[str]:
+def answer_problems(query: StatisticQuery, answer_: StatisticAnswer, k: int, schema: FederationSchema) -> list[str]:
     """Everything in a campus's answer that ``query`` does not declare (the release guard's check for a query reply).
 
     Every cell must be a declared cell, at most once, with a finite noisy count
     of at least :func:`federation.queries.threshold` and a noisy sum exactly when the statistic is a mean; the
     answer must be for this query and count its suppressed cells.
     """
-    declared = set(cells(query))
+    declared = set(cells(query, schema))
     found, seen = [], set()
     for cell in answer_.cells:
         key = (tuple(cell.group), cell.bin)

@@ -1,16 +1,17 @@
 """Learning tasks: turning one campus's tables into a labelled feature matrix, and splitting it.
 
 Tasks ``withdrawal`` and ``at_risk`` (early warning at day D): will this
-registration end as "Withdrawn" (``withdrawal``), or as "Fail" or "Withdrawn"
-(``at_risk``)? Task ``term1_dropout`` (module terms): will it end as "Withdrawn", from what the
+registration end in an outcome that means "withdrawn" (``withdrawal``), or "failed" or
+"withdrawn" (``at_risk``), as the federation schema's ``outcomes`` say (OULAD: Withdrawn; Fail or
+Withdrawn)? Task ``term1_dropout`` (module terms): will it end withdrawn, from what the
 first term's units and grade say (with the core, and any module's data before D)? Registrations still
-under way (outcome "Studying") are no task's examples. Task ``final_result``: which of the four final results
-(Distinction, Fail, Pass, Withdrawn) will it end with? The population is every
+under way (the schema's ``studying`` outcome) are no task's examples. Task ``final_result``: which of the
+schema's outcomes (OULAD: Distinction, Fail, Pass, Withdrawn) will it end with? The population is every
 registration made before day D and not unregistered before day D; features use
 only information dated before D: submissions, assessments due, and clicks
-(module engagement; :mod:`federation.engagement`).
-Encodings are fixed by :mod:`federation.contract`, so every campus produces the
-same columns in the same order without seeing any other campus's data.
+(module engagement; :mod:`federation.engagement`), and the registration's attributes (module attributes).
+Encodings and scaling are fixed by the contract and the federation schema (:mod:`federation.schema`), so
+every campus produces the same columns in the same order without seeing any other campus's data.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .contract import CATEGORICAL_FEATURES, FINAL_RESULTS, NUMERIC_FEATURES, STUDYING, TERMS_MODULE
-from .engagement import ENGAGEMENT_FEATURES, engagement_features
+from .contract import ASSESSMENTS_MODULE, ATTRIBUTES, ATTRIBUTES_MODULE, CATEGORICAL_FEATURES, ENGAGEMENT, TERMS_MODULE
+from .engagement import engagement_feature_bounds, engagement_features
 from .metrics import SUBGROUPS
 from .runconfig import SPLITS, TASKS
+from .schema import FederationSchema, Meaning
 from .tables import Tables
 
 __all__ = [
     "ASSESSMENT_FEATURES",
-    "CLASSES",
     "MISSING_SLOT",
+    "MULTICLASS",
     "POSITIVE",
     "TASK_MODULES",
     "TERM_FEATURES",
     "TaskData",
+    "classes",
     "early_warning",
     "feature_names",
     "missing_modules",
@@ -57,15 +60,26 @@ ASSESSMENT_FEATURES = (
 TERM_FEATURES = ("term1_units_enrolled", "term1_units_approved", "term1_approved_share", "term1_grade", "terms_absent")
 """The numeric features from module terms (task ``term1_dropout`` only): the registration's first term's units
 enrolled in and approved, the share approved, the mean grade over the scale's maximum; and the absent flag."""
-# Binary tasks: the final results that make an example positive.
-POSITIVE = {"withdrawal": ("Withdrawn",), "at_risk": ("Fail", "Withdrawn"), "term1_dropout": ("Withdrawn",)}
+# Binary tasks: what the outcomes that make an example positive mean (the federation schema says which outcomes do).
+POSITIVE: dict[str, tuple[Meaning, ...]] = {
+    "withdrawal": ("withdrawn",),
+    "at_risk": ("failed", "withdrawn"),
+    "term1_dropout": ("withdrawn",),
+}
 TASK_MODULES = {"term1_dropout": frozenset({TERMS_MODULE})}
 """The optional contract modules a task cannot do without (a campus lacking one refuses the task)."""
+MULTICLASS = ("final_result",)
+"""The tasks whose classes are the federation schema's outcomes, in its order (:func:`classes`)."""
 
 
-def missing_modules(task: str, provided: frozenset[str]) -> str:
-    """Why a campus whose mapping provides the modules ``provided`` cannot take part in ``task`` ("" if it can)."""
-    absent = sorted(TASK_MODULES.get(task, frozenset()) - provided)
+def missing_modules(task: str, provided: frozenset[str], schema: FederationSchema | None = None) -> str:
+    """Why a campus whose mapping provides the modules ``provided`` cannot take part in ``task`` under ``schema``
+    (whose ``modules`` are those tasks may use) ("" if it can)."""
+    needed = TASK_MODULES.get(task, frozenset())
+    barred = sorted(needed - set(schema.modules)) if schema is not None else []
+    if barred and schema is not None:
+        return f"task {task} needs module {', '.join(barred)}, and federation schema {schema.name!r} lets no task use it"
+    absent = sorted(needed - provided)
     if not absent:
         return ""
     return (
@@ -74,20 +88,33 @@ def missing_modules(task: str, provided: frozenset[str]) -> str:
     )
 
 
-# Multiclass tasks: the classes, in the order of the model's outputs.
-CLASSES = {"final_result": FINAL_RESULTS}
+def classes(task: str, schema: FederationSchema) -> tuple[str, ...]:
+    """The outcomes a multiclass ``task`` predicts, in the order of the model's outputs (empty for a binary task)."""
+    return tuple(schema.outcomes) if task in MULTICLASS else ()
 
 
-def n_outputs(task: str) -> int:
+def n_outputs(task: str, schema: FederationSchema) -> int:
     """The number of logits a model for ``task`` outputs: 1 for a binary task, one per class otherwise."""
-    return len(CLASSES[task]) if task in CLASSES else 1
+    return len(classes(task, schema)) or 1
 
 
-def feature_names() -> list[str]:
-    """Column names of the feature matrix, in order (same on every campus): one-hot categories, numbers,
-    then :data:`~federation.engagement.ENGAGEMENT_FEATURES`. Every model's input width is its length."""
-    names = [f"{col}={v}" for col, vocab in CATEGORICAL_FEATURES.items() for v in (*vocab, MISSING_SLOT)]
-    return names + list(NUMERIC_FEATURES) + list(ENGAGEMENT_FEATURES)
+def _categories(schema: FederationSchema) -> dict[str, tuple[str, ...]]:
+    """The one-hot encoded fields and their vocabularies: the learner's, then the schema's category attributes."""
+    learner = {c: schema.vocabulary(c) for c in CATEGORICAL_FEATURES}
+    return learner | {n: a.vocabulary for n, a in schema.attributes.items() if a.kind == "category"}
+
+
+def feature_names(schema: FederationSchema) -> list[str]:
+    """Column names of the feature matrix under ``schema``, in order (the same on every campus): one-hot categories
+    (``field=value`` and ``field=<missing>``; the schema's category attributes after the learner's fields), numbers
+    (the contract's, then the schema's number attributes), a ``NAME=<missing>`` flag for each number attribute and
+    ``attributes_absent`` (only when the schema declares attributes), then the engagement features
+    (:func:`~federation.engagement.engagement_feature_bounds`). Every model's input width is its length."""
+    categories = [f"{col}={v}" for col, vocab in _categories(schema).items() for v in (*vocab, MISSING_SLOT)]
+    flags = [f"{n}={MISSING_SLOT}" for n, a in schema.attributes.items() if a.kind == "number"]
+    flags += ["attributes_absent"] if schema.attributes else []
+    engagement = list(engagement_feature_bounds(schema.vocabulary("activity_type")))
+    return categories + list(schema.numeric_bounds()) + flags + engagement
 
 
 @dataclass
@@ -96,7 +123,7 @@ class TaskData:
 
     ``x`` is float32 of shape (n, len(feature_names())) with values in [0, 1];
     ``y`` is float32 of shape (n,): 1 = positive class for a binary task, the
-    class's index in ``CLASSES[task]`` for a multiclass task; ``rows`` holds,
+    class's index in :func:`classes` for a multiclass task; ``rows`` holds,
     one row per example, the registration keys (course, presentation,
     student_id) and the subgroup attributes of :data:`~federation.metrics.SUBGROUPS`
     (gender, age_band, disability, imd_band; None where missing).
@@ -122,7 +149,7 @@ class TaskData:
         return len(self.y)
 
 
-def _first_term(tables: Tables, population: pd.DataFrame, task: str) -> pd.DataFrame:
+def _first_term(tables: Tables, population: pd.DataFrame, task: str, usable: bool) -> pd.DataFrame:
     """:data:`TERM_FEATURES` of each ``population`` row: its term-1 row of module terms for task
     ``term1_dropout``; all 0 for other tasks (a term's results are not dated, so no early-warning task at day D
     may use them), the absent flag 1 where the campus has no module terms."""
@@ -130,7 +157,7 @@ def _first_term(tables: Tables, population: pd.DataFrame, task: str) -> pd.DataF
     out = population[key].copy()
     for col in TERM_FEATURES:
         out[col] = 0.0
-    if "terms" not in tables:
+    if not usable:
         out["terms_absent"] = 1.0
         return out
     if task != "term1_dropout":
@@ -145,10 +172,10 @@ def _first_term(tables: Tables, population: pd.DataFrame, task: str) -> pd.DataF
     return out
 
 
-def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
+def _assessment_behaviour(tables: Tables, population: pd.DataFrame, cutoff_day: int, usable: bool) -> pd.DataFrame:
     mp = ["course", "presentation"]
     key = [*mp, "student_id"]
-    if "assessments" not in tables:  # module assessments not provided: its features 0, the absent flag 1
+    if not usable:  # module assessments not provided (or not for tasks): its features 0, the absent flag 1
         out = population[key].copy()
         for col in ASSESSMENT_FEATURES:
             out[col] = 0.0
@@ -192,12 +219,13 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     or ``term1_dropout`` (module terms: :data:`TERM_FEATURES` from the first term).
 
     Population: registrations with ``registration_day < D`` (or unknown) and
-    no ``unregistration_day < D``. Label: ``final_result`` in
-    ``POSITIVE[task]`` ("Withdrawn"; "Fail" or "Withdrawn" for ``at_risk``);
-    for ``final_result``, the index of ``final_result`` in :data:`FINAL_RESULTS`.
+    no ``unregistration_day < D``. Label: ``final_result`` is an outcome whose meaning is in
+    ``POSITIVE[task]`` ("withdrawn"; "failed" or "withdrawn" for ``at_risk``) under ``tables.schema``;
+    for ``final_result``, the index of ``final_result`` among the schema's outcomes.
     Neither ``final_result`` nor ``unregistration_day`` enters a feature, and
     only submissions with ``submission_day < D``, assessments due before D and
-    events with ``day < D`` count. Registrations with outcome ``Studying`` are left out.
+    events with ``day < D`` count. Registrations still under way (the schema's ``studying``) are left out; the
+    data of a module the schema's ``modules`` leave out count as absent.
 
     Raises
     ------
@@ -206,17 +234,20 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if why := missing_modules(task, tables.modules):
+    schema = tables.schema
+    if why := missing_modules(task, tables.modules, schema):
         raise ValueError(why)
+    usable = tables.modules & set(schema.modules)  # the modules the schema lets tasks use
     key = ["course", "presentation", "student_id"]
     info = tables["learners"].merge(tables["registrations"].drop(columns="_line"), on=key)
     reg, unreg = info["registration_day"], info["unregistration_day"]
     keep = (reg.isna() | (reg < cutoff_day)).to_numpy(bool) & (unreg.isna() | (unreg >= cutoff_day)).to_numpy(bool)
-    keep &= (info["final_result"] != STUDYING).to_numpy(bool)  # still under way: how it ends is not known
+    keep &= info["final_result"].isin(list(schema.outcomes)).to_numpy(bool)  # still under way: how it ends is not known
     population = info[keep].sort_values(key).reset_index(drop=True)
-    behaviour = _assessment_behaviour(tables, population, cutoff_day).merge(
-        _first_term(tables, population, task), on=key, how="left"
+    behaviour = _assessment_behaviour(tables, population, cutoff_day, ASSESSMENTS_MODULE in usable).merge(
+        _first_term(tables, population, task, TERMS_MODULE in usable), on=key, how="left"
     )
+    attributes = _attributes(tables, population, ATTRIBUTES_MODULE in usable)
 
     numeric = pd.DataFrame(
         {
@@ -226,25 +257,39 @@ def early_warning(tables: Tables, cutoff_day: int, task: str = "withdrawal") -> 
             "registration_missing": population["registration_day"].isna().astype(float),
         }
     )
-    for col in NUMERIC_FEATURES:
+    bounds = schema.numeric_bounds()
+    for col in bounds:
         if col not in numeric:
-            numeric[col] = behaviour[col].to_numpy(float)
+            numeric[col] = (attributes if col in schema.attributes else behaviour)[col].astype(float).fillna(0.0).to_numpy()
     columns = []
-    for col, vocab in CATEGORICAL_FEATURES.items():
-        values = population[col].fillna(MISSING_SLOT).to_numpy(object)
+    for col, vocab in _categories(schema).items():
+        values = (attributes if col in schema.attributes else population)[col].fillna(MISSING_SLOT).to_numpy(object)
         columns += [(values == v).astype(np.float32) for v in (*vocab, MISSING_SLOT)]
-    for col, (low, high) in NUMERIC_FEATURES.items():
+    for col, (low, high) in bounds.items():
         columns.append(((numeric[col].to_numpy(float).clip(low, high) - low) / (high - low)).astype(np.float32))
-    x = np.concatenate(
-        [np.stack(columns, axis=1).reshape(len(population), -1), engagement_features(tables.frames, population, cutoff_day)],
-        axis=1,
+    for col in (n for n, a in schema.attributes.items() if a.kind == "number"):
+        columns.append(attributes[col].isna().to_numpy(np.float32))
+    if schema.attributes:
+        columns.append(np.full(len(population), float(ATTRIBUTES_MODULE not in usable), np.float32))
+    frames = (
+        tables.frames if ENGAGEMENT in usable else {k: v for k, v in tables.frames.items() if k not in ("resources", "events")}
     )
+    engagement = engagement_features(frames, population, cutoff_day, schema.vocabulary("activity_type"))
+    x = np.concatenate([np.stack(columns, axis=1).reshape(len(population), -1), engagement], axis=1)
     y: np.ndarray
-    if task in CLASSES:
-        y = population["final_result"].map({c: i for i, c in enumerate(CLASSES[task])}).to_numpy(np.float32)
+    if task in MULTICLASS:
+        y = population["final_result"].map({c: i for i, c in enumerate(classes(task, schema))}).to_numpy(np.float32)
     else:
-        y = population["final_result"].isin(POSITIVE[task]).to_numpy(np.float32)
+        y = population["final_result"].isin(schema.labels(*POSITIVE[task])).to_numpy(np.float32)
     return TaskData(x, y, population[[*key, *SUBGROUPS]])
+
+
+def _attributes(tables: Tables, population: pd.DataFrame, usable: bool) -> pd.DataFrame:
+    """The schema's attributes of each ``population`` row (NaN where unknown, everywhere when not ``usable``)."""
+    key = list(ATTRIBUTES.key)
+    if usable and "attributes" in tables:
+        return population[key].merge(tables["attributes"].drop(columns="_line", errors="ignore"), on=key, how="left")
+    return population[key].assign(**{name: np.nan for name in tables.schema.attributes})
 
 
 def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from .metrics import PRIMARY_METRIC, SUBGROUPS
 from .privacy import History, poisson_plan
 from .randomness import SECRET, Randomness, gaussian
-from .tasks import CLASSES, TaskData
+from .schema import FederationSchema
+from .tasks import TaskData, classes
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
@@ -241,19 +242,22 @@ def multiclass_scores(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...]) ->
     }
 
 
-def _scores(task: str, y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    return multiclass_scores(y, p, CLASSES[task]) if task in CLASSES else binary_scores(y, p, threshold)
+def _scores(names: tuple[str, ...], y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    return multiclass_scores(y, p, names) if names else binary_scores(y, p, threshold)
 
 
-def evaluate(model: nn.Module, train_data: TaskData, test_data: TaskData, task: str) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, train_data: TaskData, test_data: TaskData, task: str, schema: FederationSchema
+) -> dict[str, float]:
     """Test-set metrics of ``model`` for ``task``: :func:`multiclass_scores` for a multiclass
-    task; for a binary task :func:`binary_scores` at the threshold maximising F1 on
-    ``train_data``, returned as ``threshold`` too."""
+    task (its classes: ``schema``'s outcomes); for a binary task :func:`binary_scores` at the threshold maximising
+    F1 on ``train_data``, returned as ``threshold`` too."""
     p = predict(model, test_data.x)
-    if task in CLASSES:
-        return _scores(task, test_data.y, p, 0.5)
+    names = classes(task, schema)
+    if names:
+        return _scores(names, test_data.y, p, 0.5)
     threshold = best_f1_threshold(train_data.y, predict(model, train_data.x)) if len(train_data) else 0.5
-    return {**_scores(task, test_data.y, p, threshold), "threshold": threshold}
+    return {**_scores(names, test_data.y, p, threshold), "threshold": threshold}
 
 
 class Subgroup(NamedTuple):
@@ -299,12 +303,14 @@ def _resampled_macro_f1(y: np.ndarray, predicted: np.ndarray, classes: int) -> n
         return np.asarray(np.nanmean(f1, axis=1))
 
 
-def _bootstrap_interval(task: str, y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamples: int) -> tuple[float, float]:
+def _bootstrap_interval(
+    multiclass: bool, y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamples: int
+) -> tuple[float, float]:
     # 2.5th and 97.5th percentiles of the metric over resamples of the rows; NaN when over 5 % of the
     # resamples leave it undefined (an AUC resample with one class only).
     index = rng.integers(0, len(y), size=(resamples, len(y)))
-    if task in CLASSES:
-        values = _resampled_macro_f1(y.astype(np.int64)[index], p.argmax(axis=1)[index], len(CLASSES[task]))
+    if multiclass:  # p: (n, classes)
+        values = _resampled_macro_f1(y.astype(np.int64)[index], p.argmax(axis=1)[index], p.shape[1])
     else:
         values = _resampled_auc(y.astype(np.float64)[index], p[index])
     defined = values[np.isfinite(values)]
@@ -315,10 +321,17 @@ def _bootstrap_interval(task: str, y: np.ndarray, p: np.ndarray, rng: np.random.
 
 
 def subgroup_metrics(
-    model: nn.Module, test_data: TaskData, task: str, min_size: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+    model: nn.Module,
+    test_data: TaskData,
+    task: str,
+    min_size: int,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    *,
+    schema: FederationSchema,
 ) -> dict[tuple[str, str], Subgroup]:
     """``task``'s primary metric (:data:`~federation.metrics.PRIMARY_METRIC`: AUC, or macro-F1)
-    on each subgroup of ``test_data``'s rows: each value of each attribute of
+    on each subgroup of ``test_data``'s rows: each value in ``schema``'s vocabulary of each field of
     :data:`~federation.metrics.SUBGROUPS` (gender, age band, disability, IMD band), with its 95 %
     percentile bootstrap interval over ``resamples`` resamples of the group's rows (Efron and
     Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), drawn from a generator seeded with ``seed``
@@ -340,7 +353,9 @@ def subgroup_metrics(
     metric, k = PRIMARY_METRIC[task].replace("-", "_"), max(min_size, 1)
     rng = np.random.default_rng(seed)
     out = {}
-    for attribute, values in SUBGROUPS.items():
+    names = classes(task, schema)
+    for attribute in SUBGROUPS:
+        values = schema.vocabulary(attribute)
         column = test_data.rows[attribute].to_numpy(object)
         members = {value: np.flatnonzero(column == value) for value in values}
         kept = sorted((v for v in values if len(members[v]) >= k), key=lambda v: len(members[v]))
@@ -349,7 +364,7 @@ def subgroup_metrics(
         for value in (v for v in values if v in kept):
             index = members[value]
             y, scores = test_data.y[index], p[index]
-            low, high = _bootstrap_interval(task, y, scores, rng, resamples) if resamples else (math.nan, math.nan)
-            score = auc(y, scores) if metric == "auc" else _scores(task, y, scores, 0.5)[metric]
+            low, high = _bootstrap_interval(bool(names), y, scores, rng, resamples) if resamples else (math.nan, math.nan)
+            score = auc(y, scores) if metric == "auc" else _scores(names, y, scores, 0.5)[metric]
             out[(attribute, value)] = Subgroup(len(index), score, low, high)
     return out

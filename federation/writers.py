@@ -13,14 +13,15 @@ __all__ = ["write_parquet", "write_tables"]
 
 
 def write_parquet(tables: Tables, directory: Path) -> Mapping:
-    """Write ``tables`` as the contract's own tables, one Parquet file each; returns the mapping that
-    reads them (:func:`federation.mapping.parquet_layout`)."""
+    """Write ``tables`` as the contract's own tables, one Parquet file each (table ``attributes`` with a column for
+    each attribute of ``tables.schema`` it holds); returns the mapping that reads them
+    (:func:`federation.mapping.parquet_layout`)."""
     directory.mkdir(parents=True, exist_ok=True)
     mapping = parquet_layout(directory, [t.name for t in TABLES if t.name in tables])
-    for table in (t for t in TABLES if t.name in tables):
-        frame = tables[table.name][[c.name for c in table.columns]]
+    for table in (tables.schema.table(t) for t in TABLES if t.name in tables):
+        frame = tables[table.name][[c.name for c in table.columns if c.name in tables[table.name]]]
         frame.to_parquet(directory / mapping.table(table.name).file, index=False)
-    return mapping
+    return parquet_layout(directory)
 
 
 def write_tables(tables: Tables, directory: Path) -> None:

@@ -18,7 +18,8 @@ message, sums the cells the campuses released
   cells it suppressed, the refusals, the payload digests received and the estimates.
 
 Run config keys: ``statistic-query`` (the StatisticQuery as protobuf JSON),
-``out`` (results folder), ``run-name``, ``min-campuses`` and ``round-timeout``
+``federation-schema`` (the federation schema's JSON text; empty: OULAD's), ``out`` (results folder), ``run-name``,
+``min-campuses`` and ``round-timeout``
 (seconds to wait for campuses and for their answers).
 """
 
@@ -37,6 +38,7 @@ from edufl.federation.contract import CONTRACT_VERSION, version_text
 from edufl.federation.privacy import ACCOUNTANT, PRIVACY_UNIT_SHORT
 from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
 from edufl.federation.queries import ANSWER, QUERY_KEY, cells, over_submissions
+from edufl.federation.schema import FederationSchema, schema_from_text
 from edufl.federation.wire import CONFIG
 
 from .combine import Estimate, combine
@@ -56,11 +58,15 @@ def answer_query(grid: Grid, context: Context) -> None:
         Path(str(rc["out"])),
         int(rc["min-campuses"]),
         float(rc["round-timeout"]),
+        schema_from_text(str(rc.get("federation-schema", ""))),
     )
 
 
-def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_campuses: int, timeout: float) -> dict:
-    """Ask every connected campus ``query``, combine the answers and write the results folder ``out``.
+def run_query(
+    grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_campuses: int, timeout: float, schema: FederationSchema
+) -> dict:
+    """Ask every connected campus ``query`` under the federation ``schema``, combine the answers and write the
+    results folder ``out``.
 
     Returns the summary dict written to ``summary.json``.
 
@@ -76,6 +82,7 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
             "server-round": 1,
             QUERY_KEY: query.SerializeToString(),
             "contract-version": version_text(CONTRACT_VERSION),
+            "federation-schema": schema.text(),
         }
     )
     nodes = sorted(grid.get_node_ids())
@@ -86,12 +93,13 @@ def run_query(grid: Grid, query: StatisticQuery, run_name: str, out: Path, min_c
     answers = [StatisticAnswer.FromString(a.content[ANSWER][ANSWER]) for a in answered]
     refusals = [{"node": f.node, "code": f.code, "reason": f.reason} for f in failed]
     receipts = [{"campus": a.campus, "payload_bytes": a.payload_bytes, "payload_sha256": a.payload_sha256} for a in answered]
-    estimates = combine(query, answers)
+    estimates = combine(query, answers, schema)
     summary = {
         "query": json_format.MessageToDict(query, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
         "run_name": run_name,
         "privacy": {"mechanism": "gaussian", "accountant": ACCOUNTANT, "unit": unit(query)},
-        "campuses": [_campus(query, a) for a in answers],
+        "federation_schema": {"name": schema.name, "sha256": schema.digest},
+        "campuses": [_campus(query, a, schema) for a in answers],
         "refusals": sorted(refusals, key=lambda r: r["node"]),
         "receipts": receipts,
         "estimates": [_row(query, e) for e in estimates],
@@ -133,7 +141,7 @@ def unit(query: StatisticQuery) -> str:
     return PRIVACY_UNIT_SHORT + bound
 
 
-def _campus(query: StatisticQuery, a: StatisticAnswer) -> dict:
+def _campus(query: StatisticQuery, a: StatisticAnswer, schema: FederationSchema) -> dict:
     released = {(tuple(c.group), c.bin) for c in a.cells}
     return {
         "campus": a.campus,
@@ -145,7 +153,7 @@ def _campus(query: StatisticQuery, a: StatisticAnswer) -> dict:
         "min_cell_count": a.min_cell_count,
         "cells_released": len(a.cells),
         "cells_suppressed": a.suppressed_cells,
-        "suppressed": [_label(g, b) for g, b in cells(query) if (g, b) not in released],
+        "suppressed": [_label(g, b) for g, b in cells(query, schema) if (g, b) not in released],
     }
 
 

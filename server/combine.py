@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edufl.federation.proto.analytics_pb2 import StatisticAnswer, StatisticQuery
-from edufl.federation.queries import GROUP_FIELDS, bin_labels, cells, edges, threshold
+from edufl.federation.queries import bin_labels, cells, edges, group_values, threshold
+from edufl.federation.schema import FederationSchema
 
 __all__ = ["BOOTSTRAP_DRAWS", "Z_95", "Estimate", "combine", "interpolate_quantiles"]
 
@@ -88,14 +89,15 @@ def interpolate_quantiles(counts: np.ndarray, edges_: np.ndarray, ps: Sequence[f
     return np.where(target > 0, out, np.nan)
 
 
-def combine(query: StatisticQuery, answers: Sequence[StatisticAnswer]) -> list[Estimate]:
-    """Sum the released cells over campuses; one :class:`Estimate` per cell released by at least one campus
+def combine(query: StatisticQuery, answers: Sequence[StatisticAnswer], schema: FederationSchema) -> list[Estimate]:
+    """Sum the released cells over campuses (the cells ``query`` declares under the federation ``schema``); one
+    :class:`Estimate` per cell released by at least one campus
     (for a quantile: one per group with a released bin and requested probability, in order)."""
     released = [{(tuple(c.group), c.bin): c for c in a.cells} for a in answers]
     if query.statistic == "quantile":
-        return _quantile_estimates(query, answers, released)
+        return _quantile_estimates(query, answers, released, schema)
     out = []
-    for key in cells(query):
+    for key in cells(query, schema):
         parts = [(a, got[key]) for a, got in zip(answers, released, strict=True) if key in got]
         if not parts:
             continue
@@ -110,11 +112,13 @@ def combine(query: StatisticQuery, answers: Sequence[StatisticAnswer]) -> list[E
     return out
 
 
-def _quantile_estimates(query: StatisticQuery, answers: Sequence[StatisticAnswer], released: list[dict]) -> list[Estimate]:
+def _quantile_estimates(
+    query: StatisticQuery, answers: Sequence[StatisticAnswer], released: list[dict], schema: FederationSchema
+) -> list[Estimate]:
     e, labels, ps = edges(query), bin_labels(query), list(query.quantiles)
     rng = np.random.default_rng(0)  # the bootstrap simulates the stated noise; it needs no secrecy
     out = []
-    for group in itertools.product(*(GROUP_FIELDS[f] for f in query.group_by)):
+    for group in itertools.product(*(group_values(f, schema) for f in query.group_by)):
         keys = [(group, label) for label in labels]
         per_campus = np.array([[got[k].noisy_count if k in got else 0.0 for k in keys] for got in released]).reshape(
             -1, len(keys)

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from edufl.federation.runconfig import ConfigError
+from edufl.federation.schema import schema_from_text
 
 __all__ = ["app", "dashboard", "read_run"]
 
@@ -128,7 +129,7 @@ def read_run(run_dir: Path) -> dict:
         campuses=clean,
         primary=key,
         primary_name=name,
-        metrics=task_metrics(task),
+        metrics=task_metrics(task, schema_from_text(str(run["config"].get("federation-schema", "")))),
         chart=chart,
         last=rounds[-1] if rounds else None,
         worst=worst_metric(task),

@@ -148,7 +148,7 @@ class ReportingStrategy(Strategy):
     def close_round(self, server_round: int, evaluations: list[tuple[str, MetricRecord]]) -> dict:
         """Record each campus's evaluation of round ``server_round``'s global model, end the round's row and
         checkpoint the run; returns the row."""
-        keys = subgroup_keys(self.report.task)
+        keys = subgroup_keys(self.report.task, self.report.schema)
         for campus, m in evaluations:
             scores = {k: float(m[k.replace("_", "-")]) for k in self.report.metrics}
             groups = {g: Subgroup(int(m[n]), *(float(m[k]) for k in rest)) for g, (n, *rest) in keys.items() if n in m}

@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from edufl.federation.metrics import EVALUATE_METRICS, PRIMARY_METRIC, SUBGROUPS
+from edufl.federation.metrics import PRIMARY_METRIC, SUBGROUPS, evaluate_metrics
 from edufl.federation.privacy import ACCOUNTANT, PRIVACY_SCOPE, PRIVACY_UNIT, PRIVACY_UNIT_SHORT, client_level_epsilon
 from edufl.federation.randomness import REPRODUCIBLE_WARNING
+from edufl.federation.schema import FederationSchema, schema_from_text
 from edufl.federation.training import Subgroup
 from edufl.federation.wire import NUM_EXAMPLES
 
@@ -97,10 +98,10 @@ def _clean(value):
     return value
 
 
-def task_metrics(task: str) -> tuple[str, ...]:
-    """The metrics a run of ``task`` reports per campus and weighted: its released evaluation metrics
-    (:data:`~federation.metrics.EVALUATE_METRICS`) but the loss, underscored, the primary metric first."""
-    return tuple(k.replace("-", "_") for k in EVALUATE_METRICS[task] if k not in (NUM_EXAMPLES, "loss"))
+def task_metrics(task: str, schema: FederationSchema) -> tuple[str, ...]:
+    """The metrics a run of ``task`` under ``schema`` reports per campus and weighted: its released evaluation
+    metrics (:func:`~federation.metrics.evaluate_metrics`) but the loss, underscored, the primary metric first."""
+    return tuple(k.replace("-", "_") for k in evaluate_metrics(task, schema) if k not in (NUM_EXAMPLES, "loss"))
 
 
 def primary_metric(task: str) -> str:
@@ -120,12 +121,13 @@ def weighted(rows: list[dict], key: str, weight: str = "n_test") -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-def global_metrics(rows: list[dict], task: str) -> dict[str, float]:
+def global_metrics(rows: list[dict], task: str, schema: FederationSchema) -> dict[str, float]:
     """Test-row-weighted :func:`task_metrics` of ``task`` over campus ``rows`` and the lowest campus value
     of its primary metric (:func:`worst_metric`)."""
     key = primary_metric(task)
     values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-    return {**{m: weighted(rows, m) for m in task_metrics(task)}, worst_metric(task): min(values) if values else float("nan")}
+    metrics = task_metrics(task, schema)
+    return {**{m: weighted(rows, m) for m in metrics}, worst_metric(task): min(values) if values else float("nan")}
 
 
 def _interval(low: float, high: float) -> str:
@@ -195,9 +197,14 @@ class Report:
         return self.config["task"]
 
     @property
+    def schema(self) -> FederationSchema:
+        """The run's federation schema (from ``config``'s ``federation-schema``)."""
+        return schema_from_text(str(self.config.get("federation-schema", "")))
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         """The run's reported metrics (:func:`task_metrics` of its task)."""
-        return task_metrics(self.task)
+        return task_metrics(self.task, self.schema)
 
     @property
     def primary(self) -> str:
@@ -265,7 +272,7 @@ class Report:
         row = {
             "round": server_round,
             "train_loss": sum(t["train_loss"] * t["n_train"] for t in train) / loss_total if loss_total else float("nan"),
-            **global_metrics(rows, self.task),
+            **global_metrics(rows, self.task, self.schema),
             "epsilon_max": self.epsilon_max(),
             "campuses_evaluated": len(rows),
             "failures": len(self._round_failures),
@@ -358,8 +365,8 @@ class Report:
         rows and its 95 % interval (``<metric>_low``, ``<metric>_high``; :func:`combined_interval`)."""
         key = self.primary
         table = []
-        for attribute, values in SUBGROUPS.items():
-            for value in values:
+        for attribute in SUBGROUPS:
+            for value in self.schema.vocabulary(attribute):
                 reported = [
                     g for groups in self.groups.values() for g in groups if (g["attribute"], g["value"]) == (attribute, value)
                 ]
@@ -401,7 +408,7 @@ class Report:
             "rounds": self.rounds,
             "campuses": rows,
             "base_rate_is": BASE_RATE_NOTE,
-            "global": global_metrics(rows, self.task),
+            "global": global_metrics(rows, self.task, self.schema),
             "fairness": {
                 "metric": self.primary,
                 "groups": fairness,

@@ -18,14 +18,21 @@ import click
 import typer
 
 from edufl.federation.runconfig import CENTRAL_DP, MODELS, SECURE_AGGREGATION, SPLITS, STRATEGIES, TASKS, ConfigError, RunConfig
+from edufl.federation.schema import load_schema
 
 __all__ = ["RUN_OPTIONS", "RunOption", "run_config", "run_settings"]
+
+
+def _schema_text(path: str) -> str:
+    """The run config's ``federation-schema`` of the schema file ``path`` ("": OULAD's); SchemaError if unusable."""
+    return load_schema(path).text() if path else ""
 
 
 @dataclass(frozen=True)
 class RunOption:
     """The option ``flag`` setting the RunConfig attribute ``field`` (of type ``kind``, one of ``choices``
-    when given); an ``inverted`` flag sets a true-by-default attribute to False."""
+    when given); an ``inverted`` flag sets a true-by-default attribute to False; ``read`` turns a given value
+    (a file name) into the attribute's."""
 
     field: str
     flag: str
@@ -33,6 +40,7 @@ class RunOption:
     help: str
     choices: tuple[str, ...] = ()
     inverted: bool = False
+    read: Callable[[Any], Any] | None = None
 
     def parameter(self, defaults: RunConfig) -> inspect.Parameter:
         """This option as a keyword-only parameter of a typer command, with ``defaults``' value as its default."""
@@ -47,6 +55,8 @@ class RunOption:
 
     def value(self, given: Any) -> Any:
         """The RunConfig value of the option's value ``given``."""
+        if self.read is not None:
+            return self.read(given)
         return not given if self.inverted else given
 
 
@@ -127,6 +137,14 @@ RUN_OPTIONS = (
         bool,
         "research only: DP noise and batch sampling follow --seed "
         "too, so runs repeat exactly; NOT private against the coordinator, and every campus policy refuses it",
+    ),
+    RunOption(
+        "federation_schema",
+        "--schema",
+        str,
+        "federation schema file (TOML): vocabularies, outcomes, attributes and modules every campus's data must fit "
+        "(default: OULAD's, federation/schemas/oulad.toml)",
+        read=_schema_text,
     ),
     RunOption("out", "--out", str, "results folder"),
 )

@@ -54,7 +54,8 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
         started -= saved["report"]["elapsed_s"]
         report.console.print(f"resuming run {cfg.run_name} after round {saved['round']}/{cfg.num_rounds}")
     else:
-        arrays = model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed, outputs=n_outputs(cfg.task)))
+        width, outputs = len(feature_names(cfg.schema)), n_outputs(cfg.task, cfg.schema)
+        arrays = model_arrays(build_model(cfg.model, width, seed=cfg.seed, outputs=outputs))
     first = saved["round"] + 1 if saved else 1
     strategy = ReportingStrategy(
         inner,
@@ -91,6 +92,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report_config: dict, context: Con
         return None
     state = None
     if trained or saved:  # model.pt holds the model's named state_dict, not the wire's one flat array
-        final = load_model_arrays(build_model(cfg.model, len(feature_names()), outputs=n_outputs(cfg.task)), strategy.arrays)
+        model = build_model(cfg.model, len(feature_names(cfg.schema)), outputs=n_outputs(cfg.task, cfg.schema))
+        final = load_model_arrays(model, strategy.arrays)
         state = final.state_dict()
     return report.write(out, state, time.perf_counter() - started)

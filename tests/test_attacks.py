@@ -26,25 +26,29 @@ from torch.utils.data import DataLoader, TensorDataset
 from edufl.clients.app import app
 from edufl.clients.node import SIM_ENV, SIM_MANIFEST
 from edufl.federation.audit import AuditLog
-from edufl.federation.errors import CampusesFailed
+from edufl.federation.errors import CampusesRefused
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.models import build_model, model_arrays
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.queries import QUERY_KEY
 from edufl.federation.randomness import Randomness, gaussian, round_seed
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import Tables
 from edufl.federation.tasks import early_warning, feature_names, split
 from edufl.federation.training import train
-from edufl.federation.wire import ARRAYS, CONFIG, FAILED, METRICS, REFUSED
+from edufl.federation.wire import ARRAYS, CONFIG, METRICS, REFUSED
 from edufl.server.coordinator import raise_for_failures
 from edufl.server.reporting import ReportingStrategy
 from edufl.server.results import Report
 from edufl.server.strategies import build_strategy
 
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
+
 
 def _request(cfg: RunConfig, server_round: int = 1, kind: str = "train", arrays: ArrayRecord | None = None) -> Message:
-    arrays = arrays or model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed))
+    arrays = arrays or model_arrays(build_model(cfg.model, len(feature_names(OULAD)), seed=cfg.seed))
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
     return Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=1, message_type=kind)
 
@@ -78,7 +82,7 @@ def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None
 def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
     """What the campus really summed (known to this test, not to the coordinator): the same step without noise."""
     rows = split(early_warning(aaa, cfg.cutoff_day, cfg.task), cfg.split, cfg.test_fraction, cfg.seed)[0]
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names(OULAD)))
     model.load_state_dict(start)
     train(
         model,
@@ -96,7 +100,7 @@ def _true_sum(aaa: Tables, cfg: RunConfig, start: dict) -> torch.Tensor:
 def test_coordinator_cannot_recompute_and_subtract_a_campus_noise(
     aaa: Tables, aaa_dir: Path, tmp_path: Path, task_identity, capsys, monkeypatch
 ):
-    initial = build_model(ATTACK.model, len(feature_names()), seed=ATTACK.seed)
+    initial = build_model(ATTACK.model, len(feature_names(OULAD)), seed=ATTACK.seed)
     start = initial.state_dict()
     replies = [
         app(_request(ATTACK, arrays=model_arrays(initial)), campus_context(aaa_dir, tmp_path / f"state-{i}")) for i in (1, 2)
@@ -162,10 +166,11 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(
 
     request = _request(cfg, 2, arrays=first.content[ARRAYS])
     second = app(request, context)
-    assert second.has_error() and second.error.code == FAILED
+    assert second.has_error() and second.error.code == REFUSED  # its data no longer fit the run's federation schema
     assert "AAA" in second.error.reason and not _leaks(second.error.reason, secrets_)
     [*_, record] = AuditLog(state).records()  # the detail stays on the campus
-    assert not record.sent and record.reason.startswith("failed: DataError") and "Q7Z" in record.reason
+    assert not record.sent and record.reason.startswith("refused: campus AAA cannot join") and "Q7Z" in record.reason
+    assert "DataError" in record.reason
 
     # The coordinator side: the strategy records the failure, writes summary.json and prints its log lines.
     log = io.StringIO()
@@ -179,7 +184,7 @@ def test_data_corrupted_mid_run_reaches_no_reply_summary_or_coordinator_log(
     summary = report.write(tmp_path / "results", None, 0.0)
     written = (tmp_path / "results" / "summary.json").read_text()
     assert not _leaks(written, secrets_) and not _leaks(log.getvalue(), secrets_)
-    with pytest.raises(CampusesFailed, match="campus AAA"):  # the run ends non-zero, naming the campus
+    with pytest.raises(CampusesRefused, match="campus AAA"):  # the run ends non-zero, naming the campus
         raise_for_failures(summary)
 
 
@@ -252,7 +257,7 @@ def test_ledger_and_calibration_use_the_steps_opacus_ran(aaa: Tables, aaa_dir: P
     assert (q, steps) == (1 / 93, 92)
     sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), 555, 6, 2)
     result = train(
-        build_model("logistic", len(feature_names())),
+        build_model("logistic", len(feature_names(OULAD))),
         rows,
         epochs=2,
         batch_size=6,

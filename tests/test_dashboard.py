@@ -25,7 +25,11 @@ from edufl.federation.audit import AuditLog
 from edufl.federation.deploy import flwr_env, free_port
 from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.policy import CampusPolicy
+from edufl.federation.schema import load_schema
 from edufl.federation.store import now
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 CHROMIUM = Path("/usr/bin/chromium")
 POLICY = "[privacy]\ntotal_epsilon_budget = 8.0\n"
@@ -197,7 +201,7 @@ def test_coordinator_page_follows_a_run_as_its_results_folder_is_written(tmp_pat
     out = tmp_path / "live"
     cfg = RunConfig(num_rounds=2, run_name="live-run", out=str(out), model="logistic")
     report = Report(config=cfg.to_flower(), dp=True, delta=cfg.delta, console=Console(quiet=True))
-    arrays = model_arrays(build_model("logistic", len(feature_names()), seed=0))
+    arrays = model_arrays(build_model("logistic", len(feature_names(OULAD)), seed=0))
 
     def finish_round(server_round: int, auc: float, failed: bool) -> None:
         report.add_train("AAA", n_train=560, loss=0.5, epsilon=1.4 * server_round, noise_multiplier=1.1, sample_rate=0.1, steps=9)

@@ -130,7 +130,7 @@ def _values(column: Column) -> str:
     if column.kind == "str":
         return "any"
     if column.kind == "cat":
-        return ", ".join(column.vocab)
+        return ", ".join(column.vocab) or "the federation schema's vocabulary"
     low = _number(column.low) if column.low is not None else None
     if column.positive:
         low = "1" if column.kind == "int" else "more than 0"

@@ -10,12 +10,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from edufl.federation.engagement import ENGAGEMENT_FEATURES, MAX_LISTED
+from edufl.federation.engagement import MAX_LISTED, engagement_feature_bounds
 from edufl.federation.mapping import OULAD_MAPPING, Mapping, MappingError, load_mapping
 from edufl.federation.partition import campus_slice
 from edufl.federation.problems import DataError
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import Tables, load_tables
 from edufl.federation.tasks import ASSESSMENT_FEATURES, early_warning, feature_names
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
+ENGAGEMENT_FEATURES = engagement_feature_bounds(OULAD.vocabulary("activity_type"))
 
 D = 60
 
@@ -56,7 +61,7 @@ def test_features_of_a_known_student_match_the_raw_log(aaa, data_dir):
     vle = pd.read_csv(data_dir / "vle.csv", na_values="?")
     data = early_warning(aaa, D, "at_risk")
     row = data.rows.index[(data.rows["student_id"] == 11391) & (data.rows["presentation"] == "2013J")][0]
-    x = dict(zip(feature_names(), data.x[row], strict=True))
+    x = dict(zip(feature_names(OULAD), data.x[row], strict=True))
     total = raw["sum_click"].sum()
     assert total > 0
     assert x["clicks_before"] == pytest.approx(np.log1p(total) / np.log1p(20_000), abs=1e-6)
@@ -80,7 +85,7 @@ def test_features_ignore_clicks_at_or_after_the_cutoff(aaa):
 
 def test_features_are_scaled_into_unit_range_with_fixed_bounds(tables):
     data = early_warning(campus_slice(tables, "module", "GGG"), D, "at_risk")
-    names = feature_names()
+    names = feature_names(OULAD)
     engagement = data.x[:, [names.index(n) for n in ENGAGEMENT_FEATURES]]
     assert engagement.min() >= 0 and engagement.max() <= 1
     assert names[-len(ENGAGEMENT_FEATURES) :] == list(ENGAGEMENT_FEATURES)
@@ -97,7 +102,7 @@ def test_campus_without_the_module_gets_the_same_width_and_only_the_absent_flag(
     tables = load_tables(aaa_dir, core)
     assert "events" not in tables
     data = early_warning(tables, D, "at_risk")
-    names = feature_names()
+    names = feature_names(OULAD)
     assert data.x.shape == (len(data), len(names))
     engagement = data.x[:, [names.index(n) for n in ENGAGEMENT_FEATURES]]
     assert (engagement[:, :-1] == 0).all() and (engagement[:, -1] == 1).all()
@@ -207,7 +212,7 @@ def test_a_core_only_export_trains_on_the_core_with_each_absent_module_flagged(a
     tables = load_tables(aaa_dir, core)
     assert sorted(tables.frames) == ["learners", "presentations", "registrations"] and core.modules == frozenset()
     data, full = early_warning(tables, D, "at_risk"), early_warning(aaa, D, "at_risk")
-    x, names = dict(zip(feature_names(), data.x.T, strict=True)), feature_names()
+    x, names = dict(zip(feature_names(OULAD), data.x.T, strict=True)), feature_names(OULAD)
     assert (x["assessments_absent"] == 1).all() and (x["engagement_absent"] == 1).all()
     assert all((x[n] == 0).all() for n in ASSESSMENT_FEATURES)
     demographics = [i for i, n in enumerate(names) if "=" in n or n in ("prev_attempts", "studied_credits")]
@@ -269,19 +274,19 @@ def test_dp_engagement_statistic_by_final_result(aaa, data_dir, aaa_dir):
     info = aaa["learners"].set_index(["presentation", "student_id"])
     totals = per.reindex(info.index, fill_value=0)  # a registration without a click counts 0
     expected = totals.groupby(info["final_result"].to_numpy()).agg(["size", "sum"])
-    exact = exact_cells(query, aaa.frames)
+    exact = exact_cells(query, aaa.frames, OULAD)
     assert {k[0][0]: (n, round(s)) for k, (n, s) in exact.items() if n} == {
         r: (int(row["size"]), int(row["sum"])) for r, row in expected.iterrows()
     }
     z = noise_multiplier(query)
-    reply = answer(query, aaa.frames, "AAA", z, 10, randomness=Randomness(seed=3))
+    reply = answer(query, aaa.frames, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=3))
     pass_cell = next(c for c in reply.cells if list(c.group) == ["Pass"])
     true, std = expected.loc["Pass"], noise(query, z)  # noise of std z·√2 per count and z·√2·5000 per sum
     assert abs(pass_cell.noisy_count - true["size"]) < 4 * std.count_std
     assert abs(pass_cell.noisy_sum - true["sum"]) < 4 * std.sum_std and pass_cell.noisy_sum != true["sum"]
     core = load_mapping().model_copy(update={"resources": None, "events": None})
     with pytest.raises(QueryError, match="this campus's data have no module engagement"):
-        exact_cells(query, load_tables(aaa_dir, core).frames)
+        exact_cells(query, load_tables(aaa_dir, core).frames, OULAD)
 
 
 def test_the_dataset_identity_covers_the_core_so_a_new_module_keeps_the_budget_spent(aaa_dir):

@@ -20,20 +20,24 @@ from edufl.clients.app import evaluate_handler, train_handler
 from edufl.clients.guard import release_guard
 from edufl.experiments.splits import campus_splits
 from edufl.federation.audit import AuditLog
-from edufl.federation.contract import FINAL_RESULTS
-from edufl.federation.metrics import EVALUATE_METRICS, SUBGROUPS, subgroup_keys
+from edufl.federation.metrics import SUBGROUPS, evaluate_metrics, subgroup_keys
 from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.partition import campus_slice
 from edufl.federation.policy import CampusPolicy
 from edufl.federation.runconfig import TASKS, RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import Tables
 from edufl.federation.tasks import TASK_MODULES, early_warning, feature_names, n_outputs, split
 from edufl.federation.training import evaluate, predict, subgroup_metrics, train
 from edufl.federation.wire import BLOCKED, CONFIG, EVALUATE_RECEIVED, EVALUATION, METRICS
 from edufl.server.results import primary_metric
 
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
+
 KEY = ["course", "presentation", "student_id"]
 D = 60
+FINAL_RESULTS = tuple(OULAD.outcomes)
 FOUR_CLASS = {"macro_f1", "accuracy", "macro_auc", *(f"f1_{c}" for c in FINAL_RESULTS)}
 
 
@@ -44,7 +48,7 @@ def test_labels_are_the_learners_final_results_in_contract_order(tables):
     learners = campus["learners"].set_index(KEY)
     own = learners.loc[list(four.rows[KEY].itertuples(index=False, name=None))]
     assert [FINAL_RESULTS[int(c)] for c in four.y] == own["final_result"].tolist()
-    assert four.y.dtype == np.float32 and n_outputs("final_result") == 4
+    assert four.y.dtype == np.float32 and n_outputs("final_result", OULAD) == 4
     assert np.array_equal(withdrawn.y, (four.y == FINAL_RESULTS.index("Withdrawn")).astype(np.float32))
     assert own["final_result"].value_counts().to_dict() == {"Pass": 1180, "Fail": 781, "Withdrawn": 761, "Distinction": 498}
     # each example carries its subgroup attributes, as the learner record holds them
@@ -72,9 +76,9 @@ def _majority_macro_f1(train_part, test_part) -> float:
 
 def test_four_class_metrics_match_scikit_learn_and_beat_the_majority_class(tables):
     train_part, test_part = split(early_warning(campus_slice(tables, "module", "CCC"), D, "final_result"), "stratified", 0.2, 0)
-    model = build_model("logistic", len(feature_names()), outputs=4)
+    model = build_model("logistic", len(feature_names(OULAD)), outputs=4)
     train(model, train_part, epochs=3, batch_size=64, learning_rate=0.3, seed=0)
-    scores = evaluate(model, train_part, test_part, "final_result")
+    scores = evaluate(model, train_part, test_part, "final_result", OULAD)
     p, y = predict(model, test_part.x), test_part.y.astype(int)
     assert p.shape == (len(test_part), 4) and np.allclose(p.sum(axis=1), 1)
     pred = p.argmax(axis=1)
@@ -90,7 +94,7 @@ def test_four_class_metrics_match_scikit_learn_and_beat_the_majority_class(table
 
 
 def _evaluate_request(cfg: RunConfig, seed: int = 1) -> Message:
-    model = build_model(cfg.model, len(feature_names()), seed=seed, outputs=n_outputs(cfg.task))
+    model = build_model(cfg.model, len(feature_names(OULAD)), seed=seed, outputs=n_outputs(cfg.task, OULAD))
     config = ConfigRecord({**cfg.to_flower(), "server-round": 1})
     return Message(RecordDict({"arrays": model_arrays(model), CONFIG: config}), dst_node_id=1, message_type="evaluate")
 
@@ -116,11 +120,11 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
     sent = reply.content[METRICS]
     k = policy_k or CampusPolicy().release.min_cohort_size  # no [release] in the policy: the default, 10
     test_part = split(early_warning(aaa, D, task), "stratified", 0.2, 0)[1]
-    model = build_model("logistic", len(feature_names()), outputs=n_outputs(task))
+    model = build_model("logistic", len(feature_names(OULAD)), outputs=n_outputs(task, OULAD))
     load_model_arrays(model, request.content["arrays"])
     p = predict(model, test_part.x)
     released, outside = [], {attribute: len(test_part) for attribute in SUBGROUPS}
-    for (attribute, value), (count, metric, low, high) in subgroup_keys(task).items():
+    for (attribute, value), (count, metric, low, high) in subgroup_keys(task, OULAD).items():
         rows = np.flatnonzero(test_part.rows[attribute].to_numpy(object) == value)
         if count not in sent:
             assert not {metric, low, high} & set(sent)
@@ -146,8 +150,8 @@ def test_campus_sends_subgroup_metrics_only_for_groups_of_k_rows_equal_to_a_reco
             "imd_band=80-90%",
             "imd_band=90-100%",
         ]
-    assert 0 < len(released) < len(subgroup_keys(task))
-    assert len(sent) == len(EVALUATE_METRICS[task]) + 4 * len(released)
+    assert 0 < len(released) < len(subgroup_keys(task, OULAD))
+    assert len(sent) == len(evaluate_metrics(task, OULAD)) + 4 * len(released)
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert record.sent and sorted(record.metric_keys) == sorted(sent)
 
@@ -187,7 +191,7 @@ def test_the_evaluation_in_a_train_reply_is_the_evaluate_replys_without_the_boot
         ),
     ],
 )
-def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, task_identity, tamper, reason: str):
+def test_guard_blocks_undeclared_or_too_small_subgroup_metrics(aaa_dir: Path, task_identity, tamper, reason: str, schema=OULAD):
     def leaky_handler(msg: Message, context: Context) -> Message:
         reply = evaluate_handler(msg, context)
         tamper(reply.content[METRICS])
@@ -231,10 +235,10 @@ def test_federated_dp_final_result_reports_four_class_metrics_and_a_fairness_tab
     assert summary["global"]["macro_f1"] > _weighted_majority_macro_f1(splits) + 0.05
     assert "round   2/2" in done.stdout and "done: weighted macro-F1" in done.stdout and "macro-F1 by gender: F" in done.stdout
     # The fairness table equals the campuses' subgroup metrics of the final model, recomputed and combined.
-    model = build_model("mlp", len(feature_names()), outputs=4)
+    model = build_model("mlp", len(feature_names(OULAD)), outputs=4)
     model.load_state_dict(torch.load(out / "model.pt"))
     k = CampusPolicy().release.min_cohort_size
-    per_campus = [subgroup_metrics(model, test, "final_result", k) for _, test in splits.values()]
+    per_campus = [subgroup_metrics(model, test, "final_result", k, schema=OULAD) for _, test in splits.values()]
     fairness = pd.read_csv(out / "fairness.csv", dtype={"value": str})
     assert summary["fairness"]["metric"] == "macro_f1" and len(summary["fairness"]["groups"]) == len(fairness)
     assert len(fairness) == len(set().union(*per_campus))

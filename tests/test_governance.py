@@ -26,8 +26,12 @@ from edufl.federation.models import build_model, model_arrays
 from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy, PolicyError, ResearchPolicy
 from edufl.federation.proto.audit_pb2 import DpRelease
 from edufl.federation.runconfig import TASKS, ConfigError, RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.tasks import feature_names
 from edufl.federation.wire import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, REFUSED
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 POLICY = """
 [privacy]
@@ -307,7 +311,7 @@ def test_ledger_persists_and_composes_across_runs(tmp_path: Path):
 
 
 def _train_request(cfg: RunConfig, server_round: int = 1) -> Message:
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names(OULAD)))
     config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
     return Message(RecordDict({ARRAYS: model_arrays(model), CONFIG: config}), dst_node_id=1, message_type="train")
 
@@ -319,7 +323,7 @@ def test_guard_lets_a_declared_update_leave_and_logs_exactly_what_left(aaa_dir, 
     [record] = AuditLog(aaa_dir.parent / "state").records()
     assert (record.campus, record.run_id, record.server_round, record.message_type, record.sent) == ("AAA", "5", 1, "train", True)
     # the logistic model's weight row and bias, flattened into the one array a model travels as
-    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [("weights", [len(feature_names()) + 1], "float32")]
+    assert [(a.name, list(a.shape), a.dtype) for a in record.arrays] == [("weights", [len(feature_names(OULAD)) + 1], "float32")]
     assert (record.payload_bytes, record.payload_sha256) == payload_digest(reply.content)
     assert record.num_examples == 563 and sorted(record.metric_keys) == sorted(TRAIN_METRICS)
     [release] = PrivacyLedger(aaa_dir.parent / "state").releases()

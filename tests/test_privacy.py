@@ -19,9 +19,13 @@ from edufl.federation.ledger import PrivacyLedger
 from edufl.federation.models import build_model, load_model_arrays, model_arrays
 from edufl.federation.privacy import ORDERS, DPSettings, calibrate_noise, epsilon, poisson_plan
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.tasks import TaskData, early_warning, feature_names, split
 from edufl.federation.training import train
 from edufl.federation.wire import ARRAYS, CAMPUS, CONFIG, METRICS
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 
 def _events(history) -> dp_event.DpEvent:
@@ -58,7 +62,7 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
     settings = DPSettings(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0)
     q, spe = poisson_plan(len(aaa_train), 64)
     sigma = calibrate_noise(settings, len(aaa_train), 64, 3 * 2)
-    model = build_model("mlp", len(feature_names()))
+    model = build_model("mlp", len(feature_names(OULAD)))
     history = []
     for r in range(3):  # three rounds of two local epochs, one process
         result = train(
@@ -86,7 +90,7 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
 def test_dp_update_differs_from_non_dp_update_on_same_seed(aaa_train):
     updates = {}
     for dp in (False, True):
-        model = build_model("mlp", len(feature_names()), seed=0)
+        model = build_model("mlp", len(feature_names(OULAD)), seed=0)
         train(
             model,
             aaa_train,
@@ -98,7 +102,7 @@ def test_dp_update_differs_from_non_dp_update_on_same_seed(aaa_train):
             max_grad_norm=1.0,
         )
         updates[dp] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    model = build_model("mlp", len(feature_names()), seed=0)
+    model = build_model("mlp", len(feature_names(OULAD)), seed=0)
     train(model, aaa_train, epochs=1, batch_size=64, learning_rate=0.3, seed=7)
     same = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(same, updates[False])  # plain training is reproducible
@@ -107,7 +111,7 @@ def test_dp_update_differs_from_non_dp_update_on_same_seed(aaa_train):
 
 def test_tiny_campus_with_empty_poisson_batches_trains_and_accounts_every_step(aaa_train):
     tiny = aaa_train.take(np.arange(3))
-    model = build_model("logistic", len(feature_names()))
+    model = build_model("logistic", len(feature_names(OULAD)))
     before = [p.detach().clone() for p in model.parameters()]
     result = train(model, tiny, epochs=20, batch_size=1, learning_rate=0.1, seed=0, noise_multiplier=1.0, max_grad_norm=1.0)
     # q = 1/3: about 30% of the 60 Poisson batches are empty, and each still counts.
@@ -135,7 +139,7 @@ def _message(cfg: RunConfig, model, server_round: int, kind: str = "train") -> M
 def test_client_app_carries_epsilon_across_rounds_and_refuses_past_target(aaa_dir, task_identity):
     cfg = RunConfig(num_rounds=2, target_epsilon=1.0, model="logistic")
     context = campus_context(aaa_dir, run_id=1)
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names(OULAD)))
     spent = []
     for server_round in (1, 2):
         reply = train_handler(_message(cfg, model, server_round), context)
@@ -178,7 +182,7 @@ def test_epsilon_agrees_with_googles_accountants_and_bounds_the_pld_epsilon(hist
 def test_client_app_refuses_a_coordinator_that_loosens_privacy_mid_run(aaa_dir, task_identity):
     context = campus_context(aaa_dir, run_id=1)
     cfg = RunConfig(num_rounds=5, target_epsilon=1.0, model="logistic")
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names(OULAD)))
     first = train_handler(_message(cfg, model, 1), context).content[METRICS]["epsilon"]
     # each within the campus policy, but looser than what the run agreed at round 1
     for loosened in (
@@ -199,7 +203,7 @@ def test_research_simulation_without_dp_reports_and_records_infinite_epsilon(aaa
     monkeypatch.setenv(SIM_ENV, str(aaa_dir.parent))
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     cfg = RunConfig(num_rounds=1, dp=False, model="logistic")
-    reply = train_handler(_message(cfg, build_model(cfg.model, len(feature_names())), 1), context)
+    reply = train_handler(_message(cfg, build_model(cfg.model, len(feature_names(OULAD))), 1), context)
     assert reply.content[METRICS]["epsilon"] == math.inf and reply.content[CAMPUS]["name"] == "AAA"
     [release] = PrivacyLedger(aaa_dir.parent / "campuses" / "AAA").releases()
     assert (release.dp.mechanism, release.dp.noise_multiplier, release.dp.epsilon, release.run_id) == ("none", 0.0, math.inf, "7")
@@ -220,7 +224,7 @@ def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, 
     values = {**RunConfig(model="logistic").to_flower(), "server-round": 1}
     values.update({k.replace("_", "-") if k != "sneaky_key" else k: v for k, v in change.items()})
     msg = Message(
-        RecordDict({ARRAYS: model_arrays(build_model("logistic", len(feature_names()))), CONFIG: ConfigRecord(values)}),
+        RecordDict({ARRAYS: model_arrays(build_model("logistic", len(feature_names(OULAD)))), CONFIG: ConfigRecord(values)}),
         dst_node_id=1,
         message_type="train",
     )
@@ -232,7 +236,7 @@ def test_campus_policy_refuses_a_malicious_coordinator_before_training(aaa_dir, 
 def test_total_budget_is_spent_across_runs_and_restarts_then_refused(aaa_dir, task_identity, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text("[privacy]\nmax_epsilon_per_run = 1.0\ntotal_epsilon_budget = 2.5\n")
-    model = build_model("logistic", len(feature_names()))
+    model = build_model("logistic", len(feature_names(OULAD)))
     finished = 0
     with pytest.raises(CampusRefusal, match="privacy.total_epsilon_budget: the dataset's ε over all runs would reach"):
         for run in range(1, 10):
@@ -256,6 +260,6 @@ def test_metrics_on_fewer_test_rows_than_the_cohort_minimum_are_not_released(aaa
     cfg = RunConfig(model="logistic")
     with pytest.raises(CampusRefusal, match=r"fewer test rows than release.min_cohort_size \(1000\)"):
         evaluate_handler(
-            _message(cfg, build_model("logistic", len(feature_names())), 1, "evaluate"),
+            _message(cfg, build_model("logistic", len(feature_names(OULAD))), 1, "evaluate"),
             campus_context(aaa_dir, run_id=1, policy=str(policy)),
         )

@@ -14,8 +14,12 @@ from opacus.accountants import RDPAccountant
 from edufl.experiments.membership import loss_attack_auc, per_example_loss
 from edufl.federation.models import build_model
 from edufl.federation.privacy import DPSettings, calibrate_noise, epsilon
+from edufl.federation.schema import load_schema
 from edufl.federation.tasks import early_warning, feature_names, split
 from edufl.federation.training import train
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 
 def _edufl(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -99,7 +103,7 @@ def test_membership_attack_auc_of_a_dp_model_is_closer_to_chance_than_without_dp
     train_part, test_part = split(early_warning(aaa, 60, "withdrawal"), "stratified", 0.2, 0)
     attack = {}
     for name, dp in (("dp", True), ("nodp", False)):
-        model = build_model("mlp", len(feature_names()), seed=0)
+        model = build_model("mlp", len(feature_names(OULAD)), seed=0)
         sigma = calibrate_noise(DPSettings(3.0, 1e-5, 1.0), len(train_part), 16, 100) if dp else None
         result = train(
             model, train_part, epochs=100, batch_size=16, learning_rate=0.3, seed=1, noise_multiplier=sigma, max_grad_norm=1.0
@@ -118,11 +122,11 @@ def test_the_attack_scores_a_four_class_model_by_its_cross_entropy(aaa):
     from edufl.federation.tasks import n_outputs
 
     data = early_warning(aaa, 60, "final_result")
-    model = build_model("mlp", len(feature_names()), outputs=n_outputs("final_result"))
+    model = build_model("mlp", len(feature_names(OULAD)), outputs=n_outputs("final_result", OULAD))
     losses = per_example_loss(model, data)
     with torch.no_grad():
         expected = F.cross_entropy(model(torch.from_numpy(data.x)), torch.from_numpy(data.y).long(), reduction="none")
-    assert losses.shape == (len(data),) and n_outputs("final_result") == 4
+    assert losses.shape == (len(data),) and n_outputs("final_result", OULAD) == 4
     assert losses == pytest.approx(expected.numpy(), rel=1e-6)
     auc, k = loss_attack_auc(model, *split(data, "stratified", 0.2, seed=0))
     assert k == min(len(s) for s in split(data, "stratified", 0.2, seed=0)) and 0.3 < auc < 0.7  # untrained: no signal

@@ -16,9 +16,13 @@ from rich.console import Console
 from sklearn.metrics import brier_score_loss, f1_score, roc_auc_score
 
 from edufl.federation.models import build_model
+from edufl.federation.schema import load_schema
 from edufl.federation.tasks import early_warning, feature_names, n_outputs, split
 from edufl.federation.training import Subgroup, _bootstrap_interval, auc, binary_scores, predict, subgroup_metrics
 from edufl.server.results import Report, code_version, combined_interval
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 D = 60
 
@@ -131,17 +135,17 @@ def test_run_plot_without_dp_says_no_epsilon_applies():
 @pytest.mark.parametrize("task", ["withdrawal", "final_result"])
 def test_bootstrap_interval_equals_a_resampling_with_scikit_learn(aaa, task):
     test = split(early_warning(aaa, D, task), "stratified", 0.2, 0)[1]
-    model = build_model("logistic", len(feature_names()), seed=1, outputs=n_outputs(task))
+    model = build_model("logistic", len(feature_names(OULAD)), seed=1, outputs=n_outputs(task, OULAD))
     p = predict(model, test.x)
-    low, high = _bootstrap_interval(task, test.y, p, np.random.default_rng(7), 50)
+    low, high = _bootstrap_interval(task == "final_result", test.y, p, np.random.default_rng(7), 50)
     index = np.random.default_rng(7).integers(0, len(test), size=(50, len(test)))
     if task == "final_result":
         values = [f1_score(test.y[i].astype(int), p[i].argmax(axis=1), average="macro") for i in index]
     else:
         values = [roc_auc_score(test.y[i], p[i]) for i in index]
     assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])))
-    groups = subgroup_metrics(model, test, task, 10, resamples=50, seed=3)
-    again = subgroup_metrics(model, test, task, 10, resamples=50, seed=3)  # seeded: the same intervals again
+    groups = subgroup_metrics(model, test, task, 10, resamples=50, seed=3, schema=OULAD)
+    again = subgroup_metrics(model, test, task, 10, resamples=50, seed=3, schema=OULAD)  # seeded: the same intervals again
     np.testing.assert_array_equal(np.array(list(groups.values())), np.array(list(again.values())))
     assert all(g.low <= g.high for g in groups.values() if not math.isnan(g.low))
 
@@ -157,7 +161,7 @@ def test_auc_and_brier_equal_scikit_learns_with_ties_and_are_nan_on_one_class():
 
 def test_bootstrap_interval_is_nan_when_resamples_leave_auc_undefined():
     y, p = np.array([1.0] + [0.0] * 19), np.linspace(0, 1, 20)  # one positive: about a third of resamples have none
-    assert all(math.isnan(v) for v in _bootstrap_interval("withdrawal", y, p, np.random.default_rng(0), 200))
+    assert all(math.isnan(v) for v in _bootstrap_interval(False, y, p, np.random.default_rng(0), 200))
 
 
 def test_every_simulation_mode_gets_a_unique_run_name(monkeypatch, tmp_path):

@@ -33,10 +33,11 @@ from edufl.clients.secagg import check_stage_request, secure_aggregation_mod
 from edufl.clients.secagg_checks import FIT_PARAMETERS, SECAGG
 from edufl.federation.audit import AuditLog
 from edufl.federation.ledger import PrivacyLedger
-from edufl.federation.metrics import EVALUATE_METRICS, TRAIN_METRICS
+from edufl.federation.metrics import TRAIN_METRICS, evaluate_metrics
 from edufl.federation.models import build_model, model_arrays
 from edufl.federation.partition import campus_names, campus_slices
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.secaggplus import named_arrays
 from edufl.federation.tasks import feature_names
 from edufl.federation.wire import ARRAYS, BLOCKED, CAMPUS, CONFIG, METRICS, NUM_EXAMPLES, REFUSED
@@ -47,6 +48,9 @@ from edufl.server.results import Report
 from edufl.server.secagg import CampusGrid, run_secaggplus
 from edufl.server.strategies import build_strategy
 from edufl.server.training import run_federation
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 STAGES = [f"secaggplus:{s}" for s in Stage.all()]
 QUANTIZATION_STEP = 2 * 8.0 / 2**22  # SecAggPlusWorkflow's defaults: clipping range 8, quantization range 2**22
@@ -117,7 +121,7 @@ def _stub_campus(tamper=None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         node = msg.metadata.dst_node_id
-        metrics = MetricRecord({k: 0.5 for k in EVALUATE_METRICS["withdrawal"]} | {NUM_EXAMPLES: 100})
+        metrics = MetricRecord({k: 0.5 for k in evaluate_metrics("withdrawal", OULAD)} | {NUM_EXAMPLES: 100})
         return Message(RecordDict({METRICS: metrics, CAMPUS: ConfigRecord({"name": f"C{node}"})}), reply_to=msg)
 
     return app
@@ -143,7 +147,7 @@ def _run(root: Path, tamper=None, **settings):
     grid = LocalGrid(_stub_campus(tamper), _contexts(root))
     report = Report(config=cfg.to_flower(), dp=True, delta=cfg.delta)
     reporting = ReportingStrategy(build_strategy(cfg), report, cfg.num_rounds, cfg.min_campuses, cfg.round_timeout)
-    initial = model_arrays(build_model(cfg.model, len(feature_names()), seed=0))
+    initial = model_arrays(build_model(cfg.model, len(feature_names(OULAD)), seed=0))
     context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config={})
     aggregated = run_secaggplus(grid, context, cfg, reporting, initial)
     return grid, report, reporting, initial, aggregated
@@ -307,7 +311,7 @@ def test_campus_refuses_a_setup_whose_threshold_would_let_the_coordinator_unmask
 
 def test_campus_refuses_a_plain_update_in_a_run_under_secure_aggregation(tmp_path, task_identity):
     cfg = RunConfig(model="logistic", secure_aggregation="secaggplus")
-    arrays = model_arrays(build_model(cfg.model, len(feature_names())))
+    arrays = model_arrays(build_model(cfg.model, len(feature_names(OULAD))))
     plain = Message(
         RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
         dst_node_id=1,
@@ -330,7 +334,7 @@ def test_campus_refuses_to_unmask_a_node_named_both_active_and_dropped():
 
 
 def test_legacy_arrays_get_the_model_names_back_and_other_shapes_are_refused():
-    model = build_model("logistic", len(feature_names()), seed=0).state_dict()
+    model = build_model("logistic", len(feature_names(OULAD)), seed=0).state_dict()
     specs = [(name, list(t.shape), "float32") for name, t in model.items()]
     unnamed = [t.numpy().astype(np.float64) for t in model.values()]  # as Flower's legacy aggregation returns them
     named = named_arrays(parameters_to_arrayrecord(ndarrays_to_parameters(unnamed), keep_input=True), specs)
@@ -415,7 +419,7 @@ def test_secaggplus_simulation_on_real_data_sums_the_campus_updates_without_seei
         write_tables(own, sim / name)
     (sim / SIM_MANIFEST).write_text(json.dumps({"campuses": campuses, "state-root": str(tmp_path / "again"), "policy": None}))
     monkeypatch.setenv(SIM_ENV, str(sim))
-    initial = model_arrays(build_model(cfg.model, len(feature_names()), seed=cfg.seed))
+    initial = model_arrays(build_model(cfg.model, len(feature_names(OULAD)), seed=cfg.seed))
     ran = RunConfig.from_flower({k: v for k, v in summary["config"].items() if k in cfg.to_flower()})
     run_config = ConfigRecord({**ran.to_flower(), "server-round": 1})
     threads = torch.get_num_threads()

@@ -19,11 +19,17 @@ from edufl.federation.mapping import load_mapping
 from edufl.federation.policy import RESEARCH_POLICY
 from edufl.federation.problems import DataError
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import load_tables
 from edufl.federation.tasks import early_warning, feature_names
 
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
+
 EXAMPLE = Path(__file__).parents[1] / "docs" / "single-table-example"
 MAPPING = EXAMPLE / "student_records.toml"
+SCHEMA = load_schema(EXAMPLE / "federation.toml")
+"""The example federation's schema: its vocabularies and admission attributes."""
 CAMPUSES = ("north", "south", "west")
 GENDER = {"0": "F", "1": "M"}  # the mapping's codes.gender
 
@@ -46,6 +52,8 @@ def test_campus_validate_accepts_each_campus_folder_and_lists_what_it_leaves_out
                 str(EXAMPLE / campus),
                 "--mapping",
                 str(MAPPING),
+                "--schema",
+                str(EXAMPLE / "federation.toml"),
             ],
             capture_output=True,
             text=True,
@@ -54,17 +62,15 @@ def test_campus_validate_accepts_each_campus_folder_and_lists_what_it_leaves_out
         assert done.returncode == 0, done.stderr
         assert f"OK, {len(_rows(campus)) - exchange} registrations" in done.stdout
         assert f"students.csv: {exchange} row(s) left out of learners by its row filter (keep)" in done.stdout
-        assert (
-            "students.csv: 4 column(s) not used by the mapping: Admission grade, Scholarship holder, "
-            "Tuition fees up to date, Daytime/evening attendance" in done.stdout
-        )
+        assert "not used by the mapping" not in done.stdout  # the attributes read the last 4 columns
+        assert "for federation schema 'student_records'" in done.stdout
 
 
 def test_the_mapping_reads_bins_codes_constants_and_both_terms_without_invented_values():
-    tables = load_tables(EXAMPLE / "north", MAPPING)
+    tables = load_tables(EXAMPLE / "north", MAPPING, SCHEMA)
     raw = {int(r["Student number"]): r for r in _rows("north") if r["Enrolment type"] == "degree"}
     learners = tables["learners"].set_index("student_id")
-    assert len(learners) == len(raw) and load_mapping(MAPPING).modules == frozenset({"terms"})
+    assert len(learners) == len(raw) and load_mapping(MAPPING).modules == frozenset({"terms", "attributes"})
     for sid, r in list(raw.items())[:50]:
         age = int(r["Age at enrollment"])
         assert learners.loc[sid, "age_band"] == ("0-35" if age < 35 else "35-55" if age < 55 else "55<=")
@@ -82,8 +88,8 @@ def test_the_mapping_reads_bins_codes_constants_and_both_terms_without_invented_
 
 
 def test_term1_dropout_leaves_out_students_still_enrolled_and_its_features_carry_the_signal():
-    parts = [early_warning(load_tables(EXAMPLE / c, MAPPING), 60, "term1_dropout") for c in CAMPUSES]
-    names = feature_names()
+    parts = [early_warning(load_tables(EXAMPLE / c, MAPPING, SCHEMA), 60, "term1_dropout") for c in CAMPUSES]
+    names = feature_names(SCHEMA)
     for campus, data in zip(CAMPUSES, parts, strict=True):
         rows = [r for r in _rows(campus) if r["Enrolment type"] == "degree"]
         assert len(data) == sum(r["Target"] != "Enrolled" for r in rows)
@@ -95,6 +101,10 @@ def test_term1_dropout_leaves_out_students_still_enrolled_and_its_features_carry
         share = int(first["Curricular units 1st sem (approved)"]) / int(first["Curricular units 1st sem (enrolled)"])
         assert x["term1_approved_share"][i] == pytest.approx(share)
         assert x["term1_grade"][i] == pytest.approx(float(first["Curricular units 1st sem (grade)"]) / 20)
+        # Module attributes, encoded as the schema declares: admission grade over [0, 200], one-hot categories.
+        assert (x["attributes_absent"] == 0).all()
+        assert x["admission_grade"][i] == pytest.approx(float(first["Admission grade"]) / 200)
+        assert x[f"scholarship={'yes' if first['Scholarship holder'] == '1' else 'no'}"][i] == 1
         # No model: a lower share of first-term units approved alone ranks dropouts first.
         assert roc_auc_score(data.y, -x["term1_approved_share"]) > 0.7
 
@@ -107,11 +117,11 @@ def test_a_campus_without_module_terms_refuses_term1_dropout_before_reading_data
     with pytest.raises(
         CampusRefusal,
         match="campus north refuses the run: task term1_dropout needs module terms, and this "
-        "campus's mapping provides the core tables only",
+        "campus's mapping provides attributes",
     ):
         load_campus(setup, RunConfig(task="term1_dropout"))
     with pytest.raises(ValueError, match="task term1_dropout needs module terms"):
-        early_warning(load_tables(EXAMPLE / "north", mapping), 60, "term1_dropout")
+        early_warning(load_tables(EXAMPLE / "north", mapping, SCHEMA), 60, "term1_dropout")
 
 
 def test_a_bad_binned_value_and_a_missing_filter_column_are_reported_with_file_line_and_column(tmp_path):
@@ -123,19 +133,28 @@ def test_a_bad_binned_value_and_a_missing_filter_column_are_reported_with_file_l
     lines[3] = ";".join(cells)
     (folder / "students.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
-        load_tables(folder, MAPPING)
+        load_tables(folder, MAPPING, SCHEMA)
     assert "students.csv, line 4, column 'Age at enrollment': 'twenty' is not a number (binned by edges 35, 55)" in [
         str(p) for p in err.value.problems
     ]
     mapping = tmp_path / "filter.toml"
     mapping.write_text(MAPPING.read_text().replace('"Enrolment type"', '"Programme type"'))
     with pytest.raises(DataError, match="column 'Programme type': column is missing \\(a row filter of presentations\\)"):
-        load_tables(EXAMPLE / "north", mapping)
+        load_tables(EXAMPLE / "north", mapping, SCHEMA)
 
 
 def _simulate(*args: str) -> subprocess.CompletedProcess:
     campuses = [f"--campus={c}={EXAMPLE / c}:{MAPPING}" for c in CAMPUSES]
-    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", *campuses, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "edufl.experiments.cli",
+        "simulate",
+        *campuses,
+        "--schema",
+        str(EXAMPLE / "federation.toml"),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
@@ -173,7 +192,8 @@ def test_simulate_trains_on_the_three_campus_folders_and_its_centralized_baselin
     ],
 )
 def test_a_bad_campus_folder_option_is_refused_with_exit_status_2(campus, expected):
-    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", *(f"--campus={c}" for c in campus)]
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", *(f"--campus={c}" for c in campus), "--schema"]
+    command.append(str(EXAMPLE / "federation.toml"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -186,7 +206,8 @@ def test_campus_folders_with_data_or_campus_by_are_refused(data_dir):
 
 def test_a_campus_folder_with_bad_data_names_its_file_and_exits_2(tmp_path):
     (tmp_path / "students.csv").write_text("Student number;Course\n1;2\n")
-    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", f"--campus=bad={tmp_path}:{MAPPING}"]
+    command = [sys.executable, "-m", "edufl.experiments.cli", "simulate", f"--campus=bad={tmp_path}:{MAPPING}", "--schema"]
+    command.append(str(EXAMPLE / "federation.toml"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "students.csv" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
@@ -207,6 +228,8 @@ def test_a_dp_statistic_over_the_three_campus_folders_is_within_its_stated_bound
         "run",
         str(query),
         *campuses,
+        "--schema",
+        str(EXAMPLE / "federation.toml"),
         "--out",
         str(tmp_path / "q"),
     ]

@@ -31,11 +31,15 @@ from edufl.federation.proto.analytics_pb2 import Cell, StatisticAnswer, Statisti
 from edufl.federation.queries import ANSWER, QUERY_KEY, QueryError, cells, load_query
 from edufl.federation.randomness import SECRET, Randomness
 from edufl.federation.runconfig import RunConfig
+from edufl.federation.schema import load_schema
 from edufl.federation.statistics import answer, answer_problems, exact_cells, noise, noise_multiplier, records
 from edufl.federation.tables import load_tables
 from edufl.federation.tasks import feature_names
 from edufl.federation.wire import ARRAYS, BLOCKED, CONFIG, REFUSED
 from edufl.server.combine import Z_95, combine
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 ROOT = Path(__file__).parents[1]
 WITHDRAWAL_BY_IMD = StatisticQuery(
@@ -63,13 +67,13 @@ def test_noise_scale_matches_the_stated_epsilon_and_sensitivity(eps):
 
 
 def test_empirical_noise_matches_the_stated_std(aaa):
-    exact = exact_cells(WITHDRAWAL_BY_IMD, aaa)
+    exact = exact_cells(WITHDRAWAL_BY_IMD, aaa, OULAD)
     big = [key for key, (n, _) in exact.items() if n >= 60]  # never near k = 10: suppression cannot bias the residuals
     assert len(big) >= 5
     z = noise_multiplier(WITHDRAWAL_BY_IMD)
     count_res, sum_res = [], []
     for seed in range(200):  # reproducible noise: the test is deterministic
-        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=seed))
+        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=seed))
         got = {(tuple(c.group), c.bin): c for c in reply.cells}
         for key in big:
             count_res.append(got[key].noisy_count - exact[key][0])
@@ -94,12 +98,12 @@ def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
         epsilon=1.0,
         delta=1e-5,
     )
-    exact = exact_cells(query, tables)
+    exact = exact_cells(query, tables, OULAD)
     big = [key for key, (n, _) in exact.items() if n >= 60]  # suppressed only if its noise is below -50, -8.7 stds
     assert len(big) >= 120
     z = noise_multiplier(query)
     stated = noise(query, z)
-    replies = [answer(query, tables, "all", z, 10) for _ in range(25)]  # randomness: the default, SECRET
+    replies = [answer(query, tables, "all", z, 10, schema=OULAD) for _ in range(25)]  # randomness: the default, SECRET
     first, second = ({(tuple(c.group), c.bin): c for c in reply.cells} for reply in replies[:2])
     assert all(
         first[key].noisy_count != second[key].noisy_count and first[key].noisy_sum != second[key].noisy_sum for key in big
@@ -124,9 +128,9 @@ def test_secret_noise_is_fresh_in_every_release_and_has_the_stated_std(tables):
 
 def test_seeded_noise_is_reproducible(aaa):
     z = noise_multiplier(WITHDRAWAL_BY_IMD)
-    one, two = (answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=11)) for _ in range(2))
+    one, two = (answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=11)) for _ in range(2))
     assert len(one.cells) >= 5 and one.SerializeToString() == two.SerializeToString()
-    other = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=12))
+    other = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=12))
     assert [c.noisy_count for c in other.cells] != [c.noisy_count for c in one.cells]
 
 
@@ -151,9 +155,9 @@ def test_the_noise_is_one_release_of_counts_and_sums_over_b(aaa, monkeypatch):
         delta=1e-5,
     )
     z = noise_multiplier(credits)
-    reply = answer(credits, aaa, "AAA", z, 10, randomness=Randomness(seed=3))
+    reply = answer(credits, aaa, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=3))
     [(values, sensitivity, std, randomness, noisy, rho)] = calls  # one call over the whole released vector
-    exact = exact_cells(credits, aaa)
+    exact = exact_cells(credits, aaa, OULAD)
     assert values.tolist() == [float(n) for n, _ in exact.values()] + [s / 360 for _, s in exact.values()]  # B = 360
     assert sensitivity == math.sqrt(2) and std == noise(credits, z).count_std == reply.count_std  # Δ = √2·m
     assert randomness == Randomness(seed=3) and rho == pytest.approx(1 / (2 * z**2), rel=1e-12)
@@ -167,9 +171,9 @@ def test_the_noise_is_one_release_of_counts_and_sums_over_b(aaa, monkeypatch):
     calls.clear()
     scores = load_query(SCORE_BY_TYPE)
     z = noise_multiplier(scores)
-    answer(scores, aaa, "AAA", z, 10)
+    answer(scores, aaa, "AAA", z, 10, schema=OULAD)
     [(values, sensitivity, std, randomness, _, rho)] = calls
-    assert len(values) == len(cells(scores)) and sensitivity == 14 and randomness is SECRET
+    assert len(values) == len(cells(scores, OULAD)) and sensitivity == 14 and randomness is SECRET
     assert std == noise(scores, z).count_std and rho == pytest.approx(1 / (2 * z**2), rel=1e-12)
 
 
@@ -184,7 +188,7 @@ def test_an_answer_fails_closed_when_the_noise_costs_more_than_the_ledger_record
     monkeypatch.setattr(statistics, "add_gaussian", overspending)
     reply = None
     with pytest.raises(QueryError, match=r"exceeds the ledger's 1 / \(2 z²\)"):
-        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", noise_multiplier(WITHDRAWAL_BY_IMD), 10)
+        reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", noise_multiplier(WITHDRAWAL_BY_IMD), 10, schema=OULAD)
     assert reply is None  # no answer
 
 
@@ -206,17 +210,17 @@ def test_float_rounding_of_rho_is_not_an_overspend(aaa, monkeypatch):
 
     monkeypatch.setattr(statistics, "add_gaussian", rounded_up)
     z = noise_multiplier(WITHDRAWAL_BY_IMD)
-    reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, randomness=Randomness(seed=4))
+    reply = answer(WITHDRAWAL_BY_IMD, aaa, "AAA", z, 10, schema=OULAD, randomness=Randomness(seed=4))
     assert len(reply.cells) >= 5
 
 
 def test_small_cells_are_suppressed(aaa):
     query = StatisticQuery(name="fine", statistic="count", group_by=["region", "imd_band", "age_band"], epsilon=1.0, delta=1e-5)
-    exact = exact_cells(query, aaa)
-    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, randomness=Randomness(seed=1))
+    exact = exact_cells(query, aaa, OULAD)
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, schema=OULAD, randomness=Randomness(seed=1))
     released = {(tuple(c.group), c.bin) for c in reply.cells}
     # region and age_band are nullable since contract 1.2: each has a "missing" group too.
-    assert len(released) + reply.suppressed_cells == len(cells(query)) == 14 * 11 * 4
+    assert len(released) + reply.suppressed_cells == len(cells(query, OULAD)) == 14 * 11 * 4
     assert all(c.noisy_count >= 10 for c in reply.cells) and reply.min_cell_count == 10
     empty = [key for key, (n, _) in exact.items() if n == 0]
     # An empty cell is released only when its noise alone reaches k: P(N(0, 4.06²) ≥ 10) = 0.7 %, about 4 of 580.
@@ -271,13 +275,13 @@ def test_a_registration_contributes_at_most_m_submissions(aaa):
     own = aaa["assessments"][(aaa["assessments"][["course", "presentation"]] == list(busiest[:2])).all(axis=1)]["assessment_id"]
     subs = aaa["submissions"]
     without["submissions"] = subs[~((subs["student_id"] == busiest[2]) & subs["assessment_id"].isin(own))]
-    full, less = exact_cells(query, aaa), exact_cells(query, without)
+    full, less = exact_cells(query, aaa, OULAD), exact_cells(query, without, OULAD)
     assert sum(abs(full[c][0] - less[c][0]) for c in full) == 3
     # and the campus's threshold is k·m records: a cell of fewer than 10 × 3 noisy submissions may not leave
-    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, randomness=Randomness(seed=2))
-    assert all(c.noisy_count >= 30 for c in reply.cells) and answer_problems(query, reply, 10) == []
+    reply = answer(query, aaa, "AAA", noise_multiplier(query), 10, schema=OULAD, randomness=Randomness(seed=2))
+    assert all(c.noisy_count >= 30 for c in reply.cells) and answer_problems(query, reply, 10, OULAD) == []
     reply.cells[0].noisy_count = 25.0
-    assert "below release.min_cohort_size 10 × max_rows_per_registration 3" in answer_problems(query, reply, 10)[0]
+    assert "below release.min_cohort_size 10 × max_rows_per_registration 3" in answer_problems(query, reply, 10, OULAD)[0]
 
 
 def _true_quantiles(query: StatisticQuery, tables) -> dict[tuple[str, ...], np.ndarray]:
@@ -311,10 +315,10 @@ def _true_quantiles(query: StatisticQuery, tables) -> dict[tuple[str, ...], np.n
 def test_quantiles_are_within_their_stated_bound_of_the_true_quantiles(tables, query):
     query = load_query(query) if isinstance(query, Path) else query
     answers = [
-        answer(query, own, name, noise_multiplier(query), 10, randomness=Randomness(seed=seed))
+        answer(query, own, name, noise_multiplier(query), 10, schema=OULAD, randomness=Randomness(seed=seed))
         for seed, (name, own) in enumerate(campus_slices(tables, "module").items())
     ]
-    estimates = combine(query, answers)
+    estimates = combine(query, answers, OULAD)
     truth = _true_quantiles(query, tables)
     assert len(estimates) == len(truth) * len(query.quantiles)
     width = (query.high - query.low) / query.bins
@@ -431,7 +435,7 @@ def test_repeated_queries_spend_the_budget_until_refusal(aaa_dir, task_identity,
 
 def test_a_statistic_and_training_spend_one_budget(aaa_dir, task_identity):
     cfg = RunConfig(model="logistic", num_rounds=1, target_epsilon=1.0)
-    model = build_model(cfg.model, len(feature_names()))
+    model = build_model(cfg.model, len(feature_names(OULAD)))
     content = RecordDict({ARRAYS: model_arrays(model), CONFIG: ConfigRecord({**cfg.to_flower(), "server-round": 1})})
     train = Message(content, dst_node_id=1, message_type="train")
     context = campus_context(aaa_dir)
@@ -551,11 +555,11 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound_on_seeded_noise(
     query = load_query(WITHDRAWAL_FILE)
     z = noise_multiplier(query)
     answers = [
-        answer(query, own, name, z, 10, randomness=Randomness(seed=100 + i))
+        answer(query, own, name, z, 10, schema=OULAD, randomness=Randomness(seed=100 + i))
         for i, (name, own) in enumerate(campus_slices(tables, "module").items())
     ]
-    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
-    rows = combine(query, answers)
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables, OULAD).items()}
+    rows = combine(query, answers, OULAD)
     assert len(answers) == 7 and len(rows) == 11
     errors = [abs(r.estimate - truth[r.group]) for r in rows]
     assert sum(e <= r.bound95 for e, r in zip(errors, rows, strict=True)) >= 7, list(
@@ -596,7 +600,7 @@ def test_withdrawal_rate_by_imd_band_is_within_its_stated_bound(tables, data_dir
         assert (out / name).stat().st_size > 0
     assert "noise multiplier" in (out / "statistics.md").read_text()
     query = load_query(WITHDRAWAL_FILE)
-    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables).items()}
+    truth = {key[0]: s / n for key, (n, s) in exact_cells(query, tables, OULAD).items()}
     rows = summary["estimates"]
     assert len(rows) == 11
     errors = [abs(r["estimate"] - truth[(r["imd_band"],)]) for r in rows]

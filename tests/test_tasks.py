@@ -8,8 +8,12 @@ import pytest
 
 from edufl.federation.contract import CATEGORICAL_FEATURES
 from edufl.federation.partition import campus_names, campus_slice
+from edufl.federation.schema import load_schema
 from edufl.federation.tables import Tables
 from edufl.federation.tasks import MISSING_SLOT, early_warning, feature_names, split
+
+OULAD = load_schema()
+"""OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 D = 60
 
@@ -64,7 +68,7 @@ def test_assessment_features_for_a_known_student(tables):
     # Student 11391 (AAA 2013J) submitted TMA 1752 (due 19) on day 18 with score 78.
     data = early_warning(campus_slice(tables, "module", "AAA"), 30, "withdrawal")
     row = data.rows.index[(data.rows["student_id"] == 11391) & (data.rows["presentation"] == "2013J")][0]
-    names = feature_names()
+    names = feature_names(OULAD)
     x = dict(zip(names, data.x[row], strict=True))
     assert x["n_submitted"] == pytest.approx(1 / 20)
     assert x["mean_score"] == pytest.approx(0.78)
@@ -80,13 +84,13 @@ def test_vocabularies_identical_across_campuses(tables):
         data = early_warning(campus_slice(tables, by, campus), D, "withdrawal")
         widths.add(data.x.shape[1])
         start = 0
-        for _, vocab in CATEGORICAL_FEATURES.items():
+        for vocab in map(OULAD.vocabulary, CATEGORICAL_FEATURES):
             block = data.x[:, start : start + len(vocab) + 1]
             np.testing.assert_array_equal(block.sum(axis=1), 1.0)  # exactly one slot per category
             start += len(vocab) + 1
         assert data.x.min() >= 0 and data.x.max() <= 1
-    assert widths == {len(feature_names())}
-    assert f"imd_band={MISSING_SLOT}" in feature_names()
+    assert widths == {len(feature_names(OULAD))}
+    assert f"imd_band={MISSING_SLOT}" in feature_names(OULAD)
 
 
 def test_stratified_split_is_seeded_disjoint_and_stratified(tables):

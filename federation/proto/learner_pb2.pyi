@@ -144,19 +144,31 @@ class Term(_message.Message):
     grade_max: float
     def __init__(self, course: _Optional[str] = ..., presentation: _Optional[str] = ..., student_id: _Optional[int] = ..., term: _Optional[int] = ..., units_enrolled: _Optional[int] = ..., units_approved: _Optional[int] = ..., grade: _Optional[float] = ..., grade_max: _Optional[float] = ...) -> None: ...
 
+class Attribute(_message.Message):
+    __slots__ = ("name", "number", "label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    number: float
+    label: str
+    def __init__(self, name: _Optional[str] = ..., number: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+
 class LearnerRecord(_message.Message):
-    __slots__ = ("learner", "registration", "submissions", "events", "terms")
+    __slots__ = ("learner", "registration", "submissions", "events", "terms", "attributes")
     LEARNER_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     TERMS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     learner: Learner
     registration: Registration
     submissions: _containers.RepeatedCompositeFieldContainer[Submission]
     events: _containers.RepeatedCompositeFieldContainer[EngagementEvent]
     terms: _containers.RepeatedCompositeFieldContainer[Term]
-    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[EngagementEvent, _Mapping]]] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
+    attributes: _containers.RepeatedCompositeFieldContainer[Attribute]
+    def __init__(self, learner: _Optional[_Union[Learner, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[EngagementEvent, _Mapping]]] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ..., attributes: _Optional[_Iterable[_Union[Attribute, _Mapping]]] = ...) -> None: ...
 
 class CampusData(_message.Message):
     __slots__ = ("version", "presentations", "assessments", "records", "resources")
