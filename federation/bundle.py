@@ -1,8 +1,8 @@
 """The app bundle (Flower's FAB): the code a coordinator submits and a campus approves by SHA-256.
 
 The bundle holds exactly the modules the ServerApp and ClientApp execute
-(:data:`APP_MODULES`, laid out as the ``edufl`` package), the export mappings
-they read, and a ``pyproject.toml`` declaring the two apps with
+(:data:`APP_MODULES`, laid out as the ``edufl`` package), the export mappings and
+OULAD's federation schema they read, and a ``pyproject.toml`` declaring the two apps with
 :class:`~edufl.federation.runconfig.RunConfig`'s defaults as the app config
 (plus an empty ``statistic-query``: set, it makes the ServerApp answer that DP
 statistic instead of training).
@@ -74,6 +74,7 @@ APP_MODULES = (
     "edufl.federation.reading",
     "edufl.federation.references",
     "edufl.federation.runconfig",
+    "edufl.federation.schema",
     "edufl.federation.secaggplus",
     "edufl.federation.statistics",
     "edufl.federation.store",
@@ -86,7 +87,7 @@ APP_MODULES = (
 )
 COMPONENTS = {"serverapp": "edufl.server.app:app", "clientapp": "edufl.clients.app:app"}
 PUBLISHER = "edufl"
-_DATA = ("federation/mappings",)  # data files the apps read, bundled whole
+_DATA = ("federation/mappings", "federation/schemas")  # data files the apps read, bundled whole
 
 
 def installed_sources() -> dict[str, Path]:
