@@ -426,6 +426,8 @@ def query_handler(msg: Message, context: Context) -> Message:
         schema = schema_from_text(str(config.get("federation-schema", "")))
     except SchemaError as err:
         raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
+    if why := setup.policy.schema_refusal(schema):  # before any record is read
+        raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {why}")
     mapping = campus_mapping(setup, str(config["contract-version"]))
     dataset = dataset_id(setup.data_dir, mapping)
     with PrivacyLedger(setup.state_dir) as ledger:

@@ -99,7 +99,7 @@ def validate(data: Path, mapping: Path | None = None, schema: Path | None = None
     courses = ", ".join(campus_names(tables, "module"))
     print(
         f"{Path(data)}: OK, {len(learners)} registrations (courses {courses}) "
-        f"for federation schema {federation.name!r} (sha256 {federation.digest[:16]}...); "
+        f"for federation schema {federation.name!r} (sha256 {federation.digest}); "
         f"{', '.join(f'{k} {len(v)} rows' for k, v in tables.frames.items())}"
     )
     for note in tables.notes:

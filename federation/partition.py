@@ -136,7 +136,7 @@ def campus_examples(tables: Tables | Campuses, campus_by: str, shards: int, cuto
         return {
             name: early_warning(tables[name], cutoff_day, task)
             for name in sorted(tables)
-            if not missing_modules(task, tables[name].modules)
+            if not missing_modules(task, tables[name].modules, tables[name].schema)
         }
     data = early_warning(tables, cutoff_day, task)
     key = ["course", "presentation", "student_id"]

@@ -18,6 +18,8 @@ Each key's allowed values follow its comment::
     min_cohort_size = 10          # no metric or statistic on fewer records; a whole number from 1 to 1000000
     [apps]
     approved_fab_hashes = []      # SHA-256 of each app bundle (FAB) the data steward approved (64 hex digits)
+    [data]
+    approved_schemas = ["..."]    # SHA-256 of each federation schema the data steward approved (default: OULAD's)
 
 Values are strictly typed: a number is written as a TOML number (``"3"`` is a
 string and is refused; a whole number such as ``3`` is accepted where a
@@ -39,6 +41,13 @@ prints a bundle's hash and adds it here. On the simulation engine (``edufl
 simulate``, ``edufl analytics run`` without a SuperLink) there is no bundle:
 the virtual campuses run the local edufl code in-process, and the list does
 not apply.
+
+``[data]`` is schema approval. A run carries its federation schema (:mod:`federation.schema`), and the
+campus checks its data against it; a campus that answered any schema a coordinator sent would let it probe
+the data (a category dropped from a vocabulary, a narrower range of an attribute: refused or not, one bit a
+run, none of it charged to ε). So a campus takes part only in runs whose schema's SHA-256 is listed, checked
+before any record is read; ``edufl campus validate --schema FILE`` prints the digest to list. The default
+lists OULAD's schema only.
 
 A run configuration may only be stricter than the policy: :meth:`CampusPolicy.check`
 lists every key a request would loosen, so that the campus can refuse it, say
@@ -63,12 +72,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from .errors import UserError
 from .runconfig import TASKS, RunConfig, Task
+from .schema import FederationSchema, load_schema
 from .tomlfile import listed, load_model
 
 __all__ = [
     "RESEARCH_POLICY",
     "AppApproval",
     "CampusPolicy",
+    "DataApproval",
     "PolicyError",
     "PrivacyLimits",
     "ReleaseLimits",
@@ -122,6 +133,20 @@ class AppApproval(_Section):
         return why if self.approved_fab_hashes else f"{why} (the policy approves no app bundle)"
 
 
+def _schema_digest(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"{value!r} is not the SHA-256 of a federation schema (64 hex digits)")
+    return value.lower()
+
+
+class DataApproval(_Section):
+    """The federation schemas the data steward approved, by SHA-256 (see the module docstring)."""
+
+    approved_schemas: Annotated[tuple[Annotated[str, AfterValidator(_schema_digest)], ...], BeforeValidator(listed)] = (
+        load_schema().digest,
+    )
+
+
 class CampusPolicy(_Section):
     """The campus's limits (see the module docstring for the file format and defaults)."""
 
@@ -129,6 +154,16 @@ class CampusPolicy(_Section):
     training: TrainingLimits = TrainingLimits()
     release: ReleaseLimits = ReleaseLimits()
     apps: AppApproval = AppApproval()
+    data: DataApproval = DataApproval()
+
+    def schema_refusal(self, schema: FederationSchema) -> str | None:
+        """Why a run under federation ``schema`` may not read this campus's data; None when the schema is approved."""
+        if schema.digest in self.data.approved_schemas:
+            return None
+        return (
+            f"data.approved_schemas: federation schema {schema.name!r} (sha256 {schema.digest}) is not approved by the "
+            "campus's data steward"
+        )
 
     @classmethod
     def load(cls, path: str | Path | None) -> CampusPolicy:
@@ -168,6 +203,8 @@ class CampusPolicy(_Section):
             found.append(("training.max_local_epochs", f"local-epochs {cfg.local_epochs} > {t.max_local_epochs}"))
         if cfg.task not in t.allowed_tasks:
             found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks) or '(none)'}"))
+        if why := self.schema_refusal(cfg.schema):
+            found.append(("data.approved_schemas", why.partition(": ")[2]))
         if cfg.reproducible_noise:
             found.append(
                 (
@@ -217,6 +254,10 @@ class ResearchPolicy(CampusPolicy):
         """Nothing: every request is within the research policy."""
         return []
 
+    def schema_refusal(self, schema: FederationSchema) -> str | None:
+        """None: a simulated campus reads its data under any federation schema."""
+        return None
+
     def over_budget(self, spent: list[tuple[float, float, int]], planned: tuple[float, float, int]) -> str | None:
         """None: the research policy sets no total budget (nothing to account at its δ of 1)."""
         return None
@@ -230,6 +271,7 @@ RESEARCH_POLICY = ResearchPolicy.model_construct(
     training=TrainingLimits(max_rounds=10_000, max_local_epochs=1_000, allowed_tasks=TASKS),
     release=ReleaseLimits(),
     apps=AppApproval(),
+    data=DataApproval(),
 )
 """What a simulated campus without ``--policy`` runs under: no ε cap (per run or in total), δ up to 1,
 no noise floor, the most rounds and local epochs a run may have, every task, and the safe default's

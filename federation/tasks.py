@@ -72,12 +72,12 @@ MULTICLASS = ("final_result",)
 """The tasks whose classes are the federation schema's outcomes, in its order (:func:`classes`)."""
 
 
-def missing_modules(task: str, provided: frozenset[str], schema: FederationSchema | None = None) -> str:
+def missing_modules(task: str, provided: frozenset[str], schema: FederationSchema) -> str:
     """Why a campus whose mapping provides the modules ``provided`` cannot take part in ``task`` under ``schema``
     (whose ``modules`` are those tasks may use) ("" if it can)."""
     needed = TASK_MODULES.get(task, frozenset())
-    barred = sorted(needed - set(schema.modules)) if schema is not None else []
-    if barred and schema is not None:
+    barred = sorted(needed - set(schema.modules))
+    if barred:
         return f"task {task} needs module {', '.join(barred)}, and federation schema {schema.name!r} lets no task use it"
     absent = sorted(needed - provided)
     if not absent:

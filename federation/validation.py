@@ -58,8 +58,11 @@ def _check_column(
     if col.kind in ("str",):
         return raw.where(~missing, None), problems, n_missing
     if col.kind == "cat":
-        expected = ", ".join(col.vocab) + (f" (or a code: {', '.join(codes)})" if codes else "")
-        report(~missing & ~raw.isin(col.vocab), "unexpected value {value!r}; expected one of " + expected)
+        if col.vocab:
+            expected = "one of " + ", ".join(col.vocab) + (f" (or a code: {', '.join(codes)})" if codes else "")
+        else:
+            expected = f"none (the federation schema gives {col.name} no value: leave it out of the mapping)"
+        report(~missing & ~raw.isin(col.vocab), "unexpected value {value!r}; expected " + expected)
         return raw.where(~missing, None), problems, n_missing
     number = pd.to_numeric(raw.where(~missing), errors="coerce")
     bad = ~missing & number.isna()

@@ -102,3 +102,20 @@ def test_a_campus_whose_data_do_not_fit_refuses_the_run_without_sending_a_value(
     reason = str(refused.value)
     assert "do not fit federation schema 'student_records'" in reason and "female" not in reason
     assert "'female' not in federation schema 'student_records''s vocabulary" in refused.value.detail  # its audit log only
+
+
+def test_a_campus_takes_part_only_under_a_schema_its_policy_approves(tmp_path):
+    from edufl.federation.policy import RESEARCH_POLICY, CampusPolicy, PolicyError
+
+    own = load_schema(SCHEMA)
+    run = RunConfig(federation_schema=own.text())
+    assert CampusPolicy().check(RunConfig()) == []  # the defaults approve OULAD's schema
+    [(key, why)] = CampusPolicy().check(run)
+    assert key == "data.approved_schemas" and own.digest in why
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[data]\napproved_schemas = ["{own.digest.upper()}"]\n')
+    assert CampusPolicy.load(policy).check(run) == [] and CampusPolicy.load(policy).schema_refusal(load_schema()) is not None
+    assert RESEARCH_POLICY.check(run) == [] and RESEARCH_POLICY.schema_refusal(own) is None
+    policy.write_text('[data]\napproved_schemas = ["oulad"]\n')
+    with pytest.raises(PolicyError, match="data.approved_schemas.*64 hex digits"):
+        CampusPolicy.load(policy)
