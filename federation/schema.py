@@ -95,7 +95,7 @@ class Attribute(_Strict):
     low: float | None = None
     high: float | None = None
     vocabulary: _Vocabulary = ()
-    description: str = ""
+    description: str = Field("", max_length=1000)
 
     @model_validator(mode="before")
     @classmethod
@@ -138,7 +138,7 @@ class FederationSchema(_Strict):
     turn it into a :class:`SchemaError` naming the key."""
 
     name: _Name
-    description: str = ""
+    description: str = Field("", max_length=1000)
     contract_version: str
     vocabularies: dict[str, _Vocabulary] = {}
     outcomes: dict[_Label, Meaning] = Field(min_length=2, max_length=50)
