@@ -427,7 +427,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     except SchemaError as err:
         raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {err}") from None
     if why := setup.policy.schema_refusal(schema):  # before any record is read
-        raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: {why}")
+        raise CampusRefusal(f"campus {setup.name} refuses query {query.name!r}: data.approved_schemas: {why}")
     mapping = campus_mapping(setup, str(config["contract-version"]))
     dataset = dataset_id(setup.data_dir, mapping)
     with PrivacyLedger(setup.state_dir) as ledger:

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -114,16 +115,27 @@ class ReleaseLimits(_Section):
     min_cohort_size: int = Field(10, ge=1, le=1_000_000)
 
 
-def _fab_hash(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise ValueError(f"{value!r} is not the SHA-256 of an app bundle (64 hex digits)")
-    return value.lower()
+def _sha256_of(what: str) -> Callable[[str], str]:
+    """The validator of a SHA-256 (64 hex digits, stored lowercase) of ``what``."""
+
+    def check(value: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"{value!r} is not the SHA-256 of {what} (64 hex digits)")
+        return value.lower()
+
+    return check
+
+
+_FabHash = Annotated[str, AfterValidator(_sha256_of("an app bundle"))]
+_SchemaHash = Annotated[str, AfterValidator(_sha256_of("a federation schema"))]
 
 
 class AppApproval(_Section):
     """The app bundles (FABs) the data steward approved, by SHA-256 (see the module docstring)."""
 
-    approved_fab_hashes: Annotated[tuple[Annotated[str, AfterValidator(_fab_hash)], ...], BeforeValidator(listed)] = ()
+    approved_fab_hashes: Annotated[
+        tuple[Annotated[str, AfterValidator(_sha256_of("an app bundle"))], ...], BeforeValidator(listed)
+    ] = ()
 
     def refusal(self, fab_hash: str) -> str | None:
         """Why the app bundle with SHA-256 ``fab_hash`` may not run on this campus; None when it is approved."""
@@ -133,18 +145,12 @@ class AppApproval(_Section):
         return why if self.approved_fab_hashes else f"{why} (the policy approves no app bundle)"
 
 
-def _schema_digest(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise ValueError(f"{value!r} is not the SHA-256 of a federation schema (64 hex digits)")
-    return value.lower()
-
-
 class DataApproval(_Section):
     """The federation schemas the data steward approved, by SHA-256 (see the module docstring)."""
 
-    approved_schemas: Annotated[tuple[Annotated[str, AfterValidator(_schema_digest)], ...], BeforeValidator(listed)] = (
-        load_schema().digest,
-    )
+    approved_schemas: Annotated[
+        tuple[Annotated[str, AfterValidator(_sha256_of("a federation schema"))], ...], BeforeValidator(listed)
+    ] = (load_schema().digest,)
 
 
 class CampusPolicy(_Section):
@@ -157,13 +163,11 @@ class CampusPolicy(_Section):
     data: DataApproval = DataApproval()
 
     def schema_refusal(self, schema: FederationSchema) -> str | None:
-        """Why a run under federation ``schema`` may not read this campus's data; None when the schema is approved."""
+        """Why a run under federation ``schema`` may not read this campus's data (policy key
+        ``data.approved_schemas``); None when the schema is approved."""
         if schema.digest in self.data.approved_schemas:
             return None
-        return (
-            f"data.approved_schemas: federation schema {schema.name!r} (sha256 {schema.digest}) is not approved by the "
-            "campus's data steward"
-        )
+        return f"federation schema {schema.name!r} (sha256 {schema.digest}) is not approved by the campus's data steward"
 
     @classmethod
     def load(cls, path: str | Path | None) -> CampusPolicy:
@@ -204,7 +208,7 @@ class CampusPolicy(_Section):
         if cfg.task not in t.allowed_tasks:
             found.append(("training.allowed_tasks", f"task {cfg.task!r} is not one of {', '.join(t.allowed_tasks) or '(none)'}"))
         if why := self.schema_refusal(cfg.schema):
-            found.append(("data.approved_schemas", why.partition(": ")[2]))
+            found.append(("data.approved_schemas", why))
         if cfg.reproducible_noise:
             found.append(
                 (

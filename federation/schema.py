@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -82,7 +83,7 @@ class _Strict(BaseModel):
 
 
 def _unique(values: tuple[str, ...], where: str) -> None:
-    repeated = sorted({v for v in values if values.count(v) > 1})
+    repeated = sorted(v for v, n in Counter(values).items() if n > 1)
     if repeated:
         raise ValueError(f"{where}: {', '.join(map(repr, repeated))} repeated; expected each value once")
 
@@ -96,16 +97,6 @@ class Attribute(_Strict):
     high: float | None = None
     vocabulary: _Vocabulary = ()
     description: str = Field("", max_length=1000)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers(cls, data: object) -> object:  # TOML writes 0 for 0.0: a bound may be either
-        if isinstance(data, dict):
-            return {
-                k: float(v) if k in ("low", "high") and isinstance(v, int) and not isinstance(v, bool) else v
-                for k, v in data.items()
-            }
-        return data
 
     @model_validator(mode="after")
     def _fits(self) -> Attribute:
@@ -146,17 +137,6 @@ class FederationSchema(_Strict):
     attributes: dict[_Name, Attribute] = Field(default_factory=dict, max_length=_MAX_ATTRIBUTES)
     scaling: dict[str, Annotated[tuple[float, float], BeforeValidator(listed)]] = {}
     modules: Annotated[tuple[str, ...], BeforeValidator(listed)] = OPTIONAL_MODULES
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers(cls, data: object) -> object:  # scaling bounds may be written as whole numbers
-        if isinstance(data, dict) and isinstance(data.get("scaling"), dict):
-            scaling = {
-                k: [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v] if isinstance(v, list) else v
-                for k, v in data["scaling"].items()
-            }
-            return {**data, "scaling": scaling}
-        return data
 
     @model_validator(mode="after")
     def _fits(self) -> FederationSchema:
