@@ -121,7 +121,7 @@ def feature_names(schema: FederationSchema) -> list[str]:
 class TaskData:
     """A campus's examples for one task.
 
-    ``x`` is float32 of shape (n, len(feature_names())) with values in [0, 1];
+    ``x`` is float32 of shape (n, len(feature_names(schema))) (the federation schema of its tables) with values in [0, 1];
     ``y`` is float32 of shape (n,): 1 = positive class for a binary task, the
     class's index in :func:`classes` for a multiclass task; ``rows`` holds,
     one row per example, the registration keys (course, presentation,
