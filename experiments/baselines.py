@@ -29,7 +29,7 @@ from edufl.federation.tasks import TaskData, classes, feature_names, n_outputs
 from edufl.federation.training import evaluate, subgroup_metrics, train
 from edufl.server.results import Report
 
-from .simulate import provenance
+from .simulate import data_provenance, provenance
 from .splits import campus_splits
 
 __all__ = ["baseline"]
@@ -42,7 +42,7 @@ def baseline(cfg: RunConfig, tables: Tables | Campuses, names: list[str], mode: 
     """
     started = time.perf_counter()
     campuses = campus_splits(tables, cfg)
-    report_config = provenance(mode, cfg, tables, names)
+    report_config = provenance(mode, cfg, data_provenance(tables), names)
     report = Report(config=report_config, dp=cfg.dp, delta=cfg.delta)
     if mode == "centralized":
         pooled = TaskData.concat([train_part for train_part, _ in campuses.values()])

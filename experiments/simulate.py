@@ -40,7 +40,8 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -68,6 +69,7 @@ __all__ = [
     "formation",
     "load_campuses",
     "print_notes",
+    "data_provenance",
     "provenance",
     "remove_stale_campus_folders",
     "run_engine",
@@ -167,7 +169,7 @@ def formation(cfg: RunConfig, tables: Tables | Campuses) -> str:
 
 def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     """Print the data notes and a one-line description of the run; return the campus names."""
-    from edufl.federation.privacy import PRIVACY_UNIT_SHORT
+    from edufl.federation.contract import PRIVACY_UNIT_SHORT
     from edufl.federation.randomness import REPRODUCIBLE_WARNING
 
     print_notes(tables)
@@ -185,14 +187,18 @@ def announce(cfg: RunConfig, tables: Tables | Campuses, mode: str) -> list[str]:
     return names
 
 
-def provenance(mode: str, cfg: RunConfig, tables: Tables | Campuses, names: list[str]) -> dict:
-    """The results folder's record of what ran on which data (mode, settings, campuses, file hashes); for
-    campus folders, ``campus-by`` is ``folders`` and ``data``/``data_sha256`` hold each campus's, by name."""
-    record = {"mode": mode, **cfg.to_flower(), "campuses": names}
+def provenance(mode: str, cfg: RunConfig, data: dict, names: list[str]) -> dict:
+    """The results folder's record of what ran on which data: mode, settings, campuses, and ``data``, the
+    tables' :func:`data_provenance`."""
+    return {"mode": mode, **cfg.to_flower(), "campuses": names, **data}
+
+
+def data_provenance(tables: Tables | Campuses) -> dict:
+    """Where ``tables`` came from: ``data`` (the folder) and ``data_sha256`` (its files' hashes); for campus
+    folders, ``campus-by`` ``folders`` and each campus's ``data`` and ``data_sha256``, by name."""
     if isinstance(tables, Tables):
-        return {**record, "data": str(tables.source.resolve()), "data_sha256": file_hashes(tables.source, tables.mapping)}
+        return {"data": str(tables.source.resolve()), "data_sha256": file_hashes(tables.source, tables.mapping)}
     return {
-        **record,
         "campus-by": "folders",
         "data": {name: str(own.source.resolve()) for name, own in tables.items()},
         "data_sha256": {name: file_hashes(own.source, own.mapping) for name, own in tables.items()},
@@ -569,21 +575,23 @@ class Engine:
                 self._partitions[key] = (tables, name)
             return self._partitions[key][1]
 
-    def share_examples(self, partition: str, tables: Tables | Campuses, cfg: RunConfig) -> int:
+    def share_examples(self, partition: str, cfg: RunConfig, examples: Callable[[], dict[str, TaskData]]) -> int:
         """Leave each campus of ``partition`` its examples for ``cfg`` where its workers look first
-        (:func:`clients.app.share_examples`), computed here from the tables written to the campus folders, all
-        at once (:func:`federation.partition.campus_examples`): no worker reads and validates a campus folder
-        again. Returns how many campuses got them: none on a Ray cluster (its workers share no folder)."""
+        (:func:`clients.app.share_examples`), taken from ``examples()``, every campus's examples by name as
+        :func:`federation.partition.campus_examples` computes them from the tables written to the campus folders
+        (called only when some campus lacks them: a study's later runs often do not): no worker reads and
+        validates a campus folder again. Returns how many campuses got them: none on a Ray cluster (its workers
+        share no folder)."""
         if self.address is not None:
             return 0
         from edufl.clients.app import share_examples
 
-        examples: dict[str, TaskData] = {}
+        computed: dict[str, TaskData] = {}
 
         def of(name: str) -> TaskData:
-            if not examples:  # computed only when some campus lacks them (a study's later runs often do not)
-                examples.update(campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task))
-            return examples[name]
+            if not computed:
+                computed.update(examples())
+            return computed[name]
 
         names = sorted(d.name for d in (self.folder / partition).iterdir())
         return sum(
@@ -692,27 +700,87 @@ def _prepare(
     data_dir: Path | None,
     tables: Tables | Campuses | None,
     headline: Callable[[RunConfig, Tables | Campuses, str], list[str]],
+    read: Callable[[], tuple[dict, list[str], str, dict[str, TaskData]]] | None = None,
 ):
-    """Load the apps, validate the tables, write one folder per campus and their examples."""
+    """Load the apps, validate the tables, write one folder per campus and their examples (or take all of that
+    from ``read``, :func:`_read_ahead`'s)."""
     from flwr.simulation.run_simulation import _run_simulation
 
     from edufl.clients.app import app as client_app
     from edufl.server.app import app as server
 
+    if read is not None:
+        data, names, partition, examples = read()
+        engine.share_examples(partition, cfg, lambda: examples)
+        return data, names, partition, _run_simulation, client_app, server
     tables = tables or load_tables(data_dir, schema=cfg.schema)
     names = headline(cfg, tables, "federated")
     partition = engine.partition(tables, cfg.campus_by, cfg.shards)
-    engine.share_examples(partition, tables, cfg)
-    return tables, names, partition, _run_simulation, client_app, server
+    engine.share_examples(partition, cfg, lambda: campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task))
+    return data_provenance(tables), names, partition, _run_simulation, client_app, server
+
+
+@contextmanager
+def _read_ahead(
+    engine: Engine, cfg: RunConfig, data_dir: Path, headline: Callable[[RunConfig, Tables | Campuses, str], list[str]]
+) -> Iterator[Callable[[], tuple[dict, list[str], str, dict[str, TaskData]]]]:
+    """Fork a process that reads and validates the tables in ``data_dir``, prints ``headline``'s lines, writes
+    ``engine``'s campus folders and computes every campus's examples, while this process imports torch, Opacus
+    and Flower and starts the workers: on two cores the two take about as long as the reading alone. Call it
+    before anything heavy is imported and while no other thread runs (the fork copies this process). The
+    process is stopped if it still runs when the block ends.
+
+    Yields
+    ------
+    Callable
+        Waits for that process and returns its (:func:`data_provenance`, campus names, partition, examples
+        by campus name); raises what it raised (a :class:`~federation.problems.DataError` for bad data).
+    """
+    context = get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def read() -> None:
+        try:
+            tables = load_tables(data_dir, schema=cfg.schema)
+            names = headline(cfg, tables, "federated")
+            partition = engine.partition(tables, cfg.campus_by, cfg.shards)
+            examples = campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task)
+            sys.stdout.flush()
+            send.send((data_provenance(tables), names, partition, examples))
+        except BaseException as err:  # every error, the user's included, is raised again where the run waits for it
+            sys.stdout.flush()
+            send.send(err)
+
+    reader = context.Process(target=read, name="edufl-read-tables", daemon=True)
+    reader.start()
+    send.close()
+
+    def result() -> tuple[dict, list[str], str, dict[str, TaskData]]:
+        try:
+            got = receive.recv()
+        except EOFError:
+            reader.join()
+            raise RuntimeError(f"the process reading the tables ended without a result (exit code {reader.exitcode})") from None
+        reader.join()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    try:
+        yield result
+    finally:
+        if reader.is_alive():
+            reader.terminate()
+            reader.join()
 
 
 def _federated(
     cfg: RunConfig, data_dir: Path | None, tables: Tables | Campuses | None, policy: Path | None, ray_address: str | None = None
 ) -> dict:
-    cfg, tables, names = run_engine(cfg, data_dir, tables, policy, ray_address=ray_address)
+    cfg, data, names = run_engine(cfg, data_dir, tables, policy, ray_address=ray_address)
     path = Path(cfg.out) / "summary.json"
     summary = json.loads(path.read_text())
-    summary["config"].update(provenance("federated", cfg, tables, names))  # known to the researcher, not the ServerApp
+    summary["config"].update(provenance("federated", cfg, data, names))  # known to the researcher, not the ServerApp
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -725,7 +793,7 @@ def run_engine(
     headline: Callable[[RunConfig, Tables | Campuses, str], list[str]] = announce,
     extra_config: dict | None = None,
     ray_address: str | None = None,
-) -> tuple[RunConfig, Tables | Campuses, list[str]]:
+) -> tuple[RunConfig, dict, list[str]]:
     """Run the ServerApp (``server/app.py``) and the campuses' ClientApp on Flower's simulation engine.
 
     One virtual SuperNode per campus of ``cfg.campus_by``, each reading only
@@ -736,7 +804,8 @@ def run_engine(
     ``extra_config``. Inside an :func:`engine` block the run uses that engine
     (``ray_address`` is then ignored); otherwise it starts one for this run
     (attached to the Ray cluster at ``ray_address`` when given, preparing the
-    campuses while Ray attaches). Returns that config, the tables and the campus names.
+    campuses while Ray attaches; on this machine, reading ``data_dir`` while the engine starts,
+    :func:`_read_ahead`). Returns that config, the data's :func:`data_provenance` and the campus names.
 
     Raises
     ------
@@ -747,8 +816,11 @@ def run_engine(
         running = _RUNNING[-1]
         return _run(running, cfg, policy, extra_config, _prepare(running, cfg, data_dir, tables, headline))
     if not ray_address:
-        with campus_folders() as folder, Engine(folder).running() as local:
-            return _run(local, cfg, policy, extra_config, _prepare(local, cfg, data_dir, tables, headline))
+        with campus_folders() as folder:
+            local = Engine(folder)
+            ahead = _read_ahead(local, cfg, data_dir, headline) if tables is None and data_dir is not None else nullcontext()
+            with ahead as read, local.running():
+                return _run(local, cfg, policy, extra_config, _prepare(local, cfg, data_dir, tables, headline, read))
     _check_reachable(ray_address)  # before any data is read
     with campus_folders() as folder, ThreadPoolExecutor(1) as pool:  # the campuses are prepared while Ray attaches
         fresh = Engine(folder, ray_address)
@@ -761,7 +833,7 @@ def run_engine(
 
 
 def _run(engine: Engine, cfg: RunConfig, policy: Path | None, extra_config: dict | None, prepared: tuple):
-    tables, names, partition, run_simulation, client_app, server = prepared
+    data, names, partition, run_simulation, client_app, server = prepared
     engine.publish(
         partition,
         {
@@ -788,4 +860,4 @@ def _run(engine: Engine, cfg: RunConfig, policy: Path | None, extra_config: dict
         ),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    return cfg, tables, names
+    return cfg, data, names

@@ -48,6 +48,8 @@ __all__ = [
     "OPTIONAL_MODULES",
     "PRESENTATIONS",
     "PRE_START_DAYS",
+    "PRIVACY_UNIT",
+    "PRIVACY_UNIT_SHORT",
     "REGISTRATIONS",
     "RESOURCES",
     "SUBMISSIONS",
@@ -66,6 +68,14 @@ __all__ = [
 
 CONTRACT_VERSION = (1, 3)
 """(major, minor) of the learner-record contract this code reads; the major is the protobuf package's ``v1``."""
+PRIVACY_UNIT_SHORT = "one registration row"
+PRIVACY_UNIT = (
+    f"{PRIVACY_UNIT_SHORT} (a student in one module presentation). edufl reports this "
+    "registration-level ε. A student registered in k presentations on one campus has k rows; "
+    "rows per student are not bounded, so a student-level guarantee follows only by group "
+    "privacy: (k·ε, k·exp((k-1)·ε)·δ)."
+)
+"""What every ε edufl reports protects: one row of the contract's ``registrations`` table (short and long form)."""
 
 
 def version_text(version: tuple[int, int]) -> str:

@@ -24,6 +24,8 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
+from .contract import PRIVACY_UNIT, PRIVACY_UNIT_SHORT
+
 __all__ = [
     "ACCOUNTANT",
     "DPSettings",
@@ -40,13 +42,6 @@ __all__ = [
 
 ACCOUNTANT = "rdp"
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
-PRIVACY_UNIT_SHORT = "one registration row"
-PRIVACY_UNIT = (
-    f"{PRIVACY_UNIT_SHORT} (a student in one module presentation). edufl reports this "
-    "registration-level ε. A student registered in k presentations on one campus has k rows; "
-    "rows per student are not bounded, so a student-level guarantee follows only by group "
-    "privacy: (k·ε, k·exp((k-1)·ε)·δ)."
-)
 PRIVACY_SCOPE = (
     "ε covers the model updates each campus computed from its training rows. "
     "Evaluation metrics (AUC, AP, F1, Brier) on each campus's held-out test rows, the F1 "

@@ -48,6 +48,7 @@ class DataError(UserError):
 
     def __init__(self, problems: list[Problem], hint: str = "", missingness: pd.DataFrame | None = None):
         self.problems = problems
+        self.hint = hint
         self.missingness = missingness
         text = f"{sum(p.rows for p in problems)} data problem(s):\n"
         if len(problems) > 1:
@@ -56,6 +57,10 @@ class DataError(UserError):
         if len(problems) > MAX_REPORTED:
             shown.append(f"  ... and {len(problems) - MAX_REPORTED} more problems")
         super().__init__(text + "\n".join(shown) + (f"\n{hint}" if hint else ""))
+
+    def __reduce__(self) -> tuple:
+        # Pickled (as from the simulation's table-reading process) with what it was made of, not its message.
+        return type(self), (self.problems, self.hint, self.missingness)
 
 
 def summary(problems: list[Problem], first: int = 3) -> list[str]:

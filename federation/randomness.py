@@ -10,16 +10,17 @@ the campus name.
 
 :data:`SECRET` (every campus run under a policy; the default everywhere):
 
-* DP-SGD noise: ChaCha20 (20 rounds; Bernstein 2008) keyed with 256 bits from
-  the operating system's CSPRNG (:func:`secrets.randbits`, ``getrandom(2)``) for
-  every release, through randomgen's ``ChaCha`` bit generator and NumPy's
-  normal sampler. Each noise value is the sum of four such normals halved, the
+* DP-SGD noise: AES-128 in counter mode (the block cipher of NIST SP 800-90A's
+  CTR_DRBG) keyed with 128 bits from the operating system's CSPRNG
+  (:func:`secrets.randbits`, ``getrandom(2)``) for every release, through
+  randomgen's ``AESCounter`` bit generator (AES-NI where the CPU has it) and
+  NumPy's normal sampler. Each noise value is the sum of four such normals halved, the
   defence against floating-point attacks that Opacus's ``secure_mode`` uses
   (Holohan and Braghin, "Secure Random Sampling in Differential Privacy",
   ESORICS 2021, section 5.1). Opacus's own route, torchcsprng, has no build for
   torch 2.13; torch's CPU generator is a Mersenne Twister, not a CSPRNG.
 * DP-SGD batch sampling: a torch generator (the type Opacus's Poisson sampler
-  takes) seeded with 63 bits from the same ChaCha20 stream; its outputs are
+  takes) seeded with 63 bits from the same AES-CTR stream; its outputs are
   never released.
 * DP statistics: OpenDP's Gaussian mechanism (``make_gaussian``), which
   samples exactly from its own CSPRNG and is safe against floating-point
@@ -42,7 +43,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from randomgen import ChaCha
+from randomgen import AESCounter
 
 __all__ = ["REPRODUCIBLE_WARNING", "SECRET", "Randomness", "add_gaussian", "gaussian", "round_seed"]
 
@@ -65,9 +66,9 @@ class Randomness:
         return self.seed is not None
 
     def generator(self) -> np.random.Generator:
-        """A NumPy generator for one release: a fresh ChaCha20 key from OS entropy (secret), or PCG64 from ``seed``."""
+        """A NumPy generator for one release: a fresh AES-128 CTR key from OS entropy (secret), or PCG64 from ``seed``."""
         if self.seed is None:
-            return np.random.Generator(ChaCha(key=secrets.randbits(256), counter=0, rounds=20))
+            return np.random.Generator(AESCounter(key=secrets.randbits(128)))
         return np.random.Generator(np.random.PCG64(self.seed))
 
 

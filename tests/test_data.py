@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,22 @@ def test_cli_exit_code_2_without_traceback(aaa_dir):
     assert done.returncode == 2
     assert "studentInfo.csv, line 3, column 'gender': unexpected value 'X'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_simulate_reports_bad_data_read_while_the_engine_starts(aaa_dir, tmp_path):
+    # `edufl simulate --data DIR` reads the tables in a forked process while it imports the apps: a problem
+    # found there ends the run as one found in the process itself would (exit 2, every detail, no traceback).
+    _edit(aaa_dir / "studentInfo.csv", 3, '"F"', '"X"')
+    done = subprocess.run(
+        [sys.executable, "-m", "edufl.experiments.cli", "simulate", "--data", str(aaa_dir), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("studentInfo.csv, line 3, column 'gender': unexpected value 'X'") == 1
+    assert "Traceback" not in done.stderr and "round" not in done.stdout
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 def _zip(directory: Path, target: Path) -> str:
