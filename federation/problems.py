@@ -58,7 +58,7 @@ class DataError(UserError):
             shown.append(f"  ... and {len(problems) - MAX_REPORTED} more problems")
         super().__init__(text + "\n".join(shown) + (f"\n{hint}" if hint else ""))
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[DataError], tuple[list[Problem], str, pd.DataFrame | None]]:
         # Pickled (as from the simulation's table-reading process) with what it was made of, not its message.
         return type(self), (self.problems, self.hint, self.missingness)
 
