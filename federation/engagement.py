@@ -160,7 +160,10 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
     else:
         data = _read_csv(path, columns, [raw[" ".join(source[n].split())] for n in _NUMBERS], delimiter, encoding, missing)
         first_line = 2
-    frame = pd.DataFrame({name: data.column(col).to_pandas() for name, col in zip(source, columns, strict=True)})
+    # Column by column, each Arrow column freed once converted: the click log is held about once, not twice.
+    arrow = {name: data.column(col) for name, col in zip(source, columns, strict=True)}
+    del data
+    frame = pd.DataFrame({name: arrow.pop(name).to_pandas() for name in source})
     for name in ("course", "presentation"):
         frame[name] = frame[name].astype("category")
     problems: list[Problem] = []
@@ -187,21 +190,23 @@ def read_events(directory: Path, mapping: Mapping) -> tuple[pd.DataFrame, list[P
         null = values.isna().to_numpy()
         report(null, source[col.name], "value is missing; expected a value")
         if col.name in _NUMBERS:
-            if pd.api.types.is_integer_dtype(values.dtype) and not null.any():
-                number = values.to_numpy(np.int64)
-                bad = np.zeros(len(values), bool)
-            else:
-                number = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
-                bad = ~null & (np.isnan(number) | (number % 1 != 0))
-            report(bad, source[col.name], "{value!r} is not a whole number", values)
-            kept = number if not (null.any() or bad.any()) else np.where(null | bad, -1, number)
-            frame[col.name] = kept.astype(np.int64 if col.name.endswith("_id") else np.int32, copy=False)
+            # Whole numbers as read (no copy, no mask) when the file typed them so; else parsed, bad values reported.
+            whole = pd.api.types.is_integer_dtype(values.dtype) and not null.any()
+            number = values.to_numpy() if whole else pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+            usable = None if whole else ~null & ~(bad := np.isnan(number) | (number % 1 != 0))
+            if usable is not None:
+                report(~null & bad, source[col.name], "{value!r} is not a whole number", values)
             if col.positive or col.low is not None:
                 low = 1 if col.positive else col.low
-                high = np.inf if col.high is None else col.high
-                out = ~null & ~bad & ((number < low) | (number > high))
-                expected = f"expected {low:.0f} to {high:.0f}"
+                out = number < low
+                if col.high is not None:
+                    out |= number > col.high
+                if usable is not None:
+                    out &= usable
+                expected = f"expected {low:.0f} to {np.inf if col.high is None else col.high:.0f}"
                 report(out, source[col.name], "{value:.0f} is out of range; " + expected, number)
+            kept = number if usable is None or usable.all() else np.where(usable, number, -1)
+            frame[col.name] = kept.astype(np.int64 if col.name.endswith("_id") else np.int32, copy=False)
         missingness.append(
             {
                 "table": "events",
