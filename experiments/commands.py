@@ -231,7 +231,10 @@ def experiment_run(
     from .study import Study, run
 
     study = Study.load(config)  # a bad config is the user's mistake (exit 2), reported before any data or engine
-    run(config, out or Path("results") / study.name, resolve_data_dir(data), ray_address)
+    if study.campuses and data:
+        raise ConfigError(f"{config}: study.campuses gives the campuses: leave out --data")
+    data_dir = None if study.campuses else resolve_data_dir(data)
+    run(config, out or Path("results") / study.name, data_dir, ray_address)
 
 
 @_experiment.command("report", help="rebuild tables and plots from a study folder's saved rows")

@@ -125,9 +125,33 @@ def simulate(
     return baseline(cfg, tables, announce(cfg, tables, mode), mode)
 
 
-def load_campuses(specs: list[str], schema: FederationSchema) -> dict[str, Tables]:
-    """Read and validate the campus folders ``specs``, each ``NAME=DIR`` (the OULAD release) or
-    ``NAME=DIR:MAPPING`` (an export read with the mapping file ``MAPPING``), as one federation of the federation
+def campus_spec(spec: str, folder: Path | None = None) -> tuple[str, Path, Path | None]:
+    """The (name, data folder, mapping file or None) of a campus spec ``NAME=DIR`` (the OULAD release) or
+    ``NAME=DIR:MAPPING`` (an export read with the mapping file ``MAPPING``); relative paths are taken relative to
+    ``folder`` when given (a study config's), else to the working directory.
+
+    Raises
+    ------
+    ValueError
+        For a spec not of that form, or a name that is not 1-64 letters, digits, ``_``, ``-`` or ``.`` (not
+        starting with ``.``); the message quotes the spec.
+    """
+    name, eq, where = spec.partition("=")
+    data, _, mapping = where.partition(":")
+    if not eq or not data:
+        raise ValueError(f"{spec!r}: expected NAME=DIR or NAME=DIR:MAPPING")
+    if not _CAMPUS_NAME.fullmatch(name):
+        raise ValueError(f"{spec!r}: a campus name is 1-64 letters, digits, '_', '-' or '.' (not starting with '.')")
+
+    def path(text: str) -> Path:
+        given = Path(text).expanduser()
+        return given if folder is None else folder / given
+
+    return name, path(data), path(mapping) if mapping else None
+
+
+def load_campuses(specs: list[str], schema: FederationSchema, what: str = "--campus") -> dict[str, Tables]:
+    """Read and validate the campuses of ``specs`` (see :func:`campus_spec`) as one federation of the federation
     ``schema``.
 
     Returns
@@ -138,24 +162,19 @@ def load_campuses(specs: list[str], schema: FederationSchema) -> dict[str, Table
     Raises
     ------
     ConfigError
-        For a spec not of that form, a name that is not 1-64 letters, digits, ``_``, ``-`` or ``.``
-        (not starting with ``.``), or a name given twice.
+        For a bad spec (:func:`campus_spec`) or a name given twice; the message starts with ``what``.
     MappingError, DataError
         As :func:`~federation.tables.load_tables`, for the first campus whose mapping or data fail.
     """
     campuses: dict[str, Tables] = {}
     for spec in specs:
-        name, eq, where = spec.partition("=")
-        folder, _, mapping = where.partition(":")
-        if not eq or not folder:
-            raise ConfigError(f"--campus {spec!r}: expected NAME=DIR or NAME=DIR:MAPPING")
-        if not _CAMPUS_NAME.fullmatch(name):
-            raise ConfigError(
-                f"--campus {spec!r}: a campus name is 1-64 letters, digits, '_', '-' or '.' (not starting with '.')"
-            )
+        try:
+            name, data, mapping = campus_spec(spec)
+        except ValueError as err:
+            raise ConfigError(f"{what} {err}") from None
         if name in campuses:
-            raise ConfigError(f"--campus {spec!r}: campus {name!r} is given twice")
-        campuses[name] = load_tables(Path(folder).expanduser(), Path(mapping).expanduser() if mapping else None, schema)
+            raise ConfigError(f"{what} {spec!r}: campus {name!r} is given twice")
+        campuses[name] = load_tables(data, mapping, schema)
     return campuses
 
 

@@ -24,6 +24,7 @@ import math
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -35,6 +36,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -47,19 +49,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from edufl.federation.fingerprint import file_hashes
 from edufl.federation.privacy import ACCOUNTANT
 from edufl.federation.runconfig import CampusBy, ConfigError, LocalEpochs, Model, Rounds, RunConfig, Strategy, Task
-from edufl.federation.schema import load_schema
+from edufl.federation.schema import FederationSchema, SchemaError, load_schema, schema_from_text
 from edufl.federation.tables import load_tables
 from edufl.federation.tomlfile import listed, load_model
 from edufl.server.results import METRIC_NAMES, code_version, primary_metric, task_metrics, versions, worst_metric
 
-from .simulate import Mode, engine, simulate
+from .simulate import Mode, campus_spec, data_provenance, engine, load_campuses, simulate
 
-__all__ = ["Axis", "Cell", "Epsilon", "KEYS", "NO_DP", "Study", "report", "run", "summarise"]
+__all__ = ["FOLDERS", "KEYS", "NO_DP", "Axis", "Cell", "Epsilon", "Study", "report", "run", "summarise"]
 
 NO_DP = "none"
+FOLDERS = "folders"
+"""The ``campus_by`` of a study's cells whose campuses are the campus folders of its ``campuses``."""
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
 
 # Run settings each cell sets from the study's own keys (or from `edufl experiment run --out`):
@@ -76,6 +79,7 @@ _CELL_SETTINGS = {
     "dp": 'the study key epsilons ("none": no DP)',
     "target-epsilon": "the study key epsilons",
     "out": "edufl experiment run --out (each cell's folder is OUT/cells/<cell>)",
+    "federation-schema": "the study key schema (a schema file)",
     "server-round": "the coordinator, each round",
 }
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -123,7 +127,11 @@ class Study(BaseModel):
     cell's DP noise and batch sampling follow its seed), validated as a run
     configuration. ``ray_address`` (``HOST:PORT`` of a Ray cluster's head) runs the
     federated cells on that cluster instead of a Ray started for the study.
-    Lists are TOML lists, each value once, none empty.
+    ``schema`` names a federation schema file (default: OULAD's) that every cell runs under; ``campuses``
+    lists campus folders (``NAME=DIR`` or ``NAME=DIR:MAPPING``, as ``edufl simulate --campus``), the study's
+    campuses instead of a release's campuses formed by ``campus_by`` (its cells' ``campus_by`` reads
+    ``folders``). Paths are relative to the config file's folder. Lists are TOML lists, each value once, none
+    empty.
 
     Raises
     ------
@@ -145,7 +153,38 @@ class Study(BaseModel):
     local_epochs: LocalEpochs = _RUN.local_epochs
     model: Model = _RUN.model
     ray_address: str | None = None
+    schema_file: str | None = Field(None, alias="schema")
+    campuses: Annotated[tuple[str, ...], BeforeValidator(listed), AfterValidator(_distinct)] = ()
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("schema_file")
+    @classmethod
+    def _schema_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = (info.context or {}).get("folder", Path(".")) / Path(value).expanduser()
+        try:
+            load_schema(path)
+        except SchemaError as err:
+            raise ValueError(str(err)) from None
+        return str(path)
+
+    @field_validator("campuses")
+    @classmethod
+    def _campus_folders(cls, specs: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        resolved = []
+        for spec in specs:
+            name, data, mapping = campus_spec(spec, (info.context or {}).get("folder"))
+            resolved.append(f"{name}={data}" + (f":{mapping}" if mapping else ""))
+        names = [r.partition("=")[0] for r in resolved]
+        if len(set(names)) < len(names):
+            raise ValueError(f"campus names given more than once: {sorted({n for n in names if names.count(n) > 1})}")
+        return tuple(resolved)
+
+    @cached_property
+    def schema(self) -> FederationSchema:  # type: ignore[override]  # BaseModel.schema: pydantic 1's, deprecated
+        """The federation schema every cell runs under (OULAD's without the key ``schema``)."""
+        return load_schema(self.schema_file)
 
     @field_validator("settings")
     @classmethod
@@ -161,6 +200,8 @@ class Study(BaseModel):
 
     @model_validator(mode="after")
     def _every_cell_runs(self) -> Study:
+        if self.campuses and "campus_by" in self.model_fields_set:
+            raise ValueError("campuses gives the study's campuses: leave out campus_by, which forms them from one release")
         for cell in self.cells():  # settings that conflict with a cell's own (e.g. central-dp with fedadam)
             try:
                 cell.config(Path("."))
@@ -184,7 +225,7 @@ class Study(BaseModel):
     def cells(self) -> list[Cell]:
         """Every run of the grid, in a fixed order."""
         out = []
-        for campus_by in self.campus_by:
+        for campus_by in (FOLDERS,) if self.campuses else self.campus_by:
             for cutoff in self.cutoff_days:
                 for mode in self.modes:
                     for strategy in self.strategies if mode == "federated" else ("-",):
@@ -222,11 +263,12 @@ class Cell:
         s = self.study
         values = {
             **s.settings,
+            **({} if s.schema_file is None else {"federation-schema": s.schema.text()}),
+            **({} if self.campus_by == FOLDERS else {"campus-by": self.campus_by}),
             "task": s.task,
             "num-rounds": s.rounds,
             "local-epochs": s.local_epochs,
             "model": s.model,
-            "campus-by": self.campus_by,
             "cutoff-day": self.cutoff_day,
             "seed": self.seed,
             "strategy": "fedavg" if self.strategy == "-" else self.strategy,
@@ -262,27 +304,41 @@ def _progress() -> Progress:
     )
 
 
-def run(config_path: Path, out: Path, data_dir: Path, ray_address: str | None = None) -> Path:
+def run(config_path: Path, out: Path, data_dir: Path | None, ray_address: str | None = None) -> Path:
     """Run every cell of the study in ``config_path`` not yet done in ``out``; then report.
 
-    Every federated cell runs on one simulation engine (:func:`~experiments.simulate.engine`),
-    started before the first cell when any federated cell is left: its workers and the campuses they
-    prepared stay up between cells, with the results of cells run one by one. ``ray_address`` (else the
-    study's ``ray_address``) attaches that engine to an existing Ray cluster. A progress bar
-    shows the cells done and the estimated time left.
+    The cells run on the OULAD release in ``data_dir``, or on the study's ``campuses`` (then ``data_dir`` is
+    None), under the study's federation schema. Every federated cell runs on one simulation engine
+    (:func:`~experiments.simulate.engine`), started before the first cell when any federated cell is left: its
+    workers and the campuses they prepared stay up between cells, with the results of cells run one by one.
+    ``ray_address`` (else the study's ``ray_address``) attaches that engine to an existing Ray cluster. A
+    progress bar shows the cells done and the estimated time left.
+
+    Raises
+    ------
+    ConfigError
+        When the study gives ``campuses`` and ``data_dir`` is given too, or neither is.
+    MappingError, DataError
+        When a campus's mapping or data (or the release's tables) fail.
     """
     study = Study.load(config_path)
+    if bool(study.campuses) == (data_dir is not None):
+        raise ConfigError(f"{config_path}: give the data either as study.campuses or as --data, not both or neither")
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    tables = load_tables(data_dir)
+    tables = (
+        load_campuses(list(study.campuses), study.schema, what=f"{config_path}: study.campuses")
+        if study.campuses
+        else load_tables(data_dir, schema=study.schema)
+    )
     reference = RunConfig()
     manifest = {
-        "config": {**study.model_dump(), "file": str(config_path)},
+        "config": {**study.model_dump(by_alias=True), "file": str(config_path)},
         "seeds": list(study.seeds),
         "code": code_version(),
         "versions": versions(),
-        "data": str(data_dir),
-        "data_sha256": file_hashes(data_dir),
+        **data_provenance(tables),
+        "schema": {"name": study.schema.name, "sha256": study.schema.digest, "text": study.schema.text()},
         "privacy": {
             "mechanism": "DP-SGD (per-example clipping, Gaussian noise, Poisson sampling) on each campus",
             "accountant": ACCOUNTANT,
@@ -321,7 +377,7 @@ def _collect(cells: list[Cell], cells_dir: Path, out: Path) -> None:
     rows, campus_rows = [], []
     for cell in cells:
         summary = json.loads((cells_dir / cell.id / "summary.json").read_text())
-        eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task, load_schema())
+        eps, metrics = summary["privacy"]["epsilon"], task_metrics(cell.study.task, cell.study.schema)
         rows.append(
             {
                 **cell.keys(),
@@ -349,18 +405,16 @@ def _label(row) -> str:
     return row["mode"] if row["strategy"] == "-" else f"{row['mode']} ({row['strategy']})"
 
 
-def summarise(rows: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Mean and standard deviation (ddof 1; 0 for one seed) of every metric of ``task`` over seeds."""
-    grouped = rows.groupby(KEYS, sort=False)[
-        [*task_metrics(task, load_schema()), worst_metric(task), "epsilon_spent", "wall_time_s"]
-    ]
+def summarise(rows: pd.DataFrame, task: str, schema: FederationSchema) -> pd.DataFrame:
+    """Mean and standard deviation (ddof 1; 0 for one seed) of every metric of ``task`` under ``schema`` over seeds."""
+    grouped = rows.groupby(KEYS, sort=False)[[*task_metrics(task, schema), worst_metric(task), "epsilon_spent", "wall_time_s"]]
     table = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
     table["seeds"] = grouped.size()
     return table.reset_index()
 
 
-def _markdown(table: pd.DataFrame, task: str) -> str:
-    first, *others = task_metrics(task, load_schema())
+def _markdown(table: pd.DataFrame, task: str, schema: FederationSchema) -> str:
+    first, *others = task_metrics(task, schema)
     cols = [first, worst_metric(task), *others, "epsilon_spent"]
     head = "| campuses | day | mode | ε target | " + " | ".join(cols) + " | seeds |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -377,9 +431,13 @@ def report(out: Path) -> None:
     campus_rows = pd.read_csv(out / "campus_rows.csv", dtype={"epsilon": str})
     # Study folders written before the task was recorded hold withdrawal runs.
     task = rows["task"].iloc[0] if "task" in rows else "withdrawal"
-    table = summarise(rows, task)
+    # The study's federation schema names the outcomes (final_result's metrics); older folders ran under OULAD's.
+    manifest = out / "manifest.json"
+    saved = json.loads(manifest.read_text()).get("schema") if manifest.exists() else None
+    schema = schema_from_text(saved["text"] if saved else "")
+    table = summarise(rows, task, schema)
     table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(_markdown(table, task))
+    (out / "summary.md").write_text(_markdown(table, task, schema))
     _plots(table, campus_rows, out, task)
     print(f"study report: {out / 'summary.md'}, {len(rows)} runs")
 

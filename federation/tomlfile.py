@@ -34,7 +34,8 @@ def listed(value: object) -> object:
 
 
 def load_model(model: type[M], path: str | os.PathLike[str], error: type[Exception], what: str) -> M:
-    """``model`` validated from the TOML file ``path``.
+    """``model`` validated from the TOML file ``path``; its validators find the file's folder as the validation
+    context's ``folder`` (relative paths in the file are relative to it).
 
     Raises
     ------
@@ -50,7 +51,7 @@ def load_model(model: type[M], path: str | os.PathLike[str], error: type[Excepti
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not a TOML file ({err})") from None
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context={"folder": path.parent})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in err.errors())
         raise error(f"{path}: {problems}") from None

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -181,6 +182,35 @@ def test_simulate_trains_on_the_three_campus_folders_and_its_centralized_baselin
     assert summaries["centralized"]["global"]["auc"] > 0.8
     assert summaries["federated"]["global"]["auc"] > summaries["centralized"]["global"]["auc"] - 0.05
     assert sorted(p.name for p in (tmp_path / "federated" / "campuses").iterdir()) == list(CAMPUSES)
+
+
+@pytest.mark.simulation
+def test_a_study_names_its_schema_and_campus_folders_and_runs_like_simulate(tmp_path, capsys):
+    from edufl.experiments.study import run
+
+    out = run(EXAMPLE / "study.toml", tmp_path / "study", None)
+    rows = pd.read_csv(out / "rows.csv")
+    assert rows["cell"].tolist() == [f"folders-d60-{m}-eps3-s0" for m in ("centralized", "local", "federated-fedavg")]
+    assert set(rows["campus_by"]) == {"folders"} and set(rows["task"]) == {"term1_dropout"}
+    campus_rows = pd.read_csv(out / "campus_rows.csv")
+    assert sorted(set(campus_rows["campus"])) == list(CAMPUSES)
+    federated = json.loads((out / "cells" / "folders-d60-federated-fedavg-eps3-s0" / "summary.json").read_text())
+    assert federated["config"]["campus-by"] == "folders" and federated["config"]["campuses"] == list(CAMPUSES)
+    assert federated["config"]["federation-schema"] == SCHEMA.text()  # every campus ran under the study's schema
+    assert 0 < federated["privacy"]["epsilon"] <= 3
+    # The first-term results carry the signal here too (see the simulate test above): well above chance.
+    assert rows["auc"].min() > 0.7
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"]["name"] == SCHEMA.name and manifest["schema"]["sha256"] == SCHEMA.digest
+    assert manifest["data"] == {c: str((EXAMPLE / c).resolve()) for c in CAMPUSES}
+    assert "| folders | 60 | federated (fedavg) | 3 |" in (out / "summary.md").read_text()
+
+
+def test_a_study_with_campus_folders_refuses_data_too(data_dir, capsys):
+    from edufl.experiments.cli import main
+
+    assert main(["experiment", "run", str(EXAMPLE / "study.toml"), "--data", str(data_dir)]) == 2
+    assert capsys.readouterr().err == f"edufl: {EXAMPLE / 'study.toml'}: study.campuses gives the campuses: leave out --data\n"
 
 
 @pytest.mark.parametrize(

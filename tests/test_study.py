@@ -95,6 +95,31 @@ def test_grid_expansion_and_cell_configs(tmp_path):
             "Value error, num-rounds is set by the study key rounds, not in settings",
         ),
         (
+            ('model = "logistic"', 'model = "logistic"\nschema = "absent.toml"'),
+            "study.schema",
+            "Value error, {folder}/absent.toml: federation schema not found",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\nsettings = {federation-schema = ""}'),
+            "study.settings",
+            "Value error, federation-schema is set by the study key schema (a schema file), not in settings",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\ncampuses = ["north"]'),
+            "study.campuses",
+            "Value error, 'north': expected NAME=DIR or NAME=DIR:MAPPING",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\ncampuses = ["a=x", "a=y"]'),
+            "study.campuses",
+            "Value error, campus names given more than once: ['a']",
+        ),
+        (
+            ('model = "logistic"', 'model = "logistic"\ncampuses = ["a=x"]\ncampus_by = ["region"]'),
+            "study",
+            "Value error, campuses gives the study's campuses: leave out campus_by",
+        ),
+        (
             ('model = "logistic"', 'model = "logistic"\nstrategies = ["fedadam"]\nsettings = {central-dp = "fixed"}'),
             "study",
             "Value error, cell module-d60-federated-fedadam-eps3-s0: central-dp = 'fixed' needs strategy fedavg or fedprox",
@@ -107,7 +132,7 @@ def test_bad_study_config_names_file_and_key(tmp_path, change, named, why):
     assert path.read_text() != TINY
     with pytest.raises(ConfigError) as err:
         Study.load(path)
-    assert str(err.value).startswith(f"{path}: {named}: {why}")
+    assert str(err.value).startswith(f"{path}: {named}: {why.format(folder=tmp_path)}")
 
 
 def test_study_config_that_is_missing_or_not_toml(tmp_path):
