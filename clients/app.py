@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -154,7 +155,7 @@ def campus_key(data_dir: Path, mapping: Path | None, cfg: RunConfig) -> tuple:
 
 
 def _campus(name: str, data_dir: Path, mapping: Mapping, cfg: RunConfig, data: TaskData) -> Campus:
-    train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    train_part, test_part = split(data, cfg.split, cfg.test_fraction, cfg.seed, cfg.schema)
     return Campus(name, dataset_id(data_dir, mapping), train_part, test_part)
 
 
@@ -163,8 +164,9 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
     a simulation's workers through :func:`~clients.node.prepared`, and read again when a data file's size or
     modification time changes).
 
-    Raises CampusRefusal as :func:`campus_mapping`, and as :func:`campus_tables` when the data do not fit the run's
-    federation schema."""
+    Raises CampusRefusal as :func:`campus_mapping`, as :func:`campus_tables` when the data do not fit the run's
+    federation schema, and when a presentation matches both patterns of the schema's ``temporal_split`` (split
+    temporal; the refusal's detail names it)."""
     key = campus_key(setup.data_dir, setup.mapping, cfg)
     if key not in _CAMPUS_CACHE:
         mapping = campus_mapping(setup, cfg.contract_version)
@@ -173,7 +175,14 @@ def load_campus(setup: CampusSetup, cfg: RunConfig) -> Campus:
 
         def build() -> Campus:
             examples = early_warning(campus_tables(setup, mapping, cfg.schema), cfg.cutoff_day, cfg.task)
-            return _campus(setup.name, setup.data_dir, mapping, cfg, examples)
+            try:
+                return _campus(setup.name, setup.data_dir, mapping, cfg, examples)
+            except SchemaError as err:
+                raise CampusRefusal(
+                    f"campus {setup.name} cannot join: its presentations do not fit the temporal_split of federation "
+                    f"schema {cfg.schema.name!r} (sha256 {cfg.schema.digest[:16]}...)",
+                    detail=str(err),
+                ) from None
 
         _CAMPUS_CACHE[key] = prepared(setup.cache_dir, key, build)  # a simulation's workers prepare each campus once
     return _CAMPUS_CACHE[key]
@@ -190,6 +199,18 @@ def share_examples(name: str, data_dir: Path, cache_dir: Path, cfg: RunConfig, e
         return False
     key = campus_key(data_dir, CONTRACT_PARQUET, cfg)
     return leave_prepared(cache_dir, key, lambda: _campus(name, data_dir, mapping, cfg, examples()))
+
+
+def _require_rows(campus: Campus, cfg: RunConfig, part: Literal["train", "test"], doing: str) -> None:
+    """Refuse ``doing`` when split temporal left ``campus`` no ``part`` rows: none of its presentations matches
+    the schema's ``temporal_split`` pattern for that part."""
+    rule = cfg.schema.temporal_split
+    if cfg.split != "temporal" or rule is None or len(getattr(campus, part)):
+        return
+    raise CampusRefusal(
+        f"campus {campus.name} refuses {doing}: split temporal leaves it no {part} rows, since none of its "
+        f"presentations matches temporal_split.{part} {getattr(rule, part)!r} of federation schema {cfg.schema.name!r}"
+    )
 
 
 def _model(cfg: RunConfig, msg: Message):
@@ -263,8 +284,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     ------
     CampusRefusal
         Before any training, when the request breaks the campus policy, changes
-        the run's privacy settings, or would take an ε past its limit (Flower
-        sends the coordinator an error reply with the message).
+        the run's privacy settings, or would take an ε past its limit, or split
+        temporal leaves the campus no training rows (Flower sends the coordinator
+        an error reply with the message).
     ConfigError
         On an unknown or invalid configuration key.
     """
@@ -273,6 +295,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     setup = campus_setup(context.node_config)
     _check_policy(setup, cfg, server_round)
     campus = load_campus(setup, cfg)
+    _require_rows(campus, cfg, "train", f"round {server_round}")
     model = _model(cfg, msg)
     k = setup.policy.release.min_cohort_size
     evaluation = (
@@ -360,13 +383,14 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     Raises
     ------
     CampusRefusal
-        When the request breaks the campus policy, or there are fewer test rows
-        than its ``release.min_cohort_size``.
+        When the request breaks the campus policy, split temporal leaves the campus
+        no test rows, or there are fewer test rows than its ``release.min_cohort_size``.
     """
     cfg = RunConfig.from_flower(dict(msg.content[CONFIG]))
     setup = campus_setup(context.node_config)
     _check_policy(setup, cfg, int(msg.content[CONFIG]["server-round"]))
     campus = load_campus(setup, cfg)
+    _require_rows(campus, cfg, "test", "to release metrics")
     k = setup.policy.release.min_cohort_size
     if len(campus.test) < k:  # the reason does not say how many: a count below k is what k withholds
         raise CampusRefusal(

@@ -109,6 +109,9 @@ class RunConfig(BaseModel):
     ``secaggplus_mod`` on the campuses): the coordinator receives only masked
     updates and learns only their example-weighted sum.
 
+    ``split = "temporal"`` needs a federation schema declaring ``[temporal_split]``
+    (:class:`~federation.schema.TemporalSplit`); without one, the run is refused.
+
     Raises
     ------
     ConfigError
@@ -210,6 +213,14 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
+        if self.split == "temporal" and self.schema.temporal_split is None:
+            example = 'train = "^2013", test = "^2014"'
+            raise ValueError(
+                "split = 'temporal' needs the federation schema to say which presentations it trains and tests on, "
+                f"and federation schema {self.schema.name!r} declares no [temporal_split]; add that table to it with keys "
+                f"train and test, each a regular expression searched for in the presentation code (OULAD's: {example}), "
+                "or use split stratified"
+            )
         if self.central_dp != "off" and self.strategy == "fedadam":
             # FedAdam's server step rescales the averaged update before the wrapper adds
             # noise, so the noise would no longer match one campus's clipped influence.

@@ -13,7 +13,10 @@ campus reads and validates its own data against (``edufl campus validate --schem
   scholarship, ...): a ``number`` valid in ``[low, high]`` and scaled to [0, 1] by those bounds, or a ``category``
   of its ``vocabulary``, one-hot encoded;
 * other scaling bounds for the contract's numeric features (``[scaling]``, e.g. ``studied_credits = [0, 240]``);
-* the optional modules whose data the tasks may use (``modules``; all of them by default).
+* the optional modules whose data the tasks may use (``modules``; all of them by default);
+* which presentations split ``temporal`` trains on and tests on (``[temporal_split]``, optional: ``train`` and
+  ``test``, each a regular expression searched for in the presentation code, e.g. ``train = "^2013"``); a run
+  with split ``temporal`` needs it.
 
 Every encoding and scaling is fixed here, never fitted on any campus's data, so every campus builds the same
 feature columns. OULAD's schema (``federation/schemas/oulad.toml``) is the default. The run configuration
@@ -26,12 +29,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .contract import (
     ATTRIBUTES,
@@ -57,6 +61,7 @@ __all__ = [
     "FederationSchema",
     "Meaning",
     "SchemaError",
+    "TemporalSplit",
     "load_schema",
     "schema_from_text",
 ]
@@ -122,6 +127,26 @@ class Attribute(_Strict):
         return Column(name, "cat", nullable=True, vocab=self.vocabulary)
 
 
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{pattern!r} is not a regular expression ({err})") from None
+    return pattern
+
+
+_Pattern = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_regex)]
+
+
+class TemporalSplit(_Strict):
+    """Which presentations split ``temporal`` trains on (``train``) and tests on (``test``): each a regular
+    expression searched for (:func:`re.search`) in the presentation code. A presentation matching neither is in
+    neither part; one matching both is refused when the split meets it (:func:`federation.tasks.split`)."""
+
+    train: _Pattern
+    test: _Pattern
+
+
 class FederationSchema(_Strict):
     """A federation schema, validated (keys as in the module docstring).
 
@@ -137,6 +162,7 @@ class FederationSchema(_Strict):
     attributes: dict[_Name, Attribute] = Field(default_factory=dict, max_length=_MAX_ATTRIBUTES)
     scaling: dict[str, Annotated[tuple[float, float], BeforeValidator(listed)]] = {}
     modules: Annotated[tuple[str, ...], BeforeValidator(listed)] = OPTIONAL_MODULES
+    temporal_split: TemporalSplit | None = None
 
     @model_validator(mode="after")
     def _fits(self) -> FederationSchema:
@@ -205,8 +231,10 @@ class FederationSchema(_Strict):
         return {**{n: self.scaling.get(n, b) for n, b in NUMERIC_FEATURES.items()}, **numbers}
 
     def text(self) -> str:
-        """The schema as compact JSON: the form the run configuration carries (:func:`schema_from_text` reads it)."""
-        return self.model_dump_json()
+        """The schema as compact JSON: the form the run configuration carries (:func:`schema_from_text` reads it).
+        A schema without ``[temporal_split]`` leaves the key out, so its text and :attr:`digest` (which campus
+        policies approve) are those it had before the table existed."""
+        return self.model_dump_json(exclude={"temporal_split"} if self.temporal_split is None else None)
 
     @property
     def digest(self) -> str:

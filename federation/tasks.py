@@ -25,7 +25,7 @@ from .contract import ASSESSMENTS_MODULE, ATTRIBUTES, ATTRIBUTES_MODULE, CATEGOR
 from .engagement import engagement_feature_bounds, engagement_features
 from .metrics import SUBGROUPS
 from .runconfig import SPLITS, TASKS
-from .schema import FederationSchema, Meaning
+from .schema import FederationSchema, Meaning, SchemaError
 from .tables import Tables
 
 __all__ = [
@@ -292,17 +292,28 @@ def _attributes(tables: Tables, population: pd.DataFrame, usable: bool) -> pd.Da
     return population[key].assign(**{name: np.nan for name in tables.schema.attributes})
 
 
-def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[TaskData, TaskData]:
+def split(
+    data: TaskData, kind: str, test_fraction: float, seed: int, schema: FederationSchema | None = None
+) -> tuple[TaskData, TaskData]:
     """Split a campus's examples into (train, test); the test part never leaves the campus.
 
     ``stratified``: a seeded split keeping each class's share (the positive
     rate; the four final results) in both parts (falls back to a seeded random
     split when a class present has fewer than 2 rows).
-    ``temporal``: train on 2013 presentations, test on 2014 presentations.
+    ``temporal``: train on the presentations ``schema``'s ``temporal_split.train`` matches, test on those its
+    ``temporal_split.test`` matches (:class:`~federation.schema.TemporalSplit`); the rows of a presentation
+    matching neither are in neither part, and either part may come out empty.
+
+    Raises
+    ------
+    SchemaError
+        Split ``temporal``: when a presentation matches both patterns; the message names the schema and each
+        such presentation.
+    ValueError
+        For an unknown ``kind``, or ``temporal`` without a ``schema`` declaring ``[temporal_split]``.
     """
     if kind == "temporal":
-        year = data.rows["presentation"].str[:4].to_numpy()
-        return data.take(np.flatnonzero(year == "2013")), data.take(np.flatnonzero(year == "2014"))
+        return _temporal_split(data, schema)
     if kind != "stratified":
         raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")
     rng = np.random.default_rng(seed)
@@ -316,3 +327,20 @@ def split(data: TaskData, kind: str, test_fraction: float, seed: int) -> tuple[T
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(data)), test_idx)
     return data.take(train_idx), data.take(test_idx)
+
+
+def _temporal_split(data: TaskData, schema: FederationSchema | None) -> tuple[TaskData, TaskData]:
+    rule = schema.temporal_split if schema is not None else None
+    if schema is None or rule is None:
+        named = f"federation schema {schema.name!r} declares none" if schema else "no federation schema was given"
+        raise ValueError(f"split temporal follows the federation schema's [temporal_split]; {named}")
+    codes = data.rows["presentation"].astype(str)
+    train, test = (codes.str.contains(pattern, regex=True).to_numpy(bool) for pattern in (rule.train, rule.test))
+    both = sorted(set(codes[train & test]))
+    if both:
+        raise SchemaError(
+            f"federation schema {schema.name!r}: presentation(s) {', '.join(map(repr, both))} match both "
+            f"temporal_split.train {rule.train!r} and temporal_split.test {rule.test!r}; expected each presentation "
+            "in one part at most"
+        )
+    return data.take(np.flatnonzero(train)), data.take(np.flatnonzero(test))

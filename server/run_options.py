@@ -126,7 +126,14 @@ RUN_OPTIONS = (
         "SecAgg+: the largest campus weight (training rows) the masked sum holds without clipping",
     ),
     RunOption("cutoff_day", "--cutoff-day", int, "early-warning day D"),
-    RunOption("split", "--split", str, "stratified held-out test rows per campus, or temporal (train 2013, test 2014)", SPLITS),
+    RunOption(
+        "split",
+        "--split",
+        str,
+        "stratified held-out test rows per campus, or temporal: train and test on the presentations the federation "
+        "schema's [temporal_split] names (OULAD's: train 2013, test 2014)",
+        SPLITS,
+    ),
     RunOption("test_fraction", "--test-fraction", float, "share of each campus's rows held out"),
     RunOption(
         "seed", "--seed", int, "seed for data splits and initial weights (DP noise and batch sampling are secret on each campus)"

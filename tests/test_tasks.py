@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from edufl.federation.contract import CATEGORICAL_FEATURES
 from edufl.federation.partition import campus_names, campus_slice
-from edufl.federation.schema import load_schema
-from edufl.federation.tables import Tables
+from edufl.federation.schema import SchemaError, TemporalSplit, load_schema
+from edufl.federation.tables import Tables, load_tables
 from edufl.federation.tasks import MISSING_SLOT, early_warning, feature_names, split
 
 OULAD = load_schema()
 """OULAD's federation schema (federation/schemas/oulad.toml)."""
 
 D = 60
+EXAMPLE = Path(__file__).parents[1] / "docs" / "single-table-example"
+EXAMPLE_SCHEMA = EXAMPLE / "federation.toml"
 
 
 def _future_scrambled(tables: Tables, cutoff: int) -> Tables:
@@ -108,10 +112,37 @@ def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
 
 def test_temporal_split(tables):
     data = early_warning(campus_slice(tables, "module", "FFF"), D, "withdrawal")
-    train, test = split(data, "temporal", 0.2, seed=0)
+    train, test = split(data, "temporal", 0.2, 0, OULAD)  # OULAD's schema: train = "^2013", test = "^2014"
     assert set(train.rows["presentation"]) == {"2013B", "2013J"}
     assert set(test.rows["presentation"]) == {"2014B", "2014J"}
     assert len(train) + len(test) == len(data)
+    # A presentation matching neither pattern is in neither part.
+    only_j = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="^2013J$", test="^2014J$")})
+    train, test = split(data, "temporal", 0.2, 0, only_j)
+    assert set(train.rows["presentation"]) == {"2013J"} and set(test.rows["presentation"]) == {"2014J"}
+    assert len(train) + len(test) == (data.rows["presentation"].str.endswith("J")).sum() < len(data)
+    # One matching both is the schema's mistake, named with the presentations.
+    overlapping = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="^2013", test="J$")})
+    with pytest.raises(SchemaError, match=r"federation schema 'oulad': presentation\(s\) '2013J' match both temporal_split"):
+        split(data, "temporal", 0.2, 0, overlapping)
+    with pytest.raises(ValueError, match="federation schema 'oulad' declares none"):
+        split(data, "temporal", 0.2, 0, OULAD.model_copy(update={"temporal_split": None}))
+    with pytest.raises(ValueError, match="no federation schema was given"):
+        split(data, "temporal", 0.2, 0)
+
+
+def test_a_federation_with_its_own_presentation_codes_splits_by_its_own_patterns(tmp_path):
+    path = tmp_path / "federation.toml"
+    path.write_text(EXAMPLE_SCHEMA.read_text() + '\n[temporal_split]\ntrain = "^2021$"\ntest = "^2022$"\n')
+    own = load_schema(path)
+    data = early_warning(load_tables(EXAMPLE / "north", EXAMPLE / "student_records.toml", own), D, "withdrawal")
+    assert set(data.rows["presentation"]) == {"2021", "2022"}  # cohorts by year: no OULAD-shaped code
+    train, test = split(data, "temporal", 0.2, 0, own)
+    assert set(train.rows["presentation"]) == {"2021"} and set(test.rows["presentation"]) == {"2022"}
+    assert len(train) + len(test) == len(data) and len(train) and len(test)
+    # OULAD's patterns find nothing here: both parts empty (a campus then refuses, tests/test_schema.py).
+    oulad_patterns = own.model_copy(update={"temporal_split": OULAD.temporal_split})
+    assert [len(part) for part in split(data, "temporal", 0.2, 0, oulad_patterns)] == [0, 0]
 
 
 def test_at_risk_shares_population_and_features_and_adds_failures(tables):
