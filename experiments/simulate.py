@@ -744,7 +744,7 @@ def _read_ahead(
     engine: Engine, cfg: RunConfig, data_dir: Path, headline: Callable[[RunConfig, Tables | Campuses, str], list[str]]
 ) -> Iterator[Callable[[], tuple[dict, list[str], str, dict[str, TaskData]]]]:
     """Fork a process that reads and validates the tables in ``data_dir``, prints ``headline``'s lines, writes
-    ``engine``'s campus folders and computes every campus's examples, while this process imports torch, Opacus
+    ``engine``'s campus folders while it computes every campus's examples, while this process imports torch, Opacus
     and Flower and starts the workers: on two cores the two take about as long as the reading alone. Call it
     before anything heavy is imported and while no other thread runs (the fork copies this process). The
     process is stopped if it still runs when the block ends.
@@ -762,8 +762,10 @@ def _read_ahead(
         try:
             tables = load_tables(data_dir, schema=cfg.schema)
             names = headline(cfg, tables, "federated")
-            partition = engine.partition(tables, cfg.campus_by, cfg.shards)
-            examples = campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task)
+            with ThreadPoolExecutor(1) as writer:  # both only read the tables; writing Parquet mostly frees the GIL
+                written = writer.submit(engine.partition, tables, cfg.campus_by, cfg.shards)
+                examples = campus_examples(tables, cfg.campus_by, cfg.shards, cfg.cutoff_day, cfg.task)
+                partition = written.result()
             sys.stdout.flush()
             send.send((data_provenance(tables), names, partition, examples))
         except BaseException as err:  # every error, the user's included, is raised again where the run waits for it

@@ -16,6 +16,7 @@ from edufl.federation.runconfig import RunConfig
 
 from .analytics import answer_query
 from .replies import PollingGrid
+from .results import load_plotting
 from .training import run_federation
 
 __all__ = ["app"]
@@ -33,4 +34,5 @@ def main(grid: Grid, context: Context) -> None:
         answer_query(grid, context)
         return
     cfg = RunConfig.from_flower(config)
+    load_plotting()  # while the campuses train
     run_federation(grid, cfg, {"mode": "federated", **cfg.to_flower()}, context)
