@@ -214,11 +214,11 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
         if self.split == "temporal" and self.schema.temporal_split is None:
-            example = 'train = "^2013", test = "^2014"'
+            example = 'train = "2013*", test = "2014*"'
             raise ValueError(
                 "split = 'temporal' needs the federation schema to say which presentations it trains and tests on, "
                 f"and federation schema {self.schema.name!r} declares no [temporal_split]; add that table to it with keys "
-                f"train and test, each a regular expression searched for in the presentation code (OULAD's: {example}), "
+                f"train and test, each a glob pattern the whole presentation code matches (OULAD's: {example}), "
                 "or use split stratified"
             )
         if self.central_dp != "off" and self.strategy == "fedadam":

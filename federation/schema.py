@@ -15,7 +15,7 @@ campus reads and validates its own data against (``edufl campus validate --schem
 * other scaling bounds for the contract's numeric features (``[scaling]``, e.g. ``studied_credits = [0, 240]``);
 * the optional modules whose data the tasks may use (``modules``; all of them by default);
 * which presentations split ``temporal`` trains on and tests on (``[temporal_split]``, optional: ``train`` and
-  ``test``, each a regular expression searched for in the presentation code, e.g. ``train = "^2013"``); a run
+  ``test``, each a glob pattern the whole presentation code matches, e.g. ``train = "2013*"``); a run
   with split ``temporal`` needs it.
 
 Every encoding and scaling is fixed here, never fitted on any campus's data, so every campus builds the same
@@ -29,13 +29,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .contract import (
     ATTRIBUTES,
@@ -127,21 +126,15 @@ class Attribute(_Strict):
         return Column(name, "cat", nullable=True, vocab=self.vocabulary)
 
 
-def _regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{pattern!r} is not a regular expression ({err})") from None
-    return pattern
-
-
-_Pattern = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_regex)]
+_Pattern = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class TemporalSplit(_Strict):
-    """Which presentations split ``temporal`` trains on (``train``) and tests on (``test``): each a regular
-    expression searched for (:func:`re.search`) in the presentation code. A presentation matching neither is in
-    neither part; one matching both is refused when the split meets it (:func:`federation.tasks.split`)."""
+    """Which presentations split ``temporal`` trains on (``train``) and tests on (``test``): each a glob pattern
+    (``*``, ``?``, ``[...]``; :func:`fnmatch.fnmatchcase`) that the whole presentation code must match. Globs,
+    not regular expressions: a pattern the coordinator sends cannot make a campus backtrack for hours. A
+    presentation matching neither is in neither part; one matching both is refused when the split meets it
+    (:func:`federation.tasks.split`)."""
 
     train: _Pattern
     test: _Pattern

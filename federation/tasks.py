@@ -17,6 +17,7 @@ every campus produces the same columns in the same order without seeing any othe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 import pandas as pd
@@ -335,7 +336,7 @@ def _temporal_split(data: TaskData, schema: FederationSchema | None) -> tuple[Ta
         named = f"federation schema {schema.name!r} declares none" if schema else "no federation schema was given"
         raise ValueError(f"split temporal follows the federation schema's [temporal_split]; {named}")
     codes = data.rows["presentation"].astype(str)
-    train, test = (codes.str.contains(pattern, regex=True).to_numpy(bool) for pattern in (rule.train, rule.test))
+    train, test = (np.isin(codes, [c for c in codes.unique() if fnmatchcase(c, p)]) for p in (rule.train, rule.test))
     both = sorted(set(codes[train & test]))
     if both:
         raise SchemaError(

@@ -112,17 +112,21 @@ def test_stratified_split_is_seeded_disjoint_and_stratified(tables):
 
 def test_temporal_split(tables):
     data = early_warning(campus_slice(tables, "module", "FFF"), D, "withdrawal")
-    train, test = split(data, "temporal", 0.2, 0, OULAD)  # OULAD's schema: train = "^2013", test = "^2014"
+    train, test = split(data, "temporal", 0.2, 0, OULAD)  # OULAD's schema: train = "2013*", test = "2014*"
     assert set(train.rows["presentation"]) == {"2013B", "2013J"}
     assert set(test.rows["presentation"]) == {"2014B", "2014J"}
     assert len(train) + len(test) == len(data)
     # A presentation matching neither pattern is in neither part.
-    only_j = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="^2013J$", test="^2014J$")})
+    only_j = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="2013J", test="2014J")})
     train, test = split(data, "temporal", 0.2, 0, only_j)
     assert set(train.rows["presentation"]) == {"2013J"} and set(test.rows["presentation"]) == {"2014J"}
     assert len(train) + len(test) == (data.rows["presentation"].str.endswith("J")).sum() < len(data)
+    # A pattern matches the whole code: "2013" alone names no OULAD presentation; "?" and "[...]" as in fnmatch.
+    whole = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="2013", test="201[4]?")})
+    train, test = split(data, "temporal", 0.2, 0, whole)
+    assert len(train) == 0 and set(test.rows["presentation"]) == {"2014B", "2014J"}
     # One matching both is the schema's mistake, named with the presentations.
-    overlapping = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="^2013", test="J$")})
+    overlapping = OULAD.model_copy(update={"temporal_split": TemporalSplit(train="2013*", test="*J")})
     with pytest.raises(SchemaError, match=r"federation schema 'oulad': presentation\(s\) '2013J' match both temporal_split"):
         split(data, "temporal", 0.2, 0, overlapping)
     with pytest.raises(ValueError, match="federation schema 'oulad' declares none"):
@@ -133,7 +137,7 @@ def test_temporal_split(tables):
 
 def test_a_federation_with_its_own_presentation_codes_splits_by_its_own_patterns(tmp_path):
     path = tmp_path / "federation.toml"
-    path.write_text(EXAMPLE_SCHEMA.read_text() + '\n[temporal_split]\ntrain = "^2021$"\ntest = "^2022$"\n')
+    path.write_text(EXAMPLE_SCHEMA.read_text() + '\n[temporal_split]\ntrain = "2021"\ntest = "2022"\n')
     own = load_schema(path)
     data = early_warning(load_tables(EXAMPLE / "north", EXAMPLE / "student_records.toml", own), D, "withdrawal")
     assert set(data.rows["presentation"]) == {"2021", "2022"}  # cohorts by year: no OULAD-shaped code
