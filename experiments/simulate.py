@@ -162,11 +162,13 @@ def load_campuses(specs: list[str], schema: FederationSchema, what: str = "--cam
     Raises
     ------
     ConfigError
-        For a bad spec (:func:`campus_spec`) or a name given twice; the message starts with ``what``.
+        For a bad spec (:func:`campus_spec`), a folder that does not exist, or a name or folder given twice (the
+        same learners twice); the message starts with ``what``.
     MappingError, DataError
         As :func:`~federation.tables.load_tables`, for the first campus whose mapping or data fail.
     """
     campuses: dict[str, Tables] = {}
+    folders: dict[Path, str] = {}
     for spec in specs:
         try:
             name, data, mapping = campus_spec(spec)
@@ -174,6 +176,10 @@ def load_campuses(specs: list[str], schema: FederationSchema, what: str = "--cam
             raise ConfigError(f"{what} {err}") from None
         if name in campuses:
             raise ConfigError(f"{what} {spec!r}: campus {name!r} is given twice")
+        if not data.is_dir():
+            raise ConfigError(f"{what} {spec!r}: {data} is not a folder; expected the campus's data folder")
+        if (seen := folders.setdefault(data.resolve(), name)) != name:
+            raise ConfigError(f"{what} {spec!r}: campus {seen!r} reads that folder already; each campus holds its own learners")
         campuses[name] = load_tables(data, mapping, schema)
     return campuses
 

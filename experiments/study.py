@@ -172,6 +172,8 @@ class Study(BaseModel):
     @field_validator("campuses")
     @classmethod
     def _campus_folders(cls, specs: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not specs:
+            raise ValueError("empty; list the campus folders, or leave the key out to run on --data")
         resolved = []
         for spec in specs:
             name, data, mapping = campus_spec(spec, (info.context or {}).get("folder"))
@@ -333,7 +335,11 @@ def run(config_path: Path, out: Path, data_dir: Path | None, ray_address: str | 
     )
     reference = RunConfig()
     manifest = {
-        "config": {**study.model_dump(by_alias=True), "file": str(config_path)},
+        "config": {
+            **study.model_dump(by_alias=True),
+            **({"campus_by": [FOLDERS]} if study.campuses else {}),  # as the cells and rows read it
+            "file": str(config_path),
+        },
         "seeds": list(study.seeds),
         "code": code_version(),
         "versions": versions(),

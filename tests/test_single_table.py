@@ -203,6 +203,7 @@ def test_a_study_names_its_schema_and_campus_folders_and_runs_like_simulate(tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema"]["name"] == SCHEMA.name and manifest["schema"]["sha256"] == SCHEMA.digest
     assert manifest["data"] == {c: str((EXAMPLE / c).resolve()) for c in CAMPUSES}
+    assert manifest["config"]["campus_by"] == ["folders"] and manifest["config"]["schema"] == str(EXAMPLE / "federation.toml")
     assert "| folders | 60 | federated (fedavg) | 3 |" in (out / "summary.md").read_text()
 
 
@@ -219,6 +220,11 @@ def test_a_study_with_campus_folders_refuses_data_too(data_dir, capsys):
         (["north"], "expected NAME=DIR or NAME=DIR:MAPPING"),
         ([f"../up={EXAMPLE / 'north'}:{MAPPING}"], "a campus name is 1-64 letters"),
         ([f"a={EXAMPLE / 'north'}:{MAPPING}", f"a={EXAMPLE / 'south'}:{MAPPING}"], "campus 'a' is given twice"),
+        ([f"a={EXAMPLE / 'east'}:{MAPPING}"], f"{EXAMPLE / 'east'} is not a folder; expected the campus's data folder"),
+        (
+            [f"a={EXAMPLE / 'north'}:{MAPPING}", f"b={EXAMPLE / 'south' / '..' / 'north'}:{MAPPING}"],
+            "campus 'a' reads that folder already; each campus holds its own learners",
+        ),
     ],
 )
 def test_a_bad_campus_folder_option_is_refused_with_exit_status_2(campus, expected):

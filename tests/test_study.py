@@ -110,6 +110,11 @@ def test_grid_expansion_and_cell_configs(tmp_path):
             "Value error, 'north': expected NAME=DIR or NAME=DIR:MAPPING",
         ),
         (
+            ('model = "logistic"', 'model = "logistic"\ncampuses = []'),
+            "study.campuses",
+            "Value error, empty; list the campus folders, or leave the key out to run on --data",
+        ),
+        (
             ('model = "logistic"', 'model = "logistic"\ncampuses = ["a=x", "a=y"]'),
             "study.campuses",
             "Value error, campus names given more than once: ['a']",
