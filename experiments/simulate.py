@@ -59,11 +59,13 @@ from edufl.federation.writers import write_parquet
 
 __all__ = [
     "CAMPUS_ROOT",
+    "FOLDERS",
     "MODES",
     "Engine",
     "Mode",
     "announce",
     "campus_folders",
+    "campus_spec",
     "campus_root",
     "engine",
     "formation",
@@ -184,6 +186,8 @@ def load_campuses(specs: list[str], schema: FederationSchema, what: str = "--cam
     return campuses
 
 
+FOLDERS = "folders"
+"""The ``campus-by`` of a federation of campus folders (:func:`load_campuses`), in provenance and study rows."""
 _CAMPUS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
@@ -224,7 +228,7 @@ def data_provenance(tables: Tables | Campuses) -> dict:
     if isinstance(tables, Tables):
         return {"data": str(tables.source.resolve()), "data_sha256": file_hashes(tables.source, tables.mapping)}
     return {
-        "campus-by": "folders",
+        "campus-by": FOLDERS,
         "data": {name: str(own.source.resolve()) for name, own in tables.items()},
         "data_sha256": {name: file_hashes(own.source, own.mapping) for name, own in tables.items()},
     }

@@ -56,13 +56,11 @@ from edufl.federation.tables import load_tables
 from edufl.federation.tomlfile import listed, load_model
 from edufl.server.results import METRIC_NAMES, code_version, primary_metric, task_metrics, versions, worst_metric
 
-from .simulate import Mode, campus_spec, data_provenance, engine, load_campuses, simulate
+from .simulate import FOLDERS, Mode, campus_spec, data_provenance, engine, load_campuses, simulate
 
-__all__ = ["FOLDERS", "KEYS", "NO_DP", "Axis", "Cell", "Epsilon", "Study", "report", "run", "summarise"]
+__all__ = ["KEYS", "NO_DP", "Axis", "Cell", "Epsilon", "Study", "report", "run", "summarise"]
 
 NO_DP = "none"
-FOLDERS = "folders"
-"""The ``campus_by`` of a study's cells whose campuses are the campus folders of its ``campuses``."""
 KEYS = ["campus_by", "cutoff_day", "mode", "strategy", "epsilon"]
 
 # Run settings each cell sets from the study's own keys (or from `edufl experiment run --out`):
