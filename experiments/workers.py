@@ -51,6 +51,8 @@ class Workers:
         global _APP
         if self._executor is not None:
             return
+        import torch._dynamo  # noqa: F401  # what torch loads as a first optimizer is made (about 1 s of CPU): once, here
+
         _APP = app
         read, self._watch_write = os.pipe()
         self._executor = ProcessPoolExecutor(
@@ -92,12 +94,10 @@ class Workers:
 
 def _start_worker(read: int, write: int) -> None:
     """In each new worker: the driver's signal handlers off (Ctrl-C and SIGTERM are the driver's to handle),
-    one torch thread (the workers share the cores), what torch loads late loaded now (while the driver
-    reads the tables), and an end as soon as the driver's end of the pipe closes."""
+    one torch thread (the workers share the cores), and an end as soon as the driver's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import torch
-    import torch._dynamo  # noqa: F401  # what torch loads when a first optimizer is made (about 1 s): load it now
 
     torch.set_num_threads(1)
     os.close(write)

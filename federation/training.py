@@ -74,6 +74,20 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return row_loss(logits, y).sum() / max(len(y), 1)
 
 
+class _Rows(TensorDataset):
+    """A TensorDataset that gives a loader each batch by indexing every tensor once (torch's
+    ``__getitems__``), not row by row; with :func:`_as_is` as the collate, the batches are those of
+    ``TensorDataset`` and ``default_collate``."""
+
+    def __getitems__(self, index: list[int]) -> list[torch.Tensor]:
+        rows = torch.tensor(index, dtype=torch.long)
+        return [t[rows] for t in self.tensors]
+
+
+def _as_is(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch
+
+
 class _SecretNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ships no type information
     """Opacus's DP-SGD optimizer with its Gaussian noise drawn from ``rng`` (:func:`federation.randomness.gaussian`)
     instead of torch's generator; clipping, scaling and the accountant's step hook are Opacus's own."""
@@ -84,10 +98,10 @@ class _SecretNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ship
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        noises = gaussian(self._rng, std, [tuple(p.summed_grad.shape) for p in self.params])
+        for p, noise in zip(self.params, noises, strict=True):
             _check_processed_flag(p.summed_grad)
-            noise = torch.from_numpy(gaussian(self._rng, std, tuple(p.summed_grad.shape)))
-            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad.dtype)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
@@ -125,7 +139,7 @@ def train(
     proximal_mu * (w - w_start)``; that term does not depend on data, so it is
     applied after the private gradient step and costs no privacy.
     """
-    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    dataset = _Rows(torch.from_numpy(data.x), torch.from_numpy(data.y))
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
@@ -137,12 +151,12 @@ def train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if noise_multiplier is None:
             torch.manual_seed(seed)  # the shuffle follows torch's default generator
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_as_is)
         else:
             rng = randomness.generator()
             sample_rate, _ = poisson_plan(len(dataset), batch_size)
             sampler = torch.Generator().manual_seed(int(rng.integers(2**63)))
-            loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampler)
+            loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampler, collate_fn=_as_is)
             per_example: Any = GradSampleModule(model)  # Opacus's wrapper, untyped
             per_example.forbid_grad_accumulation()
             net = per_example

@@ -73,9 +73,8 @@ def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None
     noisy_sum = (_flat(start) - _flat(after)) * n / cfg.learning_rate
     rng = Randomness(seed).generator()
     rng.integers(2**63)  # the Poisson sampler's seed
-    predicted = torch.cat(
-        [torch.from_numpy(gaussian(rng, sigma * cfg.max_grad_norm, tuple(t.shape))).float().flatten() for t in start.values()]
-    )
+    noises = gaussian(rng, sigma * cfg.max_grad_norm, [tuple(t.shape) for t in start.values()])
+    predicted = torch.cat([torch.from_numpy(n).float().flatten() for n in noises])
     return noisy_sum - predicted
 
 
