@@ -476,7 +476,8 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict, f_stop: 
     Flower's asks the LinkState for every node's message every 0.1 s, and each ask checks every stored
     message: N² checks a tick with N campuses, which kept one of this machine's two cores busy through every
     round of 200 campuses. Here a tick first reads which nodes wait for a message (the in-memory LinkState's
-    store, under its lock), then asks for those nodes' messages as Flower does, in its node order.
+    store, under its lock), then asks for those nodes' messages as Flower does, in its node order; ticks
+    are 0.01 s apart, so a round's messages wait 5 ms on average instead of 50 ms.
     """
     while not f_stop.is_set():
         with state.lock:
@@ -484,7 +485,7 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict, f_stop: 
         for node_id in (n for n in nodes_mapping if n in waiting):
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
-        f_stop.wait(0.1)
+        f_stop.wait(0.01)
 
 
 class Engine:

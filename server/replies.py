@@ -1,6 +1,6 @@
 """What the coordinator waits for and keeps of the campuses' replies, in training rounds and statistic queries alike.
 
-It collects replies every 0.1-0.3 s (:data:`POLL_WAITS`, :class:`PollingGrid`,
+It collects replies every 0.1-0.3 s (:data:`POLL_WAITS`; in a simulation every 0.01-0.05 s, :class:`PollingGrid`,
 around the grid Flower gives the ServerApp), waits, with a limit, for enough
 campuses to be connected (:func:`await_connected_nodes`), and sorts the replies to what it asked
 (:func:`collect`) into answers, with the size and digest of what each campus
@@ -10,6 +10,7 @@ guard gave (:func:`error_reason`), or no reply at all.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from edufl.federation.wire import BLOCKED, CAMPUS, FAILED, REFUSED
 __all__ = [
     "CAMPUS_CODES",
     "NO_REPLY",
+    "IN_MEMORY_POLL_WAITS",
     "POLL_WAITS",
     "Answered",
     "CampusesMissing",
@@ -47,6 +49,10 @@ POLL_WAITS = (0.1, 0.2, 0.3)
 the 2nd and later pulls in a row that brought none; the first pull follows the push at once (Flower's
 deployment grid waits 3 s, ``superlink/grid/http_grid.py``). Each pull is a request the SuperLink answers with database queries,
 competing with the campuses' transfers: the wait grows while no reply comes."""
+
+IN_MEMORY_POLL_WAITS = (0.01, 0.02, 0.05)
+""":data:`POLL_WAITS` for Flower's in-memory grid (the simulation's: ServerApp and LinkState in one process),
+where a pull is a lookup in memory: about 0.15 s less wait per round than :data:`POLL_WAITS` (measured)."""
 
 
 class DelegatingGrid(Grid):
@@ -83,9 +89,20 @@ class DelegatingGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+def _in_memory(grid: Grid) -> bool:
+    # Its module is loaded wherever such a grid exists; a deployed ServerApp does not import it (about 1 s).
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    return module is not None and isinstance(grid, module.InMemoryGrid)
+
+
 class PollingGrid(DelegatingGrid):
     """``grid`` with :meth:`send_and_receive` built on its public ``push_messages``/``pull_messages``, pulling
-    after the waits of :data:`POLL_WAITS`: a reply is collected within 0.3 s of its arrival at the SuperLink."""
+    after the waits of :data:`POLL_WAITS` (a reply is collected within 0.3 s of its arrival at the SuperLink),
+    or of :data:`IN_MEMORY_POLL_WAITS` when ``grid`` is Flower's ``InMemoryGrid``."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.waits = IN_MEMORY_POLL_WAITS if _in_memory(grid) else POLL_WAITS
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; return the replies that arrived within ``timeout`` seconds (None: wait for all)."""
@@ -100,7 +117,7 @@ class PollingGrid(DelegatingGrid):
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             empty = 0 if pulled else empty + 1
-            wait = POLL_WAITS[min(empty, len(POLL_WAITS) - 1)]
+            wait = self.waits[min(empty, len(self.waits) - 1)]
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies
 
