@@ -36,7 +36,9 @@ def build_model(name: str, n_features: int, seed: int = 0, outputs: int = 1) -> 
         For an unknown model name.
     """
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    # The CPU generator the layers draw from; torch.manual_seed would also queue a CUDA seeding, with its
+    # stack trace, on every call in a process that has not initialised CUDA.
+    torch.default_generator.manual_seed(seed)
     try:
         if name == "mlp":
             body = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, outputs))

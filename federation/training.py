@@ -150,7 +150,7 @@ def train(
         # Opacus's backward hooks on the first layer, whose input needs no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if noise_multiplier is None:
-            torch.manual_seed(seed)  # the shuffle follows torch's default generator
+            torch.default_generator.manual_seed(seed)  # the shuffle follows torch's default (CPU) generator
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_as_is)
         else:
             rng = randomness.generator()
