@@ -88,11 +88,13 @@ def gaussian(rng: np.random.Generator, std: float, shapes: list[tuple[int, ...]]
     of four standard normals from ``rng`` halved, then scaled (Holohan and Braghin 2021, as Opacus's
     ``secure_mode``). The normals come from one draw, in the order of ``shapes`` (the stream of drawing
     ``(4, *shape)`` for each shape in turn), which saves a call into ``rng`` per shape."""
-    sizes = [math.prod(shape) for shape in shapes]
-    normals = rng.standard_normal(4 * sum(sizes))
-    ends = np.cumsum([4 * size for size in sizes])
-    blocks = np.split(normals, ends[:-1])
-    return [block.reshape(4, -1).sum(axis=0).reshape(shape) * (std / 2.0) for block, shape in zip(blocks, shapes, strict=True)]
+    normals = rng.standard_normal(4 * sum(math.prod(shape) for shape in shapes))
+    noises, start = [], 0
+    for shape in shapes:
+        end = start + 4 * math.prod(shape)
+        noises.append(normals[start:end].reshape(4, *shape).sum(axis=0) * (std / 2.0))
+        start = end
+    return noises
 
 
 def add_gaussian(values: np.ndarray, sensitivity: float, std: float, randomness: Randomness = SECRET) -> tuple[np.ndarray, float]:

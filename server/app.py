@@ -27,7 +27,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point on Flower's engines: the statistic query or the training run that ``context.run_config`` names
-    (replies collected every :data:`server.replies.POLL_WAITS` s, :class:`server.replies.PollingGrid`)."""
+    (replies collected every :data:`server.replies.POLL_WAITS` s, :data:`server.replies.IN_MEMORY_POLL_WAITS`
+    s in a simulation, :class:`server.replies.PollingGrid`)."""
     grid = PollingGrid(grid)
     config = dict(context.run_config)
     if config.pop(QUERY_KEY, ""):

@@ -74,7 +74,7 @@ def _recovered_sum(cfg: RunConfig, start: dict, reply: Message, seed: int | None
     rng = Randomness(seed).generator()
     rng.integers(2**63)  # the Poisson sampler's seed
     noises = gaussian(rng, sigma * cfg.max_grad_norm, [tuple(t.shape) for t in start.values()])
-    predicted = torch.cat([torch.from_numpy(n).float().flatten() for n in noises])
+    predicted = torch.cat([torch.from_numpy(noise).float().flatten() for noise in noises])
     return noisy_sum - predicted
 
 
@@ -236,6 +236,17 @@ def test_run_settings_are_pinned_by_run_name_across_flower_runs_and_restarts(aaa
 
 
 # --- 5. the ledger records what ran ----------------------------------------------------------------------------------
+
+
+def test_noise_of_several_tensors_is_the_stream_of_drawing_each_in_turn():
+    # One draw for all of a step's parameters must give what drawing (4, *shape) per tensor gave: the stream a
+    # reproducible-noise run, and _recovered_sum's replay, depend on.
+    shapes = [(64, 45), (64,), (32, 64), (), (0, 3), (1, 32)]
+    noises = gaussian(Randomness(7).generator(), 1.5, shapes)
+    rng = Randomness(7).generator()
+    for noise, shape in zip(noises, shapes, strict=True):
+        assert noise.shape == shape and np.array_equal(noise, rng.standard_normal((4, *shape)).sum(axis=0) * 0.75)
+    assert gaussian(Randomness(7).generator(), 1.5, []) == []
 
 
 def test_poisson_plan_equals_what_opacus_samples_for_many_sizes():
