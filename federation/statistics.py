@@ -148,7 +148,7 @@ def noise(query: StatisticQuery, z: float) -> Noise:
 
 
 def noise_multiplier(query: StatisticQuery) -> float:
-    """The smallest z (Opacus's search, tolerance 0.01 in ε) whose Gaussian mechanism spends at most
+    """The smallest z (to within 0.01 in ε, :func:`~federation.privacy.calibrate_noise`) whose Gaussian mechanism spends at most
     ``query.epsilon`` at ``query.delta``: a sampled Gaussian mechanism with q = 1, one step."""
     return calibrate_noise(DPSettings(query.epsilon, query.delta, 1.0), 1, 1, 1)
 

@@ -12,6 +12,7 @@ import torch
 from campus_contexts import campus_context
 from dp_accounting import dp_event, pld, rdp
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from opacus.accountants.utils import get_noise_multiplier
 
 from edufl.clients.app import CampusRefusal, evaluate_handler, train_handler
 from edufl.clients.node import SIM_ENV, SIM_MANIFEST
@@ -85,6 +86,34 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
     # no Opacus hooks or per-sample attributes left on the caller's model
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert all(not hasattr(p, "grad_sample") for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("target", "n", "batch_size", "epochs", "delta"),
+    [
+        (3.0, 21_000, 64, 10, 1e-5),  # the main job's largest campus
+        (3.0, 1_000, 64, 10, 1e-5),
+        (3.0, 400, 200, 10, 1e-5),  # q = 0.5, as shard campuses
+        (0.5, 5_000, 64, 3, 1e-7),
+        (30.0, 300, 64, 10, 1e-5),
+        (1.0, 1, 1, 1, 1e-6),  # one Gaussian release (DP statistics)
+    ],
+)
+def test_calibrated_noise_spends_the_target_to_within_opacus_tolerance(target, n, batch_size, epochs, delta):
+    sigma = calibrate_noise(DPSettings(target, delta, 1.0), n, batch_size, epochs)
+    q, steps = poisson_plan(n, batch_size)
+    history = [(sigma, q, epochs * steps)]
+    assert target - 0.01 <= epsilon(history, delta) <= target
+    # Opacus's own search answers within the same tolerance: the two σ spend within 0.01 of each other
+    opacus_sigma = get_noise_multiplier(
+        target_epsilon=target, target_delta=delta, sample_rate=q, steps=epochs * steps, accountant="rdp"
+    )
+    assert epsilon(history, delta) == pytest.approx(epsilon([(opacus_sigma, q, epochs * steps)], delta), abs=0.01)
+
+
+def test_a_target_no_noise_multiplier_meets_is_refused():
+    with pytest.raises(ValueError, match="no noise multiplier up to 1e"):
+        calibrate_noise(DPSettings(1e-8, 1e-5, 1.0), 1, 1, 1)
 
 
 def test_dp_update_differs_from_non_dp_update_on_same_seed(aaa_train):
