@@ -129,8 +129,8 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
     # make each evaluation cost 10-40 times one over the integer orders alone (0.5 s at q = 0.5).
     # The integer orders' ε is never below the full ε (a minimum over fewer orders), so the σ it
     # calls enough is enough: bisect on it to 0.1 % in σ, then close the last gap (about 1 % in ε)
-    # with two or three full evaluations, interpolating log ε against log σ. Every σ returned has
-    # been checked with epsilon() itself, the function the ledger accounts with.
+    # with two or three full evaluations, interpolating log ε against log σ. The σ returned has been
+    # checked with epsilon() itself, the function the ledger accounts with.
     target, delta = settings.target_epsilon, settings.delta
     with _best_order_is_largest_ok():
 
@@ -153,6 +153,8 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
             low, high = (middle, high) if bound(middle) > target else (low, middle)
         slope = math.log(bound(low) / bound(high)) / math.log(high / low)  # -d log ε / d log σ, of the bound
         spent = full(high)
+        if spent > target:  # cannot hold while epsilon() minimises over a superset of the orders: fail closed
+            raise RuntimeError(f"ε over all orders ({spent}) exceeds the integer orders' bound at noise multiplier {high}")
         below = (0.0, math.inf)  # the largest σ known to spend over the target, and its ε
         last = (high, spent)  # the full evaluation before the newest
         for tries in itertools.count():
