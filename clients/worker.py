@@ -56,7 +56,6 @@ PRELOAD = (
     "scipy",
     "pandas",
     "pyarrow.parquet",
-    "sklearn.metrics",
     "torch",
     "opacus",
     "opendp.prelude",

@@ -13,12 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
-from sklearn.metrics import brier_score_loss, f1_score, roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
+from sklearn.metrics import precision_recall_curve as sklearn_precision_recall_curve
 
 from edufl.federation.models import build_model
 from edufl.federation.schema import load_schema
 from edufl.federation.tasks import early_warning, feature_names, n_outputs, split
-from edufl.federation.training import Subgroup, _bootstrap_interval, auc, binary_scores, predict, subgroup_metrics
+from edufl.federation.training import (
+    Subgroup,
+    _bootstrap_interval,
+    auc,
+    average_precision,
+    best_f1_threshold,
+    binary_scores,
+    precision_recall_curve,
+    predict,
+    subgroup_metrics,
+)
 from edufl.server.results import Report, code_version, combined_interval
 
 OULAD = load_schema()
@@ -157,6 +168,21 @@ def test_auc_and_brier_equal_scikit_learns_with_ties_and_are_nan_on_one_class():
     assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert binary_scores(y, p, 0.5)["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-6)  # float32 scores
     assert math.isnan(auc(np.ones(5), p[:5])) and math.isnan(auc(np.zeros(0), p[:0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("n", "distinct"), [(1, None), (7, 2), (300, 11), (2_000, None)])
+def test_precision_recall_curve_and_average_precision_are_scikit_learns(seed, n, distinct):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    y[0] = 1.0  # at least one positive, as both functions require
+    p = rng.random(n) if distinct is None else rng.integers(0, distinct, n) / distinct  # with ties, and without
+    for mine, theirs in zip(precision_recall_curve(y, p), sklearn_precision_recall_curve(y, p), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert average_precision(y, p) == average_precision_score(y, p)
+    precision, recall, thresholds = sklearn_precision_recall_curve(y, p)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    assert best_f1_threshold(y, p) == thresholds[np.argmax(f1)]
 
 
 def test_bootstrap_interval_is_nan_when_resamples_leave_auc_undefined():
