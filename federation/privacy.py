@@ -105,9 +105,10 @@ def _best_order_is_largest_ok() -> Iterator[None]:
 
 def calibrate_noise(settings: DPSettings, n_examples: int, batch_size: int, epochs: int) -> float:
     """The smallest noise multiplier, to within 0.01 in ε (the tolerance of Opacus's
-    ``get_noise_multiplier``), such that ``epochs`` epochs of DP-SGD over ``n_examples`` rows, at the
-    sampling rate and steps of :func:`poisson_plan` (what the sampler runs), spend at most
-    ``settings.target_epsilon`` at ``settings.delta``, by :func:`epsilon` (all of :data:`ORDERS`).
+    ``get_noise_multiplier``; for huge targets, within what float precision allows), such that
+    ``epochs`` epochs of DP-SGD over ``n_examples`` rows, at the sampling rate and steps of
+    :func:`poisson_plan` (what the sampler runs), spend at most ``settings.target_epsilon`` at
+    ``settings.delta``, by :func:`epsilon` (all of :data:`ORDERS`).
 
     Raises
     ------
@@ -129,43 +130,49 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
     # make each evaluation cost 10-40 times one over the integer orders alone (0.5 s at q = 0.5).
     # The integer orders' ε is never below the full ε (a minimum over fewer orders), so the σ it
     # calls enough is enough: bisect on it to 0.1 % in σ, then close the last gap (about 1 % in ε)
-    # with two or three full evaluations, interpolating log ε against log σ. The σ returned has been
+    # with a few full evaluations (one to five seen), interpolating log ε against log σ. The σ returned has been
     # checked with epsilon() itself, the function the ledger accounts with.
     target, delta = settings.target_epsilon, settings.delta
     with _best_order_is_largest_ok():
 
         def bound(sigma: float) -> float:
-            rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=_INTEGER_ORDERS)
-            return float(get_privacy_spent(orders=_INTEGER_ORDERS, rdp=rdp, delta=delta)[0])
+            with warnings.catch_warnings():  # the integer orders start at 2: the search may pass where 2 is best
+                warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+                rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=_INTEGER_ORDERS)
+                return float(get_privacy_spent(orders=_INTEGER_ORDERS, rdp=rdp, delta=delta)[0])
 
         def full(sigma: float) -> float:
             return epsilon([(sigma, sample_rate, steps)], delta)
 
         low, high = 0.5, 1.0
         while bound(high) > target:
-            low, high = high, 2 * high
-            if high > _MAX_NOISE_MULTIPLIER:
+            if high >= _MAX_NOISE_MULTIPLIER:
                 raise ValueError(f"no noise multiplier up to {_MAX_NOISE_MULTIPLIER:g} spends at most ε = {target:g}")
+            low, high = high, min(2 * high, _MAX_NOISE_MULTIPLIER)
         while low > 1e-6 and bound(low) <= target:
             low, high = low / 2, low
         while high / low > 1.001:
             middle = math.sqrt(low * high)
             low, high = (middle, high) if bound(middle) > target else (low, middle)
-        slope = math.log(bound(low) / bound(high)) / math.log(high / low)  # -d log ε / d log σ, of the bound
+        # -d log ε / d log σ, from the bound; the secant needs ε > 0, which a large δ can take below 0
+        positive = bound(low) > 0 and bound(high) > 0
+        slope = math.log(bound(low) / bound(high)) / math.log(high / low) if positive else math.nan
         spent = full(high)
         if spent > target:  # cannot hold while epsilon() minimises over a superset of the orders: fail closed
             raise RuntimeError(f"ε over all orders ({spent}) exceeds the integer orders' bound at noise multiplier {high}")
         below = (0.0, math.inf)  # the largest σ known to spend over the target, and its ε
         last = (high, spent)  # the full evaluation before the newest
+        aim = target - _TOLERANCE / 2
         for tries in itertools.count():
             if target - spent <= _TOLERANCE or high - below[0] <= 1e-9 * high:
                 break
-            guess = high * (spent / (target - _TOLERANCE / 2)) ** (1 / slope) if 0 < slope < math.inf else math.nan
+            secant = 0 < slope < math.inf and spent > 0 and aim > 0
+            guess = high * (spent / aim) ** (1 / slope) if secant else math.nan
             if not below[0] < guess < high or (tries % 3 == 2 and below[0] > 0):  # then bisect: the bracket shrinks
                 guess = (below[0] + high) / 2
             value = full(guess)
-            if last[0] != guess and value != last[1] and math.isfinite(value):  # the secant through the two newest
-                slope = math.log(value / last[1]) / math.log(last[0] / guess)
+            if last[0] != guess and last[1] > 0 and value > 0 and value != last[1] and math.isfinite(value):
+                slope = math.log(value / last[1]) / math.log(last[0] / guess)  # the secant through the two newest
             last = (guess, value)
             if value <= target:
                 high, spent = guess, value

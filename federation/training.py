@@ -208,7 +208,15 @@ def precision_recall_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np
     two curves one longer, ending at (1, 0).
 
     The values of scikit-learn's ``precision_recall_curve`` (1.9, ``drop_intermediate=False``), computed as it
-    does, without its input checks, which cost more than the curve on a campus's rows (as :func:`auc`)."""
+    does, without its input checks, which cost more than the curve on a campus's rows (as :func:`auc`).
+
+    Raises
+    ------
+    ValueError
+        When ``p`` holds NaN or an infinity (a diverged model), as scikit-learn does.
+    """
+    if not np.isfinite(p).all():
+        raise ValueError("scores hold NaN or infinity; expected finite probabilities")
     order = np.argsort(-p, kind="stable")
     score, truth = p[order], y[order].astype(np.float64)
     last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]

@@ -97,6 +97,8 @@ def test_calibrated_epsilon_is_positive_below_target_and_matches_recomputation(a
         (0.5, 5_000, 64, 3, 1e-7),
         (30.0, 300, 64, 10, 1e-5),
         (1.0, 1, 1, 1, 1e-6),  # one Gaussian release (DP statistics)
+        (0.05, 1, 1, 1, 0.5),  # a large δ: ε goes below 0 on the way
+        (0.003, 1, 1, 1, 0.3),  # and the answer's ε is below 0
     ],
 )
 def test_calibrated_noise_spends_the_target_to_within_opacus_tolerance(target, n, batch_size, epochs, delta):

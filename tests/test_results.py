@@ -183,6 +183,9 @@ def test_precision_recall_curve_and_average_precision_are_scikit_learns(seed, n,
     precision, recall, thresholds = sklearn_precision_recall_curve(y, p)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
     assert best_f1_threshold(y, p) == thresholds[np.argmax(f1)]
+    p[-1] = np.nan  # a diverged model's scores are refused, as scikit-learn refuses them
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        precision_recall_curve(y, p)
 
 
 def test_bootstrap_interval_is_nan_when_resamples_leave_auc_undefined():
