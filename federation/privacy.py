@@ -130,11 +130,12 @@ def _calibrated(settings: DPSettings, sample_rate: float, steps: int) -> float:
     # make each evaluation cost 10-40 times one over the integer orders alone (0.5 s at q = 0.5).
     # The integer orders' ε is never below the full ε (a minimum over fewer orders), so the σ it
     # calls enough is enough: bisect on it to 0.1 % in σ, then close the last gap (about 1 % in ε)
-    # with a few full evaluations (one to five seen), interpolating log ε against log σ. The σ returned has been
-    # checked with epsilon() itself, the function the ledger accounts with.
+    # with a few full evaluations (one to five seen), interpolating log ε against log σ. The σ
+    # returned has been checked with epsilon() itself, the function the ledger accounts with.
     target, delta = settings.target_epsilon, settings.delta
     with _best_order_is_largest_ok():
 
+        @functools.cache  # the bracket's ends are asked for again after the loops that found them
         def bound(sigma: float) -> float:
             with warnings.catch_warnings():  # the integer orders start at 2: the search may pass where 2 is best
                 warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
